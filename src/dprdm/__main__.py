@@ -1,0 +1,3 @@
+from dprdm.cli import main
+
+main()

@@ -1,0 +1,28 @@
+"""The ``dprdm`` command line: one typer sub-app per concern, all policy in the library.
+
+Every command that the docs name takes ``--json`` and then prints exactly one JSON object on
+stdout; without it, output is rendered with rich for people. Errors go to stderr with exit code 2
+and never carry private data.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from dprdm.cli import budget, index, privacy, retrieve
+
+app = typer.Typer(
+    name="dprdm",
+    help="Differentially private retrieval-augmented image generation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(privacy.app, name="privacy")
+app.add_typer(index.app, name="index")
+app.add_typer(budget.app, name="budget")
+app.command(name="retrieve")(retrieve.retrieve)
+
+
+def main() -> None:
+    app()

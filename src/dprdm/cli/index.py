@@ -1,0 +1,5 @@
+"""`dprdm index ...` (being written)."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

@@ -1,0 +1,5 @@
+"""`dprdm retrieve` (being written)."""
+
+
+def retrieve() -> None:
+    raise NotImplementedError

@@ -1,0 +1,500 @@
+"""The offline emoji demo domains: two public styles and one "private" style.
+
+Owns turning three npm packages into folders that :func:`dprdm.data.loaders.load_folder` reads:
+
+* public  ``data/twemoji/``   -- Twemoji 64 px PNGs from ``emoji-datasource-twitter`` (CC-BY 4.0)
+* public  ``data/google/``    -- Noto Emoji 64 px PNGs from ``emoji-datasource-google`` (Apache-2.0)
+* private ``data/openmoji_private/`` and evaluation ``holdout/`` -- OpenMoji colour SVGs from
+  ``openmoji`` (CC-BY-SA 4.0), rasterised with cairosvg, cropped to their visible pixels, padded to
+  a square with a small margin (the public PNGs are near full-bleed), and split BY CONCEPT with a
+  fixed seed into ~85 % private retrieval set and ~15 % held-out evaluation set.
+
+Every style drops skin-tone variants, the Flags and Component categories (OpenMoji also its
+non-Unicode "extras" groups), and exact duplicate images (by hash of the final pixels, first in
+emoji order wins). A record's concept is its code point sequence without U+FE0F (``1F636-200D-
+1F32B``), the key that joins styles; its caption is the CLDR short name (OpenMoji's ``annotation``,
+used for the public styles too when the concept exists in OpenMoji, else the Unicode name in lower
+case). Each folder holds ``CONCEPT.png`` files (RGB on white, ``size`` px) and ``captions.jsonl``
+rows ``{file, caption, concept, category, style}``; ``data/manifest.json`` records counts, package
+versions and licences, and a re-run whose manifest matches reuses the existing output.
+
+Only npm downloads anything (``npm install`` of the versions pinned in :data:`NPM_PACKAGES`).
+Run ``python -m dprdm.data.emoji ROOT [--size N] [--seed S]`` to prepare by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dprdm.data.images import UnreadableImageError, check_size, crop_to_alpha, decode_image
+from dprdm.errors import DprdmError, InvalidParameterError
+
+# Exact versions (``npm view NAME version``, checked when this module was written).
+NPM_PACKAGES: dict[str, str] = {
+    "emoji-datasource-twitter": "16.0.0",
+    "emoji-datasource-google": "16.0.0",
+    "openmoji": "17.0.0",
+}
+FORMAT_VERSION = 1
+HOLDOUT_FRACTION = 0.15
+OPENMOJI_PAD_FRACTION = 0.03  # margin per side, as a fraction of the content's longer side
+MIN_RENDER_SIZE = 256  # SVGs are rendered at max(4 * size, this) and then downscaled
+
+SKIN_TONE_MODIFIERS = frozenset({"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"})
+VARIATION_SELECTOR_16 = "FE0F"
+EXCLUDED_CATEGORIES = frozenset({"Flags", "Component"})
+# OpenMoji group slug -> the emoji-datasource / CLDR category name. Groups not listed
+# (extras-openmoji: OpenMoji's own icons and logos; extras-unicode: non-emoji symbols, regional
+# indicators, subdivision flags) have no counterpart in the public styles and are dropped.
+OPENMOJI_GROUPS: dict[str, str] = {
+    "smileys-emotion": "Smileys & Emotion",
+    "people-body": "People & Body",
+    "animals-nature": "Animals & Nature",
+    "food-drink": "Food & Drink",
+    "travel-places": "Travel & Places",
+    "activities": "Activities",
+    "objects": "Objects",
+    "symbols": "Symbols",
+    "flags": "Flags",
+    "component": "Component",
+}
+
+
+@dataclass(frozen=True)
+class Style:
+    """One emoji style: where its images live in its npm package, and its terms."""
+
+    name: str
+    package: str
+    role: str  # "public" or "private"
+    licence: str
+    attribution: str
+    image_dir: str = ""  # inside the package, for the PNG styles
+
+
+TWEMOJI = Style(
+    "twemoji", "emoji-datasource-twitter", "public", "CC-BY-4.0",
+    "Twemoji graphics (c) Twitter, Inc. and other contributors (jdecked/twemoji fork), "
+    "CC-BY 4.0; emoji metadata from emoji-datasource (c) Cal Henderson, MIT.",
+    "img/twitter/64",
+)
+GOOGLE = Style(
+    "google", "emoji-datasource-google", "public", "Apache-2.0",
+    "Noto Emoji graphics (c) Google, Apache License 2.0; emoji metadata from emoji-datasource "
+    "(c) Cal Henderson, MIT.",
+    "img/google/64",
+)
+OPENMOJI = Style(
+    "openmoji", "openmoji", "private", "CC-BY-SA-4.0",
+    "All emojis designed by OpenMoji (openmoji.org), the open-source emoji and icon project. "
+    "License: CC BY-SA 4.0. The rasterised PNGs are adaptations under the same licence.",
+)
+PUBLIC_STYLES = (TWEMOJI, GOOGLE)
+
+# Output layout under ROOT: split name -> (folder, style, role).
+SPLITS: dict[str, tuple[str, Style, str]] = {
+    "twemoji": ("data/twemoji", TWEMOJI, "public"),
+    "google": ("data/google", GOOGLE, "public"),
+    "openmoji_private": ("data/openmoji_private", OPENMOJI, "private"),
+    "holdout": ("holdout", OPENMOJI, "evaluation"),
+}
+MANIFEST = "data/manifest.json"
+CAPTIONS = "captions.jsonl"
+
+_stderr = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class EmojiRecord:
+    """One emoji of one style, before rendering."""
+
+    concept: str
+    caption: str
+    category: str
+    source: Path  # the PNG or SVG file
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers (tested without npm)
+
+
+def codepoints(sequence: str) -> list[str]:
+    """``'1f636-200d-1F32B-fe0f'`` or ``'1F636 200D'`` -> upper-case code points."""
+    return [part.upper() for part in sequence.replace(" ", "-").split("-") if part]
+
+
+def concept_key(sequence: str) -> str:
+    """The style-independent concept of a code point sequence: upper case, without U+FE0F."""
+    return "-".join(cp for cp in codepoints(sequence) if cp != VARIATION_SELECTOR_16)
+
+
+def has_skin_tone(sequence: str) -> bool:
+    """True when the sequence contains a Fitzpatrick skin-tone modifier (or is one)."""
+    return any(cp in SKIN_TONE_MODIFIERS for cp in codepoints(sequence))
+
+
+def datasource_records(entries: Iterable[dict[str, Any]], image_dir: Path,
+                       names: dict[str, str], dropped: dict[str, int]) -> list[EmojiRecord]:
+    """emoji-datasource ``emoji.json`` entries -> records (base forms only, filters applied).
+
+    Skin-tone variants live under each entry's ``skin_variations`` and are never expanded;
+    entries whose own sequence has a modifier are dropped too. `names` maps concept -> CLDR
+    name (from OpenMoji); `dropped` counts what was left out and why.
+    """
+    records: list[EmojiRecord] = []
+    seen: set[str] = set()
+    for entry in sorted(entries, key=lambda e: (e.get("sort_order", 0), e["unified"])):
+        unified = entry["unified"]
+        dropped["skin_tone_variant"] += len(entry.get("skin_variations") or {})
+        if has_skin_tone(unified):
+            dropped["skin_tone_variant"] += 1
+            continue
+        category = entry.get("category") or ""
+        if category in EXCLUDED_CATEGORIES:
+            dropped["excluded_category"] += 1
+            continue
+        concept = concept_key(unified)
+        if concept in seen:
+            dropped["duplicate_concept"] += 1
+            continue
+        seen.add(concept)
+        caption = names.get(concept) or str(entry.get("name") or "").strip().lower()
+        records.append(EmojiRecord(concept, caption, category, image_dir / entry["image"]))
+    return records
+
+
+def openmoji_records(entries: Iterable[dict[str, Any]], svg_dir: Path,
+                     dropped: dict[str, int]) -> list[EmojiRecord]:
+    """OpenMoji ``openmoji.json`` entries -> records (no skin tones, flags or extras)."""
+    records: list[EmojiRecord] = []
+    seen: set[str] = set()
+    for entry in sorted(entries, key=lambda e: (e.get("order") or 0, e["hexcode"])):
+        hexcode = entry["hexcode"]
+        if entry.get("skintone") not in ("", None) or has_skin_tone(hexcode):
+            dropped["skin_tone_variant"] += 1
+            continue
+        category = OPENMOJI_GROUPS.get(entry.get("group", ""))
+        if category is None or category in EXCLUDED_CATEGORIES:
+            dropped["excluded_category"] += 1
+            continue
+        concept = concept_key(hexcode)
+        if concept in seen:
+            dropped["duplicate_concept"] += 1
+            continue
+        seen.add(concept)
+        records.append(EmojiRecord(concept, str(entry.get("annotation", "")).strip(), category,
+                                   svg_dir / f"{hexcode}.svg"))
+    return records
+
+
+def openmoji_names(entries: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """concept -> OpenMoji annotation (the CLDR short name), base forms only."""
+    names: dict[str, str] = {}
+    for entry in entries:
+        annotation = str(entry.get("annotation", "")).strip()
+        if annotation and entry.get("skintone") in ("", None):
+            names.setdefault(concept_key(entry["hexcode"]), annotation)
+    return names
+
+
+def image_hash(pixels: np.ndarray) -> str:
+    """SHA-256 of an image's shape and bytes: equal hashes mean identical pixels."""
+    digest = hashlib.sha256(str(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def dedupe_images(images: Sequence[np.ndarray]) -> list[int]:
+    """Indices of the first occurrence of every distinct image, in order."""
+    seen: set[str] = set()
+    keep: list[int] = []
+    for index, pixels in enumerate(images):
+        key = image_hash(pixels)
+        if key not in seen:
+            seen.add(key)
+            keep.append(index)
+    return keep
+
+
+def split_concepts(concepts: Iterable[str], holdout_fraction: float = HOLDOUT_FRACTION,
+                   seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split distinct concepts into (private, holdout), deterministically for a given seed.
+
+    The concepts are sorted, permuted with ``numpy.random.default_rng(seed)``, and the first
+    ``round(holdout_fraction * n)`` go to the holdout (at least one each side when n >= 2).
+    Both lists come back sorted; together they are the input set, and they never overlap.
+    """
+    if not 0.0 < holdout_fraction < 1.0:
+        raise InvalidParameterError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+    unique = sorted(set(concepts))
+    n = len(unique)
+    n_holdout = round(holdout_fraction * n)
+    if n >= 2:
+        n_holdout = min(max(n_holdout, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    holdout = sorted(unique[i] for i in order[:n_holdout])
+    private = sorted(unique[i] for i in order[n_holdout:])
+    return private, holdout
+
+
+def rasterize_svg(svg: bytes | str | Path, render_size: int) -> np.ndarray:
+    """Render an SVG (bytes, text or a path) to a ``uint8 (render_size, render_size, 4)`` RGBA.
+
+    The SVG is scaled to a render_size square (OpenMoji's viewBox is a 72 x 72 square).
+    """
+    import cairosvg  # imported here: only the demo preparation needs cairo
+
+    render_size = check_size(render_size)
+    if isinstance(svg, Path):
+        svg = svg.read_bytes()
+    data = svg.encode("utf-8") if isinstance(svg, str) else svg
+    try:
+        png = cairosvg.svg2png(bytestring=data, output_width=render_size,
+                               output_height=render_size)
+    except Exception as error:  # cairosvg raises XML, value and cairo errors alike
+        raise UnreadableImageError(f"cannot rasterise SVG: {error}") from None
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGBA"), dtype=np.uint8).copy()
+
+
+def render_openmoji(svg: bytes | str | Path, size: int,
+                    pad_fraction: float = OPENMOJI_PAD_FRACTION) -> np.ndarray:
+    """OpenMoji SVG -> ``uint8 (size, size, 3)``: rasterise, crop to alpha, pad, resize."""
+    rgba = rasterize_svg(svg, max(4 * size, MIN_RENDER_SIZE))
+    return decode_image(crop_to_alpha(rgba, pad_fraction), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# npm
+
+
+def npm_dir(root: Path) -> Path:
+    return root / "npm"
+
+
+def installed_versions(prefix: Path) -> dict[str, str | None]:
+    """Version of each pinned package under ``prefix/node_modules`` (None where absent)."""
+    versions: dict[str, str | None] = {}
+    for name in NPM_PACKAGES:
+        package_json = prefix / "node_modules" / name / "package.json"
+        try:
+            versions[name] = json.loads(package_json.read_text(encoding="utf-8")).get("version")
+        except (OSError, json.JSONDecodeError):
+            versions[name] = None
+    return versions
+
+
+def install_packages(prefix: Path) -> dict[str, str]:
+    """``npm install`` the pinned packages under `prefix` unless they are already there."""
+    if installed_versions(prefix) == NPM_PACKAGES:
+        return dict(NPM_PACKAGES)
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DprdmError("npm is not on PATH; it is needed once to fetch the emoji packages")
+    prefix.mkdir(parents=True, exist_ok=True)
+    specs = [f"{name}@{version}" for name, version in NPM_PACKAGES.items()]
+    command = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix), *specs]
+    _stderr.print(f"[bold]installing[/] {' '.join(specs)} into {prefix}")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+        raise DprdmError(f"npm install failed (exit {result.returncode}): {' | '.join(tail)}")
+    found = installed_versions(prefix)
+    if found != NPM_PACKAGES:
+        raise DprdmError(f"npm installed {found}, expected {NPM_PACKAGES}")
+    return dict(NPM_PACKAGES)
+
+
+# ---------------------------------------------------------------------------------------------
+# preparation
+
+
+def _config(size: int, seed: int, holdout_fraction: float) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "size": size, "seed": seed,
+            "holdout_fraction": holdout_fraction, "packages": dict(NPM_PACKAGES),
+            "openmoji_pad_fraction": OPENMOJI_PAD_FRACTION}
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _reusable(root: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The existing manifest when it matches `config` and every split folder is complete."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("config") != config:
+        return None
+    for name, (folder, _, _) in SPLITS.items():
+        captions = root / folder / CAPTIONS
+        expected = manifest.get("splits", {}).get(name, {}).get("count")
+        if not captions.is_file() or _count_lines(captions) != expected:
+            return None
+        if sum(1 for _ in (root / folder).glob("*.png")) != expected:
+            return None
+    return manifest
+
+
+def _render_all(records: Sequence[EmojiRecord], render: Callable[[Path], np.ndarray],
+                label: str, show_progress: bool, dropped: dict[str, int]
+                ) -> tuple[list[EmojiRecord], list[np.ndarray]]:
+    """Render every record (skipping unreadable ones), then drop exact duplicate images."""
+    kept: list[EmojiRecord] = []
+    images: list[np.ndarray] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=_stderr, transient=False,
+                  disable=not show_progress) as progress:
+        task = progress.add_task(label, total=len(records))
+        for record in records:
+            try:
+                images.append(render(record.source))
+                kept.append(record)
+            except UnreadableImageError as error:
+                dropped["unreadable"] += 1
+                _stderr.print(f"[yellow]warning:[/] skipped {record.source}: {error}")
+            progress.advance(task)
+    unique = dedupe_images(images)
+    dropped["duplicate_image"] += len(images) - len(unique)
+    return [kept[i] for i in unique], [images[i] for i in unique]
+
+
+def _write_split(folder: Path, style: str, records: Sequence[EmojiRecord],
+                 images: Sequence[np.ndarray]) -> int:
+    """Write CONCEPT.png files and captions.jsonl into a fresh `folder`."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    lines = []
+    for record, pixels in zip(records, images):
+        file = f"{record.concept.lower()}.png"
+        Image.fromarray(pixels).save(folder / file)
+        lines.append(json.dumps({"file": file, "caption": record.caption,
+                                 "concept": record.concept, "category": record.category,
+                                 "style": style}, ensure_ascii=False))
+    (folder / CAPTIONS).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(lines)
+
+
+def _new_dropped() -> dict[str, int]:
+    return {"skin_tone_variant": 0, "excluded_category": 0, "duplicate_concept": 0,
+            "unreadable": 0, "duplicate_image": 0}
+
+
+def prepare_demo_data(root: Path, size: int = 64, seed: int = 0, *,
+                      holdout_fraction: float = HOLDOUT_FRACTION, force: bool = False,
+                      show_progress: bool = True) -> dict[str, Any]:
+    """Install the emoji packages under ``root/npm`` and write the demo domains under `root`.
+
+    Returns the manifest (also written to ``root/data/manifest.json``); its ``"reused"`` key is
+    True when a matching earlier run was found and nothing was redone (`force` redoes it).
+    """
+    size = check_size(size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InvalidParameterError(f"seed must be a non-negative whole number, got {seed!r}")
+    root = Path(root)
+    config = _config(size, seed, holdout_fraction)
+    if not force:
+        existing = _reusable(root, config)
+        if existing is not None:
+            return {**existing, "reused": True}
+    started = time.monotonic()
+    (root / MANIFEST).unlink(missing_ok=True)  # the manifest is written last: it marks completion
+    prefix = npm_dir(root)
+    versions = install_packages(prefix)
+    modules = prefix / "node_modules"
+
+    openmoji_entries = json.loads(
+        (modules / "openmoji" / "data" / "openmoji.json").read_text(encoding="utf-8"))
+    names = openmoji_names(openmoji_entries)
+    splits: dict[str, dict[str, Any]] = {}
+    dropped: dict[str, dict[str, int]] = {}
+
+    for style in PUBLIC_STYLES:
+        package = modules / style.package
+        entries = json.loads((package / "emoji.json").read_text(encoding="utf-8"))
+        dropped[style.name] = _new_dropped()
+        records = datasource_records(entries, package / style.image_dir, names, dropped[style.name])
+        kept, images = _render_all(records, lambda p: decode_image(p, size),
+                                   f"{style.name:>9} PNG", show_progress, dropped[style.name])
+        folder, _, role = SPLITS[style.name]
+        count = _write_split(root / folder, style.name, kept, images)
+        splits[style.name] = _split_entry(folder, style, role, count)
+
+    dropped[OPENMOJI.name] = _new_dropped()
+    records = openmoji_records(openmoji_entries, modules / "openmoji" / "color" / "svg",
+                               dropped[OPENMOJI.name])
+    kept, images = _render_all(records, lambda p: render_openmoji(p, size),
+                               " openmoji SVG", show_progress, dropped[OPENMOJI.name])
+    private, holdout = split_concepts((r.concept for r in kept), holdout_fraction, seed)
+    for name, concepts in (("openmoji_private", set(private)), ("holdout", set(holdout))):
+        folder, style, role = SPLITS[name]
+        chosen = [i for i, record in enumerate(kept) if record.concept in concepts]
+        count = _write_split(root / folder, style.name, [kept[i] for i in chosen],
+                             [images[i] for i in chosen])
+        splits[name] = _split_entry(folder, style, role, count)
+
+    manifest = {
+        "config": config,
+        "packages": versions,
+        "splits": splits,
+        "dropped": dropped,
+        "licences": {s.name: {"licence": s.licence, "package": s.package,
+                              "attribution": s.attribution}
+                     for s in (*PUBLIC_STYLES, OPENMOJI)},
+        "seconds": round(time.monotonic() - started, 1),
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (root / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return {**manifest, "reused": False}
+
+
+def _split_entry(folder: str, style: Style, role: str, count: int) -> dict[str, Any]:
+    return {"path": folder, "style": style.name, "role": role, "count": count,
+            "package": style.package, "version": NPM_PACKAGES[style.package],
+            "licence": style.licence}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dprdm.data.emoji ROOT [--size N] [--seed S] [--force]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dprdm.data.emoji",
+                                     description="Prepare the offline emoji demo domains.")
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="redo even if the manifest matches")
+    args = parser.parse_args(argv)
+    try:
+        manifest = prepare_demo_data(args.root, args.size, args.seed, force=args.force)
+    except DprdmError as error:
+        _stderr.print(f"[bold red]error:[/] {error}")
+        return 2
+    counts = {name: split["count"] for name, split in manifest["splits"].items()}
+    print(json.dumps({"root": str(args.root), "reused": manifest["reused"], "counts": counts,
+                      "seconds": manifest["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,15 +23,20 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import dp_accounting
+from absl import logging as absl_logging
 from dp_accounting import dp_event, mechanism_calibration
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from dprdm.errors import InvalidParameterError
+
+# dp_accounting's RDP code logs a warning per order it cannot evaluate (and then excludes it,
+# which only loosens the bound); that is noise for our users.
+absl_logging.set_verbosity(absl_logging.ERROR)
 
 ADJACENCY = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
@@ -172,11 +177,16 @@ def _accounting_event(groups: tuple[tuple[MechanismParams, int], ...]) -> dp_eve
 def _pld_interval(epsilon_scale: float) -> float:
     """Grid of the privacy-loss axis for an answer of about `epsilon_scale`.
 
-    The PLD accountant rounds pessimistically, so ANY grid gives an upper bound on epsilon; a
-    grid proportional to the answer keeps the relative error near 1e-4 and the memory bounded
-    (a fixed 1e-4 grid needs gigabytes once epsilon reaches the thousands). Capped at 1 nat,
-    beyond which the PLD code overflows; such settings are meaningless as guarantees anyway."""
+    The PLD accountant rounds pessimistically, so ANY grid gives an upper bound on epsilon; a grid
+    proportional to the answer keeps the relative error near 1e-4, the time near 0.1 s and the
+    memory bounded (a fixed 1e-4 grid needs gigabytes once epsilon is in the thousands). Capped at
+    1 nat, beyond which the PLD code overflows.
+    """
     return min(1.0, max(PLD_DISCRETIZATION, epsilon_scale * PLD_DISCRETIZATION))
+
+
+def _pld_epsilon(event: dp_event.DpEvent, delta: float, interval: float) -> float:
+    return float(_pld_accountant(interval).compose(event).get_epsilon(delta))
 
 
 def _pld_accountant(interval: float = PLD_DISCRETIZATION) -> pld_privacy_accountant.PLDAccountant:
@@ -209,8 +219,7 @@ def _epsilon_pld(groups: tuple[tuple[MechanismParams, int], ...], delta: float) 
     scale = _epsilon_rdp(groups, delta)[0]
     if scale > RDP_ONLY_ABOVE:
         return scale
-    accountant = _pld_accountant(_pld_interval(scale))
-    return float(accountant.compose(_accounting_event(groups)).get_epsilon(delta))
+    return _pld_epsilon(_accounting_event(groups), delta, _pld_interval(scale))
 
 
 def epsilon(releases: Releases, delta: float) -> float:
@@ -264,15 +273,22 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
             bracket_interval=mechanism_calibration.ExplicitBracketInterval(z_low, z_high),
             tol=1e-4,
         )
+    # The search evaluates ONE function: the PLD on the grid for the target's scale.
+    interval = _pld_interval(epsilon_target)
+
+    def pld_fits(z: float) -> bool:
+        return _pld_epsilon(params(z).event(queries), delta, interval) <= epsilon_target
+
     # Walk down until the PLD constraint is violated: a lower bracket.
     z_fails = z_fits
     while z_fails > z_low:
         z_fails = max(z_low, z_fails / 1.25)
-        if epsilon_for(params(z_fails), queries, delta) > epsilon_target:
+        if not pld_fits(z_fails):
             break
     else:
         return params(z_low).sigma  # every supported sigma fits; the smallest is the answer
-    interval = _pld_interval(epsilon_target)
+    if not pld_fits(z_fits):  # RDP and PLD grids disagree at the edge: widen upwards
+        z_fits = min(z_high, z_fits * 1.01)
     z = mechanism_calibration.calibrate_dp_mechanism(
         lambda: _pld_accountant(interval),
         lambda z: params(z).event(queries),
@@ -280,6 +296,10 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
         delta,
         bracket_interval=mechanism_calibration.ExplicitBracketInterval(z_fails, z_fits),
     )
+    # Guarantee the answer under epsilon() itself (the ledger's check), whose grid follows the
+    # RDP scale rather than the target's: nudge up by the grid's relative precision if needed.
+    while epsilon_for(params(z), queries, delta) > epsilon_target and z < z_high:
+        z = min(z_high, z * (1.0 + 2 * PLD_DISCRETIZATION))
     return params(z).sigma
 
 
@@ -287,30 +307,58 @@ def max_queries(params: MechanismParams, epsilon_target: float, delta: float) ->
     """Largest T with epsilon(T releases) <= epsilon_target; 0 if not even one fits."""
     epsilon_target, delta = check_epsilon(epsilon_target), check_delta(delta)
 
-    def fits(t: int) -> bool:
+    def fits(t: int) -> bool:  # the ledger's own check
         return epsilon_for(params, t, delta) <= epsilon_target
 
     if not fits(1):
         return 0
-    high = 2
-    while fits(high):
+    # The search evaluates ONE function: the PLD on the grid for the target's scale.
+    interval = _pld_interval(epsilon_target)
+
+    def fits_on_grid(t: int) -> bool:
+        return _pld_epsilon(params.event(t), delta, interval) <= epsilon_target
+
+    low, high = 1, 2
+    while fits_on_grid(high):
         if high >= MAX_QUERIES_SEARCHED:
             return MAX_QUERIES_SEARCHED
-        high *= 2
-    t = mechanism_calibration.calibrate_dp_mechanism(
-        _pld_accountant,
-        params.event,
-        epsilon_target,
-        delta,
-        bracket_interval=mechanism_calibration.ExplicitBracketInterval(high // 2, high),
-        discrete=True,
-    )
-    # The calibration is exact to within one query; settle the last step by hand.
-    while not fits(t):
-        t -= 1
-    while fits(t + 1):
-        t += 1
-    return t
+        low, high = high, high * 2
+    guess = low
+    if fits_on_grid(low):
+        guess = mechanism_calibration.calibrate_dp_mechanism(
+            lambda: _pld_accountant(interval),
+            params.event,
+            epsilon_target,
+            delta,
+            bracket_interval=mechanism_calibration.ExplicitBracketInterval(low, high),
+            discrete=True,
+        )
+    # Settle against epsilon() itself, whose grid follows the RDP scale rather than the
+    # target's; the two differ by a few queries at most: gallop, then bisect.
+    return _largest_true(fits, guess)
+
+
+def _largest_true(predicate: Callable[[int], bool], guess: int) -> int:
+    """Largest t >= 0 with predicate(t), for a monotone predicate (t <= 0 counts as True)."""
+
+    def ok(t: int) -> bool:
+        return t <= 0 or predicate(t)
+
+    step = 1
+    if ok(guess):
+        low = guess
+        while ok(low + step):
+            low, step = low + step, step * 2
+        high = low + step
+    else:
+        high = guess
+        while not ok(high - step):
+            high, step = high - step, step * 2
+        low = max(0, high - step)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if ok(mid) else (low, mid)
+    return low
 
 
 def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta: float) -> float:
@@ -330,11 +378,15 @@ def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta
             f"no q reaches epsilon={epsilon_target} for {queries} queries "
             f"(sigma={base.sigma}, k={base.k}, delta={delta})"
         )
-    return mechanism_calibration.calibrate_dp_mechanism(
-        _pld_accountant,
+    interval = _pld_interval(epsilon_target)
+    q = mechanism_calibration.calibrate_dp_mechanism(
+        lambda: _pld_accountant(interval),
         lambda q: params(q).event(queries),
         epsilon_target,
         delta,
         bracket_interval=mechanism_calibration.ExplicitBracketInterval(q_low, 1.0),
         tol=1e-9,
     )
+    while q > q_low and epsilon_for(params(q), queries, delta) > epsilon_target:
+        q *= 1.0 - 2 * PLD_DISCRETIZATION  # settle against epsilon()'s own grid
+    return q

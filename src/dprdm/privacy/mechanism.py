@@ -1,0 +1,220 @@
+"""The private retrieval step: the only code that reads private embeddings.
+
+:class:`PrivateRetrieval` owns the whole private step for a batch of query embeddings. For each
+query, with parameters (sigma, q, k):
+
+1. Poisson-subsample the private set (each record kept independently with probability q);
+2. take the k nearest neighbours of the query inside the subsample (inner product on unit vectors;
+   ties broken by row number, i.e. record position in the index);
+3. aggregate a = (1/k) * sum of those k unit vectors -- ALWAYS divided by k, zero-filled when the
+   subsample holds fewer than k records, so one added/removed record moves a by at most 2/k;
+4. release r = a + N(0, sigma^2 I), the noise drawn from OS entropy (``randomness.py``).
+
+Before step 1, the ledger is charged for every query of the batch (``ledger.charge``), which
+raises -- with nothing spent -- if the budget cannot afford them. Only the noised aggregates are
+returned: a fresh float32 array, no ids, distances, counts or pre-noise values. Errors raised here
+never mention private data.
+
+Two exact strategies draw the subsample without an O(N) coin flip per record (``sampling.py``):
+
+* ``"subsample"`` (a): draw the kept rows directly (O(qN)) and search only those, in blocks;
+* ``"ranked"`` (b): ask a :class:`~dprdm.retrieval.search.RankedSearcher` for candidates in
+  distance order and keep the first k whose coins come up (about k/q candidates deep).
+
+Post-processing (interpolation with public information) lives outside, in
+``dprdm.conditioning``: it costs no privacy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import numpy as np
+
+from dprdm.errors import InvalidParameterError
+from dprdm.privacy.accounting import MechanismParams
+from dprdm.privacy.randomness import Randomness, SystemRandomness
+from dprdm.privacy.sampling import accepted_ranks, poisson_subsample
+
+Strategy = Literal["subsample", "ranked"]
+SUBSAMPLE_BLOCK_ROWS = 32768  # subsample rows gathered and scored at a time (bounded memory)
+MAX_QUERY_BATCH = 100_000
+
+
+class PrivateVectors(Protocol):
+    """Read access to the private unit vectors (an EmbeddingIndex or :class:`ArrayVectors`)."""
+
+    @property
+    def n(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def rows_float32(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+class RankedCandidates(Protocol):
+    """Row numbers of the `depth` best candidates per query, best first, ties by row, -1 padded."""
+
+    def ranked_candidates(self, queries: np.ndarray, depth: int) -> np.ndarray: ...
+
+
+class Ledger(Protocol):
+    def charge(self, params: MechanismParams, count: int = 1, caller: str = "") -> object: ...
+
+
+class ArrayVectors:
+    """Private vectors held in memory (tests, audits, small experiments). Rows must be unit-norm."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] == 0:
+            raise InvalidParameterError("private vectors must be a non-empty (N, d) array")
+        norms = np.linalg.norm(vectors, axis=1)
+        if not np.all(np.abs(norms - 1.0) < 1e-3):
+            raise InvalidParameterError("private vectors must be L2-normalised")
+        self._vectors = vectors
+
+    @property
+    def n(self) -> int:
+        return self._vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self._vectors.shape[1]
+
+    def rows_float32(self, rows: np.ndarray) -> np.ndarray:
+        return self._vectors[rows]
+
+
+def normalise_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Validate a (B, dim) batch of query embeddings and L2-normalise it (float32)."""
+    queries = np.asarray(queries)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise InvalidParameterError(
+            f"query embeddings must have shape (B, {dim}), got {tuple(queries.shape)}"
+        )
+    if not 1 <= queries.shape[0] <= MAX_QUERY_BATCH:
+        raise InvalidParameterError(
+            f"a batch must hold 1 to {MAX_QUERY_BATCH} queries, got {queries.shape[0]}"
+        )
+    if not np.issubdtype(queries.dtype, np.number):
+        raise InvalidParameterError("query embeddings must be numeric")
+    queries = queries.astype(np.float64)
+    if not np.all(np.isfinite(queries)):
+        bad = np.flatnonzero(~np.all(np.isfinite(queries), axis=1))
+        raise InvalidParameterError(f"query rows {bad[:20].tolist()} are not finite")
+    norms = np.linalg.norm(queries, axis=1, keepdims=True)
+    if np.any(norms == 0.0):
+        bad = np.flatnonzero(norms[:, 0] == 0.0)
+        raise InvalidParameterError(f"query rows {bad[:20].tolist()} are zero vectors")
+    return (queries / norms).astype(np.float32)
+
+
+def _top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest scores; ties go to the smaller position. Sorted ascending.
+
+    Callers pass scores in ascending row order, so "smaller position" is "smaller row"."""
+    if scores.size <= k:
+        return np.arange(scores.size)
+    threshold = np.partition(scores, scores.size - k)[scores.size - k]  # the k-th largest
+    above = np.flatnonzero(scores > threshold)
+    tied = np.flatnonzero(scores == threshold)[: k - above.size]
+    return np.sort(np.concatenate([above, tied]))
+
+
+def _neighbours_in_subsample(
+    vectors: PrivateVectors, query: np.ndarray, rows: np.ndarray, k: int
+) -> np.ndarray:
+    """Rows of the k nearest neighbours of `query` among the sorted `rows` (exact, in blocks)."""
+    best_rows = np.empty(0, dtype=np.int64)
+    best_scores = np.empty(0, dtype=np.float32)
+    for start in range(0, rows.size, SUBSAMPLE_BLOCK_ROWS):
+        block = rows[start : start + SUBSAMPLE_BLOCK_ROWS]
+        scores = vectors.rows_float32(block) @ query
+        # Earlier blocks hold smaller rows, so concatenation keeps rows ascending.
+        all_rows = np.concatenate([best_rows, block])
+        all_scores = np.concatenate([best_scores, scores])
+        keep = _top_k_positions(all_scores, k)
+        best_rows, best_scores = all_rows[keep], all_scores[keep]
+    return best_rows
+
+
+class PrivateRetrieval:
+    """The DP retrieval mechanism over one private index, charging one ledger.
+
+    ``release(queries)`` is the only public way to use it and returns only noised aggregates.
+    ``randomness`` is for research code that needs reproducible runs; the CLI and the service
+    never pass it, so the noise and the subsample come from OS entropy.
+    """
+
+    def __init__(
+        self,
+        vectors: PrivateVectors,
+        params: MechanismParams,
+        ledger: Ledger,
+        *,
+        strategy: Strategy = "subsample",
+        searcher: RankedCandidates | None = None,
+        randomness: Randomness | None = None,
+    ) -> None:
+        if not isinstance(params, MechanismParams):
+            raise InvalidParameterError("params must be a MechanismParams")
+        if strategy not in ("subsample", "ranked"):
+            raise InvalidParameterError(f"unknown strategy {strategy!r}")
+        if strategy == "ranked" and searcher is None:
+            raise InvalidParameterError("the 'ranked' strategy needs a searcher")
+        self._vectors = vectors
+        self._params = params
+        self._ledger = ledger
+        self._strategy = strategy
+        self._searcher = searcher
+        self._rng: Randomness = randomness if randomness is not None else SystemRandomness()
+
+    @property
+    def params(self) -> MechanismParams:
+        return self._params
+
+    @property
+    def dim(self) -> int:
+        return self._vectors.dim
+
+    def release(self, queries: np.ndarray, caller: str = "") -> np.ndarray:
+        """Charge the ledger for every query, then return the (B, d) noised aggregates."""
+        queries = normalise_queries(queries, self._vectors.dim)
+        self._ledger.charge(self._params, count=queries.shape[0], caller=caller)
+        aggregates = self._aggregate(queries)
+        noise = self._rng.standard_normal(aggregates.shape) * self._params.sigma
+        return np.ascontiguousarray(aggregates + noise, dtype=np.float32)
+
+    # -- private: pre-noise aggregates never leave this class ------------------------------------
+    def _aggregate(self, queries: np.ndarray) -> np.ndarray:
+        """(B, d) float64: (1/k) * sum of the k neighbours inside each query's own subsample."""
+        k = self._params.k
+        if self._strategy == "subsample":
+            neighbour_rows = [
+                _neighbours_in_subsample(
+                    self._vectors, query, poisson_subsample(self._vectors.n, self._params.q,
+                                                            self._rng), k
+                )
+                for query in queries
+            ]
+        else:
+            neighbour_rows = self._ranked_neighbours(queries)
+        aggregates = np.zeros((queries.shape[0], self._vectors.dim), dtype=np.float64)
+        for i, rows in enumerate(neighbour_rows):
+            if rows.size:
+                aggregates[i] = self._vectors.rows_float32(np.sort(rows)).sum(axis=0, dtype=np.float64)
+        return aggregates / k  # always k: zero-fill keeps the sensitivity at 2/k
+
+    def _ranked_neighbours(self, queries: np.ndarray) -> list[np.ndarray]:
+        ranks = accepted_ranks(queries.shape[0], self._params.k, self._params.q, self._rng)
+        depth = int(min(self._vectors.n, ranks.max() + 1))
+        candidates = self._searcher.ranked_candidates(queries, depth)
+        neighbour_rows = []
+        for query_ranks, ranked in zip(ranks, candidates):
+            rows = ranked[query_ranks[query_ranks < depth]]
+            neighbour_rows.append(rows[rows >= 0])
+        return neighbour_rows

@@ -189,6 +189,19 @@ def _pld_epsilon(event: dp_event.DpEvent, delta: float, interval: float) -> floa
     return float(_pld_accountant(interval).compose(event).get_epsilon(delta))
 
 
+def _search_accountant(epsilon_target: float) -> Callable[[], dp_accounting.PrivacyAccountant]:
+    """The accountant that calibrations search with, matching what epsilon() reports near the
+    target: RDP above RDP_ONLY_ABOVE, else PLD on the grid for the target's scale."""
+    if epsilon_target > RDP_ONLY_ABOVE:
+        return _rdp_accountant
+    interval = _pld_interval(epsilon_target)
+    return lambda: _pld_accountant(interval)
+
+
+def _search_epsilon(event: dp_event.DpEvent, delta: float, epsilon_target: float) -> float:
+    return float(_search_accountant(epsilon_target)().compose(event).get_epsilon(delta))
+
+
 def _pld_accountant(interval: float = PLD_DISCRETIZATION) -> pld_privacy_accountant.PLDAccountant:
     return pld_privacy_accountant.PLDAccountant(
         neighboring_relation=ADJACENCY, value_discretization_interval=interval
@@ -273,11 +286,9 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
             bracket_interval=mechanism_calibration.ExplicitBracketInterval(z_low, z_high),
             tol=1e-4,
         )
-    # The search evaluates ONE function: the PLD on the grid for the target's scale.
-    interval = _pld_interval(epsilon_target)
-
+    # The search evaluates ONE function (see _search_accountant).
     def pld_fits(z: float) -> bool:
-        return _pld_epsilon(params(z).event(queries), delta, interval) <= epsilon_target
+        return _search_epsilon(params(z).event(queries), delta, epsilon_target) <= epsilon_target
 
     # Walk down until the PLD constraint is violated: a lower bracket.
     z_fails = z_fits
@@ -290,7 +301,7 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
     if not pld_fits(z_fits):  # RDP and PLD grids disagree at the edge: widen upwards
         z_fits = min(z_high, z_fits * 1.01)
     z = mechanism_calibration.calibrate_dp_mechanism(
-        lambda: _pld_accountant(interval),
+        _search_accountant(epsilon_target),
         lambda z: params(z).event(queries),
         epsilon_target,
         delta,
@@ -312,11 +323,9 @@ def max_queries(params: MechanismParams, epsilon_target: float, delta: float) ->
 
     if not fits(1):
         return 0
-    # The search evaluates ONE function: the PLD on the grid for the target's scale.
-    interval = _pld_interval(epsilon_target)
-
+    # The search evaluates ONE function (see _search_accountant).
     def fits_on_grid(t: int) -> bool:
-        return _pld_epsilon(params.event(t), delta, interval) <= epsilon_target
+        return _search_epsilon(params.event(t), delta, epsilon_target) <= epsilon_target
 
     low, high = 1, 2
     while fits_on_grid(high):
@@ -326,7 +335,7 @@ def max_queries(params: MechanismParams, epsilon_target: float, delta: float) ->
     guess = low
     if fits_on_grid(low):
         guess = mechanism_calibration.calibrate_dp_mechanism(
-            lambda: _pld_accountant(interval),
+            _search_accountant(epsilon_target),
             params.event,
             epsilon_target,
             delta,
@@ -378,9 +387,8 @@ def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta
             f"no q reaches epsilon={epsilon_target} for {queries} queries "
             f"(sigma={base.sigma}, k={base.k}, delta={delta})"
         )
-    interval = _pld_interval(epsilon_target)
     q = mechanism_calibration.calibrate_dp_mechanism(
-        lambda: _pld_accountant(interval),
+        _search_accountant(epsilon_target),
         lambda q: params(q).event(queries),
         epsilon_target,
         delta,

@@ -1,0 +1,50 @@
+"""Writing result files atomically: a reader sees the old file or the complete new one, never a
+half-written one, and a crash leaves no partial file behind under the final name."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from dprdm.errors import InvalidParameterError
+
+
+def check_writable_destination(path: Path) -> Path:
+    """Fail early (before anything is spent) if `path` cannot receive a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidParameterError(f"{path} is a directory, expected a file path")
+    if not path.parent.is_dir():
+        raise InvalidParameterError(f"directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise InvalidParameterError(f"directory {path.parent} is not writable")
+    return path
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    path = Path(path)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+    try:
+        with handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_npy_atomically(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes_atomically(path, buffer.getvalue())

@@ -1,0 +1,125 @@
+"""`dprdm privacy`, `dprdm budget` and `dprdm retrieve` from the command line."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dprdm.cli import app
+from dprdm.privacy import MechanismParams, SqliteLedger, accounting
+from dprdm.retrieval import build_index
+
+runner = CliRunner()
+
+
+def run_json(*args):
+    result = runner.invoke(app, [*args, "--json"])
+    return result, (json.loads(result.stdout) if result.stdout.strip() else None)
+
+
+def test_privacy_epsilon_json_matches_the_library():
+    result, data = run_json("privacy", "epsilon", "--sigma", "0.2", "--q", "0.01", "--k", "18",
+                            "--queries", "1000", "--delta", "1e-7")
+    assert result.exit_code == 0
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert data["epsilon"] == pytest.approx(
+        accounting.epsilon_for(MechanismParams(0.2, 0.01, 18), 1000, 1e-7)
+    )
+    assert data["epsilon_rdp"] == pytest.approx(0.99688, rel=0.01)
+    assert data["rdp_order"] == 25
+    assert data["noise_multiplier"] == pytest.approx(1.8)
+
+
+def test_privacy_calibrate_and_max_queries_are_consistent():
+    _, calibrated = run_json("privacy", "calibrate", "--epsilon", "1", "--q", "0.01", "--k", "18",
+                             "--queries", "1000", "--delta", "1e-7")
+    sigma = calibrated["sigma"]
+    _, budget = run_json("privacy", "max-queries", "--sigma", str(sigma), "--q", "0.01",
+                         "--k", "18", "--epsilon", "1", "--delta", "1e-7")
+    assert budget["queries"] >= 1000
+
+
+@pytest.mark.parametrize("q", ["0", "1.5", "nan"])
+def test_invalid_parameters_exit_2_with_a_clear_message(q):
+    result = runner.invoke(app, ["privacy", "epsilon", "--sigma", "0.2", "--q", q, "--k", "18",
+                                 "--queries", "10", "--delta", "1e-7"])
+    assert result.exit_code == 2
+    assert "q must be" in result.output
+
+
+@pytest.fixture()
+def private_index(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    build_index(vectors, tmp_path / "index")
+    return tmp_path / "index"
+
+
+def test_budget_init_show_and_retrieve(private_index, tmp_path):
+    result, created = run_json("budget", "init", str(private_index), "--epsilon", "5",
+                               "--delta", "1e-5")
+    assert result.exit_code == 0, result.output
+    assert created["epsilon_budget"] == 5 and created["queries"] == 0
+    assert "warning" not in created
+
+    queries = np.random.default_rng(1).normal(size=(3, 16)).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    result, report = run_json("retrieve", str(private_index), "--query-emb", str(tmp_path / "q.npy"),
+                              "--k", "5", "--sigma", "0.5", "--q", "0.5", "--lam", "0.8",
+                              "--out", str(tmp_path / "r.npy"))
+    assert result.exit_code == 0, result.output
+    released = np.load(tmp_path / "r.npy")
+    assert released.shape == (3, 16) and released.dtype == np.float32
+    assert report["queries"] == 3 and report["epsilon_this_call"] > 0
+    # Nothing about records is reported: only budget figures and parameters.
+    assert set(report) == {"queries", "out", "sigma", "q", "k", "lam", "epsilon_this_call",
+                           "epsilon_spent", "epsilon_remaining", "queries_remaining"}
+
+    _, shown = run_json("budget", "show", str(private_index))
+    assert shown["queries"] == 3
+    assert shown["queries_remaining"] == report["queries_remaining"]
+
+
+def test_delta_above_one_over_n_warns(private_index):
+    _, created = run_json("budget", "init", str(private_index), "--epsilon", "5",
+                          "--delta", "0.01")
+    assert "1/N" in created["warning"]
+
+
+def test_retrieve_refuses_bad_input_and_spends_nothing(private_index, tmp_path):
+    SqliteLedger.create(private_index, epsilon=5, delta=1e-5)
+    np.save(tmp_path / "wrong_dim.npy", np.ones((2, 7), dtype=np.float32))
+    np.save(tmp_path / "nan.npy", np.full((2, 16), np.nan, dtype=np.float32))
+    (tmp_path / "garbage.npy").write_bytes(b"not an npy file")
+    good = tmp_path / "good.npy"
+    np.save(good, np.ones((2, 16), dtype=np.float32))
+    cases = [
+        ["--query-emb", str(tmp_path / "wrong_dim.npy")],
+        ["--query-emb", str(tmp_path / "nan.npy")],
+        ["--query-emb", str(tmp_path / "garbage.npy")],
+        ["--query-emb", str(good), "--lam", "1.5"],
+        ["--query-emb", str(good), "--strategy", "magic"],
+        ["--query-emb", str(good), "--out", str(tmp_path / "missing-dir" / "r.npy")],
+    ]
+    for extra in cases:
+        args = ["retrieve", str(private_index), "--k", "5", "--sigma", "0.5", "--q", "0.5",
+                "--out", str(tmp_path / "r.npy"), *extra]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (extra, result.output)
+        assert not (tmp_path / "r.npy").exists()
+    assert SqliteLedger(private_index).summary().queries == 0
+
+
+def test_retrieve_is_refused_when_the_budget_is_gone(private_index, tmp_path):
+    params = MechanismParams(1.0, 0.5, 5)
+    ledger = SqliteLedger.create(private_index, epsilon=2, delta=1e-5)
+    remaining = ledger.remaining_queries(params)
+    assert remaining > 0
+    ledger.charge(params, remaining)
+    np.save(tmp_path / "q.npy", np.ones((1, 16), dtype=np.float32))
+    result = runner.invoke(app, ["retrieve", str(private_index), "--query-emb",
+                                 str(tmp_path / "q.npy"), "--k", "5", "--sigma", "1.0",
+                                 "--q", "0.5", "--out", str(tmp_path / "r.npy")])
+    assert result.exit_code == 2 and "budget exceeded" in result.output
+    assert not (tmp_path / "r.npy").exists()

@@ -1,5 +1,136 @@
-"""`dprdm index ...` (being written)."""
+"""`dprdm index ...`: build an embedding index, describe it, give it a public quantizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-app = typer.Typer(no_args_is_help=True)
+from dprdm.cli.output import JSON_OPTION, err_console, run_command
+from dprdm.errors import InvalidParameterError
+from dprdm.retrieval import store
+from dprdm.retrieval.search import PublicQuantizer, train_public_quantizer
+
+app = typer.Typer(help="Build and inspect embedding indexes.", no_args_is_help=True)
+
+# Below this many rows a build takes well under a second; no progress bar.
+PROGRESS_MIN_ROWS = 200_000
+
+
+def _read_ids(path: Path) -> list[str | int]:
+    """Ids from a JSON list (.json) or one id per line (.txt, kept as strings)."""
+    if not path.is_file():
+        raise InvalidParameterError(f"no ids file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            ids = json.loads(text)
+        except ValueError as error:
+            raise InvalidParameterError(f"{path} is not valid JSON") from error
+        if not isinstance(ids, list):
+            raise InvalidParameterError(f"{path} must hold a JSON list of ids")
+        return ids
+    if path.suffix.lower() == ".txt":
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        empty = [row for row, line in enumerate(lines) if not line.strip()]
+        if empty:
+            raise InvalidParameterError(f"{path}: empty id on {store.describe_rows(empty)}")
+        return [line.strip() for line in lines]
+    raise InvalidParameterError(f"{path}: ids must be a .json or .txt file")
+
+
+@contextmanager
+def _progress(total_rows: int, enabled: bool) -> Iterator[store.ProgressCallback | None]:
+    if not enabled or total_rows < PROGRESS_MIN_ROWS:
+        yield None
+        return
+    with Progress(
+        TextColumn("normalising rows"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("build", total=total_rows)
+        yield lambda done, _total: bar.update(task, completed=done)
+
+
+@app.command()
+def build(
+    embeddings: Path = typer.Argument(
+        ..., metavar="EMB", help="N x d embeddings (.npy, or .npz with one array)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Index directory to create."),
+    ids: Path | None = typer.Option(None, "--ids", help="Record ids: a JSON list or one per line."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing index (never one holding a ledger)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """L2-normalise the embeddings in EMB and write them atomically as an index at --out.
+
+    Example: dprdm index build private_emb.npy --out private_index --ids ids.json --dtype float16
+    """
+
+    def compute() -> dict[str, Any]:
+        matrix = store.load_embeddings(embeddings)
+        id_list = _read_ids(ids) if ids is not None else None
+        with _progress(matrix.shape[0], enabled=not as_json) as progress:
+            index = store.build_index(
+                matrix, out, ids=id_list, dtype=dtype, overwrite=overwrite, progress=progress
+            )
+        return index.info()
+
+    run_command(as_json, "index built", compute)
+
+
+@app.command()
+def info(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Describe the index at DIR (size, dtype, ledger, quantizer).
+
+    Example: dprdm index info private_index --json
+    """
+    run_command(as_json, "embedding index", lambda: store.EmbeddingIndex.open(directory).info())
+
+
+@app.command()
+def quantize(
+    directory: Path = typer.Argument(
+        ..., metavar="DIR", help="Index directory to add the quantizer to."
+    ),
+    public: Path = typer.Option(..., "--public", help="PUBLIC vectors to train k-means on (.npy)."),
+    nlist: int = typer.Option(..., "--nlist", help="Number of inverted lists (k-means centroids)."),
+    seed: int = typer.Option(1234, "--seed", help="k-means seed (public data: no privacy cost)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Train a coarse quantizer on PUBLIC vectors and save it into the index for IVF search.
+
+    Refuses public vectors that equal records of the index: a quantizer trained on private data
+    would void the privacy argument.
+
+    Example: dprdm index quantize private_index --public public_emb.npy --nlist 1024
+    """
+
+    def compute() -> dict[str, Any]:
+        index = store.EmbeddingIndex.open(directory)
+        quantizer: PublicQuantizer = train_public_quantizer(
+            store.load_embeddings(public), nlist, private_index=index, seed=seed
+        )
+        quantizer.save(directory)
+        result = {"path": str(directory)}
+        result.update({k: v for k, v in quantizer.manifest().items() if k != "centroids_sha256"})
+        return result
+
+    run_command(as_json, "public quantizer", compute)

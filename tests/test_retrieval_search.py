@@ -1,0 +1,381 @@
+"""Ranked candidate lists: exact order (score desc, row asc), -1 padding, public-only quantizer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dprdm.errors import EmbeddingIndexError, InvalidParameterError
+from dprdm.retrieval import (
+    EmbeddingIndex,
+    ExactSearcher,
+    FaissFlatSearcher,
+    FaissIVFSearcher,
+    PublicQuantizer,
+    RankedSearcher,
+    build_index,
+    exact_top_rows,
+    make_searcher,
+    train_public_quantizer,
+)
+from dprdm.retrieval.search import (
+    canonical_scores,
+    rank_keys,
+    rows_from_keys,
+    score_error_bound,
+    scores_from_keys,
+    top_keys,
+)
+
+DIM = 32
+
+
+def brute_force(index: EmbeddingIndex, queries: np.ndarray, depth: int,
+                rows: np.ndarray | None = None) -> np.ndarray:
+    """Reference: canonical scores of every (or the given) row, ordered by lexsort, -1 padded."""
+    rows = np.arange(index.n) if rows is None else np.sort(rows)
+    records = index.rows_float32(rows)
+    out = np.full((len(queries), depth), -1, np.int64)
+    for b in range(len(queries)):
+        query = np.broadcast_to(queries[b].astype(np.float32), records.shape)
+        scores = canonical_scores(np.ascontiguousarray(query), records)
+        order = rows[np.lexsort((rows, -scores))][:depth]
+        out[b, : len(order)] = order
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_index(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingIndex:
+    rng = np.random.default_rng(7)
+    return build_index(rng.standard_normal((3000, DIM)), tmp_path_factory.mktemp("r") / "idx")
+
+
+@pytest.fixture(scope="module")
+def tied_index(tmp_path_factory: pytest.TempPathFactory) -> EmbeddingIndex:
+    """400 records drawn from 25 distinct vectors: every score is tied many times over."""
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal((25, DIM))
+    return build_index(base[rng.integers(0, 25, 400)], tmp_path_factory.mktemp("t") / "idx")
+
+
+def queries_for(index: EmbeddingIndex, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    queries = rng.standard_normal((count, DIM)).astype(np.float32)
+    queries[0] = index.vectors[5]  # a query equal to a (possibly duplicated) record
+    return queries
+
+
+# --- the ordering primitives ------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([-1.5, -0.0, 0.0, 1e-30, 0.25, 0.5, 2.0, -3e38]), min_size=1,
+                max_size=30), st.integers(1, 40))
+def test_rank_keys_order_is_score_desc_row_asc(values: list[float], depth: int) -> None:
+    scores = np.array([values], dtype=np.float32)
+    rows = np.arange(len(values), dtype=np.int64)
+    keys = top_keys(rank_keys(scores, rows), depth)
+    got = rows_from_keys(keys)[0]
+    expected = np.lexsort((rows, -scores[0]))[:depth]
+    np.testing.assert_array_equal(got[: len(expected)], expected)
+    assert (got[len(expected) :] == -1).all()
+    decoded = scores_from_keys(keys)[0]
+    np.testing.assert_array_equal(decoded[: len(expected)], scores[0, expected] + 0.0)
+    assert np.isneginf(decoded[len(expected) :]).all()
+
+
+def test_canonical_score_depends_only_on_the_pair() -> None:
+    rng = np.random.default_rng(0)
+    for dim in (1, 7, 512):
+        records = rng.standard_normal((300, dim)).astype(np.float32)
+        query = rng.standard_normal(dim).astype(np.float32)
+        full = canonical_scores(np.tile(query, (300, 1)), records)
+        for picked in ([5], [299, 5, 17], list(range(0, 300, 7))):
+            part = canonical_scores(np.tile(query, (len(picked), 1)), records[picked])
+            np.testing.assert_array_equal(part, full[picked])
+        exact = np.array([math.fsum(np.float64(query) * np.float64(r)) for r in records])
+        np.testing.assert_allclose(full, exact, rtol=1.2e-7, atol=1e-30)
+        # BLAS (the fast filter) stays within the proven bound of the canonical score
+        fast = records @ query
+        bound = score_error_bound(query[None])[0] * np.sqrt(dim)  # records here are not unit
+        assert np.abs(fast.astype(np.float64) - full).max() <= bound
+
+
+# --- exact search -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 10, 64])
+def test_exact_matches_brute_force(random_index: EmbeddingIndex, depth: int) -> None:
+    queries = queries_for(random_index, 9, seed=1)
+    got = ExactSearcher(random_index, block_rows=257).ranked_candidates(queries, depth)
+    assert got.shape == (9, depth) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, brute_force(random_index, queries, depth))
+    assert got[0, 0] == 5
+
+
+@pytest.mark.parametrize("depth", [1, 7, 50, 399, 400])
+@pytest.mark.parametrize("block_rows", [7, 65536])
+def test_exact_ties_broken_by_ascending_row(tied_index: EmbeddingIndex, depth: int,
+                                            block_rows: int) -> None:
+    queries = queries_for(tied_index, 6, seed=2)
+    got = ExactSearcher(tied_index, block_rows=block_rows).ranked_candidates(queries, depth)
+    np.testing.assert_array_equal(got, brute_force(tied_index, queries, depth))
+    duplicates_of_5 = np.flatnonzero((tied_index.vectors == tied_index.vectors[5]).all(axis=1))
+    assert len(duplicates_of_5) > 1
+    head = got[0, : len(duplicates_of_5)]
+    np.testing.assert_array_equal(head, duplicates_of_5[: len(head)])
+
+
+def test_near_ties_within_rounding_error(tmp_path: Path) -> None:
+    """Records differing by ~1 ulp: BLAS and faiss may misorder them; the result may not."""
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal((10, 512)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    near = base[rng.integers(0, 10, 300)]
+    nudged = rng.random(near.shape) < 0.05  # move 5% of the components by one ulp
+    direction = np.where(rng.random(nudged.sum()) < 0.5, -1, 1).astype(np.float32)
+    near[nudged] = np.nextafter(near[nudged], direction)
+    index = build_index(near, tmp_path / "idx")
+    assert len(np.unique(np.asarray(index.vectors), axis=0)) == 300
+    queries = np.concatenate([base[:3], rng.standard_normal((3, 512))]).astype(np.float32)
+    reference = brute_force(index, queries, 60)
+    exact = ExactSearcher(index, block_rows=11).ranked_candidates(queries, 60)
+    np.testing.assert_array_equal(exact, reference)
+    for batch in (1, 6):
+        np.testing.assert_array_equal(
+            FaissFlatSearcher(index).ranked_candidates(queries[:batch], 60), reference[:batch]
+        )
+
+
+def test_exact_top_rows_over_a_subsample(tied_index: EmbeddingIndex) -> None:
+    """Any rows, in any order and blocking, rank as in the full index restricted to them."""
+    rng = np.random.default_rng(13)
+    kept = rng.permutation(np.flatnonzero(rng.random(tied_index.n) < 0.3))
+    blocks = [(kept[i : i + 17], tied_index.rows_float32(kept[i : i + 17]))
+              for i in range(0, len(kept), 17)]
+    queries = queries_for(tied_index, 3, seed=14)
+    got = exact_top_rows(queries, blocks, 40)
+    np.testing.assert_array_equal(got, brute_force(tied_index, queries, 40, rows=kept))
+
+
+def test_depth_beyond_n_is_padded(tmp_path: Path) -> None:
+    index = build_index(np.random.default_rng(0).standard_normal((5, 4)), tmp_path / "idx")
+    queries = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    for searcher in (ExactSearcher(index, block_rows=2), FaissFlatSearcher(index)):
+        got = searcher.ranked_candidates(queries, 8)
+        assert (got[:, 5:] == -1).all()
+        assert sorted(got[0, :5]) == [0, 1, 2, 3, 4]
+        np.testing.assert_array_equal(got, brute_force(index, queries, 8))
+
+
+def test_float16_index_search(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    index = build_index(rng.standard_normal((500, DIM)), tmp_path / "idx", dtype="float16")
+    queries = rng.standard_normal((4, DIM)).astype(np.float32)
+    exact = ExactSearcher(index, block_rows=100).ranked_candidates(queries, 20)
+    np.testing.assert_array_equal(exact, brute_force(index, queries, 20))
+    np.testing.assert_array_equal(FaissFlatSearcher(index).ranked_candidates(queries, 20), exact)
+
+
+def test_removing_a_record_only_removes_it_from_the_ranking(tmp_path: Path,
+                                                            tied_index: EmbeddingIndex) -> None:
+    """The neighbouring-dataset property the 2/k sensitivity rests on."""
+    vectors = np.asarray(tied_index.vectors)
+    removed = 5
+    smaller = build_index(np.delete(vectors, removed, axis=0), tmp_path / "smaller")
+    queries = queries_for(tied_index, 4, seed=4)
+    for make in (lambda i: ExactSearcher(i, block_rows=13), FaissFlatSearcher):
+        full = make(tied_index).ranked_candidates(queries, 400)
+        reduced = make(smaller).ranked_candidates(queries, 399)
+        for b in range(len(queries)):
+            expected = full[b][full[b] != removed]
+            renumbered = np.where(expected > removed, expected - 1, expected)
+            np.testing.assert_array_equal(reduced[b], renumbered)
+
+
+def test_query_and_depth_validation(random_index: EmbeddingIndex) -> None:
+    searcher = ExactSearcher(random_index)
+    with pytest.raises(InvalidParameterError, match="shape"):
+        searcher.ranked_candidates(np.zeros((2, DIM + 1), np.float32), 3)
+    with pytest.raises(InvalidParameterError, match="finite"):
+        searcher.ranked_candidates(np.full((1, DIM), np.nan, np.float32), 3)
+    for depth in (0, -1, True, 2.5):
+        with pytest.raises(InvalidParameterError, match="depth"):
+            searcher.ranked_candidates(np.zeros((1, DIM), np.float32), depth)
+    assert searcher.ranked_candidates(np.zeros((0, DIM), np.float32), 3).shape == (0, 3)
+    with pytest.raises(InvalidParameterError):
+        ExactSearcher(random_index, block_rows=0)
+
+
+# --- faiss flat -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])  # below and above the BLAS threshold
+def test_faiss_flat_identical_to_exact_random(random_index: EmbeddingIndex, batch: int) -> None:
+    queries = queries_for(random_index, batch, seed=5)
+    exact = ExactSearcher(random_index).ranked_candidates(queries, 25)
+    got = FaissFlatSearcher(random_index).ranked_candidates(queries, 25)
+    np.testing.assert_array_equal(got, exact)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40])
+@pytest.mark.parametrize("depth", [1, 9, 120, 400, 450])
+def test_faiss_flat_identical_to_exact_with_ties(tied_index: EmbeddingIndex, batch: int,
+                                                 depth: int) -> None:
+    queries = queries_for(tied_index, batch, seed=6)
+    exact = ExactSearcher(tied_index).ranked_candidates(queries, depth)
+    got = FaissFlatSearcher(tied_index).ranked_candidates(queries, depth)
+    np.testing.assert_array_equal(got, exact)
+
+
+def test_faiss_flat_all_records_identical(tmp_path: Path) -> None:
+    """Every score ties: faiss must be asked for everything before the cut can be trusted."""
+    index = build_index(np.ones((300, 8)), tmp_path / "idx")
+    queries = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    got = FaissFlatSearcher(index).ranked_candidates(queries, 5)
+    np.testing.assert_array_equal(got, [[0, 1, 2, 3, 4]] * 2)
+
+
+def test_faiss_lowers_blas_threshold(random_index: EmbeddingIndex) -> None:
+    FaissFlatSearcher(random_index)
+    assert faiss.cvar.distance_compute_blas_threshold == 4 * DIM
+
+
+# --- public quantizer and IVF -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantizer(random_index: EmbeddingIndex) -> PublicQuantizer:
+    public = np.random.default_rng(99).standard_normal((1200, DIM))
+    return train_public_quantizer(public, 12, random_index)
+
+
+class _CentroidIndex:
+    """Just enough of an EmbeddingIndex for brute_force over the centroids."""
+
+    def __init__(self, centroids: np.ndarray) -> None:
+        self.centroids, self.n = centroids, len(centroids)
+
+    def rows_float32(self, rows: np.ndarray) -> np.ndarray:
+        return self.centroids[rows]
+
+
+def _centroid_index(quantizer: PublicQuantizer) -> EmbeddingIndex:
+    return _CentroidIndex(quantizer.centroids)  # type: ignore[return-value]
+
+
+def test_ivf_candidates_are_union_of_probed_lists_in_exact_order(
+    random_index: EmbeddingIndex, quantizer: PublicQuantizer
+) -> None:
+    searcher = FaissIVFSearcher(random_index, quantizer, nprobe=3)
+    queries = queries_for(random_index, 7, seed=9)
+    members = [searcher.list_members(i) for i in range(quantizer.nlist)]
+    assert sorted(np.concatenate(members).tolist()) == list(range(random_index.n))
+    # each record sits in the list of its canonically nearest centroid (ties: lower list)
+    records = random_index.rows_float32(np.arange(random_index.n))
+    nearest = brute_force(_centroid_index(quantizer), records, 1)[:, 0]
+    for list_no, rows in enumerate(members):
+        assert (nearest[rows] == list_no).all()
+    got = searcher.ranked_candidates(queries, random_index.n)
+    probed = searcher.probed_lists(queries)
+    for b in range(len(queries)):
+        union = np.concatenate([members[i] for i in probed[b]])
+        returned = got[b][got[b] >= 0]
+        assert sorted(returned.tolist()) == sorted(union.tolist())
+        assert (got[b, len(returned) :] == -1).all()
+        np.testing.assert_array_equal(returned, brute_force(random_index, queries[b : b + 1],
+                                                            len(union), rows=union)[0])
+        # a short depth is the exact prefix of the full candidate ranking
+        np.testing.assert_array_equal(searcher.ranked_candidates(queries[b : b + 1], 10)[0],
+                                      got[b, :10])
+
+
+def test_ivf_with_ties_and_all_lists_probed(tied_index: EmbeddingIndex) -> None:
+    public = np.random.default_rng(5).standard_normal((300, DIM))
+    quantizer = train_public_quantizer(public, 4, tied_index)
+    queries = queries_for(tied_index, 5, seed=10)
+    for depth in (1, 30, 400, 420):
+        searcher = FaissIVFSearcher(tied_index, quantizer, nprobe=4)
+        everything = searcher.ranked_candidates(queries, depth)
+        np.testing.assert_array_equal(everything, brute_force(tied_index, queries, depth))
+    searcher = FaissIVFSearcher(tied_index, quantizer, nprobe=1)
+    got = searcher.ranked_candidates(queries, 50)
+    probed = searcher.probed_lists(queries)
+    for b in range(len(queries)):
+        union = searcher.list_members(int(probed[b, 0]))
+        expected = brute_force(tied_index, queries[b : b + 1], 50, union)[0]
+        np.testing.assert_array_equal(got[b], expected)
+
+
+def test_quantizer_refuses_private_vectors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    private = rng.standard_normal((200, DIM)) * 3.0
+    public = rng.standard_normal((300, DIM))
+    for dtype in ("float32", "float16"):
+        index = build_index(private, tmp_path / dtype, dtype=dtype)
+        # the private matrix itself
+        with pytest.raises(InvalidParameterError, match="2/k sensitivity"):
+            train_public_quantizer(private, 8, index)
+        # a few private rows hidden among public ones (raw, unnormalised)
+        mixed = np.concatenate([public[:100], private[[17, 42]], public[100:]])
+        with pytest.raises(InvalidParameterError, match="rows 100, 101 equal records"):
+            train_public_quantizer(mixed, 8, index)
+        # a copy of the stored (normalised, possibly float16) file
+        with pytest.raises(InvalidParameterError, match="private"):
+            train_public_quantizer(np.load(index.path / "embeddings.npy"), 8, index)
+        assert train_public_quantizer(public, 8, index).nlist == 8
+
+
+def test_quantizer_save_load_and_validation(tmp_path: Path, random_index: EmbeddingIndex,
+                                            quantizer: PublicQuantizer) -> None:
+    index = build_index(np.asarray(random_index.vectors), tmp_path / "idx")
+    quantizer.save(index.path)
+    manifest = json.loads((index.path / "quantizer.json").read_text())
+    assert manifest["trained_on"] == "public"
+    assert (manifest["nlist"], manifest["dim"], manifest["n_train"]) == (12, DIM, 1200)
+    loaded = PublicQuantizer.load(index.path)
+    np.testing.assert_array_equal(loaded.centroids, quantizer.centroids)
+    np.testing.assert_allclose(np.linalg.norm(loaded.centroids, axis=1), 1.0, atol=1e-5)
+    assert index.info()["quantizer"]["nlist"] == 12
+    assert not [p for p in index.path.iterdir() if p.name.startswith(".")]
+
+    np.save(index.path / "quantizer.npy", quantizer.centroids[:, ::-1].copy())
+    with pytest.raises(EmbeddingIndexError, match="does not match"):
+        PublicQuantizer.load(index.path)
+    (index.path / "quantizer.json").write_text(json.dumps({**manifest, "trained_on": "private"}))
+    with pytest.raises(EmbeddingIndexError, match="public"):
+        PublicQuantizer.load(index.path)
+    with pytest.raises(EmbeddingIndexError, match="no public quantizer"):
+        PublicQuantizer.load(tmp_path)
+
+    with pytest.raises(InvalidParameterError, match="nlist"):
+        train_public_quantizer(np.ones((3, DIM)), 4, None)
+    with pytest.raises(InvalidParameterError, match="nlist"):
+        train_public_quantizer(np.ones((3, DIM)), 0, None)
+    with pytest.raises(InvalidParameterError, match="dimension"):
+        train_public_quantizer(np.ones((30, DIM + 1)), 2, index)
+    with pytest.raises(InvalidParameterError, match="zero norm in row 1"):
+        train_public_quantizer(np.stack([np.ones(DIM), np.zeros(DIM)]), 1, None)
+    with pytest.raises(InvalidParameterError, match="nprobe"):
+        FaissIVFSearcher(random_index, quantizer, nprobe=13)
+
+
+def test_make_searcher(tmp_path: Path, random_index: EmbeddingIndex,
+                       quantizer: PublicQuantizer) -> None:
+    assert isinstance(make_searcher(random_index, "exact"), ExactSearcher)
+    assert isinstance(make_searcher(random_index, "faiss"), FaissFlatSearcher)
+    ivf = make_searcher(random_index, "ivf", nprobe=2, quantizer=quantizer)
+    assert isinstance(ivf, FaissIVFSearcher) and ivf.nprobe == 2
+    for searcher in (make_searcher(random_index, "exact"), ivf):
+        assert isinstance(searcher, RankedSearcher) and searcher.n == random_index.n
+    with pytest.raises(EmbeddingIndexError, match="no public quantizer"):
+        make_searcher(random_index, "ivf")
+    with pytest.raises(InvalidParameterError, match="kind"):
+        make_searcher(random_index, "hnsw")  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ from dprdm.errors import InvalidParameterError
 from dprdm.privacy.accounting import MechanismParams
 from dprdm.privacy.randomness import Randomness, SystemRandomness
 from dprdm.privacy.sampling import accepted_ranks, poisson_subsample
+from dprdm.retrieval.search import exact_top_rows
 
 Strategy = Literal["subsample", "ranked"]
 SUBSAMPLE_BLOCK_ROWS = 32768  # subsample rows gathered and scored at a time (bounded memory)
@@ -113,33 +114,22 @@ def normalise_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     return (queries / norms).astype(np.float32)
 
 
-def _top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k largest scores; ties go to the smaller position. Sorted ascending.
-
-    Callers pass scores in ascending row order, so "smaller position" is "smaller row"."""
-    if scores.size <= k:
-        return np.arange(scores.size)
-    threshold = np.partition(scores, scores.size - k)[scores.size - k]  # the k-th largest
-    above = np.flatnonzero(scores > threshold)
-    tied = np.flatnonzero(scores == threshold)[: k - above.size]
-    return np.sort(np.concatenate([above, tied]))
-
-
 def _neighbours_in_subsample(
     vectors: PrivateVectors, query: np.ndarray, rows: np.ndarray, k: int
 ) -> np.ndarray:
-    """Rows of the k nearest neighbours of `query` among the sorted `rows` (exact, in blocks)."""
-    best_rows = np.empty(0, dtype=np.int64)
-    best_scores = np.empty(0, dtype=np.float32)
-    for start in range(0, rows.size, SUBSAMPLE_BLOCK_ROWS):
-        block = rows[start : start + SUBSAMPLE_BLOCK_ROWS]
-        scores = vectors.rows_float32(block) @ query
-        # Earlier blocks hold smaller rows, so concatenation keeps rows ascending.
-        all_rows = np.concatenate([best_rows, block])
-        all_scores = np.concatenate([best_scores, scores])
-        keep = _top_k_positions(all_scores, k)
-        best_rows, best_scores = all_rows[keep], all_scores[keep]
-    return best_rows
+    """Rows of the k nearest neighbours of `query` among `rows`, read in blocks.
+
+    Ranked by the CANONICAL score of ``dprdm.retrieval.search`` (a fixed function of the query and
+    one record, unlike BLAS scores, which depend on a record's position in a block), ties by row:
+    so removing one record can only remove that record from the ranking -- the 2/k argument --
+    and this strategy agrees exactly with the "ranked" one."""
+    blocks = (
+        (block, vectors.rows_float32(block))
+        for block in (rows[i : i + SUBSAMPLE_BLOCK_ROWS]
+                      for i in range(0, rows.size, SUBSAMPLE_BLOCK_ROWS))
+    )
+    top = exact_top_rows(query[None, :], blocks, k)[0]
+    return top[top >= 0]
 
 
 class PrivateRetrieval:

@@ -1,0 +1,141 @@
+"""Per-query latency of the private step, side by side with the reference's way, in one process.
+
+Methods (all release one noised aggregate per query, single-query calls):
+* reference   -- a fresh Bernoulli mask over all N records (numpy), then search among the kept
+                 rows (gather + matvec + top-k): the reference code's way, without a ledger;
+* subsample   -- dprdm strategy (a): geometric gaps draw the subsample in O(qN), canonical top-k
+                 among those rows, in-memory ledger charged;
+* ranked-ivf  -- dprdm strategy (b): coins flipped lazily down a ranked candidate list from an IVF
+                 index whose coarse quantizer was trained on separate PUBLIC vectors;
+* ranked-flat -- strategy (b) over faiss IndexFlatIP (exact, O(N d) per query; N <= 1e6 only).
+
+    python bench/retrieval.py --quick --out bench/results/retrieval.json
+    python bench/retrieval.py --out bench/results/retrieval-full.json   # N up to 5e6: ~1 h, 16 GB
+
+Random unit vectors stand in for embeddings (timing does not depend on their content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval
+from dprdm.retrieval import (EmbeddingIndex, FaissFlatSearcher, FaissIVFSearcher,
+                             build_index, train_public_quantizer)
+
+console = Console()
+SIGMA = 0.05
+
+
+def random_unit(n: int, d: int, rng: np.random.Generator, chunk: int = 250_000) -> np.ndarray:
+    out = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - start), d), dtype=np.float32)
+        out[start : start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def reference_release(vectors: np.ndarray, query: np.ndarray, params: MechanismParams,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The reference's way: Bernoulli mask over all N, search the kept rows, add noise."""
+    kept = np.flatnonzero(rng.random(vectors.shape[0]) < params.q)
+    aggregate = np.zeros(vectors.shape[1])
+    if kept.size:
+        scores = vectors[kept] @ query
+        top = kept[np.argpartition(-scores, min(params.k, kept.size) - 1)[: params.k]]
+        aggregate = vectors[top].sum(axis=0) / params.k
+    return aggregate + rng.normal(0.0, params.sigma, size=aggregate.shape)
+
+
+def time_calls(call, queries: np.ndarray) -> tuple[float, float]:
+    call(queries[0])  # warm-up (caches, T_max of the ledger)
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        call(query)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times)), float(np.percentile(times, 95))
+
+
+def bench_one_n(n: int, d: int, ks: list[int], qs: list[float], n_queries: int,
+                workdir: Path, rng: np.random.Generator) -> list[dict]:
+    console.print(f"[bold]N = {n:,}[/]: building the index ...")
+    vectors = random_unit(n, d, rng)
+    index = build_index(vectors, workdir / f"index-{n}")
+    del vectors
+    index = EmbeddingIndex.open(index.path)
+    in_memory = np.asarray(index.vectors)  # page-cached memmap, what every method reads
+    nlist = int(4 * math.sqrt(n))
+    public = random_unit(max(40 * nlist, 20_000), d, rng)  # stands in for PUBLIC vectors
+    quantizer = train_public_quantizer(public, nlist, index)
+    queries = random_unit(n_queries, d, rng)
+    flat = FaissFlatSearcher(index) if n <= 1_000_000 else None
+    rows = []
+    for k in ks:
+        for q in qs:
+            params = MechanismParams(SIGMA, q, k)
+            ledger = InMemoryLedger(epsilon=1e4, delta=1e-6)
+            # Probe enough lists to hold ~3 k/q candidates (the ranked walk's depth).
+            nprobe = min(nlist, max(1, math.ceil(3 * k / q / (n / nlist))))
+            methods = {
+                "reference": lambda x, p=params: reference_release(in_memory, x, p, rng),
+                "subsample": PrivateRetrieval(index, params, ledger).release,
+                "ranked-ivf": PrivateRetrieval(
+                    index, params, ledger, strategy="ranked",
+                    searcher=FaissIVFSearcher(index, quantizer, nprobe)).release,
+            }
+            if flat is not None:
+                methods["ranked-flat"] = PrivateRetrieval(
+                    index, params, ledger, strategy="ranked", searcher=flat).release
+            results = {name: time_calls(call, queries) for name, call in methods.items()}
+            reference_median = results["reference"][0]
+            for name, (median, p95) in results.items():
+                rows.append({
+                    "n": n, "d": d, "k": k, "q": q, "method": name,
+                    "median_ms": round(median, 3), "p95_ms": round(p95, 3),
+                    "speedup_vs_reference": round(reference_median / median, 2),
+                    "nprobe": nprobe if name == "ranked-ivf" else None,
+                })
+            console.print(f"  k={k} q={q}: " + ", ".join(
+                f"{name} {median:.2f} ms" for name, (median, _) in results.items()))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N=1e6, k=10, q=0.01 only")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/retrieval.json"))
+    parser.add_argument("--queries", type=int, default=40, help="timed queries per setting")
+    parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built")
+    args = parser.parse_args()
+    ns, ks, qs = ([1_000_000], [10], [0.01]) if args.quick else (
+        [100_000, 1_000_000, 5_000_000], [10, 20], [0.01, 0.001])
+    rng = np.random.default_rng(0)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+        for n in ns:
+            rows += bench_one_n(n, 512, ks, qs, args.queries, Path(workdir), rng)
+    table = Table(title="private step, ms per query (single-query calls)")
+    for column in ("n", "k", "q", "method", "median_ms", "p95_ms", "speedup_vs_reference"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(f"{row['n']:,}", str(row["k"]), str(row["q"]), row["method"],
+                      f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}",
+                      f"{row['speedup_vs_reference']:.1f}x")
+    console.print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

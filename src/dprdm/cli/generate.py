@@ -1,0 +1,99 @@
+"""`dprdm generate`: prompts -> images, through DP retrieval from a private index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from dprdm import demo_layout
+from dprdm.cli.output import JSON_OPTION, console, run_command
+from dprdm.errors import InvalidParameterError
+from dprdm.files import write_bytes_atomically
+from dprdm.image_files import image_grid, save_png
+
+
+def generate(
+    prompts: list[str] = typer.Argument(..., help="One or more text prompts."),
+    index: Path = typer.Option(None, "--index", help="Private index directory (with a ledger)."),
+    k: int = typer.Option(None, "--k", help="Neighbours averaged per query."),
+    q: float = typer.Option(None, "--q", help="Poisson sampling rate in (0, 1]."),
+    sigma: float = typer.Option(None, "--sigma", help="Noise std of the released aggregate."),
+    lam: float = typer.Option(None, "--lam", help="c = lam * released + (1 - lam) * text."),
+    n: int = typer.Option(1, "-n", "--images-per-prompt", help="Images per prompt (free)."),
+    guidance: float = typer.Option(3.0, "--guidance", help="Classifier-free guidance scale."),
+    steps: int = typer.Option(50, "--steps", help="Diffusion sampling steps."),
+    seed: int = typer.Option(None, "--seed", help="Seed for the DIFFUSION sampler only."),
+    out: Path = typer.Option(..., "--out", help="Output directory (created)."),
+    public_only: bool = typer.Option(False, "--public-only",
+                                     help="Use no private data: public index or text only."),
+    public_index: Path = typer.Option(None, "--public-index", help="A PUBLIC index (optional)."),
+    encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
+    model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
+    demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Generate images; each prompt costs one private query (all its images are free).
+
+    Example: dprdm generate "red apple" "cat face" --demo -n 4 --out out/
+    """
+
+    def compute() -> dict:
+        from dprdm.encoders import load_encoder
+        from dprdm.generation import RetrievalDiffusionPipeline
+        from dprdm.generation.pipeline import DEFAULT_DIR
+        from dprdm.privacy import SqliteLedger
+        from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, check_prompts,
+                               check_sampling)
+        from dprdm.retrieval import EmbeddingIndex
+
+        # Validate everything before any private query is charged.
+        prompt_list = check_prompts(prompts)
+        check_sampling(n, guidance, steps)
+        index_dir, public_dir = index, public_index
+        if demo:
+            index_dir = index_dir or demo_layout.require(demo_layout.private_index_dir())
+            public_dir = public_dir or demo_layout.public_index_dir()
+            if not public_dir.exists():
+                public_dir = None
+        if out.exists() and not out.is_dir():
+            raise InvalidParameterError(f"{out} exists and is not a directory")
+        settings = None
+        if index_dir is not None:
+            explicit = (sigma, q, k)
+            if all(v is not None for v in explicit):
+                settings = MechanismSettings(sigma, q, k, 1.0 if lam is None else lam)
+            elif any(v is not None for v in explicit):
+                raise InvalidParameterError("give all of --k, --q and --sigma, or none")
+            else:
+                settings = MechanismSettings.load(index_dir)
+                if lam is not None:
+                    settings = MechanismSettings(settings.sigma, settings.q, settings.k, lam)
+        elif not public_only:
+            raise InvalidParameterError("give --index DIR (or --demo), or use --public-only")
+        private = None if (public_only or index_dir is None) else EmbeddingIndex.open(index_dir)
+        ledger = SqliteLedger(index_dir) if private is not None else None
+        rag = RetrievalAugmentedGenerator(
+            load_encoder(encoder),
+            RetrievalDiffusionPipeline.from_pretrained(model or DEFAULT_DIR),
+            private_index=private, ledger=ledger, settings=settings,
+            public_index=EmbeddingIndex.open(public_dir) if public_dir else None,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        result = rag.generate(prompt_list, n=n, guidance=guidance, steps=steps, seed=seed,
+                              public_only=public_only, caller="cli:generate")
+        files = []
+        for p, per_prompt in enumerate(result.images):
+            for i, image in enumerate(per_prompt):
+                path = out / f"prompt{p:03d}_image{i:02d}.png"
+                save_png(path, image)
+                files.append(str(path))
+        save_png(out / "grid.png", image_grid(result.images, row_labels=prompt_list))
+        report = dict(result.report, files=files, grid=str(out / "grid.png"))
+        write_bytes_atomically(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
+        if not as_json:
+            console.print(f"wrote {len(files)} images and {out / 'grid.png'}")
+        return report
+
+    run_command(as_json, "generation", compute)

@@ -1,0 +1,40 @@
+"""Where `make demo` leaves things, so that `--demo` on generate / eval / serve can find them.
+
+.dprdm-demo/ (git-ignored; override with DPRDM_DEMO_ROOT):
+  private/   the private OpenMoji index, its ledger and mechanism.json (calibrated settings)
+  public/    the public (Twemoji + Noto) index, no ledger
+  holdout/   held-out OpenMoji images + captions.jsonl (the evaluation reference set)
+  data/      the prepared emoji styles;  npm/  the npm packages they came from
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dprdm.errors import DprdmError
+
+
+def demo_root() -> Path:
+    return Path(os.environ.get("DPRDM_DEMO_ROOT", ".dprdm-demo"))
+
+
+def private_index_dir() -> Path:
+    return demo_root() / "private"
+
+
+def public_index_dir() -> Path:
+    return demo_root() / "public"
+
+
+def holdout_dir() -> Path:
+    return demo_root() / "holdout"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        raise DprdmError(
+            f"{path} does not exist: run `make demo` first (from the repository root), "
+            "or set DPRDM_DEMO_ROOT"
+        )
+    return path

@@ -1,0 +1,187 @@
+"""Prompt -> image through DP retrieval: encoder -> private step -> ledger -> generator.
+
+Owns :class:`RetrievalAugmentedGenerator`, the one composition that ``dprdm generate``, the
+evaluation harness and the service share, and :class:`MechanismSettings`, the operator-fixed
+(sigma, q, k, lam) of a private index, stored beside it as ``mechanism.json``.
+
+Per prompt p with text embedding x:
+* DP mode: r = PrivateRetrieval.release(x) (one query each, charged first), c = lam*r + (1-lam)*x;
+* public-only mode: no private data at all; r is replaced by the mean of x's k nearest neighbours
+  in a PUBLIC index when one is given (c = lam*m + (1-lam)*x), else c = x.
+All n images of a prompt come from the same c: post-processing, no extra privacy cost. The user's
+seed reaches only the diffusion sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dprdm.conditioning import check_lam, interpolate
+from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.files import write_bytes_atomically
+from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
+from dprdm.retrieval import EmbeddingIndex, ExactSearcher
+
+MECHANISM_FILE = "mechanism.json"
+MAX_PROMPTS = 256
+MAX_PROMPT_CHARS = 500
+MAX_IMAGES_PER_PROMPT = 64
+
+
+@dataclass(frozen=True)
+class MechanismSettings:
+    """What the operator fixes for an index: the mechanism (sigma, q, k) and the mix lam."""
+
+    sigma: float
+    q: float
+    k: int
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        params = MechanismParams(self.sigma, self.q, self.k)  # validates
+        object.__setattr__(self, "sigma", params.sigma)
+        object.__setattr__(self, "q", params.q)
+        object.__setattr__(self, "lam", check_lam(self.lam))
+
+    @property
+    def params(self) -> MechanismParams:
+        return MechanismParams(self.sigma, self.q, self.k)
+
+    def save(self, index_dir: str | os.PathLike) -> None:
+        data = json.dumps(asdict(self), indent=1) + "\n"
+        write_bytes_atomically(Path(index_dir) / MECHANISM_FILE, data.encode())
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike) -> MechanismSettings:
+        path = Path(index_dir) / MECHANISM_FILE
+        if not path.is_file():
+            raise DprdmError(f"no {MECHANISM_FILE} in {index_dir}: pass --k, --q, --sigma, --lam")
+        data = json.loads(path.read_text())
+        return cls(float(data["sigma"]), float(data["q"]), int(data["k"]),
+                   float(data.get("lam", 1.0)))
+
+
+def check_prompts(prompts: object) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise InvalidParameterError("prompts must be a list of strings")
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise InvalidParameterError(f"give 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+    for prompt in prompts:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidParameterError("every prompt must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidParameterError(f"prompts are limited to {MAX_PROMPT_CHARS} characters")
+    return [prompt.strip() for prompt in prompts]
+
+
+def check_sampling(n: int, guidance: float, steps: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGES_PER_PROMPT:
+        raise InvalidParameterError(f"n must be an integer in [1, {MAX_IMAGES_PER_PROMPT}]")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise InvalidParameterError("steps must be an integer in [1, 1000]")
+    if not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or not 0 <= guidance <= 30:
+        raise InvalidParameterError("guidance must be a number in [0, 30]")
+
+
+def public_neighbour_mean(public_index: EmbeddingIndex, queries: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each query's k nearest neighbours in a PUBLIC index (no privacy involved)."""
+    rows = ExactSearcher(public_index).ranked_candidates(queries, k)
+    means = np.zeros((len(queries), public_index.dim), dtype=np.float64)
+    for i, found in enumerate(rows):
+        found = np.sort(found[found >= 0])
+        means[i] = public_index.rows_float32(found).sum(axis=0) / k
+    return means.astype(np.float32)
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (prompts, n, H, W, 3) uint8
+    report: dict = field(default_factory=dict)
+
+
+class RetrievalAugmentedGenerator:
+    """Encoder + (private index, ledger, settings) + optional public index + diffusion pipeline."""
+
+    def __init__(self, encoder, pipeline, *, private_index: EmbeddingIndex | None = None,
+                 ledger: SqliteLedger | None = None, settings: MechanismSettings | None = None,
+                 public_index: EmbeddingIndex | None = None, strategy: str = "subsample") -> None:
+        self.encoder = encoder
+        self.pipeline = pipeline
+        self.settings = settings
+        self.public_index = public_index
+        self.ledger = ledger
+        for index, what in ((private_index, "private"), (public_index, "public")):
+            if index is not None and index.dim != encoder.dim:
+                raise InvalidParameterError(
+                    f"the {what} index holds {index.dim}-d embeddings but the encoder makes "
+                    f"{encoder.dim}-d ones: build the index with the same encoder"
+                )
+        if getattr(pipeline, "cond_dim", encoder.dim) != encoder.dim:
+            raise InvalidParameterError(
+                f"the generator expects {pipeline.cond_dim}-d conditions, the encoder makes "
+                f"{encoder.dim}-d ones"
+            )
+        self.mechanism = None
+        if private_index is not None:
+            if ledger is None or settings is None:
+                raise InvalidParameterError("a private index needs its ledger and settings")
+            self.mechanism = PrivateRetrieval(private_index, settings.params, ledger,
+                                              strategy=strategy)
+
+    def conditions(self, prompts: list[str], public_only: bool, caller: str = "") -> np.ndarray:
+        """(P, d) conditioning vectors; in DP mode this charges one query per prompt."""
+        text = self.encoder.encode_text(prompts)
+        lam = self.settings.lam if self.settings is not None else 1.0
+        if public_only:
+            if self.public_index is None:
+                return text
+            k = self.settings.k if self.settings is not None else 10
+            return interpolate(public_neighbour_mean(self.public_index, text, k), text, lam)
+        if self.mechanism is None:
+            raise InvalidParameterError("no private index configured: use public-only mode")
+        released = self.mechanism.release(text, caller=caller)
+        return interpolate(released, text, lam)
+
+    def generate(self, prompts: list[str], n: int = 1, guidance: float = 3.0, steps: int = 50,
+                 seed: int | None = None, public_only: bool = False,
+                 caller: str = "") -> GenerationResult:
+        prompts = check_prompts(prompts)
+        check_sampling(n, guidance, steps)
+        if not public_only and self.mechanism is None:
+            raise InvalidParameterError("no private index configured: use public-only mode")
+        before = self.ledger.summary() if (self.ledger is not None and not public_only) else None
+        started = time.perf_counter()
+        conditions = self.conditions(prompts, public_only, caller)
+        retrieved = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        images = self.pipeline(np.repeat(conditions, n, axis=0), guidance=guidance, steps=steps,
+                               generator=generator)
+        images = np.asarray(images).reshape(len(prompts), n, *np.asarray(images).shape[1:])
+        finished = time.perf_counter()
+        report = {
+            "prompts": prompts,
+            "mode": "public-only" if public_only else "dp",
+            "images_per_prompt": n, "guidance": guidance, "steps": steps, "seed": seed,
+            "timings_s": {"conditioning": round(retrieved - started, 3),
+                          "generation": round(finished - retrieved, 3)},
+        }
+        if self.settings is not None:
+            report["mechanism"] = asdict(self.settings)
+        if before is not None:
+            after = self.ledger.summary()
+            report["ledger"] = {
+                "epsilon_spent_by_call": after.epsilon_spent - before.epsilon_spent,
+                "queries_by_call": after.queries - before.queries,
+                "before": {"epsilon_spent": before.epsilon_spent, "queries": before.queries},
+                "after": {"epsilon_spent": after.epsilon_spent, "queries": after.queries},
+                "epsilon_budget": after.epsilon_budget, "delta": after.delta,
+                "epsilon_remaining": after.epsilon_remaining,
+            }
+        return GenerationResult(images=images, report=report)

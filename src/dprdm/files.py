@@ -37,7 +37,12 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_directory(path.parent)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or a new file inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

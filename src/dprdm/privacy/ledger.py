@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dprdm.errors import BudgetExceededError, DprdmError, InvalidParameterError
+from dprdm.files import fsync_directory
 from dprdm.privacy import accounting
 from dprdm.privacy.accounting import MechanismParams
 
@@ -110,6 +111,15 @@ class _BudgetPolicy:
             return True  # RDP upper-bounds the true epsilon: proven without a PLD
         return accounting.epsilon(groups, self.delta) <= self.epsilon_budget
 
+    def admit(self, totals: dict[MechanismParams, int], params: MechanismParams,
+              count: int) -> dict[MechanismParams, int]:
+        """The totals after charging `count` releases with `params`; raises if they do not fit."""
+        after = dict(totals)
+        after[params] = after.get(params, 0) + count
+        if not self.fits(after):
+            raise self.refusal(totals, params, count)
+        return after
+
     def refusal(self, totals: dict[MechanismParams, int], params: MechanismParams,
                 count: int) -> BudgetExceededError:
         spent = accounting.epsilon(list(totals.items()), self.delta) if totals else 0.0
@@ -155,10 +165,7 @@ class InMemoryLedger:
     def charge(self, params: MechanismParams, count: int = 1, caller: str = "") -> Charge:
         count = accounting.check_queries(count)
         with self._lock:
-            after = dict(self._totals)
-            after[params] = after.get(params, 0) + count
-            if not self._policy.fits(after):
-                raise self._policy.refusal(self._totals, params, count)
+            after = self._policy.admit(self._totals, params, count)
             self._totals = after
             return Charge(params, count, sum(after.values()))
 
@@ -263,7 +270,7 @@ class SqliteLedger:
             raise DprdmError(f"{path} already exists; a privacy budget is never reset") from None
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(index_dir)
+        fsync_directory(index_dir)
         ledger = cls(path)
         with ledger._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -325,11 +332,7 @@ class SqliteLedger:
         with self._connect() as conn:
             capacity = self._capacity(conn, params)
         with self._write_transaction() as conn:
-            totals = self._totals(conn)
-            after = dict(totals)
-            after[params] = after.get(params, 0) + count
-            if not self._policy.fits(after):
-                raise self._policy.refusal(totals, params, count)
+            after = self._policy.admit(self._totals(conn), params, count)
             conn.execute(
                 "INSERT OR IGNORE INTO capacity VALUES (?, ?, ?, ?)",
                 (params.sigma, params.q, params.k, capacity),
@@ -366,14 +369,6 @@ class SqliteLedger:
         """Number of release rows (one per charge call); for audits and tests."""
         with self._connect() as conn:
             return int(conn.execute("SELECT COALESCE(SUM(count), 0) FROM releases").fetchone()[0])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_ledger(index_dir: str | os.PathLike) -> SqliteLedger:

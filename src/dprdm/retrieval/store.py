@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dprdm.errors import EmbeddingIndexError, InvalidParameterError
+from dprdm.files import fsync_directory
 
 FORMAT_VERSION = 1
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -222,15 +223,6 @@ def _check_metadata(metadata: Sequence[Mapping[str, Any]] | None, n: int) -> lis
 # --------------------------------------------------------------------------------------------
 # Durable writes
 # --------------------------------------------------------------------------------------------
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_bytes_durably(path: Path, data: bytes) -> None:

@@ -1,0 +1,310 @@
+"""The privacy audit: valid Clopper-Pearson bounds, a worst-case canary, and teeth.
+
+The broken mechanisms below exist ONLY in this file: each is the real PrivateRetrieval with one
+deliberate bug, injected through ``run_audit``'s ``make_mechanism`` factory, a ``randomness``
+object or a mis-specified ``MechanismParams``. Each must push the empirical lower bound above the
+accountant's epsilon; the correct mechanism must not. Parameters are chosen for wide margins
+(see the comments); the broken-variant audits use delta = 1e-2, where an audit of this size is
+nearly tight, so a factor-2 error in the noise is far outside the statistical noise.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from scipy.stats import binom
+from typer.testing import CliRunner
+
+from dprdm.audit import CanaryDesign, epsilon_lower_bound, run_audit, worst_case_records
+from dprdm.audit.bounds import clopper_pearson_upper
+from dprdm.cli import audit as audit_cli
+from dprdm.errors import InvalidParameterError
+from dprdm.privacy import (
+    ArrayVectors,
+    InMemoryLedger,
+    MechanismParams,
+    PrivateRetrieval,
+    epsilon_for,
+)
+from dprdm.privacy.mechanism import _neighbours_in_subsample
+from dprdm.privacy.randomness import SystemRandomness
+from dprdm.privacy.sampling import poisson_subsample
+
+K = 10
+# Correct mechanism, product defaults: noise multiplier 1.5, claimed epsilon ~2.75 at 1e-5.
+DEFAULT = MechanismParams(0.3, 1.0, K)
+# Broken-variant settings: noise multiplier 1; no subsampling / q = 0.1 (shared ledger below).
+UNSAMPLED = MechanismParams(0.2, 1.0, K)
+SUBSAMPLED = MechanismParams(0.2, 0.1, K)
+LOOSE_DELTA = 1e-2
+SEVERAL = 16  # queries per trial in the several-query audits
+
+
+@pytest.fixture(scope="module")
+def subsampled_ledger():
+    """One experiment ledger for every q = 0.1 audit: its capacity is computed only once."""
+    return InMemoryLedger(epsilon=1e6, delta=LOOSE_DELTA)
+
+
+# -- the broken variants (tests only) -----------------------------------------------------------
+
+class HalvedNoise(SystemRandomness):
+    """OS randomness whose Gaussian draws have std 1/2 instead of 1."""
+
+    def standard_normal(self, size):
+        return 0.5 * super().standard_normal(size)
+
+
+class ReusedNoise(SystemRandomness):
+    """OS randomness that draws ONE noise vector and returns it for every row of every call."""
+
+    def __init__(self):
+        self._row = None
+
+    def standard_normal(self, size):
+        if self._row is None:
+            self._row = super().standard_normal(size[-1])
+        return np.broadcast_to(self._row, size).copy()
+
+
+def with_randomness(randomness_class):
+    def make(vectors, params, ledger, **options):
+        return PrivateRetrieval(vectors, params, ledger, randomness=randomness_class(), **options)
+
+    return make
+
+
+class SensitivityOneOverK(MechanismParams):
+    """Accounting that takes the sensitivity as 1/k: the claimed epsilon is for twice the noise
+    multiplier the mechanism really has."""
+
+    @property
+    def sensitivity(self):
+        return 1.0 / self.k
+
+    @property
+    def noise_multiplier(self):
+        return self.sigma / self.sensitivity
+
+
+class DividesBySubsampleSize(PrivateRetrieval):
+    """Aggregate = sum of the k neighbours / (number of records in the subsample), not / k."""
+
+    def _aggregate(self, queries):
+        aggregates = np.zeros((queries.shape[0], self.dim))
+        for i, query in enumerate(queries):
+            rows = poisson_subsample(self._vectors.n, self._params.q, self._rng)
+            neighbours = _neighbours_in_subsample(self._vectors, query, rows, self._params.k)
+            if neighbours.size:
+                aggregates[i] = self._vectors.rows_float32(neighbours).sum(axis=0) / rows.size
+        return aggregates
+
+
+class CachesSubsampleAcrossQueries(PrivateRetrieval):
+    """The subsample drawn for batch slot i on the first call is reused by every later call.
+
+    The audit repeats one query, so a cached subsample means cached neighbours and a cached
+    pre-noise aggregate: that is what is stored (it also keeps the test fast)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cached = None
+
+    def _aggregate(self, queries):
+        if self._cached is None:
+            self._cached = super()._aggregate(queries)
+        return self._cached[: queries.shape[0]].copy()
+
+
+# -- bounds ------------------------------------------------------------------------------------
+
+def test_clopper_pearson_upper_bounds():
+    table = clopper_pearson_upper(1000, 0.025)
+    assert table[0] == pytest.approx(1.0 - 0.025 ** (1 / 1000))
+    assert table[-1] == 1.0
+    assert np.all(np.diff(table) > 0)
+    # Exactness: at the bound, seeing <= m events has probability alpha.
+    for m in (1, 17, 400):
+        assert binom.cdf(m, 1000, table[m]) == pytest.approx(0.025, rel=1e-6)
+
+
+def test_identical_distributions_give_no_evidence():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        bound = epsilon_lower_bound(rng.normal(size=4000), rng.normal(size=4000), 1e-5)
+        assert bound.epsilon < 0.1
+
+
+@pytest.mark.parametrize("shift", [10.0, -10.0])
+def test_separated_distributions_give_the_largest_bound_the_sample_size_allows(shift):
+    rng = np.random.default_rng(1)
+    bound = epsilon_lower_bound(rng.normal(size=2000), shift + rng.normal(size=2000), 1e-5)
+    zero_events = 1.0 - 0.025 ** (1 / 1000)  # Clopper-Pearson upper bound after 0 of 1000
+    assert bound.epsilon == pytest.approx(np.log((1 - 1e-5 - zero_events) / zero_events))
+    assert bound.test.orientation == ("above" if shift > 0 else "below")
+    assert bound.false_positives == bound.false_negatives == 0
+
+
+def test_gaussian_shift_bound_is_valid_and_not_weak():
+    # Seeded, so deterministic: N(0, 1) vs N(1, 1) is a Gaussian mechanism with multiplier 1.
+    rng = np.random.default_rng(2)
+    claimed = 4.377  # epsilon_for(MechanismParams(0.2, 1, 10), 1, 1e-5)
+    bounds = [epsilon_lower_bound(rng.normal(size=20000), 1 + rng.normal(size=20000), 1e-5)
+              for _ in range(10)]
+    assert all(0.3 * claimed < b.epsilon < claimed for b in bounds)
+
+
+def test_bounds_refuse_bad_input():
+    with pytest.raises(InvalidParameterError, match="equal numbers"):
+        epsilon_lower_bound(np.zeros(10), np.zeros(12), 1e-5)
+    with pytest.raises(InvalidParameterError, match="finite"):
+        epsilon_lower_bound(np.full(10, np.nan), np.zeros(10), 1e-5)
+    with pytest.raises(InvalidParameterError, match="confidence"):
+        epsilon_lower_bound(np.zeros(10), np.zeros(10), 1e-5, confidence=1.0)
+
+
+# -- the canary design -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q", [1.0, 0.5, 0.1, 0.01])
+def test_worst_case_records_is_the_fewest_that_keep_k_antipodes(q):
+    records = worst_case_records(K, q)
+    if q == 1.0:
+        assert records == K
+        return
+    assert binom.cdf(K - 1, records, q) <= 1e-9 < binom.cdf(K - 1, records - 1, q)
+
+
+def test_with_q_1_the_canary_moves_the_aggregate_by_exactly_2_over_k():
+    design = CanaryDesign(K)
+    aggregates = [
+        PrivateRetrieval(ArrayVectors(matrix), UNSAMPLED, InMemoryLedger(1e6, 1e-5))
+        ._aggregate(design.query[None, :])[0]
+        for matrix in (design.without_canary(), design.with_canary())
+    ]
+    difference = aggregates[1] - aggregates[0]
+    assert np.linalg.norm(difference) == pytest.approx(2.0 / K, abs=1e-7)
+    np.testing.assert_allclose(difference / np.linalg.norm(difference), design.direction)
+
+
+def test_run_audit_charges_only_the_experiment_ledger_and_reports_it():
+    ledger = InMemoryLedger(epsilon=1e6, delta=1e-5)
+    result = run_audit(DEFAULT, trials=400, queries=3, strategy="exact", ledger=ledger)
+    assert ledger.summary().queries == 2 * 400 * 3
+    out = result.as_dict()
+    for key in ("epsilon_claimed", "epsilon_lower_bound", "trials", "k", "sigma", "q", "queries",
+                "delta", "confidence", "records", "exceeds_claim"):
+        assert key in out
+    assert out["releases_charged"] == 2400 and "experiment ledger" in out["ledger"]
+    assert "no production ledger" in out["ledger"]
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [({"trials": 3}, "trials"), ({"queries": 0}, "queries"), ({"strategy": "ivf"}, "strategy"),
+     ({"records": 0}, "records"), ({"delta": 0.0}, "delta"), ({"confidence": 0.2}, "confidence"),
+     ({"ledger": object()}, "experiment ledger")],
+)
+def test_run_audit_refuses_bad_parameters(options, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        run_audit(DEFAULT, **options)
+
+
+def test_run_audit_refuses_a_q_too_small_for_the_worst_case_design():
+    with pytest.raises(InvalidParameterError, match="too small to audit"):
+        run_audit(MechanismParams(0.3, 1e-6, K))
+
+
+# -- the correct mechanism ---------------------------------------------------------------------
+
+def test_correct_mechanism_bound_is_below_the_claim_and_not_far_below():
+    # q = 1, one query, 20k trials, delta 1e-5: the bound lands at ~0.47 of the claim (1st
+    # percentile 0.36 in 600 simulated runs); ~0.59 at 100k trials (see the closing note).
+    result = run_audit(DEFAULT, trials=20_000, strategy="exact")
+    assert 0.25 * result.epsilon_claimed <= result.epsilon_lower_bound <= result.epsilon_claimed
+
+
+def test_correct_mechanism_at_the_broken_variants_settings_stays_below_the_claim(
+        subsampled_ledger):
+    unsampled = run_audit(UNSAMPLED, trials=10_000, delta=LOOSE_DELTA, strategy="exact")
+    assert 0.5 * unsampled.epsilon_claimed < unsampled.epsilon_lower_bound
+    assert unsampled.epsilon_lower_bound < unsampled.epsilon_claimed  # ~0.8 of it
+    several = run_audit(SUBSAMPLED, trials=500, queries=SEVERAL, delta=LOOSE_DELTA,
+                        strategy="exact", ledger=subsampled_ledger)
+    assert several.epsilon_lower_bound < several.epsilon_claimed
+
+
+# -- teeth: every broken variant is caught -----------------------------------------------------
+
+def test_catches_noise_std_halved():
+    result = run_audit(UNSAMPLED, trials=20_000, delta=LOOSE_DELTA, strategy="exact",
+                       make_mechanism=with_randomness(HalvedNoise))
+    assert result.exceeds_claim  # ~1.8x the claim
+    assert result.epsilon_lower_bound > 1.3 * result.epsilon_claimed
+
+
+def test_catches_sensitivity_taken_as_1_over_k():
+    result = run_audit(SensitivityOneOverK(0.2, 1.0, K), trials=20_000, delta=LOOSE_DELTA,
+                       strategy="exact")
+    assert result.epsilon_claimed < 0.5 * epsilon_for(UNSAMPLED, 1, LOOSE_DELTA)
+    assert result.epsilon_lower_bound > 1.3 * result.epsilon_claimed  # ~2x the claim
+
+
+def test_catches_the_sum_divided_by_the_subsample_size(subsampled_ledger):
+    # A private set of ONE record (the antipode) and q = 0.1: the subsample holds 0 to 2 records,
+    # so dividing by its size instead of k moves the aggregate by up to 1 instead of 2/k.
+    result = run_audit(SUBSAMPLED, trials=3_000, delta=LOOSE_DELTA, records=1,
+                       make_mechanism=DividesBySubsampleSize, ledger=subsampled_ledger)
+    assert result.epsilon_lower_bound > 5 * result.epsilon_claimed  # ~15x the claim
+
+
+def test_catches_the_same_noise_reused_across_trials():
+    # Each neighbouring set's releases are then one constant: perfectly separable.
+    result = run_audit(UNSAMPLED, trials=2_000, delta=LOOSE_DELTA,
+                       make_mechanism=with_randomness(ReusedNoise))
+    assert result.bound.false_positives == result.bound.false_negatives == 0
+    assert result.epsilon_lower_bound > 2 * result.epsilon_claimed  # 5.6 vs 2.3
+
+
+def test_catches_one_subsample_cached_across_queries(subsampled_ledger):
+    # 16 queries per trial at q = 0.1: cached, the canary is in all 16 releases of a trial or in
+    # none, instead of in ~Binomial(16, 0.1) of them.
+    result = run_audit(SUBSAMPLED, trials=4_000, queries=SEVERAL, delta=LOOSE_DELTA,
+                       make_mechanism=CachesSubsampleAcrossQueries, ledger=subsampled_ledger)
+    assert result.epsilon_lower_bound > 1.3 * result.epsilon_claimed  # ~2.5x the claim
+
+
+# -- the command -------------------------------------------------------------------------------
+
+def cli_app():
+    app = typer.Typer()
+    app.command()(audit_cli.audit)
+    return app
+
+
+def test_cli_prints_exactly_one_json_object():
+    result = CliRunner().invoke(cli_app(), ["--trials", "1000", "--strategy", "exact", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert out["k"] == 10 and out["sigma"] == 0.3 and out["q"] == 1.0 and out["trials"] == 1000
+    assert out["delta"] == 1e-5 and out["confidence"] == 0.95 and out["queries"] == 1
+    assert 0.0 <= out["epsilon_lower_bound"] <= out["epsilon_claimed"]
+    assert "experiment ledger" in out["ledger"]
+
+
+def test_cli_refuses_bad_parameters_with_exit_code_2():
+    result = CliRunner().invoke(cli_app(), ["--q", "0", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["error"] == "InvalidParameterError"
+
+
+def test_cli_exits_1_when_the_bound_exceeds_the_claim(monkeypatch):
+    def broken_audit(params, **options):
+        return run_audit(params, make_mechanism=with_randomness(ReusedNoise), **options)
+
+    monkeypatch.setattr(audit_cli, "run_audit", broken_audit)
+    result = CliRunner().invoke(cli_app(), ["--trials", "1000"])
+    assert result.exit_code == 1
+    assert "FAIL" in result.stdout

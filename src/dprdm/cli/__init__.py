@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from dprdm.cli import budget, index, privacy, retrieve
+from dprdm.cli import audit, budget, generate, index, privacy, retrieve
 
 app = typer.Typer(
     name="dprdm",
@@ -22,6 +22,8 @@ app.add_typer(privacy.app, name="privacy")
 app.add_typer(index.app, name="index")
 app.add_typer(budget.app, name="budget")
 app.command(name="retrieve")(retrieve.retrieve)
+app.command(name="generate")(generate.generate)
+app.command(name="audit")(audit.audit)
 
 
 def main() -> None:

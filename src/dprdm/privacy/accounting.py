@@ -316,7 +316,13 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
 
 def max_queries(params: MechanismParams, epsilon_target: float, delta: float) -> int:
     """Largest T with epsilon(T releases) <= epsilon_target; 0 if not even one fits."""
-    epsilon_target, delta = check_epsilon(epsilon_target), check_delta(delta)
+    if not isinstance(params, MechanismParams):
+        raise InvalidParameterError("params must be a MechanismParams")
+    return _max_queries(params, check_epsilon(epsilon_target), check_delta(delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _max_queries(params: MechanismParams, epsilon_target: float, delta: float) -> int:
 
     def fits(t: int) -> bool:  # the ledger's own check
         return epsilon_for(params, t, delta) <= epsilon_target

@@ -1,0 +1,297 @@
+"""Training the demo encoder on PUBLIC emoji only: one function, settings in one dataclass.
+
+Owns how ``dprdm/weights/demo-encoder`` is made (``dprdm encoders train-demo``). Read top to
+bottom:
+
+1. Sources. The public styles (``data/twemoji``, ``data/google``) are sources 0..1; every generic
+   style augmentation of :mod:`dprdm.data.styles`, applied once (fixed seed) to all public images,
+   is one more source. Concepts of the held-out OpenMoji set (``holdout/``) are left out of
+   training in every style (``exclude_holdout_concepts``), so evaluation only ever sees concepts
+   the encoder never trained on. No OpenMoji pixel is read.
+2. Text. The frozen MiniLM embeds every training caption once; only the 384 -> dim projection
+   trains on the text side (LiT: the text space is locked, the image tower learns to match it).
+3. Steps. A batch holds ``batch_size`` DISTINCT concepts (so the contrastive targets are
+   unambiguous); each concept shows one of its images, original with probability
+   ``p_original`` or else one augmentation chosen uniformly, shifted by up to ``max_shift`` px.
+   Loss = symmetric CLIP loss (learned temperature) + ``style_weight`` x cross-entropy of a
+   linear style head on the unit image embedding, predicting the source. The head is dropped
+   after training; what it leaves behind is a style direction in the embedding.
+4. AdamW with a cosine schedule and warmup, one thread by default, seeded: the same settings
+   give the same weights on the same machine. A ``training_state.pt`` in the output directory
+   every ``checkpoint_every`` steps makes an interrupted run resumable; it is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from torch import nn
+
+from dprdm.data import load_folder
+from dprdm.data.styles import STYLE_AUGMENTATIONS
+from dprdm.encoders.demo import DemoEncoder, DemoEncoderConfig, preprocess_images
+from dprdm.errors import InvalidParameterError
+
+PUBLIC_SPLITS = ("data/twemoji", "data/google")
+HOLDOUT_SPLIT = "holdout"
+DATA_SIZE = 64  # images are loaded (and augmented) at this side, then resized by the model
+STATE_NAME = "training_state.pt"
+
+_stderr = Console(stderr=True)
+
+
+@dataclass
+class TrainConfig:
+    dim: int = 64
+    image_size: int = 32
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    style_weight: float = 1.0
+    p_original: float = 0.5
+    max_shift: int = 2  # pixels at image_size
+    exclude_holdout_concepts: bool = True
+    seed: int = 0
+    threads: int = 1
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        for name in ("dim", "image_size", "steps", "batch_size", "threads", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.p_original <= 1.0:
+            raise InvalidParameterError(f"p_original must be in [0, 1], got {self.p_original}")
+        if self.lr <= 0 or self.style_weight < 0 or self.max_shift < 0:
+            raise InvalidParameterError("lr must be > 0; style_weight and max_shift >= 0")
+
+    def model_config(self) -> DemoEncoderConfig:
+        return DemoEncoderConfig(dim=self.dim, image_size=self.image_size, channels=self.channels)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["channels"] = list(self.channels)
+        return out
+
+
+@dataclass
+class Sources:
+    """Every training image: public originals first, then one block per augmentation."""
+
+    images: np.ndarray  # uint8 (S * n, DATA_SIZE, DATA_SIZE, 3)
+    n: int  # public images per block
+    concept: np.ndarray  # int (n,): concept id of public image i (same in every block)
+    style: np.ndarray  # int (n,): 0 twemoji, 1 google
+    names: list[str]  # source names: public styles, then augmentations
+    captions: list[str]  # caption of concept id c
+
+
+def load_sources(data_root: Path, config: TrainConfig) -> Sources:
+    """Public images + their augmented copies; holdout concepts dropped if configured."""
+    holdout: set[str] = set()
+    if config.exclude_holdout_concepts:
+        holdout_dir = data_root / HOLDOUT_SPLIT
+        if not holdout_dir.is_dir():
+            raise InvalidParameterError(f"{holdout_dir} is missing; prepare the demo data first "
+                                        "(or train with exclude_holdout_concepts=False)")
+        # only the captions file is read: which concepts to leave out, never a pixel
+        rows = (json.loads(line) for line in
+                (holdout_dir / "captions.jsonl").read_text(encoding="utf-8").splitlines() if line)
+        holdout = {row["concept"] for row in rows}
+    images, concepts, captions, styles, names = [], [], [], [], []
+    for style_id, split in enumerate(PUBLIC_SPLITS):
+        directory = data_root / split
+        if not directory.is_dir():
+            raise InvalidParameterError(f"{directory} is missing; prepare the demo data first")
+        data = load_folder(directory, DATA_SIZE, show_progress=False)
+        keep = [i for i, row in enumerate(data.extra) if row.get("concept") not in holdout]
+        images.append(data.images[keep])
+        concepts += [data.extra[i]["concept"] for i in keep]
+        captions += [data.captions[i] for i in keep]
+        styles += [style_id] * len(keep)
+        names.append(Path(split).name)
+    public = np.concatenate(images)
+    concept_names = sorted(set(concepts))
+    concept_id = {c: i for i, c in enumerate(concept_names)}
+    caption_of = {}
+    for concept, caption in zip(concepts, captions):
+        caption_of.setdefault(concept, caption)
+    rng = np.random.default_rng(config.seed)
+    blocks = [public]
+    for name, transform in STYLE_AUGMENTATIONS.items():
+        blocks.append(transform(public, rng))
+        names.append(name)
+    return Sources(np.concatenate(blocks), len(public),
+                   np.array([concept_id[c] for c in concepts]), np.array(styles), names,
+                   [caption_of[c] for c in concept_names])
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to max_shift px (white fill), one integer offset per image."""
+    if max_shift == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=1.0)  # 1.0 is white after preprocessing
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator)
+    rows = (offsets[:, 0:1] + torch.arange(h)).view(b, 1, h, 1).expand(b, 3, h, w)
+    cols = (offsets[:, 1:2] + torch.arange(w)).view(b, 1, 1, w).expand(b, 3, h, w)
+    return _take(padded, rows, cols)
+
+
+def _take(padded: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = rows.shape
+    flat = padded.flatten(2)  # (b, c, H*W) of the padded image
+    index = (rows * padded.shape[-1] + cols).flatten(2)
+    return flat.gather(2, index).view(b, c, h, w)
+
+
+class Trainee(nn.Module):
+    """The encoder plus what only training needs: temperature and the style head."""
+
+    def __init__(self, config: TrainConfig, n_sources: int) -> None:
+        super().__init__()
+        self.encoder = DemoEncoder(config.model_config())
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.style_head = nn.Linear(config.dim, n_sources)
+
+    def forward(self, pixels: torch.Tensor, text_features: torch.Tensor, sources: torch.Tensor,
+                style_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+        img = F.normalize(self.encoder.embed_pixels(pixels), dim=-1)
+        txt = F.normalize(self.encoder.project_text(text_features), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * img @ txt.T
+        target = torch.arange(len(img))
+        clip_loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        style_logits = self.style_head(img * 10.0)  # unit vectors: scale so CE can get small
+        style_loss = F.cross_entropy(style_logits, sources)
+        accuracy = (logits.argmax(1) == target).float().mean()
+        style_acc = (style_logits.argmax(1) == sources).float().mean()
+        stats = {"clip": clip_loss.item(), "style": style_loss.item(),
+                 "acc": accuracy.item(), "style_acc": style_acc.item()}
+        return clip_loss + style_weight * style_loss, stats
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def sample_batch(sources: Sources, config: TrainConfig, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image rows into sources.images, concept ids, source labels) for one batch."""
+    n_concepts = len(sources.captions)
+    concepts = rng.choice(n_concepts, size=min(config.batch_size, n_concepts), replace=False)
+    by_concept = _images_by_concept(sources)
+    public = np.array([rng.choice(by_concept[c]) for c in concepts])
+    n_aug = len(sources.names) - 2
+    augmented = rng.random(len(public)) >= config.p_original
+    which = rng.integers(0, n_aug, size=len(public))
+    block = np.where(augmented, 1 + which, 0)
+    labels = np.where(augmented, 2 + which, sources.style[public])
+    return block * sources.n + public, concepts, labels
+
+
+def _images_by_concept(sources: Sources) -> list[np.ndarray]:
+    cached = getattr(sources, "_by_concept", None)
+    if cached is None:
+        order = np.argsort(sources.concept, kind="stable")
+        bounds = np.searchsorted(sources.concept[order], np.arange(len(sources.captions) + 1))
+        cached = [order[bounds[i]:bounds[i + 1]] for i in range(len(sources.captions))]
+        object.__setattr__(sources, "_by_concept", cached)
+    return cached
+
+
+def train_demo(data_root: str | Path, out: str | Path, config: TrainConfig | None = None, *,
+               show_progress: bool = True, resume: bool = True) -> dict:
+    """Train, save ``out/config.json`` + ``out/model.safetensors``, return a summary dict."""
+    config = config or TrainConfig()
+    data_root, out = Path(data_root), Path(out)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+
+    sources = load_sources(data_root, config)
+    trainee = Trainee(config, len(sources.names))
+    with torch.no_grad():
+        text_features = torch.cat([trainee.encoder.sentence_features(sources.captions[i:i + 256])
+                                   for i in range(0, len(sources.captions), 256)])
+    decay = [p for n, p in trainee.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in trainee.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    rng = np.random.default_rng(config.seed + 1)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    step = 0
+
+    state_path = out / STATE_NAME
+    if resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] == config.to_dict():
+            trainee.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            rng.bit_generator.state = state["rng"]
+            generator.set_state(state["generator"])
+            step = state["step"]
+            _stderr.print(f"resuming from step {step} ({state_path})")
+        else:
+            _stderr.print(f"[yellow]ignoring {state_path}: it was made with other settings[/]")
+
+    prep_seconds = time.perf_counter() - started
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    recent: list[dict[str, float]] = []
+    trainee.train()
+    with Progress(*columns, console=_stderr, disable=not show_progress) as progress:
+        task = progress.add_task("training demo encoder", total=config.steps, completed=step,
+                                 stats="")
+        while step < config.steps:
+            rows, concepts, labels = sample_batch(sources, config, rng)
+            pixels = preprocess_images(sources.images[rows], config.image_size)
+            pixels = random_shift(pixels, config.max_shift, generator)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            loss, stats = trainee(pixels, text_features[torch.from_numpy(concepts)],
+                                  torch.from_numpy(labels), config.style_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            recent = (recent + [stats])[-20:]
+            mean = {k: sum(s[k] for s in recent) / len(recent) for k in stats}
+            progress.update(task, advance=1, stats=" ".join(f"{k} {v:.3f}"
+                                                            for k, v in mean.items()))
+            if step % config.checkpoint_every == 0 and step < config.steps:
+                out.mkdir(parents=True, exist_ok=True)
+                torch.save({"config": config.to_dict(), "model": trainee.state_dict(),
+                            "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state,
+                            "generator": generator.get_state(), "step": step},
+                           state_path.with_suffix(".tmp"))
+                state_path.with_suffix(".tmp").replace(state_path)
+
+    trainee.encoder.eval().save_pretrained(out)
+    state_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - started
+    summary = {"out": str(out), "dim": config.dim, "image_size": config.image_size,
+               "steps": config.steps, "sources": sources.names,
+               "train_images": int(sources.n), "train_concepts": len(sources.captions),
+               "final_train_stats": mean if recent else {},
+               "prep_seconds": round(prep_seconds, 1), "seconds": round(seconds, 1),
+               "settings": config.to_dict()}
+    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

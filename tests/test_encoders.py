@@ -1,0 +1,285 @@
+"""The encoder contract, the CLIP backend (a tiny random CLIP on disk) and the demo encoder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dprdm.encoders import (ClipEncoder, DemoEncoder, DemoEncoderConfig, Encoder,  # noqa: E402
+                            EncoderLoadError, load_encoder, shipped_weights_dir)
+from dprdm.encoders.clip import ClipPreprocessing  # noqa: E402
+from dprdm.errors import InvalidParameterError  # noqa: E402
+
+TEXTS = ["grinning face", "red apple", "a cat", "rocket", "", "thumbs up " * 40]
+
+
+def images(n: int = 5, h: int = 40, w: int = 40, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo() -> DemoEncoder:
+    torch.manual_seed(0)
+    return DemoEncoder(DemoEncoderConfig(dim=8, channels=(4, 8))).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random CLIP (2-layer towers, 16-d projection) + a hand-made byte-level BPE tokenizer."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for char in sorted(ByteLevel.alphabet()):
+            vocab[char + suffix] = len(vocab)
+    merges = [("c", "a"), ("ca", "t</w>"), ("r", "e"), ("re", "d</w>")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    bos, eos = len(vocab), len(vocab) + 1
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = bos, eos
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=24, bos_token_id=bos,
+                         eos_token_id=eos, pad_token_id=eos, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_clip_dir) -> Encoder:
+    return load_encoder(tiny_clip_dir)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Encoder:
+    return load_encoder("demo")
+
+
+# ---------------------------------------------------------------------------------------------
+# the contract, for every backend
+
+
+@pytest.fixture(params=["tiny_demo", "tiny_clip"])
+def encoder(request) -> Encoder:
+    return request.getfixturevalue(request.param)
+
+
+def test_shapes_dtypes_unit_norm(encoder):
+    t = encoder.encode_text(TEXTS)
+    x = encoder.encode_images(images())
+    for emb, n in ((t, len(TEXTS)), (x, 5)):
+        assert emb.dtype == np.float32 and emb.shape == (n, encoder.dim)
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_batching_equals_unbatched_and_is_deterministic(encoder):
+    np.testing.assert_allclose(encoder.encode_text(TEXTS, batch_size=2),
+                               encoder.encode_text(TEXTS, batch_size=100), atol=1e-5)
+    pics = images(7)
+    full = encoder.encode_images(pics)
+    np.testing.assert_allclose(encoder.encode_images(pics, batch_size=3), full, atol=1e-5)
+    np.testing.assert_array_equal(encoder.encode_images(pics), full)
+    np.testing.assert_allclose(encoder.encode_images(pics[2:3])[0], full[2], atol=1e-5)
+
+
+def test_any_image_size_and_empty_inputs(encoder):
+    assert encoder.encode_images(images(2, 17, 50)).shape == (2, encoder.dim)
+    assert encoder.encode_images(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, encoder.dim)
+    assert encoder.encode_text([]).shape == (0, encoder.dim)
+
+
+@pytest.mark.parametrize("bad", [
+    images().astype(np.float32),  # wrong dtype
+    images()[..., 0],  # no channel axis
+    np.zeros((2, 8, 8, 4), np.uint8),  # RGBA
+    images()[0],  # one image without the batch axis
+    [[0, 0, 0]],  # not an array
+])
+def test_bad_images_are_refused(tiny_demo, bad):
+    with pytest.raises(InvalidParameterError):
+        tiny_demo.encode_images(bad)
+
+
+@pytest.mark.parametrize("bad", ["a single string", ["ok", 3], None])
+def test_bad_texts_are_refused(tiny_demo, bad):
+    with pytest.raises(InvalidParameterError):
+        tiny_demo.encode_text(bad)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
+def test_bad_batch_size(tiny_demo, batch_size):
+    with pytest.raises(InvalidParameterError):
+        tiny_demo.encode_text(["x"], batch_size=batch_size)
+
+
+def test_progress_bar_does_not_change_results(tiny_demo):
+    pics = images(3)
+    np.testing.assert_array_equal(tiny_demo.encode_images(pics, progress=True),
+                                  tiny_demo.encode_images(pics, progress=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# load_encoder
+
+
+def test_load_encoder_errors(tmp_path):
+    with pytest.raises(EncoderLoadError, match="does not exist"):
+        load_encoder(tmp_path / "nowhere")
+    with pytest.raises(EncoderLoadError, match="no config.json"):
+        load_encoder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(EncoderLoadError, match="not a supported encoder"):
+        load_encoder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(EncoderLoadError, match="not valid JSON"):
+        load_encoder(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(EncoderLoadError, match="not a directory"):
+        load_encoder(tmp_path / "file.txt")
+    with pytest.raises(InvalidParameterError):
+        load_encoder(3)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP
+
+
+def test_clip_loads_through_load_encoder(tiny_clip, tiny_clip_dir):
+    assert isinstance(tiny_clip, ClipEncoder) and tiny_clip.dim == 16
+    assert tiny_clip.describe()["encoder"] == "clip"
+
+
+def test_clip_matches_the_model_it_wraps(tiny_clip):
+    """Our embedding is exactly the normalised projected features of CLIPModel."""
+    pics = images(3, 32, 32)
+    pixels = tiny_clip.preprocessing(pics)
+    batch = tiny_clip.tokenizer(["a cat", "red"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        img = tiny_clip.model.get_image_features(pixel_values=pixels)
+        txt = tiny_clip.model.get_text_features(input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"])
+    img = getattr(img, "pooler_output", img)
+    txt = getattr(txt, "pooler_output", txt)
+    np.testing.assert_allclose(tiny_clip.encode_images(pics),
+                               torch.nn.functional.normalize(img, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(tiny_clip.encode_text(["a cat", "red"]),
+                               torch.nn.functional.normalize(txt, dim=-1).numpy(), atol=1e-5)
+
+
+def test_clip_preprocessing_matches_transformers(tiny_clip_dir):
+    """Our Pillow/numpy preprocessing equals transformers' own (PIL backend) processor."""
+    clip_pil = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
+    reference = clip_pil.CLIPImageProcessorPil.from_pretrained(tiny_clip_dir)
+    ours = ClipPreprocessing.from_dir(tiny_clip_dir, 32)
+    pics = images(3, 40, 57)
+    expected = reference(images=list(pics), return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(ours(pics).numpy(), expected, atol=1e-4)
+
+
+def test_hub_cache_layout_resolves(tiny_clip_dir, tmp_path):
+    entry = tmp_path / "models--tiny--clip"
+    snapshot = entry / "snapshots" / "abc123"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(tiny_clip_dir, target_is_directory=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    assert load_encoder(entry).dim == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo encoder
+
+
+def test_demo_save_load_round_trip(tiny_demo, tmp_path):
+    tiny_demo.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_encoder(tmp_path)
+    assert isinstance(loaded, DemoEncoder) and loaded.config == tiny_demo.config
+    pics = images(4)
+    np.testing.assert_array_equal(loaded.encode_images(pics), tiny_demo.encode_images(pics))
+    np.testing.assert_array_equal(loaded.encode_text(TEXTS), tiny_demo.encode_text(TEXTS))
+
+
+def test_demo_checkpoint_errors(tiny_demo, tmp_path):
+    tiny_demo.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(EncoderLoadError):
+        load_encoder(tmp_path)
+    DemoEncoder(DemoEncoderConfig(dim=4, channels=(4, 8))).save_pretrained(tmp_path / "other")
+    (tmp_path / "model.safetensors").write_bytes(
+        (tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(EncoderLoadError, match="does not match"):
+        load_encoder(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(EncoderLoadError, match="no model.safetensors"):
+        load_encoder(tmp_path)
+    with pytest.raises(InvalidParameterError):
+        DemoEncoderConfig(dim=0)
+
+
+def test_demo_text_tower_is_minilm_mean_pooled(tiny_demo):
+    """The frozen features are all-MiniLM-L6-v2 sentence embeddings: unit norm, 384-d, and
+    paraphrases closer than unrelated sentences."""
+    f = tiny_demo.sentence_features(["a smiling face", "a happy grinning face", "a fire truck"])
+    assert f.shape == (3, 384)
+    np.testing.assert_allclose(f.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+    assert f[0] @ f[1] > f[0] @ f[2] + 0.2
+
+
+def test_shipped_demo_weights(shipped):
+    assert isinstance(shipped, DemoEncoder)
+    config = json.loads((shipped_weights_dir() / "config.json").read_text())
+    assert shipped.dim == config["dim"]
+    size = (shipped_weights_dir() / "model.safetensors").stat().st_size
+    assert size < 8_000_000
+    pics = images(3, 64, 64)
+    for emb in (shipped.encode_images(pics), shipped.encode_text(TEXTS)):
+        assert emb.dtype == np.float32 and emb.shape[1] == shipped.dim
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # the projection keeps MiniLM's sense: related captions closer than unrelated ones
+    t = shipped.encode_text(["red apple", "green apple", "airplane"])
+    assert t[0] @ t[1] > t[0] @ t[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI sub-app
+
+
+def test_cli_info_embed_and_errors(tiny_demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from dprdm.cli.encoders import app
+
+    model_dir = tiny_demo.save_pretrained(tmp_path / "enc")
+    runner = CliRunner()
+    result = runner.invoke(app, ["info", "--encoder", str(model_dir), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["dim"] == 8
+    texts = tmp_path / "prompts.txt"
+    texts.write_text("red apple\ngrinning face\n")
+    out = tmp_path / "emb.npy"
+    result = runner.invoke(app, ["embed", "--texts", str(texts), "--out", str(out),
+                                 "--encoder", str(model_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    emb = np.load(out)
+    assert emb.shape == (2, 8)
+    np.testing.assert_allclose(emb, tiny_demo.encode_text(["red apple", "grinning face"]),
+                               atol=1e-6)
+    assert json.loads((tmp_path / "emb.ids.json").read_text()) == ["0", "1"]
+    result = runner.invoke(app, ["info", "--encoder", str(tmp_path / "missing"), "--json"])
+    assert result.exit_code == 2 and json.loads(result.stdout)["error"] == "EncoderLoadError"

@@ -1,0 +1,61 @@
+"""`dprdm train`: train the generator on PUBLIC images, one stage at a time.
+
+    dprdm train --stage autoencoder --data .dprdm-demo --out DIR --max-minutes 30
+    dprdm train --stage denoiser --data .dprdm-demo --encoder demo --out DIR --max-minutes 60
+    dprdm train ... --resume          # continue from DIR/<stage>.state.pt
+
+DIR ends up a complete pipeline folder (``RetrievalDiffusionPipeline.from_pretrained(DIR)``).
+All the logic lives in :mod:`dprdm.generation.training`; see ``docs/generator.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dprdm.cli.output import JSON_OPTION, run_command
+
+
+def train(
+    data: Path = typer.Option(Path(".dprdm-demo"), "--data",
+                              help="Demo root (only its PUBLIC splits are read) or a folder "
+                                   "with a captions file."),
+    out: Path = typer.Option(..., "--out", help="Output folder (the pipeline, logs, caches)."),
+    stage: str = typer.Option("denoiser", "--stage",
+                              help="autoencoder (first, public images only) or denoiser."),
+    encoder: str = typer.Option("demo", "--encoder",
+                                help="Encoder name for dprdm.encoders.load_encoder "
+                                     "(denoiser stage)."),
+    steps: int = typer.Option(0, "--steps", min=0,
+                              help="Stop at this total step count (0: no step limit)."),
+    max_minutes: float = typer.Option(0.0, "--max-minutes", min=0.0,
+                                      help="Stop after this many minutes of this run "
+                                           "(0: no limit)."),
+    batch_size: int = typer.Option(0, "--batch-size", min=0,
+                                   help="0: 32 (autoencoder) / 64 (denoiser)."),
+    lr: float = typer.Option(0.0, "--lr", min=0.0,
+                             help="0: 1e-3 (autoencoder) / 5e-4 (denoiser)."),
+    sigma_max: float = typer.Option(0.1, "--sigma-max", min=0.0,
+                                    help="Training noise std per coordinate ~ U[0, this]."),
+    cond_dropout: float = typer.Option(0.1, "--cond-dropout", min=0.0, max=1.0,
+                                       help="Share of samples trained unconditionally."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
+    seed: int = typer.Option(0, "--seed"),
+    save_every_minutes: float = typer.Option(5.0, "--save-every-minutes", min=0.1),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the saved state."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Train the generator's autoencoder or denoiser on public images."""
+
+    def compute() -> dict:
+        from dprdm.generation.training import TrainConfig, train_autoencoder, train_denoiser
+
+        config = TrainConfig(stage=stage, data=str(data), out=str(out), encoder=encoder,
+                             steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+                             sigma_max=sigma_max, cond_dropout=cond_dropout, threads=threads,
+                             seed=seed, save_every_minutes=save_every_minutes, resume=resume)
+        config = config.resolved()
+        return (train_autoencoder if config.stage == "autoencoder" else train_denoiser)(config)
+
+    run_command(as_json, f"dprdm train --stage {stage}", compute)

@@ -1,0 +1,73 @@
+"""The few building blocks the autoencoder and the denoiser share. None of them uses GroupNorm.
+
+Why no GroupNorm: in this CPU torch build GroupNorm's backward pass costs about four times a
+3x3 convolution of the same width (measured in ``docs/generator.md``), so a stock diffusers
+UNet block spends most of a training step normalising. These blocks stay trainable without it:
+
+* :class:`ResBlock` -- ``x + conv(act(conv(act(x))))`` whose second conv starts at zero, so every
+  block is the identity at initialisation and a deep stack starts stable ("skip-init"). An
+  optional FiLM input (the time + condition embedding) scales and shifts the hidden activations.
+* :func:`rms_norm` -- a per-pixel RMS over channels built from element-wise ops (no reductions
+  across pixels); the denoiser uses it in every block, the autoencoder (whose 32 x 32 maps make
+  element-wise ops expensive) does without.
+* :class:`SelfAttention` -- multi-head self-attention over the pixels of a small feature map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Divide every pixel's channel vector by its root mean square (no learned parameters)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+
+
+class ResBlock(nn.Module):
+    """Residual 3x3 conv block, identity at init; FiLM from `emb` when ``emb_dim`` > 0."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, emb_dim: int = 0,
+                 dropout: float = 0.0, norm: bool = True) -> None:
+        super().__init__()
+        self.use_norm = norm
+        out_channels = out_channels or channels
+        self.conv1 = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = (nn.Conv2d(channels, out_channels, 1) if out_channels != channels
+                     else nn.Identity())
+        self.film = nn.Linear(emb_dim, 2 * out_channels) if emb_dim > 0 else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(rms_norm(x) if self.use_norm else x))
+        if self.film is not None:
+            scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+            h = (rms_norm(h) if self.use_norm else h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention over an (H, W) feature map, residual, zero-init out."""
+
+    def __init__(self, channels: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(rms_norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        q, k, v = (t.transpose(-1, -2) for t in (q, k, v))  # (b, heads, hw, c/heads)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))

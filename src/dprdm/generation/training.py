@@ -1,0 +1,644 @@
+"""Training the generator on PUBLIC images only, in two stages (``dprdm train --stage ...``).
+
+1. ``autoencoder`` -- the KL-regularised :class:`~dprdm.generation.autoencoder.Autoencoder` on the
+   public styles: L1 + edge L1 + a small KL, and the decoder reads the posterior sample plus
+   extra Gaussian noise of ``latent_noise`` x the latent std (the KL alone, at a weight that keeps
+   reconstructions sharp, leaves the posterior ~1 % of the latent scale; the extra noise is what
+   makes near-miss denoiser samples decode cleanly). Half of every batch passes through a random style
+   augmentation (:mod:`dprdm.data.styles`), so the decoder can draw what the denoiser will be
+   trained to produce. Its scaling factor is set from the latent means of the public images.
+2. ``denoiser`` -- the :class:`~dprdm.generation.denoiser.LatentDenoiser` in the frozen
+   autoencoder's latent. Every training image belongs to a SOURCE (a public style, or a public style
+   passed through one of the generic style augmentations of :mod:`dprdm.data.styles`); its
+   condition imitates what generation will receive (:func:`make_conditions`):
+
+   * r = mean of its k nearest neighbours (k drawn per sample) inside ITS OWN source, itself
+     excluded, found with the encoder's IMAGE embedding of the target (or, for a share of samples,
+     with the TEXT embedding of its caption, the query generation uses), + Gaussian noise with a
+     std drawn per sample from U[0, sigma_max] ("DP-RDM adapt");
+   * c = lam * r + (1 - lam) * x, x the caption's text embedding, lam ~ U[0, 1];
+   * c is L2-normalised (the pipeline does the same), and replaced by the learned null condition
+     for ``cond_dropout`` of the samples (classifier-free guidance).
+
+   Embeddings, latents and neighbour lists are computed once and cached under ``OUT/cache``, so a
+   step costs one denoiser forward + backward.
+
+Both stages keep an EMA copy (what is saved with ``save_pretrained``), checkpoint every few minutes
+(``OUT/<stage>.state.pt`` holds raw weights, EMA, optimiser and step for ``--resume``), log one JSON
+line per logging interval to ``OUT/<stage>.log.jsonl``, write a sample grid
+``OUT/<stage>.samples.png``, and stop at ``--steps`` or ``--max-minutes``, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from dprdm.errors import InvalidParameterError
+from dprdm.generation.autoencoder import Autoencoder, edge_l1, kl_divergence
+
+STAGES = ("autoencoder", "denoiser")
+_stderr = Console(stderr=True)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved beside the checkpoints as ``<stage>.train.json``."""
+
+    stage: str = "denoiser"
+    data: str = ".dprdm-demo"
+    out: str = ".dprdm-demo/train/generator"
+    encoder: str = "demo"
+    size: int = 32
+    steps: int = 0  # 0: no step limit (then --max-minutes must bound the run)
+    max_minutes: float = 0.0  # 0: no time limit
+    batch_size: int = 0  # 0: the stage's default (32 autoencoder, 64 denoiser)
+    lr: float = 0.0  # 0: the stage's default (1e-3 autoencoder, 5e-4 denoiser)
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 1
+    save_every_minutes: float = 5.0
+    log_every: int = 25
+    resume: bool = False
+    # autoencoder
+    kl_weight: float = 1e-4
+    edge_weight: float = 1.0
+    augment_share: float = 0.5  # share of autoencoder batch images passed through a style aug.
+    latent_noise: float = 0.1  # extra N(0, (this * latent std)^2) on decoder inputs
+    # denoiser
+    k_choices: tuple[int, ...] = (1, 2, 4, 8, 16)
+    neighbours: int = 16  # cached neighbours per image (>= max(k_choices))
+    text_query_share: float = 0.5  # share of samples whose neighbours are found by caption text
+    sigma_max: float = 0.1
+    cond_dropout: float = 0.1
+    augment_copies: int = 1  # augmented copies of every public image per style augmentation
+    prediction_type: str = "v_prediction"
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise InvalidParameterError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.steps <= 0 and self.max_minutes <= 0:
+            raise InvalidParameterError("give --steps or --max-minutes (or both) to bound the run")
+        config = copy.deepcopy(self)
+        if config.batch_size <= 0:
+            config.batch_size = 32 if config.stage == "autoencoder" else 64
+        if config.lr <= 0:
+            config.lr = 1e-3 if config.stage == "autoencoder" else 5e-4
+        if config.neighbours < max(config.k_choices):
+            raise InvalidParameterError("neighbours must be >= max(k_choices)")
+        return config
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class PublicImages:
+    """Public training images with their caption and source (style) name."""
+
+    images: np.ndarray  # uint8 (N, S, S, 3)
+    captions: list[str]
+    sources: list[str]
+
+
+def load_public(data: str | Path, size: int) -> PublicImages:
+    """The PUBLIC images under `data`, never anything else.
+
+    `data` is a demo root (``data/manifest.json`` names each split's role; only splits whose
+    role is ``public`` are read) or one folder with a captions file (its ``style`` column, else
+    the folder name, is the source).
+    """
+    from dprdm.data import load_folder
+
+    root = Path(data)
+    manifest = root / "data" / "manifest.json"
+    if manifest.is_file():
+        splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
+        folders = [root / s["path"] for s in splits.values() if s.get("role") == "public"]
+        if not folders:
+            raise InvalidParameterError(f"{manifest} names no public split")
+    elif root.is_dir():
+        folders = [root]
+    else:
+        raise InvalidParameterError(f"training data not found: {root}")
+    images, captions, sources = [], [], []
+    for folder in folders:
+        dataset = load_folder(folder, size)
+        images.append(dataset.images)
+        captions += dataset.captions
+        sources += [str(e.get("style") or folder.name) for e in dataset.extra]
+    return PublicImages(np.concatenate(images), captions, sources)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), clamped and rounded."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: str | Path, cols: int = 16, scale: int = 2) -> None:
+    """Write uint8 (N, H, W, 3) images as one PNG grid (1 px grey gutters), upscaled by `scale`."""
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, 3), 160, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = image
+    picture = Image.fromarray(grid)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop shared by both stages
+
+
+@dataclass
+class Checkpoint:
+    """Where one stage writes: EMA weights (save_pretrained), resume state, log, samples."""
+
+    out: Path
+    stage: str
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / self.stage
+
+    @property
+    def state(self) -> Path:
+        return self.out / f"{self.stage}.state.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.out / f"{self.stage}.log.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.out / f"{self.stage}.samples.png"
+
+    @property
+    def settings(self) -> Path:
+        return self.out / f"{self.stage}.train.json"
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+@contextmanager
+def _progress(total: int | None, label: str) -> Iterator[Callable[..., None]]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=_stderr) as progress:
+        task = progress.add_task(label, total=total, info="")
+        yield lambda completed, info: progress.update(task, completed=completed, info=info)
+
+
+def run_loop(config: TrainConfig, model: torch.nn.Module,
+             loss_fn: Callable[[torch.nn.Module, int, np.random.Generator],
+                               tuple[torch.Tensor, dict[str, float]]],
+             on_save: Callable[[torch.nn.Module, int], None]) -> dict[str, Any]:
+    """Adam + warmup, EMA, checkpoint/resume, logging and limits around a `loss_fn(model, step,
+    rng)` that returns (loss, metrics). `on_save(ema, step)` writes the EMA model and samples."""
+    ckpt = Checkpoint(Path(config.out), config.stage)
+    ckpt.out.mkdir(parents=True, exist_ok=True)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
+                                  weight_decay=config.weight_decay, foreach=True)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    step, minutes_before = 0, 0.0
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    if config.resume and ckpt.state.is_file():
+        state = torch.load(ckpt.state, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimiser.load_state_dict(state["optimiser"])
+        step, minutes_before = int(state["step"]), float(state["minutes"])
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        _stderr.print(f"resumed {config.stage} at step {step} ({minutes_before:.1f} min trained)")
+    elif ckpt.log.exists():
+        ckpt.log.unlink()  # a fresh run starts a fresh log
+    ckpt.settings.write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+
+    def save() -> None:
+        on_save(ema, step)
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(),
+                    "optimiser": optimiser.state_dict(), "step": step,
+                    "minutes": minutes_before + (time.time() - start) / 60,
+                    "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()},
+                   ckpt.state.with_suffix(".tmp"))
+        ckpt.state.with_suffix(".tmp").replace(ckpt.state)
+
+    start = last_save = time.time()
+    first_step = step
+    total = config.steps if config.steps > 0 else None
+    window: dict[str, list[float]] = {}
+    model.train()
+    with _progress(total, f"training {config.stage}") as show, ckpt.log.open("a") as log:
+        while True:
+            minutes = (time.time() - start) / 60
+            if (config.steps > 0 and step >= config.steps) or (
+                    config.max_minutes > 0 and minutes >= config.max_minutes):
+                break
+            lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            tic = time.time()
+            loss, metrics = loss_fn(model, step, rng)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: {metrics}")
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimiser.step()
+            ema_update(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            metrics = {"loss": loss.item(), **metrics, "grad_norm": grad_norm.item(),
+                       "step_s": time.time() - tic}
+            for key, value in metrics.items():
+                window.setdefault(key, []).append(value)
+            if step % config.log_every == 0:
+                row = {"step": step, "minutes": round(minutes_before + minutes, 3), "lr": lr,
+                       **{k: float(np.mean(v)) for k, v in window.items()}}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                window = {}
+                if not _stderr.is_terminal:
+                    _stderr.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in row.items()))
+            show(step, f"loss {metrics['loss']:.4f}")
+            if time.time() - last_save > 60 * config.save_every_minutes:
+                save()
+                last_save = time.time()
+    save()
+    return {"stage": config.stage, "steps": step, "steps_this_run": step - first_step,
+            "minutes_total": round(minutes_before + (time.time() - start) / 60, 2),
+            "out": str(ckpt.out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: the autoencoder
+
+
+def train_autoencoder(config: TrainConfig) -> dict[str, Any]:
+    config = config.resolved()
+    torch.set_num_threads(config.threads)
+    public = load_public(config.data, config.size)
+    images = to_tensor(public.images)
+    augmentations = list(style_augmentations().values())
+    model = Autoencoder(sample_size=config.size, **config.extra.get("autoencoder", {}))
+    _stderr.print(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                  f"parameters, {len(images)} public images, {len(augmentations)} augmentations")
+    # the preview grid: 16 public images and 16 augmented ones (one augmentation per pair)
+    rng_show = np.random.default_rng(1)
+    shown_pixels = public.images[rng_show.choice(len(images), min(32, len(images)),
+                                                 replace=False)]
+    for i, augment in zip(range(16, len(shown_pixels), 2), augmentations * 3):
+        shown_pixels[i:i + 2] = augment(shown_pixels[i:i + 2], rng_show)
+    shown = to_tensor(shown_pixels)
+
+    def loss_fn(net: torch.nn.Module, step: int, rng: np.random.Generator):
+        index = rng.integers(0, len(images), config.batch_size)
+        if augmentations:  # teach the decoder the augmented styles the denoiser will train on
+            pixels = public.images[index].copy()
+            which = rng.integers(0, len(augmentations), len(index))
+            chosen = rng.random(len(index)) < config.augment_share
+            for a, augment in enumerate(augmentations):
+                members = np.flatnonzero(chosen & (which == a))
+                if len(members):
+                    pixels[members] = augment(pixels[members], rng)
+            batch = to_tensor(pixels)
+        else:
+            batch = images[index]
+        flip = torch.from_numpy(rng.random(len(batch)) < 0.5)
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        mean, logvar = net.encode(batch)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        z = z + config.latent_noise * mean.detach().std() * torch.randn_like(mean)
+        recon = net.decode(z)
+        l1 = F.l1_loss(recon, batch)
+        edge = edge_l1(recon, batch)
+        kl = kl_divergence(mean, logvar)
+        loss = l1 + config.edge_weight * edge + config.kl_weight * kl
+        return loss, {"l1": l1.item(), "edge": edge.item(), "kl": kl.item(),
+                      "latent_std": mean.detach().std().item(),
+                      "posterior_std": torch.exp(0.5 * logvar.detach()).mean().item()}
+
+    def on_save(ema: torch.nn.Module, step: int) -> None:
+        with torch.no_grad():
+            mean, _ = ema.encode(images[:: max(1, len(images) // 1024)])
+            ema.register_to_config(scaling_factor=float(1.0 / mean.std()))
+            recon = ema.decode(ema.encode(shown)[0])
+            mse = float(F.mse_loss(recon.clamp(-1, 1), shown) / 4)  # on [0, 1] pixels
+        ema.save_pretrained(Checkpoint(Path(config.out), config.stage).model_dir)
+        save_grid(np.concatenate([to_uint8(shown), to_uint8(recon)]),
+                  Checkpoint(Path(config.out), config.stage).samples)
+        _stderr.print(f"saved autoencoder at step {step}: sample MSE {mse:.5f} (0-1 pixels)")
+
+    return run_loop(config, model, loss_fn, on_save)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: the denoiser
+
+
+class StandInEncoder:
+    """A deterministic stand-in with the encoder interface, for tests and development only.
+
+    Images: a fixed random projection of the 8 x 8 area-downsampled, centred pixels. Texts: a
+    unit vector seeded by a hash of the text (equal captions -> equal vectors, nothing more).
+    """
+
+    def __init__(self, dim: int = 64, seed: int = 0) -> None:
+        self.dim = dim
+        self.projection = np.random.default_rng(seed).standard_normal((8 * 8 * 3, dim))
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        x = F.adaptive_avg_pool2d(x, 8).reshape(len(images), -1).numpy() - 0.5
+        return _unit(x @ self.projection)
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        import hashlib
+
+        rows = [np.random.default_rng(int.from_bytes(hashlib.sha256(t.encode()).digest()[:8],
+                                                     "little")).standard_normal(self.dim)
+                for t in texts]
+        return _unit(np.stack(rows) if rows else np.zeros((0, self.dim)))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def load_training_encoder(name: str) -> Any:
+    """``stand-in`` -> :class:`StandInEncoder`; anything else -> ``dprdm.encoders.load_encoder``."""
+    if name == "stand-in":
+        return StandInEncoder()
+    from dprdm.encoders import load_encoder  # the encoder package owns its names and weights
+
+    return load_encoder(name)
+
+
+def style_augmentations() -> dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]]:
+    """The generic style augmentations of :mod:`dprdm.data.styles` ({} while it is absent)."""
+    try:
+        from dprdm.data.styles import STYLE_AUGMENTATIONS
+    except ImportError:
+        _stderr.print("[yellow]warning:[/] dprdm.data.styles not found: training on the public "
+                      "styles only, without style augmentations")
+        return {}
+    return dict(STYLE_AUGMENTATIONS)
+
+
+@dataclass
+class ConditionBank:
+    """Everything a denoiser step reads, computed once (``OUT/cache/denoiser.pt``).
+
+    ``neighbours_image[i]`` / ``neighbours_text[i]``: indices (into the whole bank) of the
+    ``neighbours`` nearest images of the same source, found with image i's IMAGE embedding /
+    its caption's TEXT embedding, image i itself excluded, nearest first.
+    """
+
+    latent_mean: torch.Tensor  # (N, C, h, w), scaled by the autoencoder's scaling factor
+    latent_std: torch.Tensor  # (N, C, h, w), same scale
+    image_embeddings: torch.Tensor  # (N, d)
+    text_embeddings: torch.Tensor  # (N, d), of each image's caption
+    neighbours_image: torch.Tensor  # (N, K) long
+    neighbours_text: torch.Tensor  # (N, K) long
+    sources: list[str]
+    captions: list[str]
+    key: dict[str, Any]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(asdict(self), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ConditionBank":
+        return cls(**torch.load(path, weights_only=False))
+
+
+def same_source_neighbours(queries: np.ndarray, keys: np.ndarray, sources: np.ndarray,
+                           k: int) -> np.ndarray:
+    """(N, k) indices of the k best inner products of query i among keys of i's source, i
+    excluded (queries[i] and keys[i] belong to the same record)."""
+    out = np.zeros((len(keys), k), dtype=np.int64)
+    for source in np.unique(sources):
+        members = np.flatnonzero(sources == source)
+        if len(members) <= k:
+            raise InvalidParameterError(f"source {source!r} has {len(members)} images; "
+                                        f"needs more than {k}")
+        scores = queries[members] @ keys[members].T
+        np.fill_diagonal(scores, -np.inf)
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.take_along_axis(-scores, top, axis=1).argsort(axis=1)
+        out[members] = members[np.take_along_axis(top, order, axis=1)]
+    return out
+
+
+def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> ConditionBank:
+    """Public images (+ augmented sources) -> latents, embeddings and neighbour lists."""
+    public = load_public(config.data, config.size)
+    augmentations = style_augmentations()
+    key = {"data": str(Path(config.data).resolve()), "size": config.size,
+           "encoder": config.encoder, "augmentations": sorted(augmentations),
+           "augment_copies": config.augment_copies, "neighbours": config.neighbours,
+           "seed": config.seed, "n_public": len(public.images),
+           "autoencoder": _fingerprint(autoencoder)}
+    cache = Path(config.out) / "cache" / "denoiser.pt"
+    if cache.is_file():
+        bank = ConditionBank.load(cache)
+        if bank.key == key:
+            return bank
+        _stderr.print("cache settings changed: recomputing the condition bank")
+    images, captions, sources = [public.images], list(public.captions), list(public.sources)
+    rng = np.random.default_rng(config.seed)
+    base_sources = np.array(public.sources)
+    for name, augment in augmentations.items():
+        for copy_index in range(config.augment_copies):
+            for style in sorted(set(public.sources)):
+                members = np.flatnonzero(base_sources == style)
+                images.append(augment(public.images[members], rng))
+                captions += [public.captions[i] for i in members]
+                suffix = f"#{copy_index}" if config.augment_copies > 1 else ""
+                sources += [f"{style}+{name}{suffix}"] * len(members)
+    pixels = np.concatenate(images)
+    _stderr.print(f"condition bank: {len(pixels)} images in {len(set(sources))} sources")
+
+    encoder = load_training_encoder(config.encoder)
+    image_emb = _unit(np.concatenate([encoder.encode_images(pixels[i:i + 512])
+                                      for i in range(0, len(pixels), 512)]))
+    unique = sorted(set(captions))
+    text_of = dict(zip(unique, _unit(encoder.encode_text(unique))))
+    text_emb = np.stack([text_of[c] for c in captions])
+    source_array = np.array(sources)
+    neighbours_image = same_source_neighbours(image_emb, image_emb, source_array,
+                                              config.neighbours)
+    neighbours_text = same_source_neighbours(text_emb, image_emb, source_array, config.neighbours)
+
+    means, stds = [], []
+    scale = float(autoencoder.config.scaling_factor)
+    with torch.no_grad():
+        for i in range(0, len(pixels), 256):
+            mean, logvar = autoencoder.encode(to_tensor(pixels[i:i + 256]))
+            means.append(mean * scale)
+            stds.append(torch.exp(0.5 * logvar) * scale)
+    bank = ConditionBank(torch.cat(means), torch.cat(stds), torch.from_numpy(image_emb),
+                         torch.from_numpy(text_emb), torch.from_numpy(neighbours_image),
+                         torch.from_numpy(neighbours_text), sources, captions, key)
+    bank.save(cache)
+    return bank
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfig,
+                    generator: torch.Generator, *, k: int | None = None,
+                    sigma: float | None = None, lam: float | None = None,
+                    by_text: bool | None = None) -> torch.Tensor:
+    """Training conditions for images `index`, as generation will build them (module docstring):
+    lam * (mean of k same-source neighbours + N(0, s^2 I)) + (1 - lam) * (caption's text
+    embedding). Per sample, unless fixed by the keyword arguments: k from ``config.k_choices``,
+    s ~ U[0, sigma_max], lam ~ U[0, 1], neighbours by text with ``text_query_share``.
+    """
+    b = len(index)
+    if k is None:
+        choices = torch.tensor(config.k_choices)
+        ks = choices[torch.randint(0, len(choices), (b,), generator=generator)]
+    else:
+        ks = torch.full((b,), k)
+    if by_text is None:
+        text = torch.rand(b, generator=generator) < config.text_query_share
+    else:
+        text = torch.full((b,), by_text)
+    neighbours = torch.where(text[:, None], bank.neighbours_text[index],
+                             bank.neighbours_image[index])
+    mask = (torch.arange(neighbours.shape[1])[None, :] < ks[:, None]).float()
+    released = (bank.image_embeddings[neighbours] * mask[..., None]).sum(1) / ks[:, None]
+    std = (torch.rand(b, 1, generator=generator) * config.sigma_max if sigma is None
+           else torch.full((b, 1), float(sigma)))
+    released = released + std * torch.randn(released.shape, generator=generator)
+    weight = torch.rand(b, 1, generator=generator) if lam is None else torch.full((b, 1), lam)
+    return weight * released + (1 - weight) * bank.text_embeddings[index]
+
+
+def denoiser_for(cond_dim: int, **overrides: Any) -> "LatentDenoiser":
+    from dprdm.generation.denoiser import LatentDenoiser
+
+    return LatentDenoiser(cond_dim=cond_dim, **overrides)
+
+
+def train_denoiser(config: TrainConfig) -> dict[str, Any]:
+    from dprdm.generation.pipeline import RetrievalDiffusionPipeline, default_scheduler
+
+    config = config.resolved()
+    torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    ae_dir = Checkpoint(out, "autoencoder").model_dir
+    if not (ae_dir / "config.json").is_file():
+        raise InvalidParameterError(f"no autoencoder in {ae_dir}: run --stage autoencoder first")
+    autoencoder = Autoencoder.from_pretrained(ae_dir, low_cpu_mem_usage=False).eval()
+    autoencoder.requires_grad_(False)
+    bank = build_condition_bank(config, autoencoder)
+    scheduler = default_scheduler(config.prediction_type)
+    model = denoiser_for(bank.image_embeddings.shape[1],
+                         latent_channels=autoencoder.config.latent_channels,
+                         latent_size=config.size // autoencoder.downsample_factor,
+                         **config.extra.get("denoiser", {}))
+    _stderr.print(f"denoiser: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                  f"parameters, {len(bank.sources)} training images, "
+                  f"cond_dim {bank.image_embeddings.shape[1]}")
+    alphas = scheduler.alphas_cumprod.float()
+    n_train = scheduler.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(config.seed)
+    # fixed preview: 4 images of each of the first 8 sources; k=4 image neighbours, sigma 0.05,
+    # lam 0.5 -> a grid of (autoencoder reconstruction of the target, generated) row pairs
+    preview_rng = np.random.default_rng(2)
+    source_array = np.array(bank.sources)
+    preview = np.concatenate([preview_rng.choice(np.flatnonzero(source_array == s), 4,
+                                                 replace=False)
+                              for s in sorted(set(bank.sources))[:8]])
+    preview = torch.from_numpy(preview)
+
+    def loss_fn(net: torch.nn.Module, step: int, rng: np.random.Generator):
+        gen.manual_seed(int(rng.integers(2**63)))
+        index = torch.randint(0, len(bank.sources), (config.batch_size,), generator=gen)
+        z0 = bank.latent_mean[index] + bank.latent_std[index] * torch.randn(
+            bank.latent_mean[index].shape, generator=gen)
+        cond = make_conditions(bank, index, config, gen)
+        drop = torch.rand(len(index), generator=gen) < config.cond_dropout
+        t = torch.randint(0, n_train, (len(index),), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = alphas[t].sqrt()[:, None, None, None]
+        s = (1 - alphas[t]).sqrt()[:, None, None, None]
+        zt = a * z0 + s * noise
+        target = a * noise - s * z0 if config.prediction_type == "v_prediction" else noise
+        pred = net(zt, t, cond, drop=drop)
+        per_sample = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        weight = torch.ones_like(per_sample)
+        if config.min_snr_gamma > 0:  # down-weight the easy, low-noise timesteps
+            snr = alphas[t] / (1 - alphas[t])
+            weight = snr.clamp(max=config.min_snr_gamma) / (
+                snr + 1 if config.prediction_type == "v_prediction" else snr)
+        loss = (weight * per_sample).mean()
+        return loss, {"mse": per_sample.mean().item()}
+
+    def on_save(ema: torch.nn.Module, step: int) -> None:
+        pipe = RetrievalDiffusionPipeline(autoencoder=autoencoder, denoiser=ema,
+                                          scheduler=scheduler)
+        pipe.save_pretrained(out)
+        pgen = torch.Generator().manual_seed(0)
+        cond = make_conditions(bank, preview, config, pgen, k=4, sigma=0.05, lam=0.5,
+                               by_text=False)
+        images = pipe(cond, guidance=3.0, steps=50, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            targets = to_uint8(autoencoder.decode(bank.latent_mean[preview]
+                                                  / autoencoder.config.scaling_factor))
+        rows = [np.concatenate([targets[i:i + 16], images[i:i + 16]])
+                for i in range(0, len(preview), 16)]
+        save_grid(np.concatenate(rows), Checkpoint(out, config.stage).samples)
+        _stderr.print(f"saved denoiser at step {step}")
+
+    return run_loop(config, model, loss_fn, on_save)

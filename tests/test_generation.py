@@ -1,0 +1,225 @@
+"""The generator: models, pipeline, training stages (tiny, random data; no demo data needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dprdm.errors import InvalidParameterError
+from dprdm.generation import (DEFAULT_DIR, Autoencoder, LatentDenoiser,
+                              RetrievalDiffusionPipeline, default_scheduler)
+from dprdm.generation.training import (ConditionBank, TrainConfig, make_conditions,
+                                       same_source_neighbours, train_autoencoder,
+                                       train_denoiser)
+
+TINY_AE = {"channels": (8, 8, 16), "encoder_blocks": (1, 1, 1), "decoder_blocks": (1, 1, 1)}
+TINY_DENOISER = {"channels": (16, 32), "emb_dim": 32, "cond_map_channels": 4, "heads": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pipeline(cond_dim: int = 12, seed: int = 0) -> RetrievalDiffusionPipeline:
+    torch.manual_seed(seed)
+    denoiser = LatentDenoiser(cond_dim=cond_dim, **TINY_DENOISER)
+    with torch.no_grad():  # zero-initialised output layers would make every branch equal
+        for p in denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return RetrievalDiffusionPipeline(Autoencoder(**TINY_AE), denoiser, default_scheduler())
+
+
+def conditions(n: int = 3, dim: int = 12, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def test_pipeline_output_shape_dtype_and_seed():
+    pipe = tiny_pipeline().to("cpu")  # the usual nn.Module machinery (.to, .float) works
+    pipe.denoiser.float()
+    c = conditions()
+    images = pipe(c, guidance=2.0, steps=4, generator=torch.Generator().manual_seed(7))
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    again = pipe(c, guidance=2.0, steps=4, generator=torch.Generator().manual_seed(7))
+    other = pipe(c, guidance=2.0, steps=4, generator=torch.Generator().manual_seed(8))
+    assert np.array_equal(images, again)
+    assert not np.array_equal(images, other)
+    assert pipe(np.zeros((0, 12), np.float32), steps=2).shape == (0, 32, 32, 3)
+
+
+def test_guidance_combines_branches_without_mixing_rows():
+    pipe = tiny_pipeline()
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor(500)
+    c = torch.from_numpy(conditions())
+    cond = pipe.denoiser(x, t, c)
+    uncond = pipe.denoiser(x, t, c, drop=torch.ones(3, dtype=torch.bool))
+    assert not torch.allclose(cond, uncond)
+    assert torch.equal(pipe.predict(x, t, c, 1.0), cond)
+    assert torch.allclose(pipe.predict(x, t, c, 0.0), uncond)
+    assert torch.allclose(pipe.predict(x, t, c, 2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)
+    # the unconditional branch ignores the condition
+    other = pipe.denoiser(x, t, -c, drop=torch.ones(3, dtype=torch.bool))
+    assert torch.allclose(uncond, other)
+
+
+def test_invalid_arguments_are_refused():
+    pipe = tiny_pipeline()
+    with pytest.raises(InvalidParameterError):
+        pipe(conditions(dim=5), steps=2)
+    with pytest.raises(InvalidParameterError):
+        pipe(np.full((1, 12), np.nan, np.float32), steps=2)
+    with pytest.raises(InvalidParameterError):
+        pipe(conditions(), guidance=-1.0, steps=2)
+    with pytest.raises(InvalidParameterError):
+        pipe(conditions(), steps=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "denoiser" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((tmp_path / "denoiser" / "config.json").read_text())["cond_dim"] == 12
+    loaded = RetrievalDiffusionPipeline.from_pretrained(tmp_path)
+    for name in ("autoencoder", "denoiser"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    c = conditions()
+    assert np.array_equal(pipe(c, steps=3, generator=torch.Generator().manual_seed(0)),
+                          loaded(c, steps=3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_half_precision_export_loads_as_float32(tmp_path):
+    from dprdm.generation.pipeline import export_weights
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "full")
+    export_weights(tmp_path / "full", tmp_path / "half")
+    full = (tmp_path / "full" / "denoiser" / "diffusion_pytorch_model.safetensors").stat().st_size
+    half = (tmp_path / "half" / "denoiser" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert half < 0.6 * full
+    loaded = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in loaded.denoiser.parameters())
+    c = conditions()
+    a = pipe(c, steps=3, generator=torch.Generator().manual_seed(0)).astype(int)
+    b = loaded(c, steps=3, generator=torch.Generator().manual_seed(0)).astype(int)
+    assert np.abs(a - b).mean() < 2.0  # float16 rounding of the weights only
+
+
+def test_same_source_neighbours_exclude_self_and_other_sources():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((12, 4))
+    sources = np.array(["a"] * 6 + ["b"] * 6)
+    nbrs = same_source_neighbours(emb, emb, sources, 3)
+    for i, row in enumerate(nbrs):
+        assert i not in row
+        assert set(sources[row]) == {sources[i]}
+        scores = emb[row] @ emb[i]
+        assert np.all(np.diff(scores) <= 1e-12)  # nearest first
+
+
+def test_make_conditions_follow_the_generation_recipe():
+    rng = np.random.default_rng(0)
+    n, d = 10, 6
+    emb = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    text = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    nbrs = torch.from_numpy(np.stack([np.roll(np.arange(n), -i - 1)[:4] for i in range(n)]))
+    bank = ConditionBank(torch.zeros(n, 4, 8, 8), torch.zeros(n, 4, 8, 8), emb, text, nbrs,
+                         nbrs.flip(1), ["s"] * n, [""] * n, {})
+    config = TrainConfig(k_choices=(1, 2, 4), neighbours=4, steps=1)
+    index = torch.arange(n)
+    c = make_conditions(bank, index, config, torch.Generator().manual_seed(0),
+                        k=2, sigma=0.0, lam=1.0, by_text=False)
+    assert torch.allclose(c, emb[nbrs[:, :2]].mean(1))
+    c = make_conditions(bank, index, config, torch.Generator().manual_seed(0), lam=0.0)
+    assert torch.allclose(c, text)
+    c = make_conditions(bank, index, config, torch.Generator().manual_seed(0))
+    assert c.shape == (n, d) and torch.isfinite(c).all()
+
+
+def _tiny_folder(root, n_per_style: int = 10):
+    rng = np.random.default_rng(0)
+    folder = root / "public"
+    folder.mkdir()
+    rows = []
+    for style in ("red", "blue"):
+        for i in range(n_per_style):
+            pixels = np.full((32, 32, 3), 255, np.uint8)
+            x, y = rng.integers(2, 20, 2)
+            pixels[y:y + 10, x:x + 10] = (200, 30, 30) if style == "red" else (30, 30, 200)
+            name = f"{style}{i}.png"
+            Image.fromarray(pixels).save(folder / name)
+            rows.append({"file": name, "caption": f"square {i}", "style": style})
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def test_training_stages_run_change_weights_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr("dprdm.generation.training.style_augmentations", lambda: {})
+    data = _tiny_folder(tmp_path)
+    out = tmp_path / "run"
+    common = dict(data=str(data), out=str(out), batch_size=4, warmup_steps=1, log_every=1)
+    result = train_autoencoder(TrainConfig(stage="autoencoder", steps=2,
+                                           extra={"autoencoder": TINY_AE}, **common))
+    assert result["steps"] == 2
+    ae = Autoencoder.from_pretrained(out / "autoencoder", low_cpu_mem_usage=False)
+    assert ae.config.scaling_factor > 0
+    logged = [json.loads(line) for line in (out / "autoencoder.log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(row["loss"]) for row in logged)
+
+    config = TrainConfig(stage="denoiser", steps=2, encoder="stand-in", k_choices=(1, 2),
+                         neighbours=2, extra={"denoiser": TINY_DENOISER}, **common)
+    train_denoiser(config)
+    first = torch.load(out / "denoiser.state.pt", weights_only=False)
+    fresh = LatentDenoiser(cond_dim=64, **TINY_DENOISER).state_dict()
+    changed = [k for k, v in first["model"].items() if not torch.equal(v, fresh[k])]
+    assert "conv_out.weight" in changed and "null_condition" in changed
+    assert (out / "cache" / "denoiser.pt").is_file()
+
+    config.steps, config.resume = 3, True
+    assert train_denoiser(config)["steps_this_run"] == 1
+    pipe = RetrievalDiffusionPipeline.from_pretrained(out)
+    images = pipe(conditions(2, 64), steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 32, 32, 3)
+
+
+def test_training_refuses_an_unbounded_run():
+    with pytest.raises(InvalidParameterError):
+        TrainConfig(stage="denoiser").resolved()
+
+
+@pytest.mark.skipif(not (DEFAULT_DIR / "model_index.json").is_file(),
+                    reason="demo generator weights not shipped yet")
+def test_shipped_weights_load_and_generate():
+    pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
+    c = np.random.default_rng(0).standard_normal((2, pipe.cond_dim)).astype(np.float32)
+    images = pipe(c, guidance=3.0, steps=5, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, pipe.image_size, pipe.image_size, 3)
+    assert images.dtype == np.uint8 and images.std() > 0
+
+
+def test_cli_train_reports_bad_settings_cleanly(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from dprdm.cli.train import train
+
+    app = typer.Typer()
+    app.command()(train)
+    runner = CliRunner()
+    bad_stage = runner.invoke(app, ["--out", str(tmp_path), "--stage", "nope", "--steps", "1"])
+    assert bad_stage.exit_code == 2
+    unbounded = runner.invoke(app, ["--out", str(tmp_path), "--stage", "autoencoder"])
+    assert unbounded.exit_code == 2
+    no_autoencoder = runner.invoke(app, ["--out", str(tmp_path), "--data", str(tmp_path),
+                                         "--steps", "1", "--json"])
+    assert no_autoencoder.exit_code == 2
+    assert json.loads(no_autoencoder.stdout.splitlines()[-1])["error"] == "InvalidParameterError"

@@ -19,6 +19,15 @@ from dprdm.errors import InvalidParameterError  # noqa: E402
 TEXTS = ["grinning face", "red apple", "a cat", "rocket", "", "thumbs up " * 40]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: one thread is faster on a busy machine. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def images(n: int = 5, h: int = 40, w: int = 40, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
 
@@ -283,3 +292,93 @@ def test_cli_info_embed_and_errors(tiny_demo, tmp_path):
     assert json.loads((tmp_path / "emb.ids.json").read_text()) == ["0", "1"]
     result = runner.invoke(app, ["info", "--encoder", str(tmp_path / "missing"), "--json"])
     assert result.exit_code == 2 and json.loads(result.stdout)["error"] == "EncoderLoadError"
+
+
+# ---------------------------------------------------------------------------------------------
+# training (a few steps of a tiny model on a made-up data root)
+
+
+def fake_demo_root(root):
+    """data/twemoji, data/google and holdout/ with a few coloured squares each."""
+    from PIL import Image
+
+    names = ["red apple", "blue car", "green leaf", "yellow sun", "black cat", "white cloud"]
+    colours = [(220, 30, 30), (30, 60, 220), (30, 180, 60), (240, 220, 20), (10, 10, 10),
+               (200, 200, 210)]
+    for split, shift in (("data/twemoji", 0), ("data/google", 8), ("holdout", 4)):
+        folder = root / split
+        folder.mkdir(parents=True)
+        rows = []
+        for i, (caption, colour) in enumerate(zip(names, colours)):
+            if split == "holdout" and i > 1:
+                break
+            pixels = np.full((64, 64, 3), 255, np.uint8)
+            pixels[12 + shift:44 + shift, 12:44 + i] = colour
+            Image.fromarray(pixels).save(folder / f"c{i}.png")
+            rows.append({"file": f"c{i}.png", "caption": caption, "concept": f"C{i}"})
+        (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def test_train_demo_is_seeded_resumable_and_leaves_holdout_out(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from dprdm.encoders import train_demo as training
+
+    root = fake_demo_root(tmp_path / "demo")
+    config = training.TrainConfig(dim=8, channels=(4, 8), steps=4, batch_size=3,
+                                  warmup_steps=1, checkpoint_every=2)
+    sources = training.load_sources(root, config)
+    assert sources.n == 8 and len(sources.captions) == 4  # concepts C0, C1 are held out
+    assert "red apple" not in sources.captions
+    assert len(sources.images) == 8 * (len(sources.names) - 1)  # originals + one block an aug
+
+    summary = training.train_demo(root, tmp_path / "a", config, show_progress=False)
+    assert summary["steps"] == 4 and not (tmp_path / "a" / training.STATE_NAME).exists()
+    straight = load_file(str(tmp_path / "a" / "model.safetensors"))
+
+    # interrupted after its step-2 checkpoint, then resumed: the very same weights
+    real_lr_at = training.lr_at
+
+    def crash_at_step_3(step, cfg):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(training, "lr_at", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_demo(root, tmp_path / "b", config, show_progress=False)
+    assert (tmp_path / "b" / training.STATE_NAME).exists()
+    monkeypatch.setattr(training, "lr_at", real_lr_at)
+    training.train_demo(root, tmp_path / "b", config, show_progress=False)
+    resumed = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0)
+    assert load_encoder(tmp_path / "b").dim == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation helpers
+
+
+def test_evaluation_helpers():
+    from dprdm.encoders.evaluate import (linear_probe, noisy_aggregates, retrieval_accuracy,
+                                         style_knn)
+
+    eye = np.eye(4, dtype=np.float32)
+    # text i matches image i, except text 3 whose best image is 0 (and its own is 2nd)
+    texts = eye.copy()
+    texts[3] = np.array([0.8, 0, 0, 0.6], np.float32)
+    acc = retrieval_accuracy(texts, eye, list("abcd"), list("abcd"), ks=(1, 2))
+    assert acc == {"top1": 0.75, "top2": 1.0}
+    pool = np.concatenate([eye, eye])
+    is_target = np.array([1, 1, 0, 0, 0, 0, 0, 0], bool)
+    assert style_knn(eye[:1], pool, is_target, k=2) == 0.5
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(60, 3)) + np.array([3.0, 0, 0])
+    neg = rng.normal(size=(60, 3)) - np.array([3.0, 0, 0])
+    probe = linear_probe(pos, neg)
+    assert probe["accuracy"] > 0.95 and probe["n_test"] == 60
+    agg = noisy_aggregates(eye[:2], eye, 0.0, 1, rng)
+    np.testing.assert_array_equal(agg, eye[:2])

@@ -1,4 +1,4 @@
-"""`dprdm encoders ...`: describe an encoder, embed data with it, train and evaluate the demo one."""
+"""`dprdm encoders ...`: describe an encoder, embed data with it, train/evaluate the demo one."""
 
 from __future__ import annotations
 

@@ -246,5 +246,6 @@ def apply_style(name: str, images: np.ndarray, rng: np.random.Generator) -> np.n
         transform = STYLE_AUGMENTATIONS[name]
     except KeyError:
         known = ", ".join(STYLE_AUGMENTATIONS)
-        raise InvalidParameterError(f"unknown style augmentation {name!r}; known: {known}") from None
+        raise InvalidParameterError(
+            f"unknown style augmentation {name!r}; known: {known}") from None
     return transform(images, rng)

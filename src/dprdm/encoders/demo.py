@@ -49,7 +49,7 @@ def shipped_weights_dir() -> Path:
 class DemoEncoderConfig:
     dim: int = 64  # shared embedding dimension
     image_size: int = 32  # images are resized to image_size x image_size
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # one stage each; every stage after the first halves
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # per stage; each later stage halves the side
     text_model: str = TEXT_PACKAGE  # a package carrying the model dir, or a directory
     text_dim: int = 384
     max_text_tokens: int = 64
@@ -64,9 +64,8 @@ class DemoEncoderConfig:
                 raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
         if not self.channels or min(self.channels) < 1:
             raise InvalidParameterError(f"channels must be positive, got {self.channels}")
-        if self.image_size % 32 and self.image_size not in (8, 16):
-            raise InvalidParameterError(f"image_size must be 8, 16 or a multiple of 32, "
-                                        f"got {self.image_size}")
+        if self.image_size < 8:
+            raise InvalidParameterError(f"image_size must be at least 8, got {self.image_size}")
 
     @property
     def stem_stride(self) -> int:
@@ -163,7 +162,8 @@ class FrozenSentenceEncoder(nn.Module):
                 self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
                 self.model = AutoModel.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError) as error:
-            raise EncoderLoadError(f"cannot load the text model from {directory}: {error}") from None
+            raise EncoderLoadError(
+                f"cannot load the text model from {directory}: {error}") from None
         self.model.eval().requires_grad_(False)
         self.max_tokens = max_tokens
 

@@ -113,8 +113,8 @@ def evaluate_encoder(encoder: Encoder, data_root: str | Path, *, seed: int = 0,
                                           image_emb["google"][unseen["google"]], seed)
     pool = np.concatenate([image_emb["twemoji"], image_emb["google"],
                            image_emb["openmoji_private"]])
-    is_openmoji = np.concatenate([np.zeros(len(image_emb["twemoji"]) + len(image_emb["google"]),
-                                           bool), np.ones(len(image_emb["openmoji_private"]), bool)])
+    n_public = len(image_emb["twemoji"]) + len(image_emb["google"])
+    is_openmoji = np.arange(len(pool)) >= n_public
     result["style_knn"] = {"openmoji_fraction_top10": style_knn(image_emb["holdout"], pool,
                                                                 is_openmoji),
                            "chance": float(is_openmoji.mean())}

@@ -99,6 +99,7 @@ class Sources:
     style: np.ndarray  # int (n,): 0 twemoji, 1 google
     names: list[str]  # source names: public styles, then augmentations
     captions: list[str]  # caption of concept id c
+    by_concept: list[np.ndarray]  # public image indices of concept id c
 
 
 def load_sources(data_root: Path, config: TrainConfig) -> Sources:
@@ -136,9 +137,12 @@ def load_sources(data_root: Path, config: TrainConfig) -> Sources:
     for name, transform in STYLE_AUGMENTATIONS.items():
         blocks.append(transform(public, rng))
         names.append(name)
-    return Sources(np.concatenate(blocks), len(public),
-                   np.array([concept_id[c] for c in concepts]), np.array(styles), names,
-                   [caption_of[c] for c in concept_names])
+    ids = np.array([concept_id[c] for c in concepts], dtype=int)
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(len(concept_names) + 1))
+    by_concept = [order[bounds[i]:bounds[i + 1]] for i in range(len(concept_names))]
+    return Sources(np.concatenate(blocks), len(public), ids, np.array(styles), names,
+                   [caption_of[c] for c in concept_names], by_concept)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -197,24 +201,13 @@ def sample_batch(sources: Sources, config: TrainConfig, rng: np.random.Generator
     """(image rows into sources.images, concept ids, source labels) for one batch."""
     n_concepts = len(sources.captions)
     concepts = rng.choice(n_concepts, size=min(config.batch_size, n_concepts), replace=False)
-    by_concept = _images_by_concept(sources)
-    public = np.array([rng.choice(by_concept[c]) for c in concepts])
+    public = np.array([rng.choice(sources.by_concept[c]) for c in concepts])
     n_aug = len(sources.names) - 2
     augmented = rng.random(len(public)) >= config.p_original
     which = rng.integers(0, n_aug, size=len(public))
     block = np.where(augmented, 1 + which, 0)
     labels = np.where(augmented, 2 + which, sources.style[public])
     return block * sources.n + public, concepts, labels
-
-
-def _images_by_concept(sources: Sources) -> list[np.ndarray]:
-    cached = getattr(sources, "_by_concept", None)
-    if cached is None:
-        order = np.argsort(sources.concept, kind="stable")
-        bounds = np.searchsorted(sources.concept[order], np.arange(len(sources.captions) + 1))
-        cached = [order[bounds[i]:bounds[i + 1]] for i in range(len(sources.captions))]
-        object.__setattr__(sources, "_by_concept", cached)
-    return cached
 
 
 def train_demo(data_root: str | Path, out: str | Path, config: TrainConfig | None = None, *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from dprdm.cli import audit, budget, generate, index, privacy, retrieve
+from dprdm.cli import audit, budget, encoders, generate, index, privacy, retrieve, train
 
 app = typer.Typer(
     name="dprdm",
@@ -21,9 +21,11 @@ app = typer.Typer(
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(index.app, name="index")
 app.add_typer(budget.app, name="budget")
+app.add_typer(encoders.app, name="encoders")
 app.command(name="retrieve")(retrieve.retrieve)
 app.command(name="generate")(generate.generate)
 app.command(name="audit")(audit.audit)
+app.command(name="train")(train.train)
 
 
 def main() -> None:

@@ -1,0 +1,86 @@
+"""`dprdm generate` end to end: shipped demo weights, a synthetic private index, a fresh ledger."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dprdm.cli import app
+from dprdm.encoders import load_encoder
+from dprdm.privacy import MechanismParams, SqliteLedger
+from dprdm.retrieval import build_index
+
+runner = CliRunner()
+MECHANISM = ["--k", "5", "--q", "0.5", "--sigma", "0.5", "--lam", "0.8"]
+FAST = ["-n", "2", "--steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def dim():
+    return load_encoder("demo").dim
+
+
+@pytest.fixture()
+def private_index(tmp_path, dim):
+    vectors = np.random.default_rng(0).normal(size=(200, dim)).astype(np.float32)
+    build_index(vectors, tmp_path / "private")
+    SqliteLedger.create(tmp_path / "private", epsilon=3.0, delta=1e-5)
+    return tmp_path / "private"
+
+
+def generate(*args):
+    result = runner.invoke(app, ["generate", *args, "--json"])
+    data = json.loads(result.stdout) if result.stdout.strip() else None
+    return result, data
+
+
+def test_generate_writes_images_and_charges_one_query_per_prompt(private_index, tmp_path):
+    out = tmp_path / "out"
+    result, report = generate("red apple", "smiling cat face", "--index", str(private_index),
+                              *MECHANISM, *FAST, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert len(report["files"]) == 4
+    for path in report["files"]:
+        assert (out / path.split("/")[-1]).is_file()
+    assert (out / "grid.png").is_file() and (out / "report.json").is_file()
+    assert report["ledger"]["queries_by_call"] == 2
+    assert report["ledger"]["epsilon_spent_by_call"] > 0
+    assert SqliteLedger(private_index).summary().queries == 2
+    assert json.loads((out / "report.json").read_text())["prompts"] == ["red apple",
+                                                                       "smiling cat face"]
+
+
+def test_public_only_spends_nothing_and_the_seed_reproduces_it(private_index, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        result, report = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                                  "--public-only", "--seed", "7", "--out", str(tmp_path / name))
+        assert result.exit_code == 0, result.output
+        runs.append(open(report["files"][0], "rb").read())
+    assert runs[0] == runs[1]
+    assert SqliteLedger(private_index).summary().queries == 0
+
+
+def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tmp_path):
+    ledger = SqliteLedger(private_index)
+    params = MechanismParams(0.5, 0.5, 5)
+    ledger.charge(params, ledger.remaining_queries(params))
+    spent = ledger.summary().queries
+    result, data = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                            "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert data["error"] == "BudgetExceededError"
+    assert not list((tmp_path / "out").glob("*.png"))
+    assert SqliteLedger(private_index).summary().queries == spent
+
+
+@pytest.mark.parametrize("extra", [
+    ["--steps", "0"], ["-n", "0"], ["--guidance", "-1"], ["--lam", "2"], ["--k", "0"],
+])
+def test_bad_input_is_refused_before_anything_is_charged(private_index, tmp_path, extra):
+    args = ["x", "--index", str(private_index), *MECHANISM, *FAST, *extra,
+            "--out", str(tmp_path / "out")]
+    result, _ = generate(*args)
+    assert result.exit_code == 2, result.output
+    assert SqliteLedger(private_index).summary().queries == 0

@@ -27,6 +27,7 @@ from dprdm.retrieval import (
 )
 from dprdm.retrieval.search import (
     canonical_scores,
+    order_by_fast_scores,
     rank_keys,
     rows_from_keys,
     score_error_bound,
@@ -379,3 +380,131 @@ def test_make_searcher(tmp_path: Path, random_index: EmbeddingIndex,
         make_searcher(random_index, "ivf")
     with pytest.raises(InvalidParameterError, match="kind"):
         make_searcher(random_index, "hnsw")  # type: ignore[arg-type]
+
+
+# --- fast paths must give the canonical order bit for bit -------------------------------------
+
+
+def _tree_by_definition(queries: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """The canonical score as defined: exact float64 products, pairwise tree, float32."""
+    terms = np.multiply(queries, records, dtype=np.float64)
+    while terms.shape[1] > 1:
+        half = terms.shape[1] // 2
+        paired = terms[:, :half] + terms[:, half : 2 * half]
+        if terms.shape[1] % 2:
+            paired = np.concatenate([paired, terms[:, 2 * half :]], axis=1)
+        terms = paired
+    with np.errstate(over="ignore"):
+        return terms[:, 0].astype(np.float32)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 7, 64, 100, 512, 513])
+def test_canonical_fast_path_is_bit_identical_to_the_tree(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    queries = rng.standard_normal((6000, dim)).astype(np.float32)
+    records = rng.standard_normal((6000, dim)).astype(np.float32)
+    records[:20] = 0.0  # exact zeros (the sign of zero comes from the tree)
+    queries[20:40] *= -1e-20  # products near float32/float64 subnormals
+    records[20:40] *= 1e-25
+    queries[40:60] *= 1e19  # sums beyond float32 range
+    records[40:60] *= 1e20
+    records[60:80] = -queries[60:80]  # large cancellation
+    records[60:80, 0] += np.float32(1e-3)
+    got = canonical_scores(queries, records)
+    expected = _tree_by_definition(queries, records)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_canonical_fast_path_at_rounding_midpoints() -> None:
+    """Sums exactly on (or 1 ulp64 around) a float32 rounding midpoint go to the tree."""
+    ones = np.ones((6, 3), np.float32)
+    records = np.array([[1, 2**-24, 0], [1, 3 * 2**-24, 0], [1, -(2**-25), 0],
+                        [1, 2**-24, 2**-50], [1, 2**-24, -(2**-50)], [-1, -(2**-24), 0]],
+                       np.float32)
+    got = canonical_scores(ones, records)
+    expected = _tree_by_definition(ones, records)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert got[0] == 1.0 and got[3] > 1.0 and got[4] == 1.0  # ties to even, then nudged
+
+
+def _near_tied_records(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
+    """Nudged copies (a few components moved by one ulp) and exact duplicates of 6 vectors."""
+    base = rng.standard_normal((6, dim)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    records = base[rng.integers(0, 6, count)]
+    nudged = rng.random(records.shape) < 0.03
+    nudged[: count // 3] = False  # a third stay exact duplicates
+    direction = np.where(rng.random(nudged.sum()) < 0.5, -1, 1).astype(np.float32)
+    records[nudged] = np.nextafter(records[nudged], direction)
+    return records
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_order_by_fast_scores_against_adversarial_fast_scores(seed: int) -> None:
+    """Fast scores anywhere within the error bound (tied, swapped) give the canonical order."""
+    rng = np.random.default_rng(seed)
+    dim = 64
+    records = _near_tied_records(rng, 500, dim)
+    records[:40] = rng.standard_normal((40, dim)).astype(np.float32) / np.sqrt(dim)
+    query = records[7] if seed % 2 else rng.standard_normal(dim).astype(np.float32)
+    query = np.ascontiguousarray(query)
+    canonical = canonical_scores(np.broadcast_to(query, records.shape), records)
+    bound = float(score_error_bound(query[None])[0])
+    true_bound = bound / 1.5  # what a fast evaluation may really be off by
+    if seed < 3:  # fast scores collapse canonical differences: all equal within a bucket
+        fast = np.floor(canonical / true_bound) * true_bound
+    else:  # or scatter anywhere within the bound
+        fast = canonical + rng.uniform(-true_bound, true_bound, len(canonical))
+    rows = rng.permutation(len(records)) * 3 + 100  # rows unrelated to positions
+    handles = np.arange(len(records), dtype=np.int64)
+
+    def resolve(picked: np.ndarray, vectors: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return rows[picked], records[picked] if vectors else None
+
+    expected = rows[np.lexsort((rows, -canonical))]
+    for depth in (1, 5, 57, 200, 499, 500, 600):
+        got = order_by_fast_scores(query, fast.astype(np.float64), handles, bound, depth, resolve)
+        np.testing.assert_array_equal(got, expected[:depth])
+
+
+def test_ivf_near_ties_and_duplicates_across_probed_lists(tmp_path: Path) -> None:
+    """Records tied or 1-ulp apart in score but spread over many lists rank exactly."""
+    rng = np.random.default_rng(21)
+    dim = 48
+    axis = np.zeros(dim, np.float32)
+    axis[0] = 1.0
+    # every record = 0.6 * axis + a random orthogonal part: nearly the same score for a query
+    # close to the axis, but the orthogonal parts send the records to different lists
+    rest = rng.standard_normal((700, dim - 1)).astype(np.float32)
+    rest *= 0.8 / np.linalg.norm(rest, axis=1, keepdims=True)
+    records = np.concatenate([np.full((700, 1), 0.6, np.float32), rest], axis=1)
+    records[350:] = records[:350]  # exact duplicates at distant rows
+    nudged = rng.random(records.shape) < 0.05
+    nudged[:200] = False
+    direction = np.where(rng.random(nudged.sum()) < 0.5, -1, 1).astype(np.float32)
+    records[nudged] = np.nextafter(records[nudged], direction)
+    index = build_index(records, tmp_path / "idx")
+    centroids = rng.standard_normal((10, dim)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    quantizer = PublicQuantizer(centroids=centroids, n_train=10, created="test")
+    queries = np.stack([axis, axis + 1e-4 * rng.standard_normal(dim).astype(np.float32),
+                        axis + 1e-7 * rng.standard_normal(dim).astype(np.float32),
+                        np.asarray(index.vectors[3], np.float32)]).astype(np.float32)
+    for nprobe in (1, 3, 10):
+        searcher = FaissIVFSearcher(index, quantizer, nprobe=nprobe)
+        probed = searcher.probed_lists(queries)
+        lists_hit = set()
+        for depth in (1, 13, 150, 700):
+            got = searcher.ranked_candidates(queries, depth)
+            for b in range(len(queries)):
+                union = np.concatenate([searcher.list_members(int(i)) for i in probed[b]])
+                lists_hit.update(int(i) for i in probed[b])
+                expected = brute_force(index, queries[b : b + 1], depth, rows=union)[0]
+                np.testing.assert_array_equal(got[b], expected)
+                exact = exact_top_rows(queries[b : b + 1],
+                                       [(union, index.rows_float32(union))], depth)[0]
+                np.testing.assert_array_equal(got[b], exact)
+                # a single query sees the same probed lists and order as inside the batch
+                np.testing.assert_array_equal(
+                    searcher.ranked_candidates(queries[b : b + 1], depth)[0], got[b])
+        assert len(lists_hit) >= min(nprobe, 2)

@@ -13,20 +13,26 @@ different scores), so removing one record could reorder others. Fast scores are 
 filter: any float32 evaluation of a d-term dot product is within gamma_d * |q| * |x| of the true
 value (gamma_d = d u / (1 - d u), u = 2^-24, any summation order, FMA or not), so every record that
 can reach the top `depth` under the canonical score is kept by a margin of a few such bounds, and
-the survivors are re-scored canonically and ranked. The result is the exact canonical order, the
-same for every searcher, and a record's rank against another never depends on third records --
-which is what the 2/k sensitivity (one neighbour swaps) rests on.
+only the survivors that could be misordered are re-scored canonically: sorted by fast score, two
+records more than twice the bound apart are already in canonical order, so only runs of near ties
+(neighbours within twice the bound) are re-scored and ordered by (-score, +row). The result is the
+exact canonical order, the same for every searcher, and a record's rank against another never
+depends on third records -- which is what the 2/k sensitivity (one neighbour swaps) rests on.
 
 * :class:`ExactSearcher`     -- numpy block matmul over the memmap; any N, bounded memory.
 * :class:`FaissFlatSearcher` -- faiss ``IndexFlatIP``; same result, faster for query batches.
 * :class:`FaissIVFSearcher`  -- faiss ``IndexIVFFlat`` whose coarse quantizer was trained on
   PUBLIC vectors only (:func:`train_public_quantizer`). A query's candidate set is the union of its
-  `nprobe` probed lists. Lists are probed, and records assigned to lists, by the canonical score
-  against the public centroids (ties to the lower list number), so the candidate set depends only
-  on the query, the public centroids and nprobe, and each record's list only on that record and the
-  centroids. Adding or removing one record changes the candidate set by at most that record, and
-  the 2/k argument still holds. A quantizer trained on private vectors would make the candidate
-  set depend on many private records at once, which is why training on private vectors is refused.
+  `nprobe` probed lists. Each record's list must depend only on that record and the centroids, so
+  records are assigned (once, at build) by the canonical score against the public centroids, ties
+  to the lower list number. The probed lists must depend only on the query, the public centroids
+  and nprobe -- nothing private -- so any deterministic rule would do privacy-wise; we keep the
+  canonical one (fast float32 scores, with only the centroids within twice the error bound of the
+  nprobe-th re-scored canonically, which costs one SIMD pass over the centroids) because it also
+  makes the probed set independent of the batch a query arrives in (faiss's BLAS and SIMD paths
+  round differently). Adding or removing one record changes the candidate set by at most that
+  record, and the 2/k argument still holds. A quantizer trained on private vectors would make the
+  candidate set depend on many private records at once, which is why that is refused.
 """
 
 from __future__ import annotations
@@ -114,28 +120,60 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 _PAD_KEY = np.uint64(0)
 
 
+def _tree_scores(queries: npt.NDArray[np.float32],
+                 records: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The canonical score by its definition: exact float64 products, fixed pairwise tree."""
+    terms = np.multiply(queries, records, dtype=np.float64)
+    width = terms.shape[1]
+    while width > 1:  # in place: [a0+a_h, a1+a_{h+1}, ...] (+ the odd last term), as defined
+        half = width // 2
+        np.add(terms[:, :half], terms[:, half : 2 * half], out=terms[:, :half])
+        if width % 2:
+            terms[:, half] = terms[:, width - 1]
+        width = half + width % 2
+    return terms[:, 0].astype(np.float32)
+
+
 def canonical_scores(
     queries: npt.NDArray[np.float32], records: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]:
     """Row-wise inner products <queries[i], records[i]>, computed the one canonical way.
 
     The float64 products of float32 values are exact; they are summed by a fixed pairwise tree of
-    element-wise float64 additions and the sum is rounded to float32. Every operation is
+    element-wise float64 additions and the sum S is rounded to float32. Every operation is
     element-wise, so the value depends only on the two vectors -- not on the batch, the block, the
     position of the record or the BLAS library.
+
+    Fast path, bit-identical: any float64 evaluation v of the sum (here einsum, any order) and the
+    tree sum S both lie within gamma_d(float64) * sum|q_i x_i| <= gamma_d * |q| * |x| of the exact
+    sum, so |v - S| <= e = 2 gamma_d |q| |x| (doubled again for the float32 norms and the rounding
+    of v +- e). Rounding to nearest is monotone, so when float32(v - e) == float32(v + e) (and is
+    not zero, whose sign the tree decides) that value IS float32(S). The rare rest (S within ~1e-13
+    relative of a float32 rounding boundary, zeros, overflow) is summed by the tree itself.
     """
+    queries = np.asarray(queries, dtype=np.float32)
+    records = np.asarray(records, dtype=np.float32)
     out = np.empty(len(queries), np.float32)
-    step = max(1, RESCORE_ELEMENTS // max(1, queries.shape[1]))
-    for start in range(0, len(queries), step):
-        terms = np.multiply(queries[start : start + step], records[start : start + step],
-                            dtype=np.float64)
-        while terms.shape[1] > 1:
-            half = terms.shape[1] // 2
-            paired = terms[:, :half] + terms[:, half : 2 * half]
-            if terms.shape[1] % 2:
-                paired = np.concatenate([paired, terms[:, 2 * half :]], axis=1)
-            terms = paired
-        out[start : start + step] = terms[:, 0]
+    dim = max(1, queries.shape[1])
+    gamma64 = dim * 2.0**-53 / (1 - dim * 2.0**-53)
+    norm_floor = np.sqrt(dim) * 2.0**-74  # float32 squares below ~2^-149 vanish
+    step = max(1, RESCORE_ELEMENTS // dim)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, len(queries), step):
+            q = queries[start : start + step]
+            x = records[start : start + step]
+            value = np.einsum("ij,ij->i", q, x, dtype=np.float64)
+            norms = (np.sqrt(np.einsum("ij,ij->i", q, q).astype(np.float64)) + norm_floor) * (
+                np.sqrt(np.einsum("ij,ij->i", x, x).astype(np.float64)) + norm_floor)
+            slack = 4.0 * gamma64 * 1.01 * norms + 2.0**-1000
+            low = (value - slack).astype(np.float32)
+            high = (value + slack).astype(np.float32)
+            settled = (low == high) & (low != 0) & np.isfinite(low)
+            part = out[start : start + step]
+            part[:] = low
+            unsettled = np.flatnonzero(~settled)
+            if unsettled.size:
+                part[unsettled] = _tree_scores(q[unsettled], x[unsettled])
     return out
 
 
@@ -237,6 +275,23 @@ def _check_scores(scores: npt.NDArray[np.float32]) -> None:
         raise InvalidParameterError("a query produced non-finite scores (is its norm huge?)")
 
 
+def fast_scores(queries: npt.NDArray[np.float32],
+                block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """(B, rows) float32 inner products, any summation order (within the error bound).
+
+    Below BLAS_MIN_QUERIES queries, faiss's single-threaded SIMD kernel per query: a BLAS gemv
+    here would wake a thread pool, which on a busy machine costs far more than the product.
+    """
+    if len(queries) >= BLAS_MIN_QUERIES or len(block) == 0:
+        return queries @ block.T
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    out = np.empty((len(queries), len(block)), np.float32)
+    for i, query in enumerate(np.ascontiguousarray(queries, dtype=np.float32)):
+        faiss.fvec_inner_products_ny(faiss.swig_ptr(out[i]), faiss.swig_ptr(query),
+                                     faiss.swig_ptr(block), block.shape[1], len(block))
+    return out
+
+
 def merge_block(best: npt.NDArray[np.uint64], queries: npt.NDArray[np.float32],
                 bound: npt.NDArray[np.float64], rows: npt.NDArray[np.int64],
                 block: npt.NDArray[np.float32]) -> npt.NDArray[np.uint64]:
@@ -247,7 +302,7 @@ def merge_block(best: npt.NDArray[np.uint64], queries: npt.NDArray[np.float32],
     is provably beaten by `depth` records and cannot enter the result.
     """
     depth = best.shape[1]
-    scores = queries @ block.T  # float32 BLAS, the filter
+    scores = fast_scores(queries, block)  # float32, the filter
     _check_scores(scores)
     width = scores.shape[1]
     limit = scores_from_keys(best[:, depth - 1]) - bound
@@ -354,10 +409,54 @@ def _add_flat(target: faiss.IndexFlatIP, index: EmbeddingIndex) -> None:
         target.add(np.ascontiguousarray(block))
 
 
-# search(which queries, k) -> faiss (scores, labels) for those queries
+# search(which queries, k) -> faiss (scores, handles) for those queries; a handle >= 0 names one
+# record (its row for flat search, its (list, offset) pair for IVF search), -1 is padding.
 FaissSearch = Callable[
     [npt.NDArray[np.int64], int], tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 ]
+# (handles, want vectors) -> (row numbers, float32 vectors or None) of those records
+Resolve = Callable[[npt.NDArray[np.int64], bool],
+                   tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]]
+
+
+def order_by_fast_scores(query: npt.NDArray[np.float32], fast: npt.NDArray[np.float64],
+                         handles: npt.NDArray[np.int64], bound: float, depth: int,
+                         resolve: Resolve) -> npt.NDArray[np.int64]:
+    """Rows of the canonical top `depth` of the given records, in canonical (-score, +row) order.
+
+    `fast` are float32 scores within `bound` of the canonical ones (:func:`score_error_bound`).
+    Sorted by fast score, two neighbours whose fast scores differ by more than 2 * bound are in
+    canonical order (c_i >= f_i - b > f_j + b >= c_j), and so, by transitivity, is every pair of
+    records on either side of such a gap. Cutting the sorted list at those gaps leaves runs that
+    are in canonical order with respect to each other; only runs of two or more records -- near
+    ties -- are re-scored canonically and ordered inside by (-score, +row). Runs that start at or
+    after position `depth` are never looked at.
+    """
+    order = np.argsort(-fast, kind="stable")
+    fast = fast[order]
+    handles = handles[order]
+    near = (fast[:-1] - fast[1:]) <= 2 * bound  # near[i]: records i and i+1 share a run
+    if len(fast) > depth:
+        breaks = np.flatnonzero(~near[depth - 1 :])
+        end = depth + int(breaks[0]) if breaks.size else len(fast)  # the run holding depth-1 ends
+        fast, handles, near = fast[:end], handles[:end], near[: end - 1]
+    in_run = np.zeros(len(fast), bool)
+    in_run[:-1] |= near
+    in_run[1:] |= near
+    if not in_run.any():
+        return resolve(handles[:depth], False)[0]
+    run_of = np.concatenate([[0], np.cumsum(~near)])
+    picked = np.flatnonzero(in_run)
+    rows = np.empty(len(handles), np.int64)
+    singles = np.flatnonzero(~in_run)
+    if singles.size:
+        rows[singles] = resolve(handles[singles], False)[0]
+    rows[picked], vectors = resolve(handles[picked], True)
+    assert vectors is not None
+    canonical = np.zeros(len(fast), np.float32)
+    canonical[picked] = canonical_scores(np.broadcast_to(query, vectors.shape), vectors)
+    ranked = np.lexsort((rows, -canonical, run_of))[:depth]
+    return rows[ranked]
 
 
 def exact_from_faiss(
@@ -365,18 +464,19 @@ def exact_from_faiss(
     queries: npt.NDArray[np.float32],
     depth: int,
     available: npt.NDArray[np.int64],
-    index: EmbeddingIndex,
+    resolve: Resolve,
 ) -> npt.NDArray[np.int64]:
     """Turn faiss top-k results into the exact canonical (-score, +row) order.
 
     `search(which, k)` returns faiss (D, I) for the queries numbered `which`; `available[i]` is the
     number of candidates query i can reach. faiss orders ties arbitrarily, keeps an arbitrary
     subset of the records tied at the k-th score, and its scores differ from the canonical ones by
-    up to the error bound. Every record faiss did not return scores (canonically) below every
-    returned record whose faiss score beats the k-th by twice the bound. Once `depth` returned
-    records are that far ahead -- or k covers all available candidates -- the canonical top `depth`
-    is among the returned records, which are then re-scored canonically and ranked; otherwise k is
-    doubled.
+    up to the error bound. Every record faiss did not return has a fast score at most the k-th
+    one, so it scores (canonically) below every returned record whose faiss score beats the k-th
+    by more than twice the bound -- and so does every returned record that does not. Once `depth`
+    returned records are that far ahead -- or k covers all available candidates -- the canonical
+    top `depth` is among those records, and :func:`order_by_fast_scores` ranks them exactly,
+    re-scoring only near ties; otherwise k is doubled.
     """
     batch = len(queries)
     bound = score_error_bound(queries)
@@ -393,14 +493,13 @@ def exact_from_faiss(
         smallest = scores[:, k_now - 1].astype(np.float64)
         ahead = found & (scores > (smallest + 2 * bound[pending])[:, None])
         done = complete | (ahead.sum(axis=1) >= depth)
-        if done.any():
-            which = pending[done]
-            query_of, slot = np.nonzero(found[done])
-            rows = labels[done][query_of, slot]
-            canonical = canonical_scores(queries[which[query_of]], index.rows_float32(rows))
-            keys = np.zeros((len(which), k_now), np.uint64)
-            keys[query_of, slot] = rank_keys(canonical, rows)
-            out[which] = rows_from_keys(top_keys(keys, depth))
+        for position in np.flatnonzero(done):
+            query = pending[position]
+            keep = found[position] if complete[position] else ahead[position]
+            rows = order_by_fast_scores(queries[query], scores[position, keep].astype(np.float64),
+                                        labels[position, keep], float(bound[query]), depth,
+                                        resolve)
+            out[query, : len(rows)] = rows
         pending = pending[~done]
         k *= 2
     return out
@@ -422,6 +521,10 @@ class FaissFlatSearcher:
         self.threads = threads or available_threads()
         self._faiss = faiss.IndexFlatIP(index.dim)
         _add_flat(self._faiss, index)
+        # A view of faiss's copy; nothing is added later, so the buffer stays put.
+        self._vectors = (faiss.rev_swig_ptr(self._faiss.get_xb(), self.n * self.dim)
+                         .reshape(self.n, self.dim) if self.n else
+                         np.zeros((0, self.dim), np.float32))
 
     def ranked_candidates(self, queries: npt.ArrayLike, depth: int) -> npt.NDArray[np.int64]:
         queries = check_queries(queries, self.dim)
@@ -432,7 +535,12 @@ class FaissFlatSearcher:
             return self._faiss.search(queries[which], k)
 
         available = np.full(len(queries), self.n, np.int64)
-        return exact_from_faiss(search, queries, depth, available, self.index)
+        return exact_from_faiss(search, queries, depth, available, self._resolve)
+
+    def _resolve(self, rows: npt.NDArray[np.int64],
+                 vectors: bool) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
+        # faiss's own float32 copy (equal to index.rows_float32), no memmap gather
+        return rows, self._vectors[rows] if vectors else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -618,8 +726,10 @@ class FaissIVFSearcher:
     The private vectors are never used for training, only assigned to lists: each record goes to
     the centroid with the largest canonical score (ties to the lower list number), computed here
     rather than by faiss so that the assignment is a fixed function of the record. A query probes
-    its `nprobe` best centroids by the same rule; its candidate set is the union of those lists,
-    returned in exact (-score, +row) order and -1 padded once exhausted.
+    its `nprobe` best centroids by the same rule (public data only; see the module docstring); its
+    candidate set is the union of those lists, returned in exact (-score, +row) order and -1
+    padded once exhausted. faiss searches the lists with store_pairs, and the records' rows and
+    float32 vectors are read from faiss's own lists, never gathered from the memmap.
     """
 
     def __init__(self, index: EmbeddingIndex, quantizer: PublicQuantizer,
@@ -661,6 +771,20 @@ class FaissIVFSearcher:
         invlists = self._ivf.invlists
         self._list_sizes = np.array([invlists.list_size(i) for i in range(quantizer.nlist)],
                                     dtype=np.int64)
+        # Views of faiss's per-list float32 vectors and ids (nothing is added later, so the
+        # buffers stay put): search with store_pairs returns (list, offset) handles, resolved
+        # here without gathering rows from the memmap.
+        self._list_start = np.cumsum(self._list_sizes) - self._list_sizes
+        self._list_vectors: list[npt.NDArray[np.float32]] = []
+        ids = [np.zeros(0, np.int64)]
+        for list_no, size in enumerate(self._list_sizes.tolist()):
+            if size == 0:
+                self._list_vectors.append(np.zeros((0, self.dim), np.float32))
+                continue
+            codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * self.dim * 4)
+            self._list_vectors.append(codes.view(np.float32).reshape(size, self.dim))
+            ids.append(np.array(faiss.rev_swig_ptr(invlists.get_ids(list_no), size), np.int64))
+        self._ids = np.concatenate(ids)
 
     def _nearest_centroids(self, vectors: npt.NDArray[np.float32],
                            count: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
@@ -691,10 +815,32 @@ class FaissIVFSearcher:
         available = self._list_sizes[probed].sum(axis=1)
 
         def search(which: npt.NDArray[np.int64], k: int) -> tuple[Any, Any]:
-            return self._ivf.search_preassigned(queries[which], k, probed[which],
-                                                centroid_scores[which])
+            x = np.ascontiguousarray(queries[which])
+            assign = np.ascontiguousarray(probed[which])
+            coarse = np.ascontiguousarray(centroid_scores[which])
+            scores = np.empty((len(which), k), np.float32)
+            handles = np.empty((len(which), k), np.int64)
+            self._ivf.search_preassigned_c(  # store_pairs: handles are (list << 32 | offset)
+                len(which), faiss.swig_ptr(x), k, faiss.swig_ptr(assign),
+                faiss.swig_ptr(coarse), faiss.swig_ptr(scores), faiss.swig_ptr(handles), True)
+            return scores, handles
 
-        return exact_from_faiss(search, queries, depth, available, self.index)
+        return exact_from_faiss(search, queries, depth, available, self._resolve)
+
+    def _resolve(self, handles: npt.NDArray[np.int64],
+                 vectors: bool) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32] | None]:
+        lists = handles >> 32
+        offsets = handles & 0xFFFFFFFF
+        rows = self._ids[self._list_start[lists] + offsets]
+        if not vectors:
+            return rows, None
+        out = np.empty((len(handles), self.dim), np.float32)
+        order = np.argsort(lists, kind="stable")
+        bounds = np.flatnonzero(np.diff(lists[order])) + 1
+        for group in np.split(order, bounds):
+            if group.size:
+                out[group] = self._list_vectors[int(lists[group[0]])][offsets[group]]
+        return rows, out
 
 
 def make_searcher(

@@ -9,7 +9,7 @@ import typer
 
 from dprdm import demo_layout
 from dprdm.cli.output import JSON_OPTION, console, run_command
-from dprdm.errors import InvalidParameterError
+from dprdm.errors import DprdmError, InvalidParameterError
 from dprdm.files import write_bytes_atomically
 from dprdm.image_files import image_grid, save_png
 
@@ -72,11 +72,14 @@ def generate(
                     settings = MechanismSettings(settings.sigma, settings.q, settings.k, lam)
         elif not public_only:
             raise InvalidParameterError("give --index DIR (or --demo), or use --public-only")
+        model_dir = Path(model or DEFAULT_DIR)
+        if not (model_dir / "model_index.json").is_file():
+            raise DprdmError(f"no generator pipeline (model_index.json) in {model_dir}")
         private = None if (public_only or index_dir is None) else EmbeddingIndex.open(index_dir)
         ledger = SqliteLedger(index_dir) if private is not None else None
         rag = RetrievalAugmentedGenerator(
             load_encoder(encoder),
-            RetrievalDiffusionPipeline.from_pretrained(model or DEFAULT_DIR),
+            RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
             private_index=private, ledger=ledger, settings=settings,
             public_index=EmbeddingIndex.open(public_dir) if public_dir else None,
         )

@@ -74,6 +74,8 @@ def bench_one_n(n: int, d: int, ks: list[int], qs: list[float], n_queries: int,
     del vectors
     index = EmbeddingIndex.open(index.path)
     in_memory = np.asarray(index.vectors)  # page-cached memmap, what every method reads
+    for start in range(0, n, 262_144):  # fault every page in once: RAM speed, as a warm service
+        float(in_memory[start : start + 262_144, 0].sum())
     nlist = int(4 * math.sqrt(n))
     public = random_unit(max(40 * nlist, 20_000), d, rng)  # stands in for PUBLIC vectors
     quantizer = train_public_quantizer(public, nlist, index)

@@ -12,7 +12,7 @@ from dprdm.privacy import MechanismParams, SqliteLedger
 from dprdm.retrieval import build_index
 
 runner = CliRunner()
-MECHANISM = ["--k", "5", "--q", "0.5", "--sigma", "0.5", "--lam", "0.8"]
+MECHANISM = ["--k", "5", "--q", "0.5", "--sigma", "1.0", "--lam", "0.8"]
 FAST = ["-n", "2", "--steps", "3"]
 
 
@@ -25,7 +25,7 @@ def dim():
 def private_index(tmp_path, dim):
     vectors = np.random.default_rng(0).normal(size=(200, dim)).astype(np.float32)
     build_index(vectors, tmp_path / "private")
-    SqliteLedger.create(tmp_path / "private", epsilon=3.0, delta=1e-5)
+    SqliteLedger.create(tmp_path / "private", epsilon=5.0, delta=1e-5)
     return tmp_path / "private"
 
 
@@ -64,7 +64,7 @@ def test_public_only_spends_nothing_and_the_seed_reproduces_it(private_index, tm
 
 def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tmp_path):
     ledger = SqliteLedger(private_index)
-    params = MechanismParams(0.5, 0.5, 5)
+    params = MechanismParams(1.0, 0.5, 5)
     ledger.charge(params, ledger.remaining_queries(params))
     spent = ledger.summary().queries
     result, data = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,

@@ -8,12 +8,9 @@ epsilon beside the lower bound. Exit status 1 when the bound exceeds the claim: 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import cast
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dprdm.audit import AuditResult, run_audit
 from dprdm.audit.experiment import (
@@ -22,31 +19,13 @@ from dprdm.audit.experiment import (
     DEFAULT_CONFIDENCE,
     DEFAULT_DELTA,
     DEFAULT_TRIALS,
-    Progress as ProgressCallback,
 )
-from dprdm.cli.output import JSON_OPTION, console, err_console, run_command
+from dprdm.cli.output import JSON_OPTION, console, progress_callback, run_command
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import MechanismParams
 
 DEFAULT_K = 10
 DEFAULT_SIGMA = 0.3  # noise multiplier sigma * k / 2 = 1.5 at k = 10: epsilon ~2.75 per query
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[ProgressCallback | None]:
-    if not enabled:
-        yield None
-        return
-    with Progress(
-        TextColumn("auditing: releases"),
-        BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,}"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("audit", total=1, visible=False)  # the total is known on first call
-        yield lambda done, total: bar.update(task, completed=done, total=total, visible=True)
 
 
 def _verdict(result: AuditResult) -> str:
@@ -97,7 +76,7 @@ def audit(
         if strategy not in AUDIT_STRATEGIES:
             raise InvalidParameterError(f"--strategy must be one of {', '.join(AUDIT_STRATEGIES)}")
         params = MechanismParams(sigma, q, k)
-        with _progress(enabled=not as_json) as progress:
+        with progress_callback("auditing: releases", enabled=not as_json) as progress:
             result = run_audit(
                 params, trials=trials, queries=queries, delta=delta, confidence=confidence,
                 records=records, strategy=cast(AuditStrategy, strategy), progress=progress,

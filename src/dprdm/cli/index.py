@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dprdm.cli.output import JSON_OPTION, err_console, run_command
+from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
 from dprdm.errors import InvalidParameterError
 from dprdm.retrieval import store
 from dprdm.retrieval.search import PublicQuantizer, train_public_quantizer
@@ -46,23 +43,6 @@ def _read_ids(path: Path) -> list[str | int]:
     raise InvalidParameterError(f"{path}: ids must be a .json or .txt file")
 
 
-@contextmanager
-def _progress(total_rows: int, enabled: bool) -> Iterator[store.ProgressCallback | None]:
-    if not enabled or total_rows < PROGRESS_MIN_ROWS:
-        yield None
-        return
-    with Progress(
-        TextColumn("normalising rows"),
-        BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,}"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("build", total=total_rows)
-        yield lambda done, _total: bar.update(task, completed=done)
-
-
 @app.command()
 def build(
     embeddings: Path = typer.Argument(
@@ -84,7 +64,9 @@ def build(
     def compute() -> dict[str, Any]:
         matrix = store.load_embeddings(embeddings)
         id_list = _read_ids(ids) if ids is not None else None
-        with _progress(matrix.shape[0], enabled=not as_json) as progress:
+        with progress_callback(
+            "normalising rows", enabled=not as_json and matrix.shape[0] >= PROGRESS_MIN_ROWS
+        ) as progress:
             index = store.build_index(
                 matrix, out, ids=id_list, dtype=dtype, overwrite=overwrite, progress=progress
             )

@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from dprdm.errors import DprdmError
@@ -65,3 +66,21 @@ def run_command(as_json: bool, title: str, compute: Callable[[], Mapping[str, An
     with cli_errors(as_json):
         result = compute()
     emit(result, as_json, title)
+
+
+@contextmanager
+def progress_callback(label: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A `(done, total) -> None` callback drawing a transient progress bar on stderr (or None)."""
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=1, visible=False)  # the total arrives with the first call
+        yield lambda done, total: bar.update(task, completed=done, total=total, visible=True)

@@ -146,13 +146,10 @@ class _BudgetPolicy:
         )
 
 
-class InMemoryLedger:
-    """A ledger for experiments: same policy and interface, nothing on disk, thread-safe."""
+class _Ledger:
+    """What both ledgers share: a budget policy and its figures."""
 
-    def __init__(self, epsilon: float, delta: float) -> None:
-        self._policy = _BudgetPolicy(*_check_budget(epsilon, delta))
-        self._totals: dict[MechanismParams, int] = {}
-        self._lock = threading.Lock()
+    _policy: _BudgetPolicy
 
     @property
     def epsilon_budget(self) -> float:
@@ -161,6 +158,15 @@ class InMemoryLedger:
     @property
     def delta(self) -> float:
         return self._policy.delta
+
+
+class InMemoryLedger(_Ledger):
+    """A ledger for experiments: same policy and interface, nothing on disk, thread-safe."""
+
+    def __init__(self, epsilon: float, delta: float) -> None:
+        self._policy = _BudgetPolicy(*_check_budget(epsilon, delta))
+        self._totals: dict[MechanismParams, int] = {}
+        self._lock = threading.Lock()
 
     def charge(self, params: MechanismParams, count: int = 1, caller: str = "") -> Charge:
         count = accounting.check_queries(count)
@@ -202,7 +208,7 @@ def _remaining_queries(policy: _BudgetPolicy, summary: LedgerSummary,
     return low
 
 
-class SqliteLedger:
+class SqliteLedger(_Ledger):
     """The production ledger of one private index, in ``<index_dir>/ledger.sqlite``."""
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout_s: float = 60.0) -> None:
@@ -314,14 +320,6 @@ class SqliteLedger:
         return self._policy.capacity(params)
 
     # -- the interface ---------------------------------------------------------------------------
-    @property
-    def epsilon_budget(self) -> float:
-        return self._policy.epsilon_budget
-
-    @property
-    def delta(self) -> float:
-        return self._policy.delta
-
     def charge(self, params: MechanismParams, count: int = 1, caller: str = "") -> Charge:
         """Record `count` releases with `params` if they fit the budget; else refuse, recording
         nothing. Returns only after the record is durably committed."""

@@ -9,7 +9,6 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest

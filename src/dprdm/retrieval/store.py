@@ -404,16 +404,22 @@ def build_index(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise EmbeddingIndexError(f"no embedding index at {path} ({MANIFEST_FILE} is missing)")
+def read_json_object(manifest_path: Path) -> dict[str, Any]:
+    """A JSON object from `manifest_path`, or a clear EmbeddingIndexError."""
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as error:
         raise EmbeddingIndexError(f"{manifest_path} is not valid JSON") from error
     if not isinstance(manifest, dict):
         raise EmbeddingIndexError(f"{manifest_path} must hold a JSON object")
+    return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise EmbeddingIndexError(f"no embedding index at {path} ({MANIFEST_FILE} is missing)")
+    manifest = read_json_object(manifest_path)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise EmbeddingIndexError(
@@ -528,13 +534,7 @@ class EmbeddingIndex:
         manifest_path = self._path / QUANTIZER_MANIFEST_FILE
         if not manifest_path.is_file():
             return None
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as error:
-            raise EmbeddingIndexError(f"{manifest_path} is not valid JSON") from error
-        if not isinstance(manifest, dict):
-            raise EmbeddingIndexError(f"{manifest_path} must hold a JSON object")
-        return manifest
+        return read_json_object(manifest_path)
 
     def info(self) -> dict[str, Any]:
         """A JSON-ready summary of the index (no vector values)."""

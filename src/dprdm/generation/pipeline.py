@@ -148,16 +148,38 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         return torch.cat(out).numpy()
 
 
-def export_weights(source: str | Path, destination: str | Path, half: bool = True) -> Path:
+def export_weights(source: str | Path, destination: str | Path, half: bool = True,
+                   training_dir: str | Path | None = None,
+                   denoiser_step: int | None = None) -> Path:
     """Copy a trained pipeline folder to `destination` for shipping: the same layout, weights
-    stored as float16 when `half` (half the bytes; ``from_pretrained`` loads them as float32)."""
-    pipe = RetrievalDiffusionPipeline.from_pretrained(source)
-    if half:
-        pipe.autoencoder.to(torch.float16)
-        pipe.denoiser.to(torch.float16)
-    destination = Path(destination)
+    stored as float16 when `half` (half the bytes; ``from_pretrained`` loads them as float32),
+    plus ``training.json`` (each stage's settings and last log line) from `training_dir`
+    (default: `source`) when the training run's files are there; `denoiser_step` picks the
+    denoiser log line of a snapshot taken before the run went on."""
+    import json
+
+    source, destination = Path(source), Path(destination)
+    pipe = RetrievalDiffusionPipeline.from_pretrained(
+        source, dtype=torch.float16 if half else torch.float32)
     destination.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(destination)
+    index = destination / "model_index.json"
+    config = json.loads(index.read_text(encoding="utf-8"))
+    config.pop("_name_or_path", None)  # a local path, meaningless elsewhere
+    index.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    runs = Path(training_dir) if training_dir is not None else source
+    record = {}
+    for stage in ("autoencoder", "denoiser"):
+        settings, log = runs / f"{stage}.train.json", runs / f"{stage}.log.jsonl"
+        if settings.is_file():
+            lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+            if stage == "denoiser" and denoiser_step is not None:
+                lines = [line for line in lines if json.loads(line)["step"] <= denoiser_step]
+            record[stage] = {"settings": json.loads(settings.read_text(encoding="utf-8")),
+                             "last_log": json.loads(lines[-1]) if lines else None}
+    if record:
+        (destination / "training.json").write_text(json.dumps(record, indent=2) + "\n",
+                                                   encoding="utf-8")
     return destination
 
 

@@ -68,7 +68,7 @@ class TrainConfig:
     steps: int = 0  # 0: no step limit (then --max-minutes must bound the run)
     max_minutes: float = 0.0  # 0: no time limit
     batch_size: int = 0  # 0: the stage's default (32 autoencoder, 64 denoiser)
-    lr: float = 0.0  # 0: the stage's default (1e-3 autoencoder, 5e-4 denoiser)
+    lr: float = 1e-3
     warmup_steps: int = 200
     ema_decay: float = 0.999
     weight_decay: float = 0.0
@@ -103,7 +103,7 @@ class TrainConfig:
         if config.batch_size <= 0:
             config.batch_size = 32 if config.stage == "autoencoder" else 64
         if config.lr <= 0:
-            config.lr = 1e-3 if config.stage == "autoencoder" else 5e-4
+            raise InvalidParameterError(f"lr must be > 0, got {config.lr}")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         return config
@@ -317,6 +317,7 @@ def train_autoencoder(config: TrainConfig) -> dict[str, Any]:
     public = load_public(config.data, config.size)
     images = to_tensor(public.images)
     augmentations = list(style_augmentations().values())
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed only
     model = Autoencoder(sample_size=config.size, **config.extra.get("autoencoder", {}))
     _stderr.print(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters, {len(images)} public images, {len(augmentations)} augmentations")
@@ -583,6 +584,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     autoencoder.requires_grad_(False)
     bank = build_condition_bank(config, autoencoder)
     scheduler = default_scheduler(config.prediction_type)
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed only
     model = denoiser_for(bank.image_embeddings.shape[1],
                          latent_channels=autoencoder.config.latent_channels,
                          latent_size=config.size // autoencoder.downsample_factor,

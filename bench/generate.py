@@ -112,10 +112,11 @@ def blocks(pipe: RetrievalDiffusionPipeline | None, batch: int, repeats: int) ->
     x, t, c = torch.randn(batch, ch, size, size), torch.randint(0, 1000, (batch,)), \
         torch.randn(batch, d)
     widths = tuple(ours.config.channels)
+    attn = len(widths) - 1
     theirs = UNet2DModel(sample_size=size, in_channels=ch, out_channels=ch,
                          block_out_channels=widths, layers_per_block=max(ours.config.blocks),
-                         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (len(widths) - 1),
-                         up_block_types=("AttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
+                         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * attn,
+                         up_block_types=("AttnUpBlock2D",) * attn + ("UpBlock2D",),
                          norm_num_groups=32)
     for name, model, call in (
             ("dprdm LatentDenoiser (no GroupNorm)", ours, lambda m, x, t, c: m(x, t, c)),

@@ -4,7 +4,7 @@ Owns the latent diffusion model that turns ``c = lam * r + (1 - lam) * x`` (a no
 aggregate r and a public text embedding x, see :mod:`dprdm.conditioning`) into an image:
 
 * :mod:`dprdm.generation.layers`      -- GroupNorm-free residual blocks and attention.
-* :mod:`dprdm.generation.autoencoder` -- :class:`Autoencoder`: 32 x 32 RGB <-> 8 x 8 x 4 latent (KL).
+* :mod:`dprdm.generation.autoencoder` -- :class:`Autoencoder`: 32 x 32 RGB <-> 8 x 8 x 4 (KL).
 * :mod:`dprdm.generation.denoiser`    -- :class:`LatentDenoiser`: the condition enters as a spatial
   map concatenated to the input AND as FiLM with the timestep; a learned null condition for
   classifier-free guidance.

@@ -4,9 +4,9 @@
    public styles: L1 + edge L1 + a small KL, and the decoder reads the posterior sample plus
    extra Gaussian noise of ``latent_noise`` x the latent std (the KL alone, at a weight that keeps
    reconstructions sharp, leaves the posterior ~1 % of the latent scale; the extra noise is what
-   makes near-miss denoiser samples decode cleanly). Half of every batch passes through a random style
-   augmentation (:mod:`dprdm.data.styles`), so the decoder can draw what the denoiser will be
-   trained to produce. Its scaling factor is set from the latent means of the public images.
+   makes near-miss denoiser samples decode cleanly). Half of every batch passes through a random
+   style augmentation (:mod:`dprdm.data.styles`), so the decoder can draw what the denoiser will
+   be trained to produce. Its scaling factor is set from the latent means of the public images.
 2. ``denoiser`` -- the :class:`~dprdm.generation.denoiser.LatentDenoiser` in the frozen
    autoencoder's latent. Every training image belongs to a SOURCE (a public style, or a public style
    passed through one of the generic style augmentations of :mod:`dprdm.data.styles`); its
@@ -51,6 +51,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 
 from dprdm.errors import InvalidParameterError
 from dprdm.generation.autoencoder import Autoencoder, edge_l1, kl_divergence
+from dprdm.generation.denoiser import LatentDenoiser
 
 STAGES = ("autoencoder", "denoiser")
 _stderr = Console(stderr=True)
@@ -565,12 +566,6 @@ def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfi
     return weight * released + (1 - weight) * bank.text_embeddings[index]
 
 
-def denoiser_for(cond_dim: int, **overrides: Any) -> "LatentDenoiser":
-    from dprdm.generation.denoiser import LatentDenoiser
-
-    return LatentDenoiser(cond_dim=cond_dim, **overrides)
-
-
 def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     from dprdm.generation.pipeline import RetrievalDiffusionPipeline, default_scheduler
 
@@ -585,10 +580,10 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     bank = build_condition_bank(config, autoencoder)
     scheduler = default_scheduler(config.prediction_type)
     torch.manual_seed(config.seed)  # the initial weights depend on the seed only
-    model = denoiser_for(bank.image_embeddings.shape[1],
-                         latent_channels=autoencoder.config.latent_channels,
-                         latent_size=config.size // autoencoder.downsample_factor,
-                         **config.extra.get("denoiser", {}))
+    model = LatentDenoiser(cond_dim=bank.image_embeddings.shape[1],
+                           latent_channels=autoencoder.config.latent_channels,
+                           latent_size=config.size // autoencoder.downsample_factor,
+                           **config.extra.get("denoiser", {}))
     _stderr.print(f"denoiser: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters, {len(bank.sources)} training images, "
                   f"cond_dim {bank.image_embeddings.shape[1]}")

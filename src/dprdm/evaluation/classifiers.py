@@ -1,0 +1,301 @@
+"""The evaluation classifiers: a PUBLIC concept/category network and an OpenMoji style network.
+
+Owns :class:`EvalClassifiers`, the measuring instrument of ``dprdm eval`` (trained by
+:mod:`dprdm.evaluation.train_classifiers`, shipped in ``dprdm/weights/eval-classifiers``):
+
+* the **concept network** -- a small CNN trained on the PUBLIC emoji only (Twemoji + Noto, each
+  also drawn through the generic style augmentations of :mod:`dprdm.data.styles`). Two linear
+  heads on one pooled feature vector: the concept (the caption, one class per public concept)
+  and the emoji category. Its pooled features are the feature space of FID / KID / PRDC. It is
+  independent of the generator's conditioning encoder (different network, different objective:
+  plain supervised classification, no text tower).
+* the **style network** -- a smaller CNN that tells OpenMoji (the demo's private style) from
+  every public training source (the public styles AND their style augmentations). It has to see
+  OpenMoji images to learn what OpenMoji looks like: it is a demo-specific evaluation
+  instrument, never used by generation.
+
+Both take ``uint8 (N, H, W, 3)`` RGB on white; anything not 32 x 32 is resized with the
+project's decoding path (:func:`dprdm.data.decode_image`). Inference is deterministic (eval
+mode, no_grad, fixed batching). A checkpoint is a directory with ``config.json`` (architecture,
+concept and category lists) and ``model.safetensors`` (keys ``concept.*`` and ``style.*``,
+float16 on disk, float32 in memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dprdm.errors import DprdmError, InvalidParameterError
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "eval-classifiers"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "dprdm-eval-classifiers"
+FORMAT_VERSION = 1
+IMAGE_SIZE = 32
+BATCH_SIZE = 256
+
+
+class ClassifierLoadError(DprdmError):
+    """The evaluation classifiers could not be loaded (missing or mismatching files)."""
+
+
+@dataclass
+class ClassifierConfig:
+    """What ``config.json`` holds: both architectures and the class lists of the heads."""
+
+    concepts: list[str] = field(default_factory=list)  # concept head classes (captions)
+    categories: list[str] = field(default_factory=list)  # category head classes
+    concept_categories: list[str] = field(default_factory=list)  # category of each concept
+    concept_channels: tuple[int, ...] = (32, 64, 128, 256)
+    style_channels: tuple[int, ...] = (16, 32, 64, 128)
+    image_size: int = IMAGE_SIZE
+    model_type: str = MODEL_TYPE
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.concept_channels = tuple(int(c) for c in self.concept_channels)
+        self.style_channels = tuple(int(c) for c in self.style_channels)
+        if len(self.concept_categories) != len(self.concepts):
+            raise InvalidParameterError("concept_categories must list one category per concept")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["concept_channels"] = list(self.concept_channels)
+        out["style_channels"] = list(self.style_channels)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClassifierConfig:
+        if data.get("model_type") != MODEL_TYPE:
+            raise ClassifierLoadError(f"not an evaluation-classifier config (model_type "
+                                      f"{data.get('model_type')!r})")
+        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ClassifierLoadError(f"evaluation-classifier format {data['format_version']} "
+                                      f"is newer than this dprdm understands ({FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# modules
+
+
+class ConvBlock(nn.Sequential):
+    """conv3x3 -> BatchNorm -> ReLU (BatchNorm folds away at inference; cheap on CPU)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class ConvNet(nn.Module):
+    """(B, 3, 32, 32) in [-1, 1] -> pooled features (B, channels[-1]) -> one logit set per head.
+
+    A stride-1 stem at ``channels[0]``, then per further stage a stride-2 and a stride-1 block,
+    global average pooling; ``features`` is that pooled vector, each head is one linear layer.
+    """
+
+    def __init__(self, channels: tuple[int, ...], heads: dict[str, int],
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [ConvBlock(3, channels[0])]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [ConvBlock(c_in, c_out, 2), ConvBlock(c_out, c_out, 1)]
+        self.body = nn.Sequential(*layers)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({name: nn.Linear(channels[-1], n) for name, n in heads.items()})
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.dropout(self.features(x))
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+def build_networks(config: ClassifierConfig) -> tuple[ConvNet, ConvNet]:
+    """(concept network with heads ``concept`` + ``category``, style network with ``openmoji``)."""
+    concept = ConvNet(config.concept_channels,
+                      {"concept": len(config.concepts), "category": len(config.categories)})
+    style = ConvNet(config.style_channels, {"openmoji": 1})
+    return concept, style
+
+
+def to_input(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, size, size) in [-1, 1]; other sizes are re-decoded.
+
+    Resizing goes through :func:`dprdm.data.decode_image` (the path every dataset loader uses),
+    so a 64 px image gives exactly the pixels ``load_folder(dir, 32)`` would have given.
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise InvalidParameterError(
+            f"images must be a uint8 numpy array, got {getattr(images, 'dtype', type(images))}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise InvalidParameterError(f"images must have shape (N, H, W, 3), got {images.shape}")
+    if images.shape[1:3] != (size, size):
+        from dprdm.data import decode_image
+
+        images = np.stack([decode_image(image, size) for image in images]) if len(images) else (
+            np.zeros((0, size, size, 3), np.uint8))
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the instrument
+
+
+class EvalClassifiers:
+    """The concept/category network (PUBLIC data only) and the OpenMoji style network."""
+
+    def __init__(self, config: ClassifierConfig, concept_net: ConvNet | None = None,
+                 style_net: ConvNet | None = None) -> None:
+        self.config = config
+        built_concept, built_style = build_networks(config)
+        self.concept_net = (concept_net or built_concept).eval()
+        self.style_net = (style_net or built_style).eval()
+        self._category_index = dict(zip(config.concepts, config.concept_categories))
+
+    @property
+    def concepts(self) -> list[str]:
+        return list(self.config.concepts)
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.config.categories)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.config.concept_channels[-1])
+
+    def category_of(self, caption: str) -> str | None:
+        """The emoji category of a public concept caption; None for a caption the head lacks."""
+        return self._category_index.get(caption)
+
+    # inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _run(self, net: ConvNet, images: np.ndarray, what: str) -> np.ndarray:
+        x = to_input(images, self.config.image_size)
+        outputs = []
+        for start in range(0, len(x), BATCH_SIZE):
+            batch = x[start:start + BATCH_SIZE]
+            out = net.features(batch) if what == "features" else net(batch)[what]
+            outputs.append(out.float())
+        if not outputs:
+            width = self.feature_dim if what == "features" else net.heads[what].out_features
+            return np.zeros((0, width), np.float32)
+        return torch.cat(outputs).numpy().astype(np.float32)
+
+    def concept_logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, len(concepts))."""
+        return self._run(self.concept_net, images, "concept")
+
+    def category_logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, len(categories))."""
+        return self._run(self.concept_net, images, "category")
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """float32 (N, F): the concept network's pooled (penultimate) features (FID/KID/PRDC)."""
+        return self._run(self.concept_net, images, "features")
+
+    def openmoji_probability(self, images: np.ndarray) -> np.ndarray:
+        """float32 (N,): the style network's P(OpenMoji style)."""
+        logits = self._run(self.style_net, images, "openmoji")[:, 0]
+        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+    def feature_module(self) -> nn.Module:
+        """The feature extractor as an ``nn.Module`` (what torchmetrics' ``feature=`` takes)."""
+        return FeatureModule(self.concept_net)
+
+    # save / load --------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, half: bool = True,
+                        record: dict | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ ``training.json`` from `record`)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for prefix, net in (("concept", self.concept_net), ("style", self.style_net)):
+            for key, value in net.state_dict().items():
+                value = value.detach().cpu()
+                if half and value.is_floating_point():
+                    value = value.half()
+                state[f"{prefix}.{key}"] = value.contiguous()
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=1) + "\n",
+                                             encoding="utf-8")
+        if record is not None:
+            (directory / "training.json").write_text(json.dumps(record, indent=2) + "\n",
+                                                     encoding="utf-8")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike = DEFAULT_DIR) -> EvalClassifiers:
+        """Load from a local directory (the shipped one by default); never touches the network."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(path)
+        config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights.is_file():
+            raise ClassifierLoadError(
+                f"no evaluation classifiers at {directory} (need {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME}; train them with `python -m dprdm.evaluation.train_classifiers`)")
+        try:
+            config = ClassifierConfig.from_dict(json.loads(config_path.read_text("utf-8")))
+            state = load_file(str(weights))
+        except (OSError, ValueError, TypeError, SafetensorError) as error:
+            raise ClassifierLoadError(f"cannot read the classifiers at {directory}: {error}"
+                                      ) from None
+        model = cls(config)
+        for prefix, net in (("concept", model.concept_net), ("style", model.style_net)):
+            part = {k[len(prefix) + 1:]: v.float() if v.is_floating_point() else v
+                    for k, v in state.items() if k.startswith(prefix + ".")}
+            try:
+                net.load_state_dict(part)
+            except RuntimeError as error:
+                raise ClassifierLoadError(f"{weights} does not match its {CONFIG_NAME} "
+                                          f"({prefix}): {str(error).splitlines()[0]}") from None
+            net.eval()
+        return model
+
+
+class FeatureModule(nn.Module):
+    """uint8 or float (N, 3, H, W) images -> (N, F) pooled concept-network features.
+
+    The ``feature`` module torchmetrics' FID / KID call: they pass uint8 (N, 3, H, W) tensors
+    (``normalize=False``), which this maps to the network's [-1, 1] 32 x 32 input. Frozen.
+    """
+
+    def __init__(self, net: ConvNet, size: int = IMAGE_SIZE) -> None:
+        super().__init__()
+        self.net = net.eval()
+        self.size = size
+        self.num_features = int(net.heads["concept"].in_features)
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FeatureModule:  # stay in eval mode (BatchNorm)
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 127.5 - 1.0
+        else:  # floats in [0, 1]
+            x = x * 2.0 - 1.0
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return self.net.features(x)

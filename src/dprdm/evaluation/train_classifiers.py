@@ -1,0 +1,442 @@
+"""Train the evaluation classifiers and measure them; the shipped weights come from here.
+
+    python -m dprdm.evaluation.train_classifiers --data .dprdm-demo \\
+        --out src/dprdm/weights/eval-classifiers
+
+Four short runs, one CPU thread, fixed seed (the same command gives the same weights):
+
+1. **sanity** concept network trained on Twemoji (+ style augmentations) only, tested on Noto
+   (Google): how well the recipe recognises content in a public style it has never seen.
+2. **concept** network (the shipped one) on Twemoji + Noto (+ style augmentations), PUBLIC splits
+   only (the manifest's ``role``); tested on the held-out OpenMoji images (never seen) and, as a
+   fit check, on the public images themselves.
+3. **style** network: OpenMoji (``openmoji_private``, label 1) against every public training
+   source (Twemoji, Noto and both through each style augmentation, label 0; with
+   ``--style-reconstructions``, also public images passed through the generator's autoencoder).
+   Public images of the held-out concepts are left out, so it is tested concept-disjointly on the
+   243 held-out OpenMoji images against the public (and augmented) images of those concepts.
+4. the style network on autoencoder reconstructions of public held-out-concept images: generated
+   images are blurrier than real ones, and blur alone must not read as "OpenMoji".
+
+Every batch goes through light geometric jitter (scale 0.85-1.1, +-2 px shift, +-8 degrees,
+white fill) and colour jitter (fill intensity +-15 %). The measured numbers are printed and
+saved as ``OUT/training.json`` next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dprdm.data.styles import STYLE_AUGMENTATIONS
+from dprdm.errors import InvalidParameterError
+from dprdm.evaluation.classifiers import (IMAGE_SIZE, ClassifierConfig, ConvNet, EvalClassifiers,
+                                          build_networks)
+
+
+@dataclass
+class Settings:
+    data: str = ".dprdm-demo"
+    out: str = "src/dprdm/weights/eval-classifiers"
+    concept_steps: int = 1000
+    sanity_steps: int = 500
+    style_steps: int = 500
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    label_smoothing: float = 0.1
+    category_weight: float = 0.5
+    p_original: float = 0.3  # share of a concept batch left in its own style
+    style_reconstructions: bool = False
+    seed: int = 0
+    threads: int = 1
+    log_every: int = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 (N, 32, 32, 3)
+    captions: list[str]
+    concepts: list[str]
+    categories: list[str]
+    style: str
+
+
+def load_splits(data: str | Path, roles: Sequence[str]) -> dict[str, Split]:
+    """The demo splits whose manifest role is in `roles`, at 32 px (``load_folder``'s resize)."""
+    from dprdm.data import load_folder
+
+    root = Path(data)
+    manifest = root / "data" / "manifest.json"
+    if not manifest.is_file():
+        raise InvalidParameterError(f"{manifest} not found: prepare the demo data (`make demo`)")
+    splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
+    out = {}
+    for name, entry in splits.items():
+        if entry.get("role") not in roles:
+            continue
+        dataset = load_folder(root / entry["path"], IMAGE_SIZE, show_progress=False)
+        out[name] = Split(dataset.images, list(dataset.captions),
+                          [str(e.get("concept")) for e in dataset.extra],
+                          [str(e.get("category")) for e in dataset.extra],
+                          str(entry.get("style") or name))
+    return out
+
+
+def concat(parts: Sequence[Split]) -> Split:
+    return Split(np.concatenate([p.images for p in parts]), sum([p.captions for p in parts], []),
+                 sum([p.concepts for p in parts], []), sum([p.categories for p in parts], []),
+                 "+".join(p.style for p in parts))
+
+
+def subset(split: Split, keep: np.ndarray) -> Split:
+    idx = np.flatnonzero(keep)
+    return Split(split.images[idx], [split.captions[i] for i in idx],
+                 [split.concepts[i] for i in idx], [split.categories[i] for i in idx],
+                 split.style)
+
+
+def restyle(images: np.ndarray, rng: np.random.Generator, p_original: float) -> np.ndarray:
+    """Each image kept with probability `p_original`, else drawn in a random style augmentation."""
+    out = images.copy()
+    names = list(STYLE_AUGMENTATIONS)
+    which = rng.integers(0, len(names), len(images))
+    styled = rng.random(len(images)) >= p_original
+    for a, name in enumerate(names):
+        members = np.flatnonzero(styled & (which == a))
+        if len(members):
+            out[members] = STYLE_AUGMENTATIONS[name](images[members], rng)
+    return out
+
+
+def augment_all(images: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Every image through every style augmentation once (a fixed evaluation set)."""
+    rng = np.random.default_rng(seed)
+    return {name: fn(images, rng) for name, fn in STYLE_AUGMENTATIONS.items()}
+
+
+def jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Light geometric + colour jitter of (B, 3, S, S) images in [-1, 1] on white."""
+    n = len(x)
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    scale = uniform(0.85, 1.1)
+    angle = uniform(-8.0, 8.0) * math.pi / 180
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2.0 * 2 / x.shape[-1])
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
+                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    ink = 1.0 - x  # white background = 0, so zero padding fills with white
+    ink = F.grid_sample(ink, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ink = ink * uniform(0.85, 1.15)[:, None, None, None]
+    return (1.0 - ink).clamp(-1.0, 1.0)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+
+
+def train_network(net: ConvNet, batch_fn: Callable[[int, np.random.Generator, torch.Generator],
+                                                   tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                  loss_fn: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+                                    tuple[torch.Tensor, dict[str, float]]],
+                  steps: int, settings: Settings, label: str, seed: int) -> float:
+    """AdamW, linear warm-up then cosine decay to 0; returns the seconds it took."""
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr)
+    net.train()
+    start = time.perf_counter()
+    running: dict[str, float] = {}
+    for step in range(steps):
+        if step < settings.warmup_steps:
+            lr = settings.lr * (step + 1) / settings.warmup_steps
+        else:
+            progress = (step - settings.warmup_steps) / max(1, steps - settings.warmup_steps)
+            lr = settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, targets = batch_fn(settings.batch_size, rng, generator)
+        loss, stats = loss_fn(net(jitter(x, generator)), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for key, value in stats.items():
+            running[key] = running.get(key, 0.0) + value
+        if (step + 1) % settings.log_every == 0 or step + 1 == steps:
+            count = settings.log_every if (step + 1) % settings.log_every == 0 else (
+                (step + 1) % settings.log_every)
+            shown = " ".join(f"{k} {v / count:.3f}" for k, v in running.items())
+            elapsed = time.perf_counter() - start
+            print(f"[{label}] step {step + 1}/{steps} {shown} lr {lr:.2e} "
+                  f"{elapsed:.0f}s (~{elapsed / (step + 1) * (steps - step - 1):.0f}s left)",
+                  file=sys.stderr, flush=True)
+            running = {}
+    net.eval()
+    return time.perf_counter() - start
+
+
+def concept_batches(train: Split, concept_index: dict[str, int], category_index: dict[str, int],
+                    p_original: float):
+    concepts = torch.tensor([concept_index[c] for c in train.captions])
+    categories = torch.tensor([category_index[c] for c in train.categories])
+
+    def batch(n: int, rng: np.random.Generator, generator: torch.Generator):
+        idx = rng.integers(0, len(train.images), n)
+        x = to_tensor(restyle(train.images[idx], rng, p_original))
+        return x, {"concept": concepts[idx], "category": categories[idx]}
+    return batch
+
+
+def concept_loss(settings: Settings):
+    def loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
+        concept = F.cross_entropy(out["concept"], targets["concept"],
+                                  label_smoothing=settings.label_smoothing)
+        category = F.cross_entropy(out["category"], targets["category"])
+        acc = (out["concept"].argmax(1) == targets["concept"]).float().mean()
+        return concept + settings.category_weight * category, {
+            "loss": concept.item(), "cat_loss": category.item(), "acc": acc.item()}
+    return loss
+
+
+def style_batches(openmoji: np.ndarray, public: np.ndarray, extra_public: np.ndarray | None):
+    """Half OpenMoji (label 1), half public (label 0): raw 1/8, each augmentation 1/8 (+ recons)."""
+    names = list(STYLE_AUGMENTATIONS)
+
+    def batch(n: int, rng: np.random.Generator, generator: torch.Generator):
+        n_pos = n // 2
+        pos = openmoji[rng.integers(0, len(openmoji), n_pos)]
+        neg = public[rng.integers(0, len(public), n - n_pos)].copy()
+        kinds = len(names) + 1 + (1 if extra_public is not None else 0)
+        which = rng.integers(0, kinds, len(neg))
+        for a, name in enumerate(names):
+            members = np.flatnonzero(which == a)
+            if len(members):
+                neg[members] = STYLE_AUGMENTATIONS[name](neg[members], rng)
+        if extra_public is not None:
+            members = np.flatnonzero(which == kinds - 1)
+            neg[members] = extra_public[rng.integers(0, len(extra_public), len(members))]
+        x = to_tensor(np.concatenate([pos, neg]))
+        y = torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])
+        return x, {"openmoji": y}
+    return batch
+
+
+def style_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
+    logits = out["openmoji"][:, 0]
+    loss = F.binary_cross_entropy_with_logits(logits, targets["openmoji"])
+    acc = ((logits > 0).float() == targets["openmoji"]).float().mean()
+    return loss, {"loss": loss.item(), "acc": acc.item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def concept_accuracy(classifiers: EvalClassifiers, split: Split) -> dict:
+    """Top-1 / top-10 concept and category accuracy on the images whose caption the head has."""
+    from dprdm.evaluation.metrics import concept_scores
+
+    return concept_scores(split.images, split.captions, classifiers)
+
+
+def autoencoder_reconstructions(images: np.ndarray) -> np.ndarray:
+    """Images through the shipped generator's autoencoder (posterior mean, decoded, clamped)."""
+    from dprdm.generation.pipeline import DEFAULT_DIR, RetrievalDiffusionPipeline
+
+    autoencoder = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR).autoencoder.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            mean, _ = autoencoder.encode(to_tensor(images[start:start + 256]))
+            recon = autoencoder.decode(mean).clamp(-1, 1)
+            out.append(((recon + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:], np.uint8)
+
+
+def rate(p: np.ndarray, positive: bool) -> float:
+    return float(np.mean(p >= 0.5) if positive else np.mean(p < 0.5))
+
+
+def style_report(classifiers: EvalClassifiers, holdout: Split, public_heldout: Split,
+                 seed: int) -> dict:
+    p_open = classifiers.openmoji_probability(holdout.images)
+    p_public = classifiers.openmoji_probability(public_heldout.images)
+    augmented = augment_all(public_heldout.images, seed + 1)
+    p_aug = {name: classifiers.openmoji_probability(x) for name, x in augmented.items()}
+    all_public = np.concatenate([p_public] + list(p_aug.values()))
+    recall, specificity = rate(p_open, True), rate(all_public, False)
+    return {
+        "n_openmoji": len(p_open), "n_public": len(p_public),
+        "n_public_augmented": int(sum(len(v) for v in p_aug.values())),
+        "recall_openmoji": recall,
+        "specificity_public": rate(p_public, False),
+        "specificity_public_and_augmented": specificity,
+        "specificity_per_augmentation": {k: rate(v, False) for k, v in p_aug.items()},
+        "balanced_accuracy": 0.5 * (recall + specificity),
+        "accuracy_openmoji_vs_raw_public": float(
+            (np.sum(p_open >= 0.5) + np.sum(p_public < 0.5)) / (len(p_open) + len(p_public))),
+        "mean_p_openmoji": {"openmoji": float(p_open.mean()), "public": float(p_public.mean()),
+                            "augmented": float(np.mean(np.concatenate(list(p_aug.values()))))},
+    }
+
+
+def reconstruction_report(classifiers: EvalClassifiers, holdout: Split,
+                          public_heldout: Split) -> dict:
+    rec_public = autoencoder_reconstructions(public_heldout.images)
+    rec_open = autoencoder_reconstructions(holdout.images)
+    p_public = classifiers.openmoji_probability(rec_public)
+    p_open = classifiers.openmoji_probability(rec_open)
+    return {"public_reconstructions_openmoji_like": rate(p_public, True),
+            "public_reconstructions_mean_p": float(p_public.mean()),
+            "openmoji_reconstructions_openmoji_like": rate(p_open, True),
+            "openmoji_reconstructions_mean_p": float(p_open.mean()),
+            "n_public": len(p_public), "n_openmoji": len(p_open)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(settings: Settings) -> dict:
+    torch.set_num_threads(settings.threads)
+    t0 = time.perf_counter()
+    public = load_splits(settings.data, ["public"])
+    evaluation = load_splits(settings.data, ["evaluation"])
+    private = load_splits(settings.data, ["private"])
+    if set(public) != {"twemoji", "google"} or not evaluation or not private:
+        raise InvalidParameterError(f"expected the emoji demo splits under {settings.data}")
+    holdout = concat(list(evaluation.values()))
+    openmoji = concat(list(private.values()))
+    all_public = concat([public["twemoji"], public["google"]])
+
+    # the class lists: every public concept (caption), every category, sorted
+    category_of: dict[str, str] = {}
+    for caption, category in zip(all_public.captions, all_public.categories):
+        category_of.setdefault(caption, category)
+    concepts = sorted(category_of)
+    categories = sorted(set(category_of.values()))
+    config = ClassifierConfig(concepts=concepts, categories=categories,
+                              concept_categories=[category_of[c] for c in concepts])
+    concept_index = {c: i for i, c in enumerate(concepts)}
+    category_index = {c: i for i, c in enumerate(categories)}
+    in_head = sum(c in concept_index for c in holdout.captions)
+    print(f"{len(all_public.images)} public images, {len(concepts)} concepts, "
+          f"{len(categories)} categories; {in_head}/{len(holdout.images)} held-out OpenMoji "
+          f"captions are public concepts; data {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    record: dict = {"settings": asdict(settings), "n_public": len(all_public.images),
+                    "n_concepts": len(concepts), "n_categories": len(categories),
+                    "holdout_captions_in_head": in_head, "n_holdout": len(holdout.images),
+                    "seconds": {}}
+
+    # 1. sanity: Twemoji only -> Noto
+    if settings.sanity_steps > 0:
+        torch.manual_seed(settings.seed)
+        sanity_net, _ = build_networks(config)
+        record["seconds"]["sanity"] = train_network(
+            sanity_net, concept_batches(public["twemoji"], concept_index, category_index,
+                                        settings.p_original),
+            concept_loss(settings), settings.sanity_steps, settings, "sanity: twemoji only",
+            settings.seed)
+        sanity = EvalClassifiers(config, concept_net=sanity_net)
+        record["sanity_twemoji_only"] = {
+            "steps": settings.sanity_steps,
+            "google": concept_accuracy(sanity, public["google"]),
+            "holdout_openmoji": concept_accuracy(sanity, holdout)}
+        print("sanity (trained on Twemoji only):", json.dumps(record["sanity_twemoji_only"]),
+              file=sys.stderr)
+
+    # 2. the concept network: all public images
+    torch.manual_seed(settings.seed + 1)
+    concept_net, _ = build_networks(config)
+    record["seconds"]["concept"] = train_network(
+        concept_net, concept_batches(all_public, concept_index, category_index,
+                                     settings.p_original),
+        concept_loss(settings), settings.concept_steps, settings, "concept", settings.seed + 1)
+
+    # 3. the style network: OpenMoji vs public (+ augmented), held-out concepts left out
+    holdout_concepts = set(holdout.concepts)
+    public_train = subset(all_public, np.array([c not in holdout_concepts
+                                                for c in all_public.concepts]))
+    public_heldout = subset(all_public, np.array([c in holdout_concepts
+                                                  for c in all_public.concepts]))
+    overlap = holdout_concepts & set(openmoji.concepts)
+    if overlap:
+        raise InvalidParameterError(f"private and holdout share {len(overlap)} concepts")
+    extra = autoencoder_reconstructions(public_train.images) if (
+        settings.style_reconstructions) else None
+    torch.manual_seed(settings.seed + 2)
+    _, style_net = build_networks(config)
+    record["seconds"]["style"] = train_network(
+        style_net, style_batches(openmoji.images, public_train.images, extra), style_loss,
+        settings.style_steps, settings, "style", settings.seed + 2)
+    record["style_train"] = {"n_openmoji": len(openmoji.images),
+                             "n_public": len(public_train.images),
+                             "public_reconstructions": settings.style_reconstructions}
+
+    classifiers = EvalClassifiers(config, concept_net, style_net)
+    record["concept"] = {"holdout_openmoji": concept_accuracy(classifiers, holdout),
+                         "twemoji": concept_accuracy(classifiers, public["twemoji"]),
+                         "google": concept_accuracy(classifiers, public["google"])}
+    print("concept network:", json.dumps(record["concept"]), file=sys.stderr)
+    record["style"] = style_report(classifiers, holdout, public_heldout, settings.seed)
+    print("style network:", json.dumps(record["style"]), file=sys.stderr)
+    record["style_on_reconstructions"] = reconstruction_report(classifiers, holdout,
+                                                               public_heldout)
+    print("style network on autoencoder reconstructions:",
+          json.dumps(record["style_on_reconstructions"]), file=sys.stderr)
+    record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    record["seconds"] = {k: round(v, 1) for k, v in record["seconds"].items()}
+    classifiers.save_pretrained(settings.out, record=record)
+    # what ships is float16: measure the reloaded weights too (they should agree)
+    reloaded = EvalClassifiers.from_pretrained(settings.out)
+    record["reloaded_float16_holdout"] = concept_accuracy(reloaded, holdout)
+    classifiers.save_pretrained(settings.out, record=record)
+    print(f"saved to {settings.out} ({record['seconds']['total']:.0f}s in all)", file=sys.stderr)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Settings()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    args = parser.parse_args(argv)
+    record = run(Settings(**vars(args)))
+    print(json.dumps({k: record[k] for k in ("concept", "style", "style_on_reconstructions",
+                                             "seconds")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

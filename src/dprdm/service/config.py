@@ -1,0 +1,153 @@
+"""What the operator fixes when the service starts: :class:`ServiceConfig`.
+
+Owns the service's settings and where they come from. Precedence, highest first: command-line
+flags, a config file (``--config FILE``, TOML or JSON, the same keys as :class:`ServiceConfig`,
+``k``/``q``/``sigma``/``lam`` for the mechanism), then the index's ``mechanism.json``.
+
+The mechanism (sigma, q, k) and the mix lam are fixed here, once, by the operator. Clients can
+never choose them: the ledger accounts a fixed parameter set per release, and parameters picked
+adaptively by a client (for instance after looking at earlier outputs) are a choice made with
+private information that no ledger counts.
+
+The config travels to uvicorn worker processes as JSON in ``DPRDM_SERVICE_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.rdm import MAX_PROMPT_CHARS, MechanismSettings
+
+CONFIG_ENV = "DPRDM_SERVICE_CONFIG"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+MAX_IMAGES_LIMIT = 16  # hard ceiling of the operator's --max-images
+MAX_STEPS_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything the service needs to start; validated on construction."""
+
+    index_dir: Path
+    settings: MechanismSettings
+    public_index_dir: Path | None = None
+    encoder: str = "demo"
+    model_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    allow_public_only: bool = False
+    keyless_local: bool = False
+    max_images: int = 4
+    max_steps: int = 100
+    default_steps: int = 50
+    max_body_bytes: int = 16 * 1024
+    torch_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index_dir", Path(self.index_dir))
+        if self.public_index_dir is not None:
+            object.__setattr__(self, "public_index_dir", Path(self.public_index_dir))
+        if self.model_dir is not None:
+            object.__setattr__(self, "model_dir", Path(self.model_dir))
+        _whole("port", self.port, 0, 65535)
+        _whole("workers", self.workers, 1, 64)
+        _whole("max_images", self.max_images, 1, MAX_IMAGES_LIMIT)
+        _whole("max_steps", self.max_steps, 1, MAX_STEPS_LIMIT)
+        _whole("default_steps", self.default_steps, 1, self.max_steps)
+        _whole("max_body_bytes", self.max_body_bytes, 1024, 1 << 20)
+        if self.torch_threads is not None:
+            _whole("torch_threads", self.torch_threads, 1, 256)
+        if self.keyless_local and self.host not in LOOPBACK_HOSTS:
+            raise InvalidParameterError(
+                "keyless local mode only listens on a loopback address (127.0.0.1, localhost, "
+                f"::1), not {self.host}: every client would spend the budget without a key"
+            )
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per worker: given, or the cores shared out between the workers."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return MAX_PROMPT_CHARS
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, Path):
+                data[key] = str(value)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServiceConfig:
+        data = json.loads(text)
+        data["settings"] = MechanismSettings(**data["settings"])
+        return cls(**data)
+
+    @classmethod
+    def from_env(cls) -> ServiceConfig:
+        text = os.environ.get(CONFIG_ENV)
+        if not text:
+            raise DprdmError(f"{CONFIG_ENV} is not set: start the service with `dprdm serve`")
+        return cls.from_json(text)
+
+
+def _whole(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidParameterError(f"{name} must be a whole number in [{low}, {high}]")
+
+
+MECHANISM_KEYS = ("k", "q", "sigma", "lam")
+FILE_KEYS = {f.name for f in fields(ServiceConfig)} - {"settings"} | set(MECHANISM_KEYS)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML or JSON config file (unknown keys are an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, tomllib.TOMLDecodeError) as error:
+        raise InvalidParameterError(f"config file {path} is not valid: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidParameterError(f"config file {path} must hold one table/object")
+    unknown = sorted(set(data) - FILE_KEYS)
+    if unknown:
+        raise InvalidParameterError(f"unknown keys in {path}: {', '.join(unknown)}")
+    return data
+
+
+def build_config(options: dict[str, Any], config_file: Path | None = None) -> ServiceConfig:
+    """Merge flags (`options`, None = not given) over a config file over the index's
+    mechanism.json into one :class:`ServiceConfig`."""
+    merged: dict[str, Any] = read_config_file(config_file) if config_file is not None else {}
+    merged.update({key: value for key, value in options.items() if value is not None})
+    if merged.get("index_dir") is None:
+        raise InvalidParameterError("give --index DIR (or --demo, or index_dir in --config)")
+    index_dir = Path(merged["index_dir"])
+    given = [merged.get(key) is not None for key in ("k", "q", "sigma")]
+    if all(given):
+        settings = MechanismSettings(float(merged["sigma"]), float(merged["q"]), int(merged["k"]),
+                                     float(merged.get("lam", 1.0)))
+    elif any(given):
+        raise InvalidParameterError("give all of k, q and sigma, or none (then mechanism.json)")
+    else:
+        settings = MechanismSettings.load(index_dir)
+        if merged.get("lam") is not None:
+            settings = replace(settings, lam=float(merged["lam"]))
+    kwargs = {key: value for key, value in merged.items() if key not in MECHANISM_KEYS}
+    return ServiceConfig(settings=settings, **kwargs)

@@ -1,0 +1,140 @@
+"""The service's generation backend: :class:`GenerationEngine`.
+
+Owns the one :class:`~dprdm.rdm.RetrievalAugmentedGenerator` of a worker (encoder, private
+index, ledger, operator-fixed mechanism, optional public index, diffusion pipeline), the lock
+that serialises generation, and the budget figures clients see. It has no HTTP in it.
+
+* Every private query goes through ``RetrievalAugmentedGenerator.generate``, which charges the
+  ledger (``SqliteLedger.charge``: atomic across threads, workers and processes) before the
+  mechanism computes anything; so nothing leaves the service uncounted.
+* Generation is CPU-bound and the pipeline's scheduler is stateful: one generation at a time
+  per worker (a lock), torch limited to the worker's share of the cores. Scale with workers.
+* A request that the budget can no longer afford is refused before it waits for the lock (the
+  budget only ever shrinks, so a failed ``can_afford`` is final); ``charge`` remains the check.
+* The budget figures are aggregates (epsilon, query counts): no ids, distances or norms.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dprdm.errors import BudgetExceededError
+from dprdm.image_files import png_bytes
+from dprdm.privacy import MechanismParams, SqliteLedger
+from dprdm.service.config import ServiceConfig
+
+
+class _TimedLedger:
+    """The real ledger, with the time of each charge() observed (for metrics and the bench)."""
+
+    def __init__(self, ledger: SqliteLedger, observe) -> None:
+        self._ledger = ledger
+        self._observe = observe
+
+    def charge(self, params: MechanismParams, count: int = 1, caller: str = ""):
+        started = time.perf_counter()
+        try:
+            return self._ledger.charge(params, count, caller=caller)
+        finally:
+            self._observe(time.perf_counter() - started)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ledger, name)
+
+
+@dataclass(frozen=True)
+class Generation:
+    mode: str
+    images_png: list[bytes]
+    width: int
+    height: int
+    seed: int | None
+    steps: int
+    guidance: float
+
+    def images_base64(self) -> list[str]:
+        return [base64.b64encode(png).decode("ascii") for png in self.images_png]
+
+
+class GenerationEngine:
+    """Loads the models and indexes once; answers generation and budget questions."""
+
+    def __init__(self, config: ServiceConfig, metrics=None, *, encoder=None,
+                 pipeline=None) -> None:
+        """`encoder` and `pipeline` may be passed in already loaded (tests, benchmarks)."""
+        from dprdm.encoders import load_encoder
+        from dprdm.generation import RetrievalDiffusionPipeline
+        from dprdm.generation.pipeline import DEFAULT_DIR
+        from dprdm.rdm import RetrievalAugmentedGenerator
+        from dprdm.retrieval import EmbeddingIndex
+
+        self.config = config
+        self.metrics = metrics
+        self.params = config.settings.params
+        torch.set_num_threads(config.threads)
+        self.ledger = SqliteLedger(config.index_dir)
+        self.capacity = self.ledger.remaining_queries(self.params)  # warms T_max (seconds, once)
+        if encoder is None:
+            encoder = load_encoder(config.encoder)
+        if pipeline is None:
+            pipeline = RetrievalDiffusionPipeline.from_pretrained(
+                str(config.model_dir or DEFAULT_DIR))
+        self.rag = RetrievalAugmentedGenerator(
+            encoder, pipeline,
+            private_index=EmbeddingIndex.open(config.index_dir),
+            ledger=_TimedLedger(self.ledger, self._observe_charge),
+            settings=config.settings,
+            public_index=(EmbeddingIndex.open(config.public_index_dir)
+                          if config.public_index_dir is not None else None),
+        )
+        self._lock = threading.Lock()
+
+    def _observe_charge(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.ledger_seconds.observe(seconds)
+
+    # -- budget ---------------------------------------------------------------------------------
+    def can_afford(self) -> bool:
+        return self.ledger.can_afford(self.params, 1)
+
+    def budget(self) -> dict:
+        """The ledger's aggregate figures now (epsilon and query counts only)."""
+        started = time.perf_counter()
+        summary = self.ledger.summary()
+        figures = {
+            "epsilon_budget": summary.epsilon_budget,
+            "delta": summary.delta,
+            "epsilon_spent": summary.epsilon_spent,
+            "epsilon_remaining": summary.epsilon_remaining,
+            "queries_spent": summary.queries,
+            "queries_remaining": self.ledger.remaining_queries(self.params),
+        }
+        if self.metrics is not None:
+            self.metrics.accounting_seconds.observe(time.perf_counter() - started)
+        return figures
+
+    def mechanism(self) -> dict:
+        return asdict(self.config.settings)
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, prompt: str, n: int, guidance: float, steps: int, seed: int | None,
+                 public_only: bool, caller: str) -> Generation:
+        """One prompt -> n images. DP mode charges one private query (raises
+        BudgetExceededError, with nothing charged, when the budget cannot afford it)."""
+        if not public_only and not self.can_afford():
+            raise BudgetExceededError("privacy budget exhausted")
+        with self._lock:
+            result = self.rag.generate([prompt], n=n, guidance=guidance, steps=steps, seed=seed,
+                                       public_only=public_only, caller=caller)
+        images = result.images[0]
+        return Generation(
+            mode="public-only" if public_only else "dp",
+            images_png=[png_bytes(image) for image in images],
+            width=int(images.shape[2]), height=int(images.shape[1]),
+            seed=seed, steps=steps, guidance=guidance,
+        )

@@ -1,0 +1,117 @@
+// dprdm web page: a key field (kept in this browser's localStorage), a prompt box, the images
+// and the budget gauge. Plain JS, no build step, nothing loaded from anywhere but this server.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "dprdm-api-key";
+let info = null;
+
+function authHeaders() {
+  const key = localStorage.getItem(KEY_STORAGE) || "";
+  return key ? { Authorization: "Bearer " + key } : {};
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function showBudget(b) {
+  const total = b.queries_spent + b.queries_remaining;
+  $("queries-gauge").max = Math.max(total, 1);
+  $("queries-gauge").value = b.queries_spent;
+  $("queries-text").textContent =
+    `${b.queries_spent} spent · ${b.queries_remaining} remaining of ${total}`;
+  $("epsilon-gauge").max = b.epsilon_budget;
+  $("epsilon-gauge").value = Math.min(b.epsilon_spent, b.epsilon_budget);
+  $("epsilon-text").textContent =
+    `ε ${b.epsilon_spent.toFixed(3)} spent · ${b.epsilon_remaining.toFixed(3)} ` +
+    `remaining of ${b.epsilon_budget}`;
+  $("epsilon-gauge").title = `delta = ${b.delta}`;
+  $("budget").dataset.queriesSpent = String(b.queries_spent);
+  $("budget").dataset.queriesRemaining = String(b.queries_remaining);
+}
+
+async function refreshBudget() {
+  if (!info || (!info.keyless_local && !localStorage.getItem(KEY_STORAGE))) {
+    $("key-status").textContent = "enter an API key to see the budget and generate";
+    return;
+  }
+  const response = await fetch("/v1/budget", { headers: authHeaders() });
+  const body = await response.json();
+  if (response.ok) {
+    showBudget(body);
+    $("key-status").textContent = body.key ? `key: ${body.key.name}` +
+      (body.key.quota !== null ? ` (${body.key.quota_remaining} of ${body.key.quota} left)` : "")
+      : "keyless local mode";
+  } else {
+    $("key-status").textContent = body.message || "could not read the budget";
+  }
+}
+
+function showImages(images) {
+  const box = $("images");
+  box.replaceChildren();
+  for (const image of images) {
+    const img = document.createElement("img");
+    img.src = "data:image/png;base64," + image.png_base64;
+    img.alt = "generated image";
+    img.className = "generated";
+    box.appendChild(img);
+  }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  const request = {
+    prompt: $("prompt").value,
+    n: parseInt($("n").value, 10),
+    steps: parseInt($("steps").value, 10),
+  };
+  if ($("seed").value !== "") request.seed = parseInt($("seed").value, 10);
+  if ($("public-only").checked) request.public_only = true;
+  $("generate").disabled = true;
+  setStatus("generating…", false);
+  try {
+    const response = await fetch("/v1/generate", {
+      method: "POST",
+      headers: Object.assign({ "Content-Type": "application/json" }, authHeaders()),
+      body: JSON.stringify(request),
+    });
+    const body = await response.json();
+    if (response.ok) {
+      showImages(body.images);
+      showBudget(body);
+      setStatus(`${body.images.length} image(s), ${body.mode === "dp" ?
+        "private retrieval (one query spent)" : "public only (no budget spent)"}`, false);
+    } else {
+      if (body.queries_remaining !== undefined) showBudget(body);
+      setStatus(`${response.status} ${body.error}: ${body.message}`, true);
+    }
+  } catch (error) {
+    setStatus("request failed: " + error, true);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
+async function start() {
+  const response = await fetch("/v1/info");
+  info = await response.json();
+  const m = info.mechanism;
+  $("mechanism").textContent =
+    `Mechanism fixed by the operator: k=${m.k}, q=${m.q}, sigma=${m.sigma}, lam=${m.lam}.`;
+  $("n").max = info.limits.max_images;
+  $("steps").max = info.limits.max_steps;
+  $("steps").value = Math.min(info.limits.default_steps, info.limits.max_steps);
+  $("public-only-label").hidden = !info.public_only_enabled;
+  $("key").value = localStorage.getItem(KEY_STORAGE) || "";
+  $("save-key").addEventListener("click", () => {
+    localStorage.setItem(KEY_STORAGE, $("key").value.trim());
+    refreshBudget();
+  });
+  $("form").addEventListener("submit", generate);
+  await refreshBudget();
+}
+
+start();

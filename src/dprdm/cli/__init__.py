@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import typer
 
-from dprdm.cli import audit, budget, encoders, generate, index, privacy, retrieve, train
+from dprdm.cli import (audit, budget, encoders, generate, index, keys, privacy, retrieve, serve,
+                       train)
 
 app = typer.Typer(
     name="dprdm",
@@ -22,10 +23,12 @@ app.add_typer(privacy.app, name="privacy")
 app.add_typer(index.app, name="index")
 app.add_typer(budget.app, name="budget")
 app.add_typer(encoders.app, name="encoders")
+app.add_typer(keys.app, name="keys")
 app.command(name="retrieve")(retrieve.retrieve)
 app.command(name="generate")(generate.generate)
 app.command(name="audit")(audit.audit)
 app.command(name="train")(train.train)
+app.command(name="serve")(serve.serve)
 
 
 def main() -> None:

@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The service's browser test drives Debian's chromium (playwright never downloads a browser).
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)

@@ -223,3 +223,18 @@ def test_cli_train_reports_bad_settings_cleanly(tmp_path):
                                          "--steps", "1", "--json"])
     assert no_autoencoder.exit_code == 2
     assert json.loads(no_autoencoder.stdout.splitlines()[-1])["error"] == "InvalidParameterError"
+
+
+def test_learning_rate_warms_up_then_decays_linearly_to_zero_from_decay_start():
+    from dprdm.generation.training import TrainConfig, learning_rate
+
+    config = TrainConfig(steps=1000, lr=1e-3, warmup_steps=100, decay_start=600).resolved()
+    assert learning_rate(config, 0) == pytest.approx(1e-5)
+    assert learning_rate(config, 99) == pytest.approx(1e-3)
+    assert learning_rate(config, 599) == pytest.approx(1e-3)
+    assert learning_rate(config, 800) == pytest.approx(0.5e-3)
+    assert learning_rate(config, 1000) == 0.0
+    constant = TrainConfig(steps=1000, lr=1e-3, warmup_steps=100).resolved()
+    assert learning_rate(constant, 999) == pytest.approx(1e-3)
+    with pytest.raises(InvalidParameterError):
+        TrainConfig(steps=1000, decay_start=1000).resolved()

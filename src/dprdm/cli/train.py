@@ -35,6 +35,9 @@ def train(
     batch_size: int = typer.Option(0, "--batch-size", min=0,
                                    help="0: 32 (autoencoder) / 64 (denoiser)."),
     lr: float = typer.Option(1e-3, "--lr", min=0.0, help="AdamW learning rate."),
+    decay_start: int = typer.Option(0, "--decay-start", min=0,
+                                    help="From this step the learning rate falls linearly to 0 "
+                                         "at --steps (0: constant after warm-up)."),
     sigma_max: float = typer.Option(0.1, "--sigma-max", min=0.0,
                                     help="Training noise std per coordinate ~ U[0, this]."),
     cond_dropout: float = typer.Option(0.1, "--cond-dropout", min=0.0, max=1.0,
@@ -52,6 +55,7 @@ def train(
 
         config = TrainConfig(stage=stage, data=str(data), out=str(out), encoder=encoder,
                              steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+                             decay_start=decay_start,
                              sigma_max=sigma_max, cond_dropout=cond_dropout, threads=threads,
                              seed=seed, save_every_minutes=save_every_minutes, resume=resume)
         config = config.resolved()

@@ -71,6 +71,7 @@ class TrainConfig:
     batch_size: int = 0  # 0: the stage's default (32 autoencoder, 64 denoiser)
     lr: float = 1e-3
     warmup_steps: int = 200
+    decay_start: int = 0  # > 0 (with steps > 0): lr falls linearly to 0 from this step to `steps`
     ema_decay: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -105,6 +106,8 @@ class TrainConfig:
             config.batch_size = 32 if config.stage == "autoencoder" else 64
         if config.lr <= 0:
             raise InvalidParameterError(f"lr must be > 0, got {config.lr}")
+        if config.decay_start < 0 or (config.decay_start > 0 and config.decay_start >= config.steps):
+            raise InvalidParameterError("decay_start must be 0 or below --steps")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         return config
@@ -225,6 +228,14 @@ def _progress(total: int | None, label: str) -> Iterator[Callable[..., None]]:
         yield lambda completed, info: progress.update(task, completed=completed, info=info)
 
 
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant; with `decay_start` a linear fall to 0 at `steps`."""
+    lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if 0 < config.decay_start < config.steps and step >= config.decay_start:
+        lr *= max(0.0, (config.steps - step) / (config.steps - config.decay_start))
+    return lr
+
+
 def run_loop(config: TrainConfig, model: torch.nn.Module,
              loss_fn: Callable[[torch.nn.Module, int, np.random.Generator],
                                tuple[torch.Tensor, dict[str, float]]],
@@ -272,7 +283,7 @@ def run_loop(config: TrainConfig, model: torch.nn.Module,
             if (config.steps > 0 and step >= config.steps) or (
                     config.max_minutes > 0 and minutes >= config.max_minutes):
                 break
-            lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            lr = learning_rate(config, step)
             for group in optimiser.param_groups:
                 group["lr"] = lr
             tic = time.time()

@@ -90,13 +90,14 @@ def check_sampling(n: int, guidance: float, steps: int) -> None:
         raise InvalidParameterError("guidance must be a number in [0, 30]")
 
 
-def public_neighbour_mean(public_index: EmbeddingIndex, queries: np.ndarray, k: int) -> np.ndarray:
-    """Mean of each query's k nearest neighbours in a PUBLIC index (no privacy involved)."""
-    rows = ExactSearcher(public_index).ranked_candidates(queries, k)
-    means = np.zeros((len(queries), public_index.dim), dtype=np.float64)
+def neighbour_mean(index: EmbeddingIndex, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact mean of each query's k nearest neighbours in `index`, with NO privacy: for PUBLIC
+    indexes (public-only mode), or the evaluation's non-private upper reference."""
+    rows = ExactSearcher(index).ranked_candidates(queries, k)
+    means = np.zeros((len(queries), index.dim), dtype=np.float64)
     for i, found in enumerate(rows):
         found = np.sort(found[found >= 0])
-        means[i] = public_index.rows_float32(found).sum(axis=0) / k
+        means[i] = index.rows_float32(found).sum(axis=0) / k
     return means.astype(np.float32)
 
 
@@ -143,7 +144,7 @@ class RetrievalAugmentedGenerator:
             if self.public_index is None:
                 return text
             k = self.settings.k if self.settings is not None else 10
-            return interpolate(public_neighbour_mean(self.public_index, text, k), text, lam)
+            return interpolate(neighbour_mean(self.public_index, text, k), text, lam)
         if self.mechanism is None:
             raise InvalidParameterError("no private index configured: use public-only mode")
         released = self.mechanism.release(text, caller=caller)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import typer
 
-from dprdm.cli import (audit, budget, encoders, generate, index, keys, privacy, retrieve, serve,
-                       train)
+from dprdm.cli import (audit, budget, encoders, evaluate, generate, index, keys, privacy,
+                       retrieve, serve, train)
 
 app = typer.Typer(
     name="dprdm",
@@ -29,6 +29,7 @@ app.command(name="generate")(generate.generate)
 app.command(name="audit")(audit.audit)
 app.command(name="train")(train.train)
 app.command(name="serve")(serve.serve)
+app.command(name="eval")(evaluate.evaluate)
 
 
 def main() -> None:

@@ -1,0 +1,293 @@
+"""The evaluation experiment behind ``dprdm eval``: generate per setting, then score.
+
+Owns :class:`EvalPlan` (what to run) and :func:`run_evaluation` (running it). The prompts are the
+captions of held-out private images, which are also the reference set of the distribution
+metrics. Per prompt, one image for each setting:
+
+* ``public-only``  -- no private data: the prompt's text embedding mixed with the mean of its k
+  nearest PUBLIC neighbours (or the text alone without a public index);
+* ``dp``           -- DP-RDM through :class:`~dprdm.rdm.RetrievalAugmentedGenerator`, with sigma
+  calibrated so that ``queries`` releases reach ``epsilon`` at ``delta``; charged to in-memory
+  EXPERIMENT ledgers, never to the index's own ledger;
+* ``non-private``  -- the exact mean of the k nearest private neighbours with no subsampling and
+  no noise (sigma = 0, q = 1). NOT private: an upper reference for utility only.
+
+Every setting uses the same diffusion seeds, so differences come from the conditioning alone.
+When there are more prompts than ``queries``, the prompts are split over several experiment
+ledgers of ``queries`` releases each (independent deployments with the same mechanism), so no
+experiment ledger ever exceeds the budget its sigma was calibrated for.
+
+Choosing hyper-parameters (k, q, lam, epsilon) by looking at these metrics on private held-out
+data leaks private information that no ledger records; the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dprdm.conditioning import interpolate
+from dprdm.errors import InvalidParameterError
+from dprdm.privacy import InMemoryLedger, MechanismParams, accounting
+from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator, neighbour_mean
+from dprdm.retrieval import EmbeddingIndex
+
+PROMPT_BATCH = 32  # prompts generated (and charged) per call; one diffusion seed per batch
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What ``dprdm eval`` runs. Mechanism (k, q, lam) is shared by every DP setting."""
+
+    epsilons: tuple[float, ...] = (1.0, 5.0, 10.0)
+    queries: tuple[int, ...] = (100, 1000)
+    k: int = 40
+    q: float = 0.1
+    lam: float = 0.8
+    delta: float = 1e-5
+    samples: int | None = None  # number of held-out prompts (None: all)
+    guidance: float = 3.0
+    steps: int = 50
+    seed: int = 0  # diffusion sampler and prompt subset only; never the privacy noise
+    kid_subsets: int = 100
+    public_only: bool = True
+    non_private: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.epsilons or any(not (math.isfinite(e) and e > 0) for e in self.epsilons):
+            raise InvalidParameterError("epsilons must be finite numbers > 0")
+        if not self.queries or any(isinstance(t, bool) or int(t) != t or t < 1
+                                   for t in self.queries):
+            raise InvalidParameterError("queries must be whole numbers >= 1")
+        MechanismParams(1.0, self.q, self.k)  # validates q and k
+        if not 0.0 < self.delta < 1.0:
+            raise InvalidParameterError(f"delta must lie in (0, 1), got {self.delta}")
+        if self.samples is not None and self.samples < 2:
+            raise InvalidParameterError("samples must be >= 2 (the metrics need two images)")
+        if not 0.0 <= self.lam <= 1.0:
+            raise InvalidParameterError(f"lam must lie in [0, 1], got {self.lam}")
+        if self.kid_subsets < 1:
+            raise InvalidParameterError("kid_subsets must be >= 1")
+
+
+@dataclass
+class HeldOut:
+    """The reference set: held-out private images and their captions (= the prompts)."""
+
+    images: np.ndarray  # uint8 (P, S, S, 3)
+    captions: list[str]
+
+
+@dataclass
+class Setting:
+    name: str  # "public-only" | "dp" | "non-private"
+    epsilon: float | None = None
+    queries: int | None = None
+    sigma: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name == "dp":
+            return f"DP eps={self.epsilon:g} T={self.queries}"
+        return self.name
+
+
+@dataclass
+class EvalResult:
+    runs: list[dict[str, Any]]
+    images: dict[str, np.ndarray]  # setting label -> uint8 (P, S, S, 3)
+    held_out: HeldOut
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_prompts(held_out: HeldOut, samples: int | None, seed: int) -> HeldOut:
+    """A seeded subset of the held-out set (kept in its original order)."""
+    if samples is None or samples >= len(held_out.captions):
+        return held_out
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(held_out.captions), size=samples, replace=False))
+    return HeldOut(held_out.images[keep], [held_out.captions[i] for i in keep])
+
+
+def plan_settings(plan: EvalPlan) -> list[Setting]:
+    """The settings in report order, with sigma calibrated for every (epsilon, queries)."""
+    settings = [Setting("public-only")] if plan.public_only else []
+    for queries in plan.queries:
+        for epsilon in plan.epsilons:
+            sigma = accounting.calibrate_sigma(epsilon, plan.q, plan.k, int(queries), plan.delta)
+            settings.append(Setting("dp", float(epsilon), int(queries), sigma))
+    if plan.non_private:
+        settings.append(Setting("non-private"))
+    return settings
+
+
+class _Generator:
+    """Conditions -> images with the same diffusion seeds for every setting."""
+
+    def __init__(self, pipeline, plan: EvalPlan) -> None:
+        self.pipeline = pipeline
+        self.plan = plan
+
+    def images(self, conditions: np.ndarray, batch_number: int) -> np.ndarray:
+        import torch
+
+        generator = torch.Generator().manual_seed(self.plan.seed + batch_number)
+        return np.asarray(self.pipeline(conditions, guidance=self.plan.guidance,
+                                        steps=self.plan.steps, generator=generator,
+                                        batch_size=PROMPT_BATCH))
+
+
+def _batches(n: int) -> list[slice]:
+    return [slice(i, min(n, i + PROMPT_BATCH)) for i in range(0, n, PROMPT_BATCH)]
+
+
+def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encoder, pipeline,
+                     private_index: EmbeddingIndex, public_index: EmbeddingIndex | None,
+                     progress: Progress | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Images for every prompt under one setting, and what the run spent."""
+    generator = _Generator(pipeline, plan)
+    text = encoder.encode_text(prompts)
+    out, info = [], {}
+    ledgers: list[InMemoryLedger] = []
+    mechanism = rag = None
+    used_in_ledger = 0
+    for number, part in enumerate(_batches(len(prompts))):
+        if setting.name == "public-only":
+            if public_index is None:
+                conditions = text[part]
+            else:
+                conditions = interpolate(neighbour_mean(public_index, text[part], plan.k),
+                                         text[part], plan.lam)
+        elif setting.name == "non-private":
+            conditions = interpolate(neighbour_mean(private_index, text[part], plan.k),
+                                     text[part], plan.lam)
+        else:
+            mechanism = MechanismSettings(setting.sigma, plan.q, plan.k, plan.lam)
+            conditions_parts, i = [], part.start
+            while i < part.stop:
+                if rag is None or used_in_ledger == setting.queries:
+                    ledgers.append(InMemoryLedger(setting.epsilon, plan.delta))
+                    rag = RetrievalAugmentedGenerator(encoder, pipeline,
+                                                      private_index=private_index,
+                                                      ledger=ledgers[-1], settings=mechanism)
+                    used_in_ledger = 0
+                take = min(part.stop - i, setting.queries - used_in_ledger)
+                conditions_parts.append(rag.conditions(prompts[i:i + take], public_only=False,
+                                                       caller="dprdm eval"))
+                used_in_ledger += take
+                i += take
+            conditions = np.concatenate(conditions_parts)
+        out.append(generator.images(conditions, number))
+        if progress is not None:
+            progress(part.stop, len(prompts))
+    if ledgers:
+        spent = [ledger.summary() for ledger in ledgers]
+        info = {"experiment_ledgers": len(ledgers),
+                "queries_charged": int(sum(s.queries for s in spent)),
+                "epsilon_spent_max": float(max(s.epsilon_spent for s in spent)),
+                "ledger": "in-memory experiment ledgers (the index's own ledger is not charged)"}
+    return np.concatenate(out), info
+
+
+def released_noise_ratio(plan: EvalPlan, sigma: float, dim: int,
+                         public_index: EmbeddingIndex | None, text: np.ndarray) -> float | None:
+    """sigma * sqrt(d) over the typical norm of a k-neighbour mean, measured on the PUBLIC index
+    (a public proxy: the private aggregates' norms are pre-noise statistics and stay private)."""
+    if public_index is None:
+        return None
+    norms = np.linalg.norm(neighbour_mean(public_index, text, plan.k), axis=1)
+    return float(sigma * math.sqrt(dim) / max(float(np.median(norms)), 1e-12))
+
+
+def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor,
+          plan: EvalPlan) -> dict[str, Any]:
+    from dprdm.evaluation.metrics import (alignment_score, concept_scores, distribution_metrics,
+                                          style_scores)
+
+    row: dict[str, Any] = {}
+    row.update(distribution_metrics(held_out.images, images, extractor,
+                                    kid_subsets=plan.kid_subsets, seed=plan.seed))
+    concepts = concept_scores(images, held_out.captions, classifiers)
+    row.update({key: concepts[key] for key in ("concept_top1", "concept_top10", "category_acc")})
+    row["n_concepts_scored"] = concepts["n"]
+    style = style_scores(images, classifiers)
+    row.update({"openmoji_like": style["openmoji_like"],
+                "openmoji_probability_mean": style["openmoji_probability_mean"]})
+    align = alignment_score(images, held_out.captions, encoder)
+    row.update({"alignment": align["alignment"], "alignment_std": align["alignment_std"],
+                "alignment_mismatched": align["alignment_mismatched"]})
+    return row
+
+
+def real_reference_row(held_out: HeldOut, classifiers, encoder) -> dict[str, Any]:
+    """Scores of the held-out real images themselves (the level generations are read against)."""
+    from dprdm.evaluation.metrics import alignment_score, concept_scores, style_scores
+
+    concepts = concept_scores(held_out.images, held_out.captions, classifiers)
+    style = style_scores(held_out.images, classifiers)
+    align = alignment_score(held_out.images, held_out.captions, encoder)
+    return {"setting": "real held-out", "concept_top1": concepts["concept_top1"],
+            "concept_top10": concepts["concept_top10"], "category_acc": concepts["category_acc"],
+            "openmoji_like": style["openmoji_like"],
+            "openmoji_probability_mean": style["openmoji_probability_mean"],
+            "alignment": align["alignment"], "alignment_mismatched": align["alignment_mismatched"]}
+
+
+def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
+                   private_index: EmbeddingIndex, public_index: EmbeddingIndex | None,
+                   classifiers, extractor=None,
+                   progress_for: Callable[[str], Any] | None = None) -> EvalResult:
+    """Generate and score every setting of `plan`. `progress_for(label)` returns a context
+    manager yielding a `(done, total)` callback (or None), e.g. ``cli.output.progress_callback``.
+    """
+    from contextlib import nullcontext
+
+    if private_index.dim != encoder.dim:
+        raise InvalidParameterError(
+            f"the index holds {private_index.dim}-d embeddings, the encoder makes {encoder.dim}-d")
+    held_out = choose_prompts(held_out, plan.samples, plan.seed)
+    if len(held_out.captions) < 2:
+        raise InvalidParameterError("the held-out set needs at least 2 captioned images")
+    extractor = extractor if extractor is not None else classifiers
+    settings = plan_settings(plan)
+    text = encoder.encode_text(held_out.captions)
+    runs, images = [], {}
+    for setting in settings:
+        started = time.perf_counter()
+        context = progress_for(setting.label) if progress_for else nullcontext(None)
+        with context as progress:
+            generated, spent = generate_setting(setting, held_out.captions, plan, encoder,
+                                                pipeline, private_index, public_index, progress)
+        seconds = time.perf_counter() - started
+        images[setting.label] = generated
+        row: dict[str, Any] = {
+            "setting": setting.name, "label": setting.label, "epsilon": setting.epsilon,
+            "queries": setting.queries, "delta": plan.delta if setting.name == "dp" else None,
+            "sigma": setting.sigma if setting.name == "dp" else (
+                0.0 if setting.name == "non-private" else None),
+            "q": plan.q if setting.name == "dp" else (1.0 if setting.name == "non-private"
+                                                       else None),
+            "k": plan.k, "lam": plan.lam, "prompts": len(held_out.captions),
+            "private": setting.name == "dp",
+            "noise_to_signal": (released_noise_ratio(plan, setting.sigma, encoder.dim,
+                                                     public_index, text)
+                                if setting.name == "dp" else None),
+            "generation_s": round(seconds, 1),
+        }
+        row.update(score(generated, held_out, classifiers, encoder, extractor, plan))
+        row.update(spent)
+        runs.append(row)
+    notes = {
+        "reference": real_reference_row(held_out, classifiers, encoder),
+        "plan": asdict(plan),
+        "warning": ("Hyper-parameters chosen by looking at these private-data metrics leak "
+                    "privacy that no ledger records; choose them on public data."),
+        "non_private": "non-private retrieval (sigma=0, q=1) is NOT private: an upper reference",
+    }
+    return EvalResult(runs, images, held_out, notes)

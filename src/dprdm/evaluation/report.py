@@ -1,0 +1,204 @@
+"""Writing an evaluation's results: CSV, a markdown table, plots and sample grids.
+
+Owns the files ``dprdm eval`` leaves in ``--out``:
+
+* ``runs.csv`` / ``runs.json`` -- one row per setting (every number of the run);
+* ``results.md`` -- the paper-style table, the real held-out reference row and the caveats;
+* ``fid_kid_vs_epsilon.png`` -- FID and KID against epsilon, one line per number of queries,
+  public-only and non-private as horizontal lines;
+* ``samples.png`` -- prompts x settings, with the real held-out image in the last column.
+
+Every file is written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dprdm.evaluation.harness import EvalResult
+from dprdm.files import write_bytes_atomically
+from dprdm.image_files import image_grid, png_bytes
+
+CSV_COLUMNS = [
+    "setting", "label", "epsilon", "queries", "delta", "sigma", "q", "k", "lam", "prompts",
+    "private", "noise_to_signal", "fid", "kid", "kid_std", "precision", "recall", "density",
+    "coverage", "concept_top1", "concept_top10", "category_acc", "openmoji_like",
+    "openmoji_probability_mean", "alignment", "alignment_std", "alignment_mismatched",
+    "experiment_ledgers", "queries_charged", "epsilon_spent_max", "generation_s",
+]
+TABLE_COLUMNS = [
+    ("setting", "setting"), ("epsilon", "eps"), ("queries", "queries"), ("sigma", "sigma"),
+    ("q", "q"), ("k", "k"), ("lam", "lam"), ("fid", "FID"), ("kid", "KID x1e3"),
+    ("precision", "prec."), ("recall", "rec."), ("density", "dens."), ("coverage", "cov."),
+    ("concept_top1", "top-1"), ("concept_top10", "top-10"), ("category_acc", "category"),
+    ("openmoji_like", "OpenMoji-like"), ("alignment", "align."),
+]
+SAMPLE_ROWS = 16
+
+
+def cell(key: str, row: dict[str, Any]) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "kid":
+        return f"{1e3 * value:.2f} ± {1e3 * row.get('kid_std', 0.0):.2f}"
+    if key == "setting":
+        return "non-private (NOT private)" if value == "non-private" else str(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if key in ("epsilon", "q", "lam"):
+            return f"{value:g}"
+        if key == "sigma":
+            return f"{value:.4f}"
+        if key == "fid":
+            return f"{value:.2f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
+    rule = "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |"
+    lines = [header, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(key, row) for key, _ in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("" if row.get(key) is None else row.get(key))
+                         for key in CSV_COLUMNS})
+    return buffer.getvalue()
+
+
+def results_markdown(result: EvalResult) -> str:
+    plan = result.notes["plan"]
+    reference = result.notes["reference"]
+    real_row = dict(reference, setting="real held-out images")
+    lines = [
+        "# dprdm eval",
+        "",
+        f"{len(result.held_out.captions)} prompts = captions of held-out private images (the "
+        f"reference set of FID/KID/PRDC); one image per prompt and setting, the same diffusion "
+        f"seeds in every setting; guidance {plan['guidance']}, {plan['steps']} sampler steps.",
+        "",
+        markdown_table(result.runs),
+        "",
+        "Real held-out images, scored by the same classifiers and encoder:",
+        "",
+        markdown_table([real_row]),
+        "",
+        "* FID/KID/PRDC: feature space of the evaluation feature extractor (by default the "
+        "concept network trained on PUBLIC images only; see docs/evaluation.md). KID is the "
+        "unbiased one at a few hundred samples: compare settings by KID ± its std first.",
+        "* DP rows: sigma calibrated so that `queries` releases reach epsilon at delta "
+        f"{plan['delta']:g} (PLD accountant); charged to in-memory EXPERIMENT ledgers, never the "
+        "index's own ledger. With more prompts than `queries`, prompts were split over several "
+        "experiment ledgers of `queries` releases each.",
+        "* noise_to_signal (runs.csv): sigma * sqrt(d) over the median norm of a k-neighbour mean "
+        "measured on the PUBLIC index (the private aggregates' norms are not released).",
+        f"* {result.notes['non_private']}.",
+        f"* {result.notes['warning']}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_png(rows: list[dict[str, Any]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dp = [r for r in rows if r["setting"] == "dp"]
+    levels = {r["setting"]: r for r in rows if r["setting"] in ("public-only", "non-private")}
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for axis, key, title in ((axes[0], "fid", "FID"), (axes[1], "kid", "KID")):
+        for queries in sorted({r["queries"] for r in dp}):
+            line = sorted((r for r in dp if r["queries"] == queries), key=lambda r: r["epsilon"])
+            x = [r["epsilon"] for r in line]
+            y = [r[key] for r in line]
+            errors = [r["kid_std"] for r in line] if key == "kid" else None
+            axis.errorbar(x, y, yerr=errors, marker="o", capsize=3,
+                          label=f"DP-RDM, {queries:,} queries")
+        styles = {"public-only": ("tab:red", "--"), "non-private": ("tab:green", ":")}
+        for name, row in levels.items():
+            colour, dash = styles[name]
+            label = name if name == "public-only" else "non-private (NOT private)"
+            axis.axhline(row[key], color=colour, linestyle=dash, label=label)
+            if key == "kid":
+                axis.axhspan(row[key] - row["kid_std"], row[key] + row["kid_std"],
+                             color=colour, alpha=0.1)
+        if dp and len({r["epsilon"] for r in dp}) > 1:
+            axis.set_xscale("log")
+        axis.set_xlabel("epsilon")
+        axis.set_ylabel(title + " (lower is better)")
+        axis.set_title(f"{title} vs epsilon")
+        axis.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def samples_png(result: EvalResult, rows: int = SAMPLE_ROWS) -> bytes:
+    labels = list(result.images)
+    count = min(rows, len(result.held_out.captions))
+    columns = [result.images[label][:count] for label in labels]
+    real = result.held_out.images[:count]
+    if real.shape[1:3] != columns[0].shape[1:3]:
+        from PIL import Image
+
+        side = columns[0].shape[1]
+        real = np.stack([np.asarray(Image.fromarray(im).resize((side, side),
+                                                                Image.Resampling.LANCZOS))
+                         for im in real])
+    grid = np.stack(columns + [real], axis=1)
+    captions = [c if len(c) <= 28 else c[:27] + "…" for c in result.held_out.captions[:count]]
+    return png_bytes(image_grid(grid, row_labels=captions,
+                                column_labels=[_short(label) for label in labels] + ["real"]))
+
+
+def _short(label: str) -> str:
+    return label.replace("DP eps=", "e").replace(" T=", "/").replace("public-only", "public") \
+        .replace("non-private", "non-priv")
+
+
+def write_report(result: EvalResult, out: str | Path) -> dict[str, str]:
+    """Write every file of the report into `out` (created); returns name -> path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "runs.csv": csv_text(result.runs).encode(),
+        "runs.json": (json.dumps({"runs": result.runs, "reference": result.notes["reference"],
+                                  "plan": result.notes["plan"]}, indent=1,
+                                 default=_json_default) + "\n").encode(),
+        "results.md": results_markdown(result).encode(),
+        "fid_kid_vs_epsilon.png": plot_png(result.runs),
+        "samples.png": samples_png(result),
+    }
+    for name, data in files.items():
+        write_bytes_atomically(out / name, data)
+    return {name: str(out / name) for name in files}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

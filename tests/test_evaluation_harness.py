@@ -1,0 +1,142 @@
+"""`dprdm eval` end to end on a synthetic private index: settings, ledgers, report files, errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dprdm.cli import app
+from dprdm.encoders import load_encoder
+from dprdm.errors import InvalidParameterError
+from dprdm.evaluation.harness import EvalPlan, plan_settings
+from dprdm.privacy import SqliteLedger, accounting
+from dprdm.rdm import MechanismSettings
+from dprdm.retrieval import build_index
+
+runner = CliRunner()
+CAPTIONS = ["grinning face", "red apple", "cat face", "house", "rocket", "sun", "red heart",
+            "ghost"]
+FAST = ["--steps", "2", "--guidance", "1"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder("demo")
+
+
+@pytest.fixture()
+def private_index(tmp_path, encoder):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(60, 32, 32, 3), dtype=np.uint8)
+    build_index(encoder.encode_images(images), tmp_path / "private")
+    SqliteLedger.create(tmp_path / "private", epsilon=3.0, delta=1e-6)
+    MechanismSettings(sigma=0.5, q=0.5, k=4, lam=0.7).save(tmp_path / "private")
+    return tmp_path / "private"
+
+
+@pytest.fixture()
+def holdout(tmp_path):
+    folder = tmp_path / "holdout"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    with (folder / "captions.jsonl").open("w") as f:
+        for i, caption in enumerate(CAPTIONS):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png")
+            f.write(json.dumps({"file": f"{i}.png", "caption": caption}) + "\n")
+    return folder
+
+
+def run_eval(*args):
+    result = runner.invoke(app, ["eval", *args, "--json"])
+    data = json.loads(result.stdout) if result.stdout.strip() else None
+    return result, data
+
+
+def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
+        private_index, holdout, tmp_path):
+    out = tmp_path / "report"
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(out), "--epsilons", "8", "--queries", "3,100", *FAST)
+    assert result.exit_code == 0, result.output
+    runs = data["runs"]
+    assert [r["setting"] for r in runs] == ["public-only", "dp", "dp", "non-private"]
+    assert [(r["epsilon"], r["queries"]) for r in runs[1:3]] == [(8, 3), (8, 100)]
+    for run in runs[1:3]:
+        # sigma is calibrated from the index's mechanism (k, q) and its ledger's delta
+        expected = accounting.calibrate_sigma(run["epsilon"], 0.5, 4, run["queries"], 1e-6)
+        assert run["sigma"] == pytest.approx(expected)
+        assert (run["k"], run["q"], run["lam"], run["delta"]) == (4, 0.5, 0.7, 1e-6)
+        assert run["queries_charged"] == len(CAPTIONS)
+        # 8 prompts at T=3 need 3 experiment ledgers, none of them past its budget
+        assert run["experiment_ledgers"] == (3 if run["queries"] == 3 else 1)
+        assert run["epsilon_spent_max"] <= run["epsilon"] * (1 + 1e-9)
+        assert run["private"] is True
+    assert runs[-1]["sigma"] == 0.0 and runs[-1]["q"] == 1.0 and runs[-1]["private"] is False
+    for run in runs:
+        for key in ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage",
+                    "concept_top1", "concept_top10", "category_acc", "openmoji_like",
+                    "alignment"):
+            assert key in run and (run[key] is None or np.isfinite(run[key])), key
+    # the production ledger of the index was never charged
+    assert SqliteLedger(private_index).summary().queries == 0
+    assert "not charged" in data["experiment_ledger"]
+    # report files
+    with (out / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["setting"] for r in rows] == [r["setting"] for r in runs]
+    markdown = (out / "results.md").read_text()
+    assert "NOT private" in markdown and "leak" in markdown
+    for name in ("fid_kid_vs_epsilon.png", "samples.png"):
+        with Image.open(out / name) as image:
+            assert image.width > 100 and image.height > 100
+
+
+def test_same_seed_gives_the_same_public_only_images(private_index, holdout, encoder):
+    from dprdm.evaluation.classifiers import EvalClassifiers
+    from dprdm.evaluation.harness import HeldOut, Setting, generate_setting
+    from dprdm.generation import DEFAULT_DIR, RetrievalDiffusionPipeline
+    from dprdm.retrieval import EmbeddingIndex
+
+    del EvalClassifiers  # imported to make sure the package imports without the demo data
+    pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
+    plan = EvalPlan(epsilons=(1.0,), queries=(10,), k=4, q=0.5, lam=0.5, steps=2, seed=3)
+    index = EmbeddingIndex.open(private_index)
+    prompts = CAPTIONS[:4]
+    first, _ = generate_setting(Setting("public-only"), prompts, plan, encoder, pipe, index, None)
+    second, _ = generate_setting(Setting("public-only"), prompts, plan, encoder, pipe, index, None)
+    assert first.shape == (4, 32, 32, 3) and np.array_equal(first, second)
+    assert HeldOut(first, prompts).captions == prompts
+
+
+def test_plan_validation_and_settings_order():
+    with pytest.raises(InvalidParameterError):
+        EvalPlan(epsilons=(0.0,))
+    with pytest.raises(InvalidParameterError):
+        EvalPlan(queries=(0,))
+    with pytest.raises(InvalidParameterError):
+        EvalPlan(q=0.0)
+    with pytest.raises(InvalidParameterError):
+        EvalPlan(samples=1)
+    names = [s.label for s in plan_settings(EvalPlan(epsilons=(5.0,), queries=(10, 20)))]
+    assert names == ["public-only", "DP eps=5 T=10", "DP eps=5 T=20", "non-private"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--epsilons", "abc"],
+    ["--epsilons", "-1"],
+    ["--queries", "1.5"],
+    ["--q", "0", "--k", "4"],
+    ["--lam", "2"],
+])
+def test_bad_arguments_exit_2_and_write_nothing(private_index, holdout, tmp_path, args):
+    out = tmp_path / "never"
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(out), *FAST, *args)
+    assert result.exit_code == 2
+    assert data["error"]
+    assert not out.exists()
+    assert SqliteLedger(private_index).summary().queries == 0

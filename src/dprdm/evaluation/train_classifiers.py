@@ -12,7 +12,9 @@ Four short runs, one CPU thread, fixed seed (the same command gives the same wei
    fit check, on the public images themselves.
 3. **style** network: OpenMoji (``openmoji_private``, label 1) against every public training
    source (Twemoji, Noto and both through each style augmentation, label 0; with
-   ``--style-reconstructions``, also public images passed through the generator's autoencoder).
+   ``--style-reconstructions``, also images of both classes passed through the generator's
+   autoencoder, so that its blur is evidence for neither class: measured worse on real images,
+   off by default, see docs/evaluation.md).
    Public images of the held-out concepts are left out, so it is tested concept-disjointly on the
    243 held-out OpenMoji images against the public (and augmented) images of those concepts.
 4. the style network on autoencoder reconstructions of public held-out-concept images: generated
@@ -58,7 +60,7 @@ class Settings:
     label_smoothing: float = 0.1
     category_weight: float = 0.5
     p_original: float = 0.3  # share of a concept batch left in its own style
-    style_reconstructions: bool = False
+    style_reconstructions: bool = False  # add autoencoder reconstructions to both classes
     seed: int = 0
     threads: int = 1
     log_every: int = 50
@@ -225,23 +227,33 @@ def concept_loss(settings: Settings):
     return loss
 
 
-def style_batches(openmoji: np.ndarray, public: np.ndarray, extra_public: np.ndarray | None):
-    """Half OpenMoji (label 1), half public (label 0): raw 1/8, each augmentation 1/8 (+ recons)."""
+def style_batches(openmoji: np.ndarray, public: np.ndarray,
+                  reconstructions: tuple[np.ndarray, np.ndarray] | None):
+    """Half OpenMoji (label 1), half public (label 0), in equal shares of every public source.
+
+    Public: as it is, or through one of the style augmentations (each source 1/8 of the
+    negatives). With `reconstructions` = (OpenMoji, public) images passed through the generator's
+    autoencoder, a quarter of the positives and a ninth of the negatives are such
+    reconstructions, so decoder blur is a cue for neither class.
+    """
     names = list(STYLE_AUGMENTATIONS)
 
     def batch(n: int, rng: np.random.Generator, generator: torch.Generator):
         n_pos = n // 2
         pos = openmoji[rng.integers(0, len(openmoji), n_pos)]
         neg = public[rng.integers(0, len(public), n - n_pos)].copy()
-        kinds = len(names) + 1 + (1 if extra_public is not None else 0)
+        kinds = len(names) + 1 + (1 if reconstructions is not None else 0)
         which = rng.integers(0, kinds, len(neg))
         for a, name in enumerate(names):
             members = np.flatnonzero(which == a)
             if len(members):
                 neg[members] = STYLE_AUGMENTATIONS[name](neg[members], rng)
-        if extra_public is not None:
+        if reconstructions is not None:
+            rec_openmoji, rec_public = reconstructions
             members = np.flatnonzero(which == kinds - 1)
-            neg[members] = extra_public[rng.integers(0, len(extra_public), len(members))]
+            neg[members] = rec_public[rng.integers(0, len(rec_public), len(members))]
+            members = np.flatnonzero(rng.random(n_pos) < 0.25)
+            pos[members] = rec_openmoji[rng.integers(0, len(rec_openmoji), len(members))]
         x = to_tensor(np.concatenate([pos, neg]))
         y = torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])
         return x, {"openmoji": y}
@@ -388,7 +400,8 @@ def run(settings: Settings) -> dict:
     overlap = holdout_concepts & set(openmoji.concepts)
     if overlap:
         raise InvalidParameterError(f"private and holdout share {len(overlap)} concepts")
-    extra = autoencoder_reconstructions(public_train.images) if (
+    extra = (autoencoder_reconstructions(openmoji.images),
+             autoencoder_reconstructions(public_train.images)) if (
         settings.style_reconstructions) else None
     torch.manual_seed(settings.seed + 2)
     _, style_net = build_networks(config)

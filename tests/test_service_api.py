@@ -7,17 +7,23 @@ import io
 import json
 import logging
 import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx2 as httpx
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from _service_support import ID_PREFIX, LAM, PARAMS, SETTINGS, Service, make_index
+from _service_support import (ID_PREFIX, LAM, PARAMS, SETTINGS, Service, ThreadedServer,
+                              make_index)
 from dprdm.cli import app as cli_app
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import SqliteLedger
 from dprdm.rdm import MechanismSettings
 from dprdm.service.config import ServiceConfig, build_config
+from dprdm.service.engine import Generation
 
 FAST = {"n": 1, "steps": 2}
 RESPONSE_FIELDS = {"epsilon_budget", "delta", "epsilon_spent", "epsilon_remaining",
@@ -285,3 +291,37 @@ def test_demo_flags_point_at_what_make_demo_prepared(tmp_path, monkeypatch):
         result = CliRunner().invoke(cli_app, [*args, "--json"])
         assert result.exit_code == 2
         assert "make demo" in json.loads(result.stdout)["message"]
+
+
+def test_requests_waiting_for_the_generator_hold_no_thread(tmp_path, monkeypatch):
+    """45 requests queue behind a blocked generation (more than the 40 threads of the pool);
+    the budget endpoint still answers at once (a sync endpoint would starve it)."""
+    service = Service(tmp_path)
+    release, admitted, lock = threading.Event(), [], threading.Lock()
+    can_afford = service.engine.can_afford
+
+    def counted() -> bool:
+        with lock:
+            admitted.append(1)
+        return can_afford()
+
+    def blocked(**kwargs) -> Generation:
+        assert release.wait(60)
+        return Generation("dp", [b"png"], 1, 1, None, kwargs["steps"], kwargs["guidance"])
+
+    monkeypatch.setattr(service.engine, "can_afford", counted)
+    monkeypatch.setattr(service.engine, "generate", blocked)
+    with ThreadedServer(service.app) as server, ThreadPoolExecutor(45) as pool:
+        futures = [pool.submit(httpx.post, server.url + "/v1/generate", timeout=120,
+                               json={"prompt": "a", **FAST}, headers=service.auth)
+                   for _ in range(45)]
+        deadline = time.monotonic() + 60
+        while len(admitted) < 45 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(admitted) == 45
+        try:
+            budget = httpx.get(server.url + "/v1/budget", headers=service.auth, timeout=10)
+        finally:
+            release.set()
+        assert budget.status_code == 200
+        assert [f.result().status_code for f in futures] == [200] * 45

@@ -28,6 +28,7 @@ no neighbour ids, distances, counts of kept records or pre-noise values ever rea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -247,6 +249,8 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
                         public_only_enabled=config.allow_public_only, **engine.budget())
 
     # -- routes ---------------------------------------------------------------------------------
+    generation_slot = asyncio.Lock()  # one generation at a time per worker (see engine)
+
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html",
@@ -277,8 +281,8 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
 
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["generation"],
               responses={s: {"model": Error} for s in (400, 401, 403, 413, 415, 422, 429)})
-    def generate(body: GenerateRequest, who: Caller = Depends(require_key),
-                 _json: None = Depends(require_json)) -> GenerateResponse:
+    async def generate(body: GenerateRequest, who: Caller = Depends(require_key),
+                       _json: None = Depends(require_json)) -> GenerateResponse:
         """Generate `n` images for one prompt. In DP mode this is one private query, charged
         to the ledger before anything is computed; `seed` drives only the diffusion sampler."""
         steps = body.steps if body.steps is not None else config.default_steps
@@ -294,28 +298,36 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
         if body.public_only and not config.allow_public_only:
             raise ApiError(403, "public_only_disabled",
                            "public-only generation is not enabled on this server")
-        arguments = dict(prompt=body.prompt, n=body.n, guidance=body.guidance, steps=steps,
-                         seed=body.seed, caller=who.ledger_caller)
-        if body.public_only:
-            result = engine.generate(public_only=True, **arguments)
-        else:
-            if not engine.can_afford():
-                raise budget_refusal()
-            if who.key is not None and not keys.charge_quota(who.name, 1):
-                key = keys.get(who.name)
-                if key.revoked is not None:
-                    raise ApiError(401, "unauthorized", "unknown or revoked API key")
-                raise ApiError(429, "quota_exceeded",
-                               f"the query quota of key {who.name!r} is spent",
-                               key=_key_figures(key))
+        if not body.public_only:
+            await run_in_threadpool(admit, who)
+        # Blocking work runs in the threadpool; requests waiting for the generator hold no thread.
+        async with generation_slot:
             try:
-                result = engine.generate(public_only=False, **arguments)
-            except BudgetExceededError:
+                result = await run_in_threadpool(
+                    engine.generate, prompt=body.prompt, n=body.n, guidance=body.guidance,
+                    steps=steps, seed=body.seed, public_only=body.public_only,
+                    caller=who.ledger_caller)
+            except BudgetExceededError:  # the ledger's own refusal: nothing was charged
                 if who.key is not None:
-                    keys.refund_quota(who.name, 1)
-                raise budget_refusal() from None
+                    await run_in_threadpool(keys.refund_quota, who.name, 1)
+                raise await run_in_threadpool(budget_refusal) from None
         metrics.generations.labels(result.mode).inc()
         metrics.images.labels(result.mode).inc(len(result.images_png))
+        return await run_in_threadpool(respond, result, who)
+
+    def admit(who: Caller) -> None:
+        """Before a private query: refuse at once if the budget is gone, then take the key's
+        quota (atomically; given back if the ledger refuses)."""
+        if not engine.can_afford():
+            raise budget_refusal()
+        if who.key is not None and not keys.charge_quota(who.name, 1):
+            key = keys.get(who.name)
+            if key.revoked is not None:
+                raise ApiError(401, "unauthorized", "unknown or revoked API key")
+            raise ApiError(429, "quota_exceeded", f"the query quota of key {who.name!r} is spent",
+                           key=_key_figures(key))
+
+    def respond(result, who: Caller) -> GenerateResponse:
         key = keys.get(who.name) if who.key is not None else None
         return GenerateResponse(
             **engine.budget(), mode=result.mode,

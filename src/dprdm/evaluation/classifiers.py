@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dprdm.encoders.demo import ConvBlock  # conv3x3 -> BatchNorm -> ReLU, shared
 from dprdm.errors import DprdmError, InvalidParameterError
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "eval-classifiers"
@@ -88,14 +89,6 @@ class ClassifierConfig:
 
 # ---------------------------------------------------------------------------------------------
 # modules
-
-
-class ConvBlock(nn.Sequential):
-    """conv3x3 -> BatchNorm -> ReLU (BatchNorm folds away at inference; cheap on CPU)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
-        super().__init__(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True))
 
 
 class ConvNet(nn.Module):

@@ -90,6 +90,9 @@ def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
     assert [r["setting"] for r in rows] == [r["setting"] for r in runs]
     markdown = (out / "results.md").read_text()
     assert "NOT private" in markdown and "leak" in markdown
+    with np.load(out / "images.npz") as saved:
+        assert list(saved["prompts"]) == CAPTIONS
+        assert saved["generated/DP eps=8 T=3"].shape == (len(CAPTIONS), 32, 32, 3)
     for name in ("fid_kid_vs_epsilon.png", "samples.png"):
         with Image.open(out / name) as image:
             assert image.width > 100 and image.height > 100

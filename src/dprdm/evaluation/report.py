@@ -6,7 +6,9 @@ Owns the files ``dprdm eval`` leaves in ``--out``:
 * ``results.md`` -- the paper-style table, the real held-out reference row and the caveats;
 * ``fid_kid_vs_epsilon.png`` -- FID and KID against epsilon, one line per number of queries,
   public-only and non-private as horizontal lines;
-* ``samples.png`` -- prompts x settings, with the real held-out image in the last column.
+* ``samples.png`` -- prompts x settings, with the real held-out image in the last column;
+* ``images.npz`` -- every generated image (one uint8 array per setting label), the real
+  held-out images and the prompts, to re-score with other metrics without generating again.
 
 Every file is written atomically (temporary file + rename).
 """
@@ -173,6 +175,15 @@ def samples_png(result: EvalResult, rows: int = SAMPLE_ROWS) -> bytes:
                                 column_labels=[_short(label) for label in labels] + ["real"]))
 
 
+def images_npz(result: EvalResult) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{f"generated/{label}": images
+                                   for label, images in result.images.items()},
+                        real=result.held_out.images,
+                        prompts=np.array(result.held_out.captions))
+    return buffer.getvalue()
+
+
 def _short(label: str) -> str:
     return label.replace("DP eps=", "e").replace(" T=", "/").replace("public-only", "public") \
         .replace("non-private", "non-priv")
@@ -190,6 +201,7 @@ def write_report(result: EvalResult, out: str | Path) -> dict[str, str]:
         "results.md": results_markdown(result).encode(),
         "fid_kid_vs_epsilon.png": plot_png(result.runs),
         "samples.png": samples_png(result),
+        "images.npz": images_npz(result),
     }
     for name, data in files.items():
         write_bytes_atomically(out / name, data)

@@ -1,4 +1,4 @@
-"""The evaluation classifiers: a PUBLIC concept/category network and an OpenMoji style network.
+"""The evaluation classifiers: a PUBLIC concept/category network and two OpenMoji style networks.
 
 Owns :class:`EvalClassifiers`, the measuring instrument of ``dprdm eval`` (trained by
 :mod:`dprdm.evaluation.train_classifiers`, shipped in ``dprdm/weights/eval-classifiers``):
@@ -9,16 +9,26 @@ Owns :class:`EvalClassifiers`, the measuring instrument of ``dprdm eval`` (train
   and the emoji category. Its pooled features are the feature space of FID / KID / PRDC. It is
   independent of the generator's conditioning encoder (different network, different objective:
   plain supervised classification, no text tower).
-* the **style network** -- a smaller CNN that tells OpenMoji (the demo's private style) from
-  every public training source (the public styles AND their style augmentations). It has to see
-  OpenMoji images to learn what OpenMoji looks like: it is a demo-specific evaluation
-  instrument, never used by generation.
+* two **style networks** -- smaller CNNs that tell OpenMoji (the demo's private style) from the
+  public data, with one logit each (P(OpenMoji)):
+
+  - ``against="public-styles"`` (the default; ``style_public.*``): OpenMoji vs the public
+    styles as they are (Twemoji + Noto). "OpenMoji-like" = more like OpenMoji than like
+    Twemoji/Noto.
+  - ``against="public-and-augmentations"`` (the strict one; ``style.*``): OpenMoji vs the public
+    styles AND their style augmentations (outline, thick_stroke, ... -- everything the generator
+    was trained on), so black outlines alone do not count.
+
+  They have to see OpenMoji images to learn what OpenMoji looks like: demo-specific evaluation
+  instruments, never used by generation.
 
 Both take ``uint8 (N, H, W, 3)`` RGB on white; anything not 32 x 32 is resized with the
 project's decoding path (:func:`dprdm.data.decode_image`). Inference is deterministic (eval
 mode, no_grad, fixed batching). A checkpoint is a directory with ``config.json`` (architecture,
-concept and category lists) and ``model.safetensors`` (keys ``concept.*`` and ``style.*``,
-float16 on disk, float32 in memory).
+concept and category lists) and ``model.safetensors`` (keys ``concept.*``, ``style.*`` and
+``style_public.*``, float16 on disk, float32 in memory). A directory written before the
+public-styles network existed has no ``style_public_channels`` in its config: it loads, and only
+``against="public-styles"`` raises :class:`ClassifierLoadError`.
 """
 
 from __future__ import annotations
@@ -40,10 +50,14 @@ from dprdm.errors import DprdmError, InvalidParameterError
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "eval-classifiers"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TRAINING_NAME = "training.json"
 MODEL_TYPE = "dprdm-eval-classifiers"
 FORMAT_VERSION = 1
 IMAGE_SIZE = 32
 BATCH_SIZE = 256
+AGAINST_PUBLIC_STYLES = "public-styles"  # OpenMoji vs Twemoji + Noto as they are (default)
+AGAINST_PUBLIC_AND_AUGMENTATIONS = "public-and-augmentations"  # ... and their augmentations
+AGAINST = (AGAINST_PUBLIC_STYLES, AGAINST_PUBLIC_AND_AUGMENTATIONS)
 
 
 class ClassifierLoadError(DprdmError):
@@ -58,7 +72,9 @@ class ClassifierConfig:
     categories: list[str] = field(default_factory=list)  # category head classes
     concept_categories: list[str] = field(default_factory=list)  # category of each concept
     concept_channels: tuple[int, ...] = (32, 64, 128, 256)
-    style_channels: tuple[int, ...] = (16, 32, 64, 128)
+    style_channels: tuple[int, ...] = (16, 32, 64, 128)  # strict style network
+    # the public-styles network; None = not in this checkpoint (written before it existed)
+    style_public_channels: tuple[int, ...] | None = None
     image_size: int = IMAGE_SIZE
     model_type: str = MODEL_TYPE
     format_version: int = FORMAT_VERSION
@@ -66,6 +82,8 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         self.concept_channels = tuple(int(c) for c in self.concept_channels)
         self.style_channels = tuple(int(c) for c in self.style_channels)
+        if self.style_public_channels is not None:
+            self.style_public_channels = tuple(int(c) for c in self.style_public_channels)
         if len(self.concept_categories) != len(self.concepts):
             raise InvalidParameterError("concept_categories must list one category per concept")
 
@@ -73,6 +91,10 @@ class ClassifierConfig:
         out = dataclasses.asdict(self)
         out["concept_channels"] = list(self.concept_channels)
         out["style_channels"] = list(self.style_channels)
+        if self.style_public_channels is None:  # written as the older format was
+            del out["style_public_channels"]
+        else:
+            out["style_public_channels"] = list(self.style_public_channels)
         return out
 
     @classmethod
@@ -117,11 +139,18 @@ class ConvNet(nn.Module):
 
 
 def build_networks(config: ClassifierConfig) -> tuple[ConvNet, ConvNet]:
-    """(concept network with heads ``concept`` + ``category``, style network with ``openmoji``)."""
+    """(concept network with heads ``concept`` + ``category``, strict style network)."""
     concept = ConvNet(config.concept_channels,
                       {"concept": len(config.concepts), "category": len(config.categories)})
     style = ConvNet(config.style_channels, {"openmoji": 1})
     return concept, style
+
+
+def build_style_public(config: ClassifierConfig) -> ConvNet | None:
+    """The public-styles network (head ``openmoji``); None if the config has none."""
+    if config.style_public_channels is None:
+        return None
+    return ConvNet(config.style_public_channels, {"openmoji": 1})
 
 
 def to_input(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -149,14 +178,26 @@ def to_input(images: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 
 class EvalClassifiers:
-    """The concept/category network (PUBLIC data only) and the OpenMoji style network."""
+    """The concept/category network (PUBLIC data only) and the OpenMoji style networks.
+
+    ``style_net`` is the strict one (against the public styles and their augmentations),
+    ``style_public_net`` the one against the public styles only (None in checkpoints written
+    before it existed; needs ``config.style_public_channels``).
+    """
 
     def __init__(self, config: ClassifierConfig, concept_net: ConvNet | None = None,
-                 style_net: ConvNet | None = None) -> None:
+                 style_net: ConvNet | None = None,
+                 style_public_net: ConvNet | None = None) -> None:
         self.config = config
         built_concept, built_style = build_networks(config)
         self.concept_net = (concept_net or built_concept).eval()
         self.style_net = (style_net or built_style).eval()
+        if style_public_net is not None and config.style_public_channels is None:
+            raise InvalidParameterError("a style_public_net needs config.style_public_channels")
+        self.style_public_net = style_public_net or build_style_public(config)
+        if self.style_public_net is not None:
+            self.style_public_net.eval()
+        self.path: Path | None = None  # the directory it was loaded from, if any
         self._category_index = dict(zip(config.concepts, config.concept_categories))
 
     @property
@@ -201,9 +242,33 @@ class EvalClassifiers:
         """float32 (N, F): the concept network's pooled (penultimate) features (FID/KID/PRDC)."""
         return self._run(self.concept_net, images, "features")
 
-    def openmoji_probability(self, images: np.ndarray) -> np.ndarray:
-        """float32 (N,): the style network's P(OpenMoji style)."""
-        logits = self._run(self.style_net, images, "openmoji")[:, 0]
+    @property
+    def has_public_styles_net(self) -> bool:
+        """Whether ``against="public-styles"`` is available (False for older checkpoints)."""
+        return self.style_public_net is not None
+
+    def openmoji_probability(self, images: np.ndarray,
+                             against: str = AGAINST_PUBLIC_STYLES) -> np.ndarray:
+        """float32 (N,): P(OpenMoji style) of a style network.
+
+        ``against="public-styles"`` (default): OpenMoji vs Twemoji + Noto as they are -- "more
+        like OpenMoji than like the public styles". ``against="public-and-augmentations"``: the
+        strict network, which also calls the public styles' augmentations (outline,
+        thick_stroke, ...) "not OpenMoji".
+        """
+        if against not in AGAINST:
+            raise InvalidParameterError(f"against must be one of {AGAINST}, got {against!r}")
+        net = self.style_net
+        if against == AGAINST_PUBLIC_STYLES:
+            if self.style_public_net is None:
+                where = f" at {self.path}" if self.path is not None else ""
+                raise ClassifierLoadError(
+                    f"the evaluation classifiers{where} have no public-styles network "
+                    f"(against={AGAINST_PUBLIC_STYLES!r}): they predate it. Add it with `python "
+                    f"-m dprdm.evaluation.train_classifiers --only style_public --out DIR`, or "
+                    f"use against={AGAINST_PUBLIC_AND_AUGMENTATIONS!r} (the strict network)")
+            net = self.style_public_net
+        logits = self._run(net, images, "openmoji")[:, 0]
         return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
     def feature_module(self) -> nn.Module:
@@ -219,7 +284,7 @@ class EvalClassifiers:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {}
-        for prefix, net in (("concept", self.concept_net), ("style", self.style_net)):
+        for prefix, net in self._named_nets():
             for key, value in net.state_dict().items():
                 value = value.detach().cpu()
                 if half and value.is_floating_point():
@@ -229,9 +294,15 @@ class EvalClassifiers:
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=1) + "\n",
                                              encoding="utf-8")
         if record is not None:
-            (directory / "training.json").write_text(json.dumps(record, indent=2) + "\n",
+            (directory / TRAINING_NAME).write_text(json.dumps(record, indent=2) + "\n",
                                                      encoding="utf-8")
         return directory
+
+    def _named_nets(self) -> list[tuple[str, ConvNet]]:
+        nets = [("concept", self.concept_net), ("style", self.style_net)]
+        if self.style_public_net is not None:
+            nets.append(("style_public", self.style_public_net))
+        return nets
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = DEFAULT_DIR) -> EvalClassifiers:
@@ -252,7 +323,8 @@ class EvalClassifiers:
             raise ClassifierLoadError(f"cannot read the classifiers at {directory}: {error}"
                                       ) from None
         model = cls(config)
-        for prefix, net in (("concept", model.concept_net), ("style", model.style_net)):
+        model.path = directory
+        for prefix, net in model._named_nets():
             part = {k[len(prefix) + 1:]: v.float() if v.is_floating_point() else v
                     for k, v in state.items() if k.startswith(prefix + ".")}
             try:

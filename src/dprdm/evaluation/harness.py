@@ -218,7 +218,9 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
     row["n_concepts_scored"] = concepts["n"]
     style = style_scores(images, classifiers)
     row.update({"openmoji_like": style["openmoji_like"],
-                "openmoji_probability_mean": style["openmoji_probability_mean"]})
+                "openmoji_probability_mean": style["openmoji_probability_mean"],
+                "openmoji_like_strict": style["openmoji_like_strict"],
+                "openmoji_probability_mean_strict": style["openmoji_probability_mean_strict"]})
     align = alignment_score(images, held_out.captions, encoder)
     row.update({"alignment": align["alignment"], "alignment_std": align["alignment_std"],
                 "alignment_mismatched": align["alignment_mismatched"]})
@@ -236,6 +238,8 @@ def real_reference_row(held_out: HeldOut, classifiers, encoder) -> dict[str, Any
             "concept_top10": concepts["concept_top10"], "category_acc": concepts["category_acc"],
             "openmoji_like": style["openmoji_like"],
             "openmoji_probability_mean": style["openmoji_probability_mean"],
+            "openmoji_like_strict": style["openmoji_like_strict"],
+            "openmoji_probability_mean_strict": style["openmoji_probability_mean_strict"],
             "alignment": align["alignment"], "alignment_mismatched": align["alignment_mismatched"]}
 
 

@@ -212,15 +212,26 @@ def concept_scores(images: np.ndarray, captions: list[str], classifiers: Any) ->
 
 
 def style_scores(images: np.ndarray, classifiers: Any, threshold: float = 0.5) -> dict:
-    """Share of images the style network calls OpenMoji (P >= threshold), and the mean P."""
+    """Share of images each style network calls OpenMoji (P >= threshold), and the mean P.
+
+    ``openmoji_like`` / ``openmoji_probability_mean``: the public-styles network (OpenMoji vs
+    Twemoji + Noto as they are: "more like OpenMoji than like the public styles").
+    ``openmoji_like_strict`` / ``openmoji_probability_mean_strict``: the strict network, which
+    also counts the public styles' augmentations (outline, thick_stroke, ...) as "not OpenMoji".
+    """
     images = _check_images(images, "images")
     if not 0.0 < threshold < 1.0:
         raise InvalidParameterError(f"threshold must be in (0, 1), got {threshold}")
-    p = np.asarray(classifiers.openmoji_probability(images), dtype=np.float64)
-    if len(p) == 0:
-        return {"openmoji_like": None, "openmoji_probability_mean": None, "n": 0}
-    return {"openmoji_like": float(np.mean(p >= threshold)),
-            "openmoji_probability_mean": float(p.mean()), "n": len(p), "threshold": threshold}
+    out: dict[str, Any] = {"n": len(images)}
+    for suffix, against in (("", "public-styles"), ("_strict", "public-and-augmentations")):
+        p = np.asarray(classifiers.openmoji_probability(images, against=against),
+                       dtype=np.float64)
+        empty = len(p) == 0
+        out[f"openmoji_like{suffix}"] = None if empty else float(np.mean(p >= threshold))
+        out[f"openmoji_probability_mean{suffix}"] = None if empty else float(p.mean())
+    if len(images):
+        out["threshold"] = threshold
+    return out
 
 
 def alignment_score(images: np.ndarray, captions: list[str], encoder: Any) -> dict:

@@ -32,7 +32,8 @@ CSV_COLUMNS = [
     "setting", "label", "epsilon", "queries", "delta", "sigma", "q", "k", "lam", "prompts",
     "private", "noise_to_signal", "fid", "kid", "kid_std", "precision", "recall", "density",
     "coverage", "concept_top1", "concept_top10", "category_acc", "openmoji_like",
-    "openmoji_probability_mean", "alignment", "alignment_std", "alignment_mismatched",
+    "openmoji_probability_mean", "openmoji_like_strict", "alignment", "alignment_std",
+    "alignment_mismatched",
     "experiment_ledgers", "queries_charged", "epsilon_spent_max", "generation_s",
 ]
 TABLE_COLUMNS = [
@@ -40,7 +41,8 @@ TABLE_COLUMNS = [
     ("q", "q"), ("k", "k"), ("lam", "lam"), ("fid", "FID"), ("kid", "KID x1e3"),
     ("precision", "prec."), ("recall", "rec."), ("density", "dens."), ("coverage", "cov."),
     ("concept_top1", "top-1"), ("concept_top10", "top-10"), ("category_acc", "category"),
-    ("openmoji_like", "OpenMoji-like"), ("alignment", "align."),
+    ("openmoji_like", "OpenMoji-like"), ("openmoji_like_strict", "OpenMoji-like (strict)"),
+    ("alignment", "align."),
 ]
 SAMPLE_ROWS = 16
 

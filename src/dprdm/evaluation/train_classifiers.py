@@ -3,7 +3,7 @@
     python -m dprdm.evaluation.train_classifiers --data .dprdm-demo \\
         --out src/dprdm/weights/eval-classifiers
 
-Four short runs, one CPU thread, fixed seed (the same command gives the same weights):
+Five short runs, one CPU thread, fixed seed (the same command gives the same weights):
 
 1. **sanity** concept network trained on Twemoji (+ style augmentations) only, tested on Noto
    (Google): how well the recipe recognises content in a public style it has never seen.
@@ -17,8 +17,17 @@ Four short runs, one CPU thread, fixed seed (the same command gives the same wei
    off by default, see docs/evaluation.md).
    Public images of the held-out concepts are left out, so it is tested concept-disjointly on the
    243 held-out OpenMoji images against the public (and augmented) images of those concepts.
-4. the style network on autoencoder reconstructions of public held-out-concept images: generated
-   images are blurrier than real ones, and blur alone must not read as "OpenMoji".
+   This is the strict network, ``against="public-and-augmentations"``.
+4. **style_public** network (``against="public-styles"``, the default of
+   ``openmoji_probability``): the same recipe, same concept-disjoint split, but the negatives are
+   the raw public images only (Twemoji + Noto, no style augmentations). Measured on the same
+   test sets, including every augmentation of the held-out-concept public images.
+5. both style networks on autoencoder reconstructions of public held-out-concept images and of
+   the held-out OpenMoji: generated images are blurrier than real ones, and blur alone must not
+   read as "OpenMoji".
+
+``--only style_public`` trains only (4) and measures it, loading the concept and strict style
+networks unchanged from ``--out`` (and adding to the ``training.json`` there).
 
 Every batch goes through light geometric jitter (scale 0.85-1.1, +-2 px shift, +-8 degrees,
 white fill) and colour jitter (fill intensity +-15 %). The measured numbers are printed and
@@ -53,6 +62,7 @@ class Settings:
     concept_steps: int = 1000
     sanity_steps: int = 500
     style_steps: int = 500
+    style_public_steps: int = 500
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -64,6 +74,7 @@ class Settings:
     seed: int = 0
     threads: int = 1
     log_every: int = 50
+    only: str = ""  # "" = train everything; "style_public" = only that network (rest from out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,11 +239,13 @@ def concept_loss(settings: Settings):
 
 
 def style_batches(openmoji: np.ndarray, public: np.ndarray,
-                  reconstructions: tuple[np.ndarray, np.ndarray] | None):
+                  reconstructions: tuple[np.ndarray, np.ndarray] | None,
+                  augmentations: bool = True):
     """Half OpenMoji (label 1), half public (label 0), in equal shares of every public source.
 
     Public: as it is, or through one of the style augmentations (each source 1/8 of the
-    negatives). With `reconstructions` = (OpenMoji, public) images passed through the generator's
+    negatives); with ``augmentations=False`` (the public-styles network) always as it is.
+    With `reconstructions` = (OpenMoji, public) images passed through the generator's
     autoencoder, a quarter of the positives and a ninth of the negatives are such
     reconstructions, so decoder blur is a cue for neither class.
     """
@@ -242,6 +255,9 @@ def style_batches(openmoji: np.ndarray, public: np.ndarray,
         n_pos = n // 2
         pos = openmoji[rng.integers(0, len(openmoji), n_pos)]
         neg = public[rng.integers(0, len(public), n - n_pos)].copy()
+        if not augmentations:
+            x = to_tensor(np.concatenate([pos, neg]))
+            return x, {"openmoji": torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])}
         kinds = len(names) + 1 + (1 if reconstructions is not None else 0)
         which = rng.integers(0, kinds, len(neg))
         for a, name in enumerate(names):
@@ -297,15 +313,18 @@ def rate(p: np.ndarray, positive: bool) -> float:
 
 
 def style_report(classifiers: EvalClassifiers, holdout: Split, public_heldout: Split,
-                 seed: int) -> dict:
-    p_open = classifiers.openmoji_probability(holdout.images)
-    p_public = classifiers.openmoji_probability(public_heldout.images)
+                 seed: int, against: str = "public-and-augmentations") -> dict:
+    def prob(images: np.ndarray) -> np.ndarray:
+        return classifiers.openmoji_probability(images, against=against)
+
+    p_open = prob(holdout.images)
+    p_public = prob(public_heldout.images)
     augmented = augment_all(public_heldout.images, seed + 1)
-    p_aug = {name: classifiers.openmoji_probability(x) for name, x in augmented.items()}
+    p_aug = {name: prob(x) for name, x in augmented.items()}
     all_public = np.concatenate([p_public] + list(p_aug.values()))
     recall, specificity = rate(p_open, True), rate(all_public, False)
     return {
-        "n_openmoji": len(p_open), "n_public": len(p_public),
+        "against": against, "n_openmoji": len(p_open), "n_public": len(p_public),
         "n_public_augmented": int(sum(len(v) for v in p_aug.values())),
         "recall_openmoji": recall,
         "specificity_public": rate(p_public, False),
@@ -320,12 +339,14 @@ def style_report(classifiers: EvalClassifiers, holdout: Split, public_heldout: S
 
 
 def reconstruction_report(classifiers: EvalClassifiers, holdout: Split,
-                          public_heldout: Split) -> dict:
-    rec_public = autoencoder_reconstructions(public_heldout.images)
-    rec_open = autoencoder_reconstructions(holdout.images)
-    p_public = classifiers.openmoji_probability(rec_public)
-    p_open = classifiers.openmoji_probability(rec_open)
-    return {"public_reconstructions_openmoji_like": rate(p_public, True),
+                          public_heldout: Split, against: str = "public-and-augmentations",
+                          reconstructions: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """`reconstructions` = (public held-out, OpenMoji held-out) reconstructions, if computed."""
+    rec_public, rec_open = reconstructions or (autoencoder_reconstructions(public_heldout.images),
+                                               autoencoder_reconstructions(holdout.images))
+    p_public = classifiers.openmoji_probability(rec_public, against=against)
+    p_open = classifiers.openmoji_probability(rec_open, against=against)
+    return {"against": against,"public_reconstructions_openmoji_like": rate(p_public, True),
             "public_reconstructions_mean_p": float(p_public.mean()),
             "openmoji_reconstructions_openmoji_like": rate(p_open, True),
             "openmoji_reconstructions_mean_p": float(p_open.mean()),
@@ -335,7 +356,64 @@ def reconstruction_report(classifiers: EvalClassifiers, holdout: Split,
 # ---------------------------------------------------------------------------------------------
 
 
+def train_style_public(settings: Settings, openmoji: Split, public_train: Split
+                       ) -> tuple[ConvNet, float]:
+    """The public-styles network: OpenMoji vs raw Twemoji + Noto (no augmentations)."""
+    torch.manual_seed(settings.seed + 3)
+    net = ConvNet(ClassifierConfig().style_channels, {"openmoji": 1})
+    seconds = train_network(
+        net, style_batches(openmoji.images, public_train.images, None, augmentations=False),
+        style_loss, settings.style_public_steps, settings, "style_public", settings.seed + 3)
+    return net, seconds
+
+
+def measure_style_public(record: dict, classifiers: EvalClassifiers, holdout: Split,
+                         public_heldout: Split, settings: Settings,
+                         reconstructions: tuple[np.ndarray, np.ndarray]) -> None:
+    record["style_public"] = style_report(classifiers, holdout, public_heldout, settings.seed,
+                                          against="public-styles")
+    print("style_public network:", json.dumps(record["style_public"]), file=sys.stderr)
+    record["style_public_on_reconstructions"] = reconstruction_report(
+        classifiers, holdout, public_heldout, "public-styles", reconstructions)
+    print("style_public network on autoencoder reconstructions:",
+          json.dumps(record["style_public_on_reconstructions"]), file=sys.stderr)
+
+
+def run_style_public_only(settings: Settings, holdout: Split, openmoji: Split,
+                          public_train: Split, public_heldout: Split, t0: float) -> dict:
+    """Train and measure only the public-styles network; the rest is loaded from settings.out."""
+    from dprdm.evaluation.classifiers import TRAINING_NAME
+
+    existing = EvalClassifiers.from_pretrained(settings.out)
+    record_path = Path(settings.out) / TRAINING_NAME
+    record = json.loads(record_path.read_text("utf-8")) if record_path.is_file() else {}
+    net, seconds = train_style_public(settings, openmoji, public_train)
+    config = existing.config
+    config.style_public_channels = ClassifierConfig().style_channels
+    classifiers = EvalClassifiers(config, existing.concept_net, existing.style_net, net)
+    record.setdefault("seconds", {})["style_public"] = round(seconds, 1)
+    record["style_public_settings"] = asdict(settings)
+    record["style_public_train"] = {"n_openmoji": len(openmoji.images),
+                                    "n_public": len(public_train.images),
+                                    "public_augmentations": False}
+    reconstructions = (autoencoder_reconstructions(public_heldout.images),
+                       autoencoder_reconstructions(holdout.images))
+    measure_style_public(record, classifiers, holdout, public_heldout, settings,
+                         reconstructions)
+    classifiers.save_pretrained(settings.out, record=record)
+    # what ships is float16: the reloaded network should call the same images OpenMoji
+    reloaded = EvalClassifiers.from_pretrained(settings.out)
+    record["style_public_reloaded_float16_recall"] = rate(
+        reloaded.openmoji_probability(holdout.images), True)
+    classifiers.save_pretrained(settings.out, record=record)
+    print(f"saved to {settings.out} ({time.perf_counter() - t0:.0f}s in all)", file=sys.stderr)
+    return record
+
+
 def run(settings: Settings) -> dict:
+    if settings.only not in ("", "style_public"):
+        raise InvalidParameterError(f"--only must be 'style_public' or empty, got "
+                                    f"{settings.only!r}")
     torch.set_num_threads(settings.threads)
     t0 = time.perf_counter()
     public = load_splits(settings.data, ["public"])
@@ -346,6 +424,18 @@ def run(settings: Settings) -> dict:
     holdout = concat(list(evaluation.values()))
     openmoji = concat(list(private.values()))
     all_public = concat([public["twemoji"], public["google"]])
+    # the style networks' concept-disjoint split: public images of held-out concepts left out
+    holdout_concepts = set(holdout.concepts)
+    public_train = subset(all_public, np.array([c not in holdout_concepts
+                                                for c in all_public.concepts]))
+    public_heldout = subset(all_public, np.array([c in holdout_concepts
+                                                  for c in all_public.concepts]))
+    overlap = holdout_concepts & set(openmoji.concepts)
+    if overlap:
+        raise InvalidParameterError(f"private and holdout share {len(overlap)} concepts")
+    if settings.only == "style_public":
+        return run_style_public_only(settings, holdout, openmoji, public_train, public_heldout,
+                                     t0)
 
     # the class lists: every public concept (caption), every category, sorted
     category_of: dict[str, str] = {}
@@ -391,15 +481,7 @@ def run(settings: Settings) -> dict:
                                      settings.p_original),
         concept_loss(settings), settings.concept_steps, settings, "concept", settings.seed + 1)
 
-    # 3. the style network: OpenMoji vs public (+ augmented), held-out concepts left out
-    holdout_concepts = set(holdout.concepts)
-    public_train = subset(all_public, np.array([c not in holdout_concepts
-                                                for c in all_public.concepts]))
-    public_heldout = subset(all_public, np.array([c in holdout_concepts
-                                                  for c in all_public.concepts]))
-    overlap = holdout_concepts & set(openmoji.concepts)
-    if overlap:
-        raise InvalidParameterError(f"private and holdout share {len(overlap)} concepts")
+    # 3. the strict style network: OpenMoji vs public (+ augmented), held-out concepts left out
     extra = (autoencoder_reconstructions(openmoji.images),
              autoencoder_reconstructions(public_train.images)) if (
         settings.style_reconstructions) else None
@@ -412,17 +494,28 @@ def run(settings: Settings) -> dict:
                              "n_public": len(public_train.images),
                              "public_reconstructions": settings.style_reconstructions}
 
-    classifiers = EvalClassifiers(config, concept_net, style_net)
+    # 4. the public-styles network: OpenMoji vs raw public, same split
+    style_public_net, record["seconds"]["style_public"] = train_style_public(
+        settings, openmoji, public_train)
+    record["style_public_train"] = {"n_openmoji": len(openmoji.images),
+                                    "n_public": len(public_train.images),
+                                    "public_augmentations": False}
+    config.style_public_channels = config.style_channels
+    classifiers = EvalClassifiers(config, concept_net, style_net, style_public_net)
     record["concept"] = {"holdout_openmoji": concept_accuracy(classifiers, holdout),
                          "twemoji": concept_accuracy(classifiers, public["twemoji"]),
                          "google": concept_accuracy(classifiers, public["google"])}
     print("concept network:", json.dumps(record["concept"]), file=sys.stderr)
     record["style"] = style_report(classifiers, holdout, public_heldout, settings.seed)
     print("style network:", json.dumps(record["style"]), file=sys.stderr)
-    record["style_on_reconstructions"] = reconstruction_report(classifiers, holdout,
-                                                               public_heldout)
+    reconstructions = (autoencoder_reconstructions(public_heldout.images),
+                       autoencoder_reconstructions(holdout.images))
+    record["style_on_reconstructions"] = reconstruction_report(
+        classifiers, holdout, public_heldout, "public-and-augmentations", reconstructions)
     print("style network on autoencoder reconstructions:",
           json.dumps(record["style_on_reconstructions"]), file=sys.stderr)
+    measure_style_public(record, classifiers, holdout, public_heldout, settings,
+                         reconstructions)
     record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     record["seconds"] = {k: round(v, 1) for k, v in record["seconds"].items()}
     classifiers.save_pretrained(settings.out, record=record)
@@ -446,8 +539,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
     record = run(Settings(**vars(args)))
-    print(json.dumps({k: record[k] for k in ("concept", "style", "style_on_reconstructions",
-                                             "seconds")}, indent=2))
+    print(json.dumps({k: record.get(k) for k in ("concept", "style", "style_on_reconstructions",
+                                                 "style_public",
+                                                 "style_public_on_reconstructions", "seconds")},
+                     indent=2))
     return 0
 
 

@@ -159,11 +159,17 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
+def sample_rows(n: int, rows: int = SAMPLE_ROWS) -> np.ndarray:
+    """`rows` prompt indices spread evenly over the set (held-out sets are often sorted by
+    category, so the first rows would all be faces)."""
+    return np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(int))
+
+
 def samples_png(result: EvalResult, rows: int = SAMPLE_ROWS) -> bytes:
     labels = list(result.images)
-    count = min(rows, len(result.held_out.captions))
-    columns = [result.images[label][:count] for label in labels]
-    real = result.held_out.images[:count]
+    chosen = sample_rows(len(result.held_out.captions), rows)
+    columns = [result.images[label][chosen] for label in labels]
+    real = result.held_out.images[chosen]
     if real.shape[1:3] != columns[0].shape[1:3]:
         from PIL import Image
 
@@ -172,7 +178,8 @@ def samples_png(result: EvalResult, rows: int = SAMPLE_ROWS) -> bytes:
                                                                 Image.Resampling.LANCZOS))
                          for im in real])
     grid = np.stack(columns + [real], axis=1)
-    captions = [c if len(c) <= 28 else c[:27] + "…" for c in result.held_out.captions[:count]]
+    captions = [result.held_out.captions[i] for i in chosen]
+    captions = [c if len(c) <= 28 else c[:27] + "…" for c in captions]
     return png_bytes(image_grid(grid, row_labels=captions,
                                 column_labels=[_short(label) for label in labels] + ["real"]))
 

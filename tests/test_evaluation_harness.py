@@ -77,7 +77,7 @@ def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
         assert run["private"] is True
     assert runs[-1]["sigma"] == 0.0 and runs[-1]["q"] == 1.0 and runs[-1]["private"] is False
     for run in runs:
-        for key in ("fid", "kid", "kid_std", "precision", "recall", "density", "coverage",
+        for key in ("fid", "fid_std", "kid", "kid_std", "precision", "recall", "density", "coverage",
                     "concept_top1", "concept_top10", "category_acc", "openmoji_like",
                     "alignment"):
             assert key in run and (run[key] is None or np.isfinite(run[key])), key

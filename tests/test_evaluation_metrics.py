@@ -96,8 +96,13 @@ def test_fid_and_kid_zero_for_identical_sets_and_positive_for_shifted_ones():
     assert shifted["fid"] > 5 * fresh["fid"] > 0  # a fresh sample: small-sample bias only
     assert shifted["kid"] > 5 * shifted["kid_std"] > 0
     assert shifted["kid"] > 10 * (abs(same["kid"]) + same["kid_std"])
-    assert set(shifted) >= {"fid", "kid", "kid_std", "precision", "recall", "density",
-                            "coverage", "n_real", "n_fake"}
+    assert set(shifted) >= {"fid", "fid_std", "kid", "kid_std", "precision", "recall",
+                            "density", "coverage", "n_real", "n_fake"}
+    # the bootstrap spread of FID separates the shifted set from a fresh sample of the same one
+    assert shifted["fid"] - fresh["fid"] > 5 * (shifted["fid_std"] + fresh["fid_std"]) > 0
+    again = distribution_metrics(real, blobs(100, 1, colour_shift=150), BlockMeans(),
+                                 kid_subsets=20)
+    assert again["fid_std"] == shifted["fid_std"]  # seeded
 
 
 def test_kid_subset_size_adapts_and_is_checked():

@@ -29,6 +29,7 @@ from dprdm.errors import DprdmError, InvalidParameterError
 
 PRDC_K = 5
 KID_MAX_SUBSET = 1000
+FID_BOOTSTRAPS = 20
 INCEPTION_WEIGHTS_HINT = (
     "the FID InceptionV3 weights of torch-fidelity, weights-inception-2015-12-05-6726825d.pth "
     "(https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -126,7 +127,8 @@ def extract_features(extractor: Any, images: np.ndarray) -> np.ndarray:
 
 def distribution_metrics(real: np.ndarray, fake: np.ndarray, extractor: Any, *,
                          kid_subsets: int = 100, kid_subset_size: int | None = None,
-                         seed: int = 0) -> dict[str, float | int]:
+                         seed: int = 0, fid_bootstraps: int = FID_BOOTSTRAPS
+                         ) -> dict[str, float | int]:
     """FID, KID (mean and std over subsets) and PRDC (k=5) of `fake` against `real` images.
 
     `extractor` has ``.features(images) -> (N, F)``: :class:`EvalClassifiers` (the default
@@ -137,6 +139,9 @@ def distribution_metrics(real: np.ndarray, fake: np.ndarray, extractor: Any, *,
     ``min(n_real, n_fake)`` every subset of the smaller side would be the same set). `seed` fixes
     the KID subsets, so one input gives one answer. FID is biased upwards at a few hundred
     samples; KID is unbiased, which is why it is the one to compare across sample sizes.
+    ``fid_std`` is the spread of FID over `fid_bootstraps` bootstrap resamples (real and fake
+    drawn with replacement, seeded): a standard error for comparing settings on the same sets
+    (the bootstrap mean itself is biased upwards by the duplicates, so only its spread is used).
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -169,12 +174,31 @@ def distribution_metrics(real: np.ndarray, fake: np.ndarray, extractor: Any, *,
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
     out: dict[str, float | int] = {
-        "fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+        "fid": float(fid.compute()),
+        "fid_std": _bootstrap_fid_std(real_features, fake_features, identity, fid_bootstraps,
+                                      seed),
+        "kid": float(kid_mean), "kid_std": float(kid_std),
         "kid_subset_size": int(kid_subset_size), "kid_subsets": int(kid_subsets)}
     out.update(prdc(real_features.numpy(), fake_features.numpy(), PRDC_K))
     out.update({"n_real": len(real), "n_fake": len(fake),
                 "feature_dim": int(real_features.shape[1])})
     return out
+
+
+def _bootstrap_fid_std(real: torch.Tensor, fake: torch.Tensor, identity: nn.Module,
+                       resamples: int, seed: int) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if resamples < 2:
+        raise InvalidParameterError(f"fid_bootstraps must be >= 2, got {resamples}")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        fid = FrechetInceptionDistance(feature=identity, reset_real_features=True)
+        fid.update(real[rng.integers(0, len(real), len(real))], real=True)
+        fid.update(fake[rng.integers(0, len(fake), len(fake))], real=False)
+        values.append(float(fid.compute()))
+    return float(np.std(values, ddof=1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from dprdm.image_files import image_grid, png_bytes
 
 CSV_COLUMNS = [
     "setting", "label", "epsilon", "queries", "delta", "sigma", "q", "k", "lam", "prompts",
-    "private", "noise_to_signal", "fid", "kid", "kid_std", "precision", "recall", "density",
+    "private", "noise_to_signal", "fid", "fid_std", "kid", "kid_std", "precision", "recall", "density",
     "coverage", "concept_top1", "concept_top10", "category_acc", "openmoji_like",
     "openmoji_probability_mean", "openmoji_like_strict", "alignment", "alignment_std",
     "alignment_mismatched",
@@ -53,6 +53,8 @@ def cell(key: str, row: dict[str, Any]) -> str:
         return "-"
     if key == "kid":
         return f"{1e3 * value:.2f} ± {1e3 * row.get('kid_std', 0.0):.2f}"
+    if key == "fid" and row.get("fid_std") is not None:
+        return f"{value:.2f} ± {row['fid_std']:.2f}"
     if key == "setting":
         return "non-private (NOT private)" if value == "non-private" else str(value)
     if isinstance(value, bool):
@@ -108,7 +110,8 @@ def results_markdown(result: EvalResult) -> str:
         "",
         "* FID/KID/PRDC: feature space of the evaluation feature extractor (by default the "
         "concept network trained on PUBLIC images only; see docs/evaluation.md). KID is the "
-        "unbiased one at a few hundred samples: compare settings by KID ± its std first.",
+        "unbiased one at a few hundred samples: compare settings by KID ± its std first. "
+        "FID ± the std of 20 bootstrap resamples.",
         "* DP rows: sigma calibrated so that `queries` releases reach epsilon at delta "
         f"{plan['delta']:g} (PLD accountant); charged to in-memory EXPERIMENT ledgers, never the "
         "index's own ledger. With more prompts than `queries`, prompts were split over several "
@@ -136,7 +139,7 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
             line = sorted((r for r in dp if r["queries"] == queries), key=lambda r: r["epsilon"])
             x = [r["epsilon"] for r in line]
             y = [r[key] for r in line]
-            errors = [r["kid_std"] for r in line] if key == "kid" else None
+            errors = [r[f"{key}_std"] for r in line]
             axis.errorbar(x, y, yerr=errors, marker="o", capsize=3,
                           label=f"DP-RDM, {queries:,} queries")
         styles = {"public-only": ("tab:red", "--"), "non-private": ("tab:green", ":")}
@@ -144,9 +147,8 @@ def plot_png(rows: list[dict[str, Any]]) -> bytes:
             colour, dash = styles[name]
             label = name if name == "public-only" else "non-private (NOT private)"
             axis.axhline(row[key], color=colour, linestyle=dash, label=label)
-            if key == "kid":
-                axis.axhspan(row[key] - row["kid_std"], row[key] + row["kid_std"],
-                             color=colour, alpha=0.1)
+            axis.axhspan(row[key] - row[f"{key}_std"], row[key] + row[f"{key}_std"],
+                         color=colour, alpha=0.1)
         if dp and len({r["epsilon"] for r in dp}) > 1:
             axis.set_xscale("log")
         axis.set_xlabel("epsilon")

@@ -26,7 +26,7 @@ console = Console()
 
 EPSILON, DELTA, DEMO_QUERIES = 10.0, 1e-5, 1000
 # The mechanism: many neighbours keep the noise small (sensitivity 2/k); see docs/results.md.
-DEMO_K, DEMO_Q, DEMO_LAM = 40, 0.1, 0.8
+DEMO_K, DEMO_Q, DEMO_LAM = 40, 0.1, 0.5
 N_PROMPTS, IMAGES_PER_PROMPT, SEED = 8, 3, 0
 IMAGE_SIZE = 64
 

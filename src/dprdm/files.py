@@ -25,11 +25,14 @@ def check_writable_destination(path: Path) -> Path:
     return path
 
 
-def write_bytes_atomically(path: Path, data: bytes) -> None:
+def write_bytes_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` via a temporary file in the same directory, fsync and rename.
+    The file gets `mode` (the temporary file's own 0600 is only for the write)."""
     path = Path(path)
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
     try:
         with handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

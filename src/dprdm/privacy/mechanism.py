@@ -1,4 +1,6 @@
-"""The private retrieval step: the only code that reads private embeddings.
+"""The private retrieval step: the only code that reads private embeddings for a release.
+
+(``dprdm eval``'s non-private reference run also reads them, by design and labelled NOT private.)
 
 :class:`PrivateRetrieval` owns the whole private step for a batch of query embeddings. For each
 query, with parameters (sigma, q, k):

@@ -26,7 +26,6 @@ and Noto centroids): a rough style probe, only as good as the encoder's style di
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -41,6 +40,7 @@ from torch import nn
 
 from dprdm.generation import DEFAULT_DIR, LatentDenoiser, RetrievalDiffusionPipeline
 from dprdm.generation.layers import rms_norm
+from results_file import write_results  # bench/results_file.py
 
 console = Console()
 
@@ -241,10 +241,7 @@ def main() -> None:
     result["machine"]["load_average_1m_after"] = os.getloadavg()[0]
     console.print(f"load average (1 min) before/after: {result['machine']['load_average_1m']:.2f}"
                   f" / {result['machine']['load_average_1m_after']:.2f}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        console.print(f"wrote {args.out}")
+    write_results(args.out, result, console)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Random unit vectors stand in for embeddings (timing does not depend on their con
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -31,6 +30,7 @@ from rich.table import Table
 from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval
 from dprdm.retrieval import (EmbeddingIndex, FaissFlatSearcher, FaissIVFSearcher,
                              build_index, train_public_quantizer)
+from results_file import write_results  # bench/results_file.py
 
 console = Console()
 SIGMA = 0.05
@@ -137,9 +137,7 @@ def main() -> None:
                       f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}",
                       f"{row['speedup_vs_reference']:.1f}x")
     console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    console.print(f"wrote {args.out}")
+    write_results(args.out, rows, console)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Numbers on a shared machine move with its load; the table prints the load averag
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -42,6 +41,7 @@ from rich.table import Table
 from dprdm.privacy import MechanismParams, SqliteLedger, accounting
 from dprdm.retrieval import build_index
 from dprdm.service.keys import KeyStore
+from results_file import write_results  # bench/results_file.py
 
 console = Console()
 EPSILON, DELTA, QUERIES, K, Q, LAM = 10.0, 1e-5, 1000, 40, 0.1, 0.8
@@ -222,10 +222,7 @@ def main() -> None:
     console.print(ledger)
     console.print(f"load average (1 min) before/after: {result['machine']['load_average_1m']:.2f}"
                   f" / {result['machine']['load_average_1m_after']:.2f}")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        console.print(f"wrote {args.out}")
+    write_results(args.out, result, console)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from service import start_server  # noqa: E402  (bench/service.py)
 from dprdm.privacy import MechanismParams, SqliteLedger  # noqa: E402
 from dprdm.retrieval import build_index  # noqa: E402
 from dprdm.service.keys import KeyStore  # noqa: E402
+from results_file import write_results  # noqa: E402  (bench/results_file.py)
 
 console = Console()
 SIGMA, Q, K, LAM = 2.0, 0.5, 5, 0.8
@@ -217,10 +218,7 @@ def main() -> None:
         for key, value in result[name].items():
             figures.add_row(key.replace("_", " "), str(value))
         console.print(figures)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        console.print(f"wrote {args.out}")
+    write_results(args.out, result, console)
 
 
 if __name__ == "__main__":

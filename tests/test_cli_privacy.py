@@ -123,3 +123,27 @@ def test_retrieve_is_refused_when_the_budget_is_gone(private_index, tmp_path):
                                  "--q", "0.5", "--out", str(tmp_path / "r.npy")])
     assert result.exit_code == 2 and "budget exceeded" in result.output
     assert not (tmp_path / "r.npy").exists()
+
+
+def test_retrieve_with_the_public_ivf_candidate_set(private_index, tmp_path):
+    SqliteLedger.create(private_index, epsilon=5, delta=1e-5)
+    queries = np.random.default_rng(2).normal(size=(4, 16)).astype(np.float32)
+    np.save(tmp_path / "q.npy", queries)
+    args = ["retrieve", str(private_index), "--query-emb", str(tmp_path / "q.npy"), "--k", "5",
+            "--sigma", "0.5", "--q", "0.5", "--out", str(tmp_path / "r.npy"),
+            "--strategy", "ivf-subsample", "--nprobe", "2"]
+    # no public quantizer yet: refused before anything is charged
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "quantizer" in result.output
+    assert SqliteLedger(private_index).summary().queries == 0
+    np.save(tmp_path / "public.npy", np.random.default_rng(3).normal(size=(200, 16)))
+    result, _ = run_json("index", "quantize", str(private_index), "--public",
+                         str(tmp_path / "public.npy"), "--nlist", "4")
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*args[:-1], "9"])  # nprobe beyond nlist
+    assert result.exit_code == 2 and "nprobe" in result.output
+    assert SqliteLedger(private_index).summary().queries == 0
+    result, report = run_json(*args)
+    assert result.exit_code == 0, result.output
+    assert report["queries"] == 4 and np.load(tmp_path / "r.npy").shape == (4, 16)
+    assert SqliteLedger(private_index).summary().queries == 4

@@ -33,14 +33,32 @@ class BruteForceSearcher:
         return out
 
 
-def mechanism(vectors, sigma=1e-3, q=1.0, k=3, strategy="subsample", rng=None, ledger=None):
+class EveryOtherRow:
+    """Candidate sets for the "probed" strategy: the even rows, plus row 1 for queries whose first
+    coordinate is negative (a query-dependent set that no k-NN over all rows would give)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def candidate_rows(self, queries):
+        even = np.arange(0, self.n, 2)
+        return [np.concatenate([even, [1]]) if query[0] < 0 and self.n > 1 else even
+                for query in queries]
+
+
+def mechanism(vectors, sigma=1e-3, q=1.0, k=3, strategy="subsample", rng=None, ledger=None,
+              searcher=None):
     vectors = unit(vectors)
+    if searcher is None and strategy == "ranked":
+        searcher = BruteForceSearcher(vectors)
+    if searcher is None and strategy == "probed":
+        searcher = EveryOtherRow(len(vectors))
     return PrivateRetrieval(
         ArrayVectors(vectors),
         MechanismParams(sigma, q, k),
         ledger or InMemoryLedger(**BIG_BUDGET),
         strategy=strategy,
-        searcher=BruteForceSearcher(vectors) if strategy == "ranked" else None,
+        searcher=searcher,
         randomness=rng,
     )
 
@@ -63,6 +81,19 @@ def test_without_subsampling_the_aggregate_is_the_exact_knn_mean(strategy):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_probed_strategy_without_subsampling_is_the_knn_mean_inside_the_candidate_set():
+    rng = np.random.default_rng(3)
+    vectors = unit(rng.normal(size=(300, 16)))
+    vectors[10] = vectors[12] = vectors[14]  # ties among candidates: broken by row number
+    queries = np.concatenate([unit(rng.normal(size=(20, 16))), vectors[10:11]])
+    got = mechanism(vectors, q=1.0, k=4, strategy="probed")._aggregate(queries)
+    for query, aggregate in zip(queries, got):
+        rows = np.arange(0, 300, 2) if query[0] >= 0 else np.r_[np.arange(0, 300, 2), 1]
+        scores = vectors[rows] @ query
+        mean = vectors[rows[np.lexsort((rows, -scores))[:4]]].sum(axis=0) / 4
+        np.testing.assert_allclose(aggregate, mean, atol=1e-6)
+
+
 def test_subsample_strategy_searches_in_blocks(monkeypatch):
     from dprdm.privacy import mechanism as mechanism_module
 
@@ -76,12 +107,14 @@ def test_subsample_strategy_searches_in_blocks(monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["subsample", "ranked"])
+@pytest.mark.parametrize("strategy", ["subsample", "ranked", "probed"])
 def test_neighbour_sets_have_the_naive_masks_distribution(strategy):
     # One-hot records: k * aggregate reveals exactly which records were averaged.
     n, k, q, trials = 6, 2, 0.45, 20_000
     vectors = np.eye(n, dtype=np.float32)
     query = unit(np.linspace(1.0, 0.5, n))  # record 0 nearest, then 1, ...
+    # "probed" searches only its candidate set (the even rows here): mask over those only
+    searchable = np.arange(0, n, 2) if strategy == "probed" else np.arange(n)
     rng = np.random.default_rng(7)
     mech = mechanism(vectors, q=q, k=k, strategy=strategy, rng=rng)
     sets = np.rint(mech._aggregate(np.repeat(query[None], trials, axis=0)) * k).astype(int)
@@ -91,7 +124,9 @@ def test_neighbour_sets_have_the_naive_masks_distribution(strategy):
         got[key] = got.get(key, 0) + 1
     naive = {}
     for _ in range(trials):
-        kept = np.flatnonzero(rng.random(n) < q)[:k]  # nearest-first = lowest row here
+        mask = np.zeros(n, bool)
+        mask[searchable] = rng.random(searchable.size) < q  # the naive mask over the candidates
+        kept = np.flatnonzero(mask)[:k]  # nearest-first = lowest row here
         naive[tuple(kept)] = naive.get(tuple(kept), 0) + 1
     keys = set(got) | set(naive)
     tv = 0.5 * sum(abs(got.get(key, 0) - naive.get(key, 0)) for key in keys) / trials
@@ -205,9 +240,16 @@ def test_bad_queries_are_refused_before_anything_is_charged(queries, match):
     assert ledger.summary().queries == 0
 
 
-def test_ranked_strategy_needs_a_searcher():
-    with pytest.raises(InvalidParameterError, match="searcher"):
+@pytest.mark.parametrize("strategy, searcher, match", [
+    ("ranked", None, "ranked searcher"),
+    ("ranked", EveryOtherRow(3), "ranked searcher"),
+    ("probed", None, "candidate sets"),
+    ("probed", BruteForceSearcher(np.eye(3)), "candidate sets"),
+    ("nearest", None, "unknown strategy"),
+])
+def test_strategies_refuse_a_missing_or_wrong_searcher(strategy, searcher, match):
+    with pytest.raises(InvalidParameterError, match=match):
         PrivateRetrieval(
             ArrayVectors(unit(np.eye(3))), MechanismParams(0.1, 0.5, 1),
-            InMemoryLedger(**BIG_BUDGET), strategy="ranked",
+            InMemoryLedger(**BIG_BUDGET), strategy=strategy, searcher=searcher,
         )

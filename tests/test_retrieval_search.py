@@ -508,3 +508,112 @@ def test_ivf_near_ties_and_duplicates_across_probed_lists(tmp_path: Path) -> Non
                 np.testing.assert_array_equal(
                     searcher.ranked_candidates(queries[b : b + 1], depth)[0], got[b])
         assert len(lists_hit) >= min(nprobe, 2)
+
+
+# --- IVF partition: candidate sets for the "probed" strategy -----------------------------------
+
+
+def test_partition_candidate_sets_are_the_ivf_searchers_probed_lists(
+    random_index: EmbeddingIndex, quantizer: PublicQuantizer
+) -> None:
+    from dprdm.retrieval.partition import IVFPartition
+
+    partition = IVFPartition(random_index, quantizer, nprobe=3)
+    searcher = FaissIVFSearcher(random_index, quantizer, nprobe=3)
+    queries = queries_for(random_index, 7, seed=12)
+    np.testing.assert_array_equal(partition.probed_lists(queries), searcher.probed_lists(queries))
+    # the faiss lists were filled from this assignment
+    for list_no in range(quantizer.nlist):
+        rows = partition.list_members(list_no)
+        assert (np.diff(rows) > 0).all()
+        faiss_ids = faiss.rev_swig_ptr(searcher._ivf.invlists.get_ids(list_no), len(rows))
+        np.testing.assert_array_equal(np.array(faiss_ids, np.int64), rows)
+    np.testing.assert_array_equal(np.bincount(partition.assignment, minlength=quantizer.nlist),
+                                  partition.list_sizes)
+    full_rank = searcher.ranked_candidates(queries, random_index.n)
+    for candidates, ranked in zip(partition.candidate_rows(queries), full_rank):
+        assert sorted(candidates.tolist()) == sorted(ranked[ranked >= 0].tolist())
+
+
+def test_partition_refuses_bad_nprobe_and_dimension(
+    random_index: EmbeddingIndex, quantizer: PublicQuantizer, tied_index: EmbeddingIndex
+) -> None:
+    from dprdm.retrieval.partition import IVFPartition
+
+    for nprobe in (0, quantizer.nlist + 1, 2.5, True):
+        with pytest.raises(InvalidParameterError, match="nprobe"):
+            IVFPartition(random_index, quantizer, nprobe=nprobe)  # type: ignore[arg-type]
+    other = PublicQuantizer(np.eye(DIM + 1, dtype=np.float32)[:3], n_train=3, created="")
+    with pytest.raises(InvalidParameterError, match="dimension"):
+        IVFPartition(tied_index, other)
+    with pytest.raises(InvalidParameterError, match="list_no"):
+        IVFPartition(random_index, quantizer).list_members(quantizer.nlist)
+
+
+def test_partition_candidate_sets_change_by_at_most_the_added_record(
+    tmp_path: Path, quantizer: PublicQuantizer
+) -> None:
+    from dprdm.retrieval.partition import IVFPartition
+
+    rng = np.random.default_rng(21)
+    records = rng.standard_normal((800, DIM))
+    queries = queries_for(build_index(records, tmp_path / "q"), 20, seed=22)
+    without = IVFPartition(build_index(records, tmp_path / "without"), quantizer, nprobe=4)
+    extra = rng.standard_normal((1, DIM))
+    with_record = IVFPartition(build_index(np.concatenate([records, extra]), tmp_path / "with"),
+                               quantizer, nprobe=4)
+    for a, b in zip(without.candidate_rows(queries), with_record.candidate_rows(queries)):
+        assert set(b.tolist()) - set(a.tolist()) <= {800}
+        assert set(a.tolist()) <= set(b.tolist())
+
+
+def test_probed_over_partition_equals_ranked_over_ivf_without_subsampling(
+    random_index: EmbeddingIndex, quantizer: PublicQuantizer
+) -> None:
+    from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval
+    from dprdm.retrieval.partition import IVFPartition
+
+    params = MechanismParams(1e-3, 1.0, 7)
+    queries = queries_for(random_index, 6, seed=23)
+    ledger = InMemoryLedger(epsilon=1e6, delta=1e-5)
+    probed = PrivateRetrieval(random_index, params, ledger, strategy="probed",
+                              searcher=IVFPartition(random_index, quantizer, nprobe=2))
+    ranked = PrivateRetrieval(random_index, params, ledger, strategy="ranked",
+                              searcher=FaissIVFSearcher(random_index, quantizer, nprobe=2))
+    np.testing.assert_array_equal(probed._aggregate(queries), ranked._aggregate(queries))
+
+
+def test_nearest_centroids_few_and_many_vectors_agree_with_ties() -> None:
+    from dprdm.retrieval.partition import FEW_VECTORS, nearest_centroids
+
+    rng = np.random.default_rng(31)
+    centroids = rng.standard_normal((40, DIM)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    centroids[7] = centroids[3]  # exact ties: the lower number first
+    centroids[20] = centroids[3]
+    vectors = rng.standard_normal((3 * FEW_VECTORS, DIM)).astype(np.float32)
+    vectors[0] = centroids[3]
+    vectors[1] = -centroids[3]
+    for count in (1, 3, 5):
+        batch = nearest_centroids(vectors, centroids, count)  # vectorised path
+        one_by_one = np.concatenate([nearest_centroids(v[None], centroids, count)
+                                     for v in vectors])
+        np.testing.assert_array_equal(batch, one_by_one)
+        np.testing.assert_array_equal(batch, brute_force(_CentroidIndex(centroids), vectors,  # type: ignore[arg-type]
+                                                         count))
+    assert nearest_centroids(vectors[:1], centroids, 3)[0].tolist() == [3, 7, 20]
+
+
+def test_ivf_nprobe_can_change_between_calls(
+    random_index: EmbeddingIndex, quantizer: PublicQuantizer
+) -> None:
+    searcher = FaissIVFSearcher(random_index, quantizer, nprobe=2)
+    queries = queries_for(random_index, 3, seed=41)
+    searcher.nprobe = 5
+    assert searcher.partition.nprobe == 5 and searcher.probed_lists(queries).shape == (3, 5)
+    fresh = FaissIVFSearcher(random_index, quantizer, nprobe=5)
+    np.testing.assert_array_equal(searcher.ranked_candidates(queries, 200),
+                                  fresh.ranked_candidates(queries, 200))
+    with pytest.raises(InvalidParameterError, match="nprobe"):
+        searcher.nprobe = 0
+    assert searcher.nprobe == 5

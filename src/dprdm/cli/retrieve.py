@@ -13,9 +13,10 @@ from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
 from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
 from dprdm.privacy.mechanism import normalise_queries
-from dprdm.retrieval import EmbeddingIndex, make_searcher
+from dprdm.retrieval import DEFAULT_NPROBE, EmbeddingIndex, IVFPartition, make_searcher
+from dprdm.retrieval.search import PublicQuantizer
 
-STRATEGIES = ("subsample", "exact", "faiss", "ivf")
+STRATEGIES = ("subsample", "ivf-subsample", "exact", "faiss", "ivf")
 
 
 def retrieve(
@@ -28,9 +29,12 @@ def retrieve(
     out: Path = typer.Option(..., "--out", help="Where to write the (B, d) float32 .npy."),
     strategy: str = typer.Option(
         "subsample", "--strategy",
-        help="subsample: draw the subsample in O(qN), search it; exact/faiss/ivf: walk a "
-             "ranked candidate list from that searcher (ivf needs a public quantizer).",
+        help="subsample: draw the subsample in O(qN), search it; ivf-subsample: the same "
+             "inside the lists a public quantizer probes (fastest); exact/faiss/ivf: walk a "
+             "ranked candidate list from that searcher (ivf* need `index quantizer`).",
     ),
+    nprobe: int = typer.Option(
+        DEFAULT_NPROBE, "--nprobe", help="Lists probed per query (ivf and ivf-subsample)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Release one noised aggregate per query row; every row costs one query of the budget.
@@ -55,11 +59,15 @@ def retrieve(
         except (OSError, ValueError) as error:
             raise InvalidParameterError(f"cannot read {query_emb} as .npy: {error}") from None
         queries = normalise_queries(raw, index.dim)
-        searcher = None if strategy == "subsample" else make_searcher(index, strategy)
-        mechanism = PrivateRetrieval(
-            index, params, ledger,
-            strategy="subsample" if searcher is None else "ranked", searcher=searcher,
-        )
+        if strategy == "subsample":
+            mechanism = PrivateRetrieval(index, params, ledger)
+        elif strategy == "ivf-subsample":
+            partition = IVFPartition(index, PublicQuantizer.load(index_dir), nprobe)
+            mechanism = PrivateRetrieval(index, params, ledger, strategy="probed",
+                                         searcher=partition)
+        else:
+            mechanism = PrivateRetrieval(index, params, ledger, strategy="ranked",
+                                         searcher=make_searcher(index, strategy, nprobe=nprobe))
         before = ledger.summary()
         released = mechanism.release(queries, caller="cli:retrieve")
         save_npy_atomically(destination, interpolate(released, queries, lam_))

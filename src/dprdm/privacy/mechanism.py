@@ -17,11 +17,15 @@ raises -- with nothing spent -- if the budget cannot afford them. Only the noise
 returned: a fresh float32 array, no ids, distances, counts or pre-noise values. Errors raised here
 never mention private data.
 
-Two exact strategies draw the subsample without an O(N) coin flip per record (``sampling.py``):
+Three exact strategies draw the subsample without an O(N) coin flip per record (``sampling.py``):
 
 * ``"subsample"`` (a): draw the kept rows directly (O(qN)) and search only those, in blocks;
 * ``"ranked"`` (b): ask a :class:`~dprdm.retrieval.search.RankedSearcher` for candidates in
-  distance order and keep the first k whose coins come up (about k/q candidates deep).
+  distance order and keep the first k whose coins come up (about k/q candidates deep);
+* ``"probed"`` (a) inside a candidate set: ask a :class:`CandidateSets` (the public-IVF
+  :class:`~dprdm.retrieval.partition.IVFPartition`) for the query's candidate rows, draw their
+  subsample directly (O(q x candidates)) and search only the kept rows. Same distribution as
+  "ranked" over :class:`~dprdm.retrieval.search.FaissIVFSearcher` with the same nprobe.
 
 Post-processing (interpolation with public information) lives outside, in
 ``dprdm.conditioning``: it costs no privacy.
@@ -37,10 +41,12 @@ from dprdm.errors import InvalidParameterError
 from dprdm.privacy.accounting import MechanismParams
 from dprdm.privacy.randomness import Randomness, SystemRandomness
 from dprdm.privacy.sampling import accepted_ranks, poisson_subsample
-from dprdm.retrieval.search import exact_top_rows
+from dprdm.retrieval.search import canonical_top_rows, exact_top_rows
 
-Strategy = Literal["subsample", "ranked"]
+Strategy = Literal["subsample", "ranked", "probed"]
 SUBSAMPLE_BLOCK_ROWS = 32768  # subsample rows gathered and scored at a time (bounded memory)
+# Up to this many kept rows, all are scored canonically at once (no fast filter): cheaper.
+SMALL_SUBSAMPLE_ROWS = 512
 MAX_QUERY_BATCH = 100_000
 
 
@@ -60,6 +66,13 @@ class RankedCandidates(Protocol):
     """Row numbers of the `depth` best candidates per query, best first, ties by row, -1 padded."""
 
     def ranked_candidates(self, queries: np.ndarray, depth: int) -> np.ndarray: ...
+
+
+class CandidateSets(Protocol):
+    """Per query, the rows it may retrieve: a function of the query, public data and each record's
+    own assignment only, so one added/removed record changes a set by at most that record."""
+
+    def candidate_rows(self, queries: np.ndarray) -> list[np.ndarray]: ...
 
 
 class Ledger(Protocol):
@@ -125,6 +138,8 @@ def _neighbours_in_subsample(
     one record, unlike BLAS scores, which depend on a record's position in a block), ties by row:
     so removing one record can only remove that record from the ranking -- the 2/k argument --
     and this strategy agrees exactly with the "ranked" one."""
+    if rows.size <= SMALL_SUBSAMPLE_ROWS:
+        return canonical_top_rows(query, rows, vectors.rows_float32(rows), k)
     blocks = (
         (block, vectors.rows_float32(block))
         for block in (rows[i : i + SUBSAMPLE_BLOCK_ROWS]
@@ -149,15 +164,17 @@ class PrivateRetrieval:
         ledger: Ledger,
         *,
         strategy: Strategy = "subsample",
-        searcher: RankedCandidates | None = None,
+        searcher: RankedCandidates | CandidateSets | None = None,
         randomness: Randomness | None = None,
     ) -> None:
         if not isinstance(params, MechanismParams):
             raise InvalidParameterError("params must be a MechanismParams")
-        if strategy not in ("subsample", "ranked"):
+        if strategy not in ("subsample", "ranked", "probed"):
             raise InvalidParameterError(f"unknown strategy {strategy!r}")
-        if strategy == "ranked" and searcher is None:
-            raise InvalidParameterError("the 'ranked' strategy needs a searcher")
+        if strategy == "ranked" and not hasattr(searcher, "ranked_candidates"):
+            raise InvalidParameterError("the 'ranked' strategy needs a ranked searcher")
+        if strategy == "probed" and not hasattr(searcher, "candidate_rows"):
+            raise InvalidParameterError("the 'probed' strategy needs candidate sets (IVFPartition)")
         self._vectors = vectors
         self._params = params
         self._ledger = ledger
@@ -193,6 +210,8 @@ class PrivateRetrieval:
                 )
                 for query in queries
             ]
+        elif self._strategy == "probed":
+            neighbour_rows = self._probed_neighbours(queries)
         else:
             neighbour_rows = self._ranked_neighbours(queries)
         aggregates = np.zeros((queries.shape[0], self._vectors.dim), dtype=np.float64)
@@ -200,6 +219,15 @@ class PrivateRetrieval:
             if rows.size:
                 aggregates[i] = self._vectors.rows_float32(np.sort(rows)).sum(axis=0, dtype=np.float64)
         return aggregates / k  # always k: zero-fill keeps the sensitivity at 2/k
+
+    def _probed_neighbours(self, queries: np.ndarray) -> list[np.ndarray]:
+        """Strategy (a) inside each query's candidate set: only its kept rows are read."""
+        neighbour_rows = []
+        for query, candidates in zip(queries, self._searcher.candidate_rows(queries)):
+            kept = candidates[poisson_subsample(candidates.size, self._params.q, self._rng)]
+            neighbour_rows.append(
+                _neighbours_in_subsample(self._vectors, query, np.sort(kept), self._params.k))
+        return neighbour_rows
 
     def _ranked_neighbours(self, queries: np.ndarray) -> list[np.ndarray]:
         ranks = accepted_ranks(queries.shape[0], self._params.k, self._params.q, self._rng)

@@ -1,4 +1,5 @@
-"""The embedding index (:mod:`.store`) and the ranked searchers over it (:mod:`.search`).
+"""The embedding index (:mod:`.store`), the ranked searchers over it (:mod:`.search`) and the
+public-IVF candidate sets (:mod:`.partition`).
 
 Nothing here adds noise or spends privacy: this package stores unit-norm private embeddings and
 answers "which rows, in which exact order, are nearest to this query". The private mechanism in
@@ -19,6 +20,7 @@ from dprdm.retrieval.search import (
     make_searcher,
     train_public_quantizer,
 )
+from dprdm.retrieval.partition import IVFPartition
 from dprdm.retrieval.store import (
     LEDGER_FILE,
     EmbeddingIndex,
@@ -33,6 +35,7 @@ __all__ = [
     "ExactSearcher",
     "FaissFlatSearcher",
     "FaissIVFSearcher",
+    "IVFPartition",
     "PublicQuantizer",
     "RankedSearcher",
     "SearcherKind",

@@ -347,6 +347,20 @@ def exact_top_rows(queries: npt.ArrayLike, blocks: Blocks, depth: int) -> npt.ND
     return rows_from_keys(exact_top_keys(queries, blocks, check_depth(depth)))
 
 
+def canonical_top_rows(query: npt.NDArray[np.float32], rows: npt.NDArray[np.int64],
+                       records: npt.NDArray[np.float32], depth: int) -> npt.NDArray[np.int64]:
+    """The canonical top `depth` of a few records (row numbers `rows`), best first, unpadded.
+
+    Every record is scored canonically -- no fast filter -- which is cheaper than
+    :func:`exact_top_rows` for a few hundred records; the result is the same."""
+    if len(rows) == 0:
+        return np.zeros(0, np.int64)
+    scores = canonical_scores(np.broadcast_to(query, records.shape), records)
+    _check_scores(scores)
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows[np.lexsort((rows, -scores))[:depth]]  # -0.0 sorts equal to 0.0: ties by row
+
+
 def _index_blocks(index: EmbeddingIndex, block_rows: int | None = None) -> Blocks:
     for first_row, block in index.iter_blocks(block_rows):
         yield np.arange(first_row, first_row + len(block), dtype=np.int64), block
@@ -724,8 +738,9 @@ class FaissIVFSearcher:
     """faiss ``IndexIVFFlat`` over the private rows with a PUBLIC coarse quantizer.
 
     The private vectors are never used for training, only assigned to lists: each record goes to
-    the centroid with the largest canonical score (ties to the lower list number), computed here
-    rather than by faiss so that the assignment is a fixed function of the record. A query probes
+    the centroid with the largest canonical score (ties to the lower list number), computed by
+    :class:`~dprdm.retrieval.partition.IVFPartition` rather than by faiss so that the assignment
+    is a fixed function of the record. A query probes
     its `nprobe` best centroids by the same rule (public data only; see the module docstring); its
     candidate set is the union of those lists, returned in exact (-score, +row) order and -1
     padded once exhausted. faiss searches the lists with store_pairs, and the records' rows and
@@ -734,21 +749,13 @@ class FaissIVFSearcher:
 
     def __init__(self, index: EmbeddingIndex, quantizer: PublicQuantizer,
                  nprobe: int = DEFAULT_NPROBE, threads: int | None = None) -> None:
-        if quantizer.dim != index.dim:
-            raise InvalidParameterError(
-                f"quantizer has dimension {quantizer.dim} but the index has {index.dim}"
-            )
-        if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or not (
-            1 <= nprobe <= quantizer.nlist
-        ):
-            raise InvalidParameterError(
-                f"nprobe must be an integer in [1, {quantizer.nlist}], got {nprobe!r}"
-            )
+        from dprdm.retrieval.partition import IVFPartition  # it builds on this module
+
+        self.partition = IVFPartition(index, quantizer, nprobe)  # checks dim and nprobe
         configure_faiss(index.dim)
         self.index = index
         self.n = index.n
         self.dim = index.dim
-        self.nprobe = int(nprobe)
         self.quantizer = quantizer
         self.threads = threads or available_threads()
         self._centroids = np.ascontiguousarray(quantizer.centroids, dtype=np.float32)
@@ -760,10 +767,10 @@ class FaissIVFSearcher:
         self._ivf.own_fields = False
         self._coarse = coarse  # keep the quantizer alive as long as the IVF index
         self._ivf.is_trained = True  # the public centroids ARE the training
-        self._ivf.nprobe = self.nprobe
-        step = max(1, SCORE_BLOCK_ELEMENTS // quantizer.nlist)
-        for first_row, block in index.iter_blocks(step):
-            assignment = self._nearest_centroids(block, 1)[0][:, 0]
+        self._ivf.nprobe = self.partition.nprobe
+        for first_row, block in index.iter_blocks():
+            assignment = np.ascontiguousarray(
+                self.partition.assignment[first_row : first_row + len(block)])
             rows = np.arange(first_row, first_row + len(block), dtype=np.int64)
             block = np.ascontiguousarray(block)
             self._ivf.add_core(len(block), faiss.swig_ptr(block), faiss.swig_ptr(rows),
@@ -791,19 +798,23 @@ class FaissIVFSearcher:
         keys = exact_top_keys(vectors, [(self._centroid_rows, self._centroids)], count)
         return rows_from_keys(keys), scores_from_keys(keys).astype(np.float32)
 
+    @property
+    def nprobe(self) -> int:
+        """Lists probed per query; may be changed between calls (nothing is rebuilt)."""
+        return self.partition.nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self.partition.nprobe = value  # validates
+        self._ivf.nprobe = self.partition.nprobe
+
     def probed_lists(self, queries: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """(B, nprobe) numbers of the lists probed for each query (public information)."""
-        return self._nearest_centroids(check_queries(queries, self.dim), self.nprobe)[0]
+        return self.partition.probed_lists(queries)
 
     def list_members(self, list_no: int) -> npt.NDArray[np.int64]:
         """Row numbers of the records assigned to inverted list `list_no`."""
-        if not 0 <= list_no < self.quantizer.nlist:
-            raise InvalidParameterError(f"list_no must lie in [0, {self.quantizer.nlist})")
-        size = int(self._list_sizes[list_no])
-        if size == 0:
-            return np.zeros(0, np.int64)
-        ids = faiss.rev_swig_ptr(self._ivf.invlists.get_ids(list_no), size)
-        return np.array(ids, dtype=np.int64)
+        return self.partition.list_members(list_no)
 
     def ranked_candidates(self, queries: npt.ArrayLike, depth: int) -> npt.NDArray[np.int64]:
         queries = check_queries(queries, self.dim)

@@ -79,7 +79,7 @@ def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
     for run in runs:
         for key in ("fid", "fid_std", "kid", "kid_std", "precision", "recall", "density", "coverage",
                     "concept_top1", "concept_top10", "category_acc", "openmoji_like",
-                    "alignment"):
+                    "alignment", "fid_style", "kid_style_std", "fid_strict", "kid_strict"):
             assert key in run and (run[key] is None or np.isfinite(run[key])), key
     # the production ledger of the index was never charged
     assert SqliteLedger(private_index).summary().queries == 0
@@ -88,8 +88,9 @@ def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
     with (out / "runs.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["setting"] for r in rows] == [r["setting"] for r in runs]
+    assert float(rows[0]["kid_style"]) == pytest.approx(runs[0]["kid_style"])
     markdown = (out / "results.md").read_text()
-    assert "NOT private" in markdown and "leak" in markdown
+    assert "NOT private" in markdown and "leak" in markdown and "FID style" in markdown
     with np.load(out / "images.npz") as saved:
         assert list(saved["prompts"]) == CAPTIONS
         assert saved["generated/DP eps=8 T=3"].shape == (len(CAPTIONS), 32, 32, 3)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dprdm.errors import InvalidParameterError
+from dprdm.evaluation.classifiers import StyleFeatures
 from dprdm.evaluation import (DEFAULT_DIR, ClassifierLoadError, EvalClassifiers,
                               InceptionUnavailableError, alignment_score, concept_scores,
                               distribution_metrics, inception_extractor, prdc, style_scores)
@@ -177,6 +178,13 @@ def test_shipped_classifiers_shapes_and_determinism(classifiers):
                                   classifiers.openmoji_probability(images, "public-styles"))
     with pytest.raises(InvalidParameterError, match="against"):
         classifiers.openmoji_probability(images, against="twemoji")
+    for against in ("public-styles", "public-and-augmentations"):
+        style = classifiers.style_features(images, against)
+        assert style.ndim == 2 and len(style) == 10 and style.dtype == np.float32
+        np.testing.assert_array_equal(StyleFeatures(classifiers, against).features(images), style)
+        assert classifiers.style_features(images[:0], against).shape == (0, style.shape[1])
+    assert not np.array_equal(classifiers.style_features(images, "public-styles"),
+                              classifiers.style_features(images, "public-and-augmentations"))
     # deterministic, and the same in any batch
     np.testing.assert_array_equal(features, classifiers.features(images))
     np.testing.assert_allclose(classifiers.features(images[3:5]), features[3:5], atol=1e-4)
@@ -236,6 +244,8 @@ def test_weights_without_the_public_styles_net_load_and_say_what_is_missing(clas
         old.openmoji_probability(images)
     with pytest.raises(ClassifierLoadError, match="public-styles"):
         style_scores(images, old)
+    with pytest.raises(ClassifierLoadError, match="public-styles"):
+        old.style_features(images)
 
 
 def test_missing_classifier_directory_is_a_clear_error(tmp_path):

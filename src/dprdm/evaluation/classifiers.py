@@ -226,7 +226,8 @@ class EvalClassifiers:
             out = net.features(batch) if what == "features" else net(batch)[what]
             outputs.append(out.float())
         if not outputs:
-            width = self.feature_dim if what == "features" else net.heads[what].out_features
+            width = (next(iter(net.heads.values())).in_features if what == "features"
+                     else net.heads[what].out_features)
             return np.zeros((0, width), np.float32)
         return torch.cat(outputs).numpy().astype(np.float32)
 
@@ -256,20 +257,32 @@ class EvalClassifiers:
         strict network, which also calls the public styles' augmentations (outline,
         thick_stroke, ...) "not OpenMoji".
         """
+        logits = self._run(self._style(against), images, "openmoji")[:, 0]
+        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+    def style_features(self, images: np.ndarray,
+                       against: str = AGAINST_PUBLIC_STYLES) -> np.ndarray:
+        """float32 (N, F): a style network's pooled (penultimate) features.
+
+        A feature space that SEES style, unlike the concept network's (trained to recognise a
+        concept whatever its style): FID / KID in it read how far generations are from the
+        held-out set's look. Demo-specific: the style networks know OpenMoji vs the public
+        styles, nothing about another collection."""
+        return self._run(self._style(against), images, "features")
+
+    def _style(self, against: str) -> ConvNet:
         if against not in AGAINST:
             raise InvalidParameterError(f"against must be one of {AGAINST}, got {against!r}")
-        net = self.style_net
-        if against == AGAINST_PUBLIC_STYLES:
-            if self.style_public_net is None:
-                where = f" at {self.path}" if self.path is not None else ""
-                raise ClassifierLoadError(
-                    f"the evaluation classifiers{where} have no public-styles network "
-                    f"(against={AGAINST_PUBLIC_STYLES!r}): they predate it. Add it with `python "
-                    f"-m dprdm.evaluation.train_classifiers --only style_public --out DIR`, or "
-                    f"use against={AGAINST_PUBLIC_AND_AUGMENTATIONS!r} (the strict network)")
-            net = self.style_public_net
-        logits = self._run(net, images, "openmoji")[:, 0]
-        return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+        if against == AGAINST_PUBLIC_AND_AUGMENTATIONS:
+            return self.style_net
+        if self.style_public_net is None:
+            where = f" at {self.path}" if self.path is not None else ""
+            raise ClassifierLoadError(
+                f"the evaluation classifiers{where} have no public-styles network "
+                f"(against={AGAINST_PUBLIC_STYLES!r}): they predate it. Add it with `python "
+                f"-m dprdm.evaluation.train_classifiers --only style_public --out DIR`, or "
+                f"use against={AGAINST_PUBLIC_AND_AUGMENTATIONS!r} (the strict network)")
+        return self.style_public_net
 
     def feature_module(self) -> nn.Module:
         """The feature extractor as an ``nn.Module`` (what torchmetrics' ``feature=`` takes)."""
@@ -334,6 +347,17 @@ class EvalClassifiers:
                                           f"({prefix}): {str(error).splitlines()[0]}") from None
             net.eval()
         return model
+
+
+class StyleFeatures:
+    """An extractor (``.features(images)``) for FID / KID in one style network's feature space."""
+
+    def __init__(self, classifiers: EvalClassifiers, against: str) -> None:
+        self.classifiers = classifiers
+        self.against = against
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return self.classifiers.style_features(images, self.against)
 
 
 class FeatureModule(nn.Module):

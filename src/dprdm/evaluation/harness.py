@@ -212,6 +212,7 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
     row: dict[str, Any] = {}
     row.update(distribution_metrics(held_out.images, images, extractor,
                                     kid_subsets=plan.kid_subsets, seed=plan.seed))
+    row.update(style_space_metrics(images, held_out, classifiers, plan))
     concepts = concept_scores(images, held_out.captions, classifiers)
     row.update({key: concepts[key] for key in ("concept_top1", "concept_top10", "category_acc")})
     row["n_concepts_scored"] = concepts["n"]
@@ -224,6 +225,32 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
     row.update({"alignment": align["alignment"], "alignment_std": align["alignment_std"],
                 "alignment_mismatched": align["alignment_mismatched"]})
     return row
+
+
+# FID / KID are also read in the style networks' feature spaces: "style" (OpenMoji vs the raw
+# public styles) and "strict" (vs the public styles and their augmentations).
+STYLE_SPACES = (("style", "public-styles"), ("strict", "public-and-augmentations"))
+
+
+def style_space_metrics(images: np.ndarray, held_out: HeldOut, classifiers,
+                        plan: EvalPlan) -> dict[str, float]:
+    """fid_/kid_ (+ _std) in each style network's feature space, where the classifiers have it.
+
+    The concept network's space (the primary FID / KID) is trained to recognise concepts across
+    styles; these spaces see the look. Same held-out reference, subsets and seed."""
+    from dprdm.evaluation.classifiers import StyleFeatures
+    from dprdm.evaluation.metrics import distribution_metrics
+
+    out: dict[str, float] = {}
+    for name, against in STYLE_SPACES:
+        if not hasattr(classifiers, "style_features") or (
+                against == "public-styles" and not classifiers.has_public_styles_net):
+            continue
+        metrics = distribution_metrics(held_out.images, images, StyleFeatures(classifiers, against),
+                                       kid_subsets=plan.kid_subsets, seed=plan.seed)
+        for key in ("fid", "fid_std", "kid", "kid_std"):
+            out[key.replace("fid", f"fid_{name}").replace("kid", f"kid_{name}")] = metrics[key]
+    return out
 
 
 def real_reference_row(held_out: HeldOut, classifiers, encoder) -> dict[str, Any]:

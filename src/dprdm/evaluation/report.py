@@ -30,7 +30,9 @@ from dprdm.image_files import image_grid, png_bytes
 
 CSV_COLUMNS = [
     "setting", "label", "epsilon", "queries", "delta", "sigma", "q", "k", "lam", "prompts",
-    "private", "noise_to_signal", "fid", "fid_std", "kid", "kid_std", "precision", "recall", "density",
+    "private", "noise_to_signal", "fid", "fid_std", "kid", "kid_std", "fid_style", "fid_style_std",
+    "kid_style", "kid_style_std", "fid_strict", "fid_strict_std", "kid_strict", "kid_strict_std",
+    "precision", "recall", "density",
     "coverage", "concept_top1", "concept_top10", "category_acc", "openmoji_like",
     "openmoji_probability_mean", "openmoji_like_strict", "alignment", "alignment_std",
     "alignment_mismatched",
@@ -39,6 +41,8 @@ CSV_COLUMNS = [
 TABLE_COLUMNS = [
     ("setting", "setting"), ("epsilon", "eps"), ("queries", "queries"), ("sigma", "sigma"),
     ("q", "q"), ("k", "k"), ("lam", "lam"), ("fid", "FID"), ("kid", "KID x1e3"),
+    ("fid_style", "FID style"), ("kid_style", "KID style x1e3"),
+    ("fid_strict", "FID strict"), ("kid_strict", "KID strict x1e3"),
     ("precision", "prec."), ("recall", "rec."), ("density", "dens."), ("coverage", "cov."),
     ("concept_top1", "top-1"), ("concept_top10", "top-10"), ("category_acc", "category"),
     ("openmoji_like", "OpenMoji-like"), ("openmoji_like_strict", "OpenMoji-like (strict)"),
@@ -51,10 +55,10 @@ def cell(key: str, row: dict[str, Any]) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "kid":
-        return f"{1e3 * value:.2f} ± {1e3 * row.get('kid_std', 0.0):.2f}"
-    if key == "fid" and row.get("fid_std") is not None:
-        return f"{value:.2f} ± {row['fid_std']:.2f}"
+    if key.startswith("kid"):
+        return f"{1e3 * value:.2f} ± {1e3 * row.get(key + '_std', 0.0):.2f}"
+    if key.startswith("fid") and row.get(key + "_std") is not None:
+        return f"{value:.2f} ± {row[key + '_std']:.2f}"
     if key == "setting":
         return "non-private (NOT private)" if value == "non-private" else str(value)
     if isinstance(value, bool):
@@ -112,6 +116,10 @@ def results_markdown(result: EvalResult) -> str:
         "concept network trained on PUBLIC images only; see docs/evaluation.md). KID is the "
         "unbiased one at a few hundred samples: compare settings by KID ± its std first. "
         "FID ± the std of 20 bootstrap resamples.",
+        "* FID/KID style and strict: the same metrics in the feature spaces of the two OpenMoji "
+        "style networks (style: OpenMoji vs the raw public styles; strict: vs the public styles "
+        "and their augmentations). They see the look that the concept network is trained to "
+        "ignore; they are specific to the emoji demo.",
         "* DP rows: sigma calibrated so that `queries` releases reach epsilon at delta "
         f"{plan['delta']:g} (PLD accountant); charged to in-memory EXPERIMENT ledgers, never the "
         "index's own ledger. With more prompts than `queries`, prompts were split over several "

@@ -14,7 +14,12 @@ Methods (all release one noised aggregate per query, single-query calls):
 * ranked-flat -- strategy (b) over faiss IndexFlatIP (exact, O(N d) per query; N <= 1e6 only).
 
     python bench/retrieval.py --quick --out bench/results/retrieval.json
-    python bench/retrieval.py --out bench/results/retrieval-full.json   # N up to 5e6: ~1 h, 16 GB
+    python bench/retrieval.py --out bench/results/retrieval-full.json   # N up to 5e6: ~40 min
+    python bench/retrieval.py --ns 5000000 --out bench/results/retrieval-5e6.json
+
+Indexes above --float16-above records (default 2e6) are stored as float16, so that the memmap
+(5 GB at 5e6 x 512) and faiss's float32 IVF copy (10 GB) both stay in RAM on a 24 GB machine:
+with float32 the page cache thrashes and every method measures the disk instead.
 
 Random unit vectors stand in for embeddings (timing does not depend on their content).
 """
@@ -71,10 +76,10 @@ def time_calls(call, queries: np.ndarray) -> tuple[float, float]:
 
 
 def bench_one_n(n: int, d: int, ks: list[int], qs: list[float], n_queries: int,
-                workdir: Path, rng: np.random.Generator) -> list[dict]:
-    console.print(f"[bold]N = {n:,}[/]: building the index ...")
+                workdir: Path, rng: np.random.Generator, dtype: str) -> list[dict]:
+    console.print(f"[bold]N = {n:,}[/] ({dtype}): building the index ...")
     vectors = random_unit(n, d, rng)
-    index = build_index(vectors, workdir / f"index-{n}")
+    index = build_index(vectors, workdir / f"index-{n}", dtype=dtype)
     del vectors
     index = EmbeddingIndex.open(index.path)
     in_memory = np.asarray(index.vectors)  # page-cached memmap, what every method reads
@@ -117,7 +122,7 @@ def bench_one_n(n: int, d: int, ks: list[int], qs: list[float], n_queries: int,
             reference_median = results["reference"][0]
             for name, (median, p95) in results.items():
                 rows.append({
-                    "n": n, "d": d, "k": k, "q": q, "method": name,
+                    "n": n, "d": d, "k": k, "q": q, "method": name, "dtype": dtype,
                     "median_ms": round(median, 3), "p95_ms": round(p95, 3),
                     "speedup_vs_reference": round(reference_median / median, 2),
                     "nprobe": nprobe if name.endswith("-ivf") else None,
@@ -133,14 +138,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/retrieval.json"))
     parser.add_argument("--queries", type=int, default=100, help="timed queries per setting")
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built")
+    parser.add_argument("--ns", default=None, help="comma-separated N (default 1e5,1e6,5e6)")
+    parser.add_argument("--float16-above", type=float, default=2e6,
+                        help="store indexes with more records than this as float16")
     args = parser.parse_args()
     ns, ks, qs = ([1_000_000], [10], [0.01]) if args.quick else (
         [100_000, 1_000_000, 5_000_000], [10, 20], [0.01, 0.001])
+    if args.ns:
+        ns = [int(float(n)) for n in args.ns.split(",")]
     rng = np.random.default_rng(0)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for n in ns:
-            rows += bench_one_n(n, 512, ks, qs, args.queries, Path(workdir), rng)
+            dtype = "float16" if n > args.float16_above else "float32"
+            rows += bench_one_n(n, 512, ks, qs, args.queries, Path(workdir), rng, dtype)
+            write_results(args.out, rows, console)  # after every N: long runs keep their rows
     table = Table(title="private step, ms per query (single-query calls)")
     for column in ("n", "k", "q", "method", "median_ms", "p95_ms", "speedup_vs_reference"):
         table.add_column(column, justify="right")

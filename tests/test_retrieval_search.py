@@ -415,6 +415,23 @@ def test_canonical_fast_path_is_bit_identical_to_the_tree(dim: int) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+@pytest.mark.parametrize("dim", [1, 3, 64, 512, 513])
+def test_canonical_scores_of_one_query_equal_the_paired_form(dim: int) -> None:
+    rng = np.random.default_rng(100 + dim)
+    records = rng.standard_normal((3000, dim)).astype(np.float32)
+    records[:20] = 0.0
+    records[20:40] *= 1e-25
+    records[40:60] *= 1e20
+    for query in (rng.standard_normal(dim).astype(np.float32), -records[100] * np.float32(1e-20),
+                  records[61].copy() * np.float32(1e19)):
+        records[60:80] = -query  # large cancellation
+        records[60:80, 0] += np.float32(1e-3)
+        got = canonical_scores(query, records)
+        paired = np.ascontiguousarray(np.broadcast_to(query, records.shape))
+        np.testing.assert_array_equal(got.view(np.uint32),
+                                      _tree_by_definition(paired, records).view(np.uint32))
+
+
 def test_canonical_fast_path_at_rounding_midpoints() -> None:
     """Sums exactly on (or 1 ulp64 around) a float32 rounding midpoint go to the tree."""
     ones = np.ones((6, 3), np.float32)

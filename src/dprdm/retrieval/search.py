@@ -150,21 +150,32 @@ def canonical_scores(
     of v +- e). Rounding to nearest is monotone, so when float32(v - e) == float32(v + e) (and is
     not zero, whose sign the tree decides) that value IS float32(S). The rare rest (S within ~1e-13
     relative of a float32 rounding boundary, zeros, overflow) is summed by the tree itself.
+
+    A 1-D `queries` is one query scored against every record (the same values, without
+    materialising the pairs).
     """
     queries = np.asarray(queries, dtype=np.float32)
     records = np.asarray(records, dtype=np.float32)
-    out = np.empty(len(queries), np.float32)
-    dim = max(1, queries.shape[1])
+    one_query = queries.ndim == 1
+    out = np.empty(len(records), np.float32)
+    dim = max(1, records.shape[1])
     gamma64 = dim * 2.0**-53 / (1 - dim * 2.0**-53)
     norm_floor = np.sqrt(dim) * 2.0**-74  # float32 squares below ~2^-149 vanish
     step = max(1, RESCORE_ELEMENTS // dim)
     with np.errstate(over="ignore", invalid="ignore"):
-        for start in range(0, len(queries), step):
-            q = queries[start : start + step]
+        if one_query:
+            query_norm = np.sqrt(np.float64(np.dot(queries, queries))) + norm_floor
+        for start in range(0, len(records), step):
             x = records[start : start + step]
-            value = np.einsum("ij,ij->i", q, x, dtype=np.float64)
-            norms = (np.sqrt(np.einsum("ij,ij->i", q, q).astype(np.float64)) + norm_floor) * (
-                np.sqrt(np.einsum("ij,ij->i", x, x).astype(np.float64)) + norm_floor)
+            if one_query:
+                q = queries
+                value = np.einsum("ij,j->i", x, q, dtype=np.float64)
+                q_norms = query_norm
+            else:
+                q = queries[start : start + step]
+                value = np.einsum("ij,ij->i", q, x, dtype=np.float64)
+                q_norms = np.sqrt(np.einsum("ij,ij->i", q, q).astype(np.float64)) + norm_floor
+            norms = q_norms * (np.sqrt(np.einsum("ij,ij->i", x, x).astype(np.float64)) + norm_floor)
             slack = 4.0 * gamma64 * 1.01 * norms + 2.0**-1000
             low = (value - slack).astype(np.float32)
             high = (value + slack).astype(np.float32)
@@ -173,7 +184,9 @@ def canonical_scores(
             part[:] = low
             unsettled = np.flatnonzero(~settled)
             if unsettled.size:
-                part[unsettled] = _tree_scores(q[unsettled], x[unsettled])
+                pairs = (np.broadcast_to(q, (unsettled.size, dim)) if one_query
+                         else q[unsettled])
+                part[unsettled] = _tree_scores(pairs, x[unsettled])
     return out
 
 
@@ -355,7 +368,7 @@ def canonical_top_rows(query: npt.NDArray[np.float32], rows: npt.NDArray[np.int6
     :func:`exact_top_rows` for a few hundred records; the result is the same."""
     if len(rows) == 0:
         return np.zeros(0, np.int64)
-    scores = canonical_scores(np.broadcast_to(query, records.shape), records)
+    scores = canonical_scores(query, records)
     _check_scores(scores)
     rows = np.asarray(rows, dtype=np.int64)
     return rows[np.lexsort((rows, -scores))[:depth]]  # -0.0 sorts equal to 0.0: ties by row
@@ -468,7 +481,7 @@ def order_by_fast_scores(query: npt.NDArray[np.float32], fast: npt.NDArray[np.fl
     rows[picked], vectors = resolve(handles[picked], True)
     assert vectors is not None
     canonical = np.zeros(len(fast), np.float32)
-    canonical[picked] = canonical_scores(np.broadcast_to(query, vectors.shape), vectors)
+    canonical[picked] = canonical_scores(query, vectors)
     ranked = np.lexsort((rows, -canonical, run_of))[:depth]
     return rows[ranked]
 

@@ -634,3 +634,18 @@ def test_ivf_nprobe_can_change_between_calls(
     with pytest.raises(InvalidParameterError, match="nprobe"):
         searcher.nprobe = 0
     assert searcher.nprobe == 5
+
+
+def test_mechanism_refuses_a_partition_of_another_index(
+    random_index: EmbeddingIndex, tied_index: EmbeddingIndex, quantizer: PublicQuantizer
+) -> None:
+    from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval
+    from dprdm.retrieval.partition import IVFPartition
+
+    public = np.random.default_rng(5).standard_normal((300, DIM))
+    other = IVFPartition(tied_index, train_public_quantizer(public, 4, tied_index), nprobe=2)
+    ledger = InMemoryLedger(epsilon=1e6, delta=1e-5)
+    with pytest.raises(InvalidParameterError, match="another index"):
+        PrivateRetrieval(random_index, MechanismParams(0.1, 0.5, 3), ledger, strategy="probed",
+                         searcher=other)
+    assert ledger.summary().queries == 0

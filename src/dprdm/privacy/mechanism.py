@@ -175,6 +175,10 @@ class PrivateRetrieval:
             raise InvalidParameterError("the 'ranked' strategy needs a ranked searcher")
         if strategy == "probed" and not hasattr(searcher, "candidate_rows"):
             raise InvalidParameterError("the 'probed' strategy needs candidate sets (IVFPartition)")
+        if searcher is not None and (getattr(searcher, "n", vectors.n) != vectors.n
+                                     or getattr(searcher, "dim", vectors.dim) != vectors.dim):
+            raise InvalidParameterError("the searcher was built on another index than these "
+                                        "private vectors (record count or dimension differ)")
         self._vectors = vectors
         self._params = params
         self._ledger = ledger

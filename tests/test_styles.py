@@ -111,3 +111,24 @@ def test_bad_input():
     with pytest.raises(InvalidParameterError, match="unknown style"):
         apply_style("watercolour", toy_icons(1), np.random.default_rng(0))
     assert apply_style("greyscale", toy_icons(1), np.random.default_rng(0)).shape == (1, 32, 32, 3)
+
+
+def test_outline_draws_one_pixel_lines_at_32_px_and_keeps_shading_as_fill():
+    from dprdm.data.styles import outline
+
+    image = np.full((1, 32, 32, 3), 255, np.uint8)
+    image[0, 8:24, 8:16] = (200, 40, 40)  # red half ...
+    image[0, 8:24, 16:24] = (40, 40, 200)  # ... blue half: one strong colour edge
+    shaded = image.copy()
+    shaded[0, 8:24, 8:16] = np.linspace(200, 150, 16).astype(np.uint8)[:, None, None]  # gradient
+    for picture in (image, shaded):
+        # radius draws below 1.5 (always at 32 px) keep lines one pixel wide
+        out = outline(picture, np.random.default_rng(0))
+        ink = (out != picture).any(axis=-1)[0]
+        ring = np.zeros((32, 32), bool)
+        ring[7:25, 7:25] = True
+        ring[8:24, 8:24] = False
+        inner = np.zeros((32, 32), bool)
+        inner[8:24, 15] = True  # one side of the red | blue edge; the gradient stays fill
+        np.testing.assert_array_equal(ink & ~ring, inner)
+        assert ring.sum() == (ink & ring).sum()  # the whole silhouette ring, one pixel wide

@@ -14,7 +14,7 @@ clip art, emoji) to teach an encoder that style is a direction of its own: they 
 the style names below, never tuned against a private collection.
 
 =============  ================================================================================
-``outline``     dark lines on every colour edge and around the silhouette, fill kept
+``outline``     thin dark lines around the silhouette and on strong colour edges, fill kept
 ``flat``        flat colour: a light blur removes shading, then a 4-8 colour median-cut palette
 ``thick_stroke`` a thick dark stroke around the silhouette only (sticker / badge look)
 ``line_art``    dark edge lines on white, fill removed (colouring-book look)
@@ -37,6 +37,7 @@ StyleAugmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 BACKGROUND_THRESHOLD = 240  # a pixel is background when every channel is at least this
 EDGE_THRESHOLD = 40.0  # colour change (max over channels, 0-255) that counts as an edge
+OUTLINE_EDGE_THRESHOLD = 90.0  # ... that `outline` inks (shading below it stays fill)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -147,10 +148,31 @@ def _dilate_each(mask: np.ndarray, radii: np.ndarray) -> np.ndarray:
 # the transforms
 
 
+def one_sided_edges(images: np.ndarray, threshold: float, within: np.ndarray) -> np.ndarray:
+    """bool (N, H, W): pixels whose colour differs from their right or lower neighbour by more
+    than `threshold`, both pixels inside the `within` mask -- one pixel per colour change
+    (:func:`edges` marks both sides, and the silhouette)."""
+    x = images.astype(np.int16)
+    mask = np.zeros(images.shape[:3], dtype=bool)
+    mask[:, :, :-1] |= ((np.abs(x[:, :, 1:] - x[:, :, :-1]).max(axis=-1) > threshold)
+                        & within[:, :, 1:] & within[:, :, :-1])
+    mask[:, :-1] |= ((np.abs(x[:, 1:] - x[:, :-1]).max(axis=-1) > threshold)
+                     & within[:, 1:] & within[:, :-1])
+    return mask
+
+
 def outline(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Dark lines along every colour edge and the silhouette; the fill is kept."""
+    """Thin dark lines around the silhouette and along strong colour edges; the fill is kept.
+
+    One pixel per line at 32 px (1-2 at 64 px): a ring just outside the silhouette, and one side
+    of every colour change above OUTLINE_EDGE_THRESHOLD inside it (shading gradients stay fill).
+    Until 2026-11-28 this marked both sides of every change above EDGE_THRESHOLD, which at 32 px
+    turned most icons into near-black blots; the shipped demo encoder and evaluation classifiers
+    were trained with that version, generator v4 with this one (docs/generator.md).
+    """
     images = check_images(images)
-    lines = edges(images)
+    fg = foreground(images)
+    lines = (dilate(fg, 1) & ~fg) | one_sided_edges(images, OUTLINE_EDGE_THRESHOLD, fg)
     thick = _per_image_radius(images, rng, 0.0, 0.6) > 1  # at 32 px: 1 px lines; at 64 px: 1-2
     lines = np.where(thick[:, None, None], dilate(lines, 1), lines)
     return _paint(images, lines, _dark_colours(len(images), rng))

@@ -13,7 +13,8 @@ from dprdm.errors import InvalidParameterError
 from dprdm.evaluation.classifiers import StyleFeatures
 from dprdm.evaluation import (DEFAULT_DIR, ClassifierLoadError, EvalClassifiers,
                               InceptionUnavailableError, alignment_score, concept_scores,
-                              distribution_metrics, inception_extractor, prdc, style_scores)
+                              distribution_metrics, inception_extractor, paired_kid_difference,
+                              prdc, style_scores)
 
 DEMO = Path(__file__).resolve().parent.parent / ".dprdm-demo"
 needs_demo = pytest.mark.skipif(
@@ -301,3 +302,26 @@ def test_public_styles_network_separates_held_out_openmoji_from_raw_public(class
     # measured on all held-out concepts: recall 100 %, raw-public specificity 89 %
     assert np.mean(p_openmoji >= 0.5) >= 0.8 and np.mean(p_public >= 0.5) <= 0.3
     assert p_openmoji.mean() > p_public.mean() + 0.5
+
+
+def test_paired_kid_difference_sign_std_and_agreement_with_torchmetrics(classifiers):
+    real = blobs(60, 11)
+    near, far = blobs(60, 12), blobs(60, 13, colour_shift=60)
+    out = paired_kid_difference(real, near, far, classifiers, resamples=50)
+    assert out["difference"] < 0 and out["std"] > 0 and out["share_a_better"] > 0.9
+    swapped = paired_kid_difference(real, far, near, classifiers, resamples=50)
+    assert swapped["difference"] == pytest.approx(-out["difference"])
+    same = paired_kid_difference(real, near, near, classifiers, resamples=10)
+    assert same["difference"] == 0.0 and same["std"] == 0.0
+    # the full-set KID is torchmetrics' KID with one subset holding every image
+    from torchmetrics.image.kid import KernelInceptionDistance
+    from dprdm.evaluation.metrics import PrecomputedFeatures, _kid_full
+    r = torch.from_numpy(classifiers.features(real).astype(np.float64))
+    f = torch.from_numpy(classifiers.features(far).astype(np.float64))
+    kid = KernelInceptionDistance(feature=PrecomputedFeatures(r.shape[1]), subsets=1,
+                                  subset_size=60)
+    kid.update(r, real=True)
+    kid.update(f, real=False)
+    assert float(kid.compute()[0]) == pytest.approx(_kid_full(r.numpy(), f.numpy()), rel=1e-6)
+    with pytest.raises(InvalidParameterError, match="same number"):
+        paired_kid_difference(real, near[:10], far, classifiers)

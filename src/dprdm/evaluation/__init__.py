@@ -13,8 +13,8 @@ Nothing here is used by generation, and nothing downloads.
 
 from dprdm.evaluation.classifiers import DEFAULT_DIR, ClassifierLoadError, EvalClassifiers
 from dprdm.evaluation.metrics import (InceptionUnavailableError, alignment_score, concept_scores,
-                                      distribution_metrics, inception_extractor, prdc,
-                                      style_scores)
+                                      distribution_metrics, inception_extractor,
+                                      paired_kid_difference, prdc, style_scores)
 
 __all__ = [
     "DEFAULT_DIR",
@@ -25,6 +25,7 @@ __all__ = [
     "concept_scores",
     "distribution_metrics",
     "inception_extractor",
+    "paired_kid_difference",
     "prdc",
     "style_scores",
 ]

@@ -771,10 +771,8 @@ class FaissIVFSearcher:
         self.dim = index.dim
         self.quantizer = quantizer
         self.threads = threads or available_threads()
-        self._centroids = np.ascontiguousarray(quantizer.centroids, dtype=np.float32)
-        self._centroid_rows = np.arange(quantizer.nlist, dtype=np.int64)
         coarse = faiss.IndexFlatIP(index.dim)
-        coarse.add(self._centroids)
+        coarse.add(self.partition.centroids)
         self._ivf = faiss.IndexIVFFlat(coarse, index.dim, quantizer.nlist,
                                        faiss.METRIC_INNER_PRODUCT)
         self._ivf.own_fields = False
@@ -806,11 +804,6 @@ class FaissIVFSearcher:
             ids.append(np.array(faiss.rev_swig_ptr(invlists.get_ids(list_no), size), np.int64))
         self._ids = np.concatenate(ids)
 
-    def _nearest_centroids(self, vectors: npt.NDArray[np.float32],
-                           count: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        keys = exact_top_keys(vectors, [(self._centroid_rows, self._centroids)], count)
-        return rows_from_keys(keys), scores_from_keys(keys).astype(np.float32)
-
     @property
     def nprobe(self) -> int:
         """Lists probed per query; may be changed between calls (nothing is rebuilt)."""
@@ -835,7 +828,9 @@ class FaissIVFSearcher:
         _set_threads(self.threads, len(queries))
         # Probe once, then search exactly these lists: the candidate count below and the search
         # see the same candidate set.
-        probed, centroid_scores = self._nearest_centroids(queries, self.nprobe)
+        probed = self.partition.probed_lists(queries)  # the one probe rule, shared
+        # coarse scores for faiss's API (its flat scan scores every record itself)
+        centroid_scores = np.einsum("bd,bpd->bp", queries, self.partition.centroids[probed])
         available = self._list_sizes[probed].sum(axis=1)
 
         def search(which: npt.NDArray[np.int64], k: int) -> tuple[Any, Any]:

@@ -76,15 +76,22 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def _colour_changes(images: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(dx, dy): whether each pixel's colour differs from its right / lower neighbour by more
+    than `threshold` (max over channels), shapes (N, H, W-1) and (N, H-1, W)."""
+    x = images.astype(np.int16)
+    dx = np.abs(x[:, :, 1:] - x[:, :, :-1]).max(axis=-1) > threshold
+    dy = np.abs(x[:, 1:] - x[:, :-1]).max(axis=-1) > threshold
+    return dx, dy
+
+
 def edges(images: np.ndarray, threshold: float = EDGE_THRESHOLD) -> np.ndarray:
     """bool (N, H, W): pixels whose colour differs from a right or lower neighbour by > threshold.
 
     The silhouette counts too: the image is compared as is, and white background against a
     coloured pixel is a large change.
     """
-    x = images.astype(np.int16)
-    dx = np.abs(x[:, :, 1:] - x[:, :, :-1]).max(axis=-1) > threshold
-    dy = np.abs(x[:, 1:] - x[:, :-1]).max(axis=-1) > threshold
+    dx, dy = _colour_changes(images, threshold)
     mask = np.zeros(images.shape[:3], dtype=bool)
     mask[:, :, 1:] |= dx
     mask[:, :, :-1] |= dx
@@ -152,12 +159,10 @@ def one_sided_edges(images: np.ndarray, threshold: float, within: np.ndarray) ->
     """bool (N, H, W): pixels whose colour differs from their right or lower neighbour by more
     than `threshold`, both pixels inside the `within` mask -- one pixel per colour change
     (:func:`edges` marks both sides, and the silhouette)."""
-    x = images.astype(np.int16)
+    dx, dy = _colour_changes(images, threshold)
     mask = np.zeros(images.shape[:3], dtype=bool)
-    mask[:, :, :-1] |= ((np.abs(x[:, :, 1:] - x[:, :, :-1]).max(axis=-1) > threshold)
-                        & within[:, :, 1:] & within[:, :, :-1])
-    mask[:, :-1] |= ((np.abs(x[:, 1:] - x[:, :-1]).max(axis=-1) > threshold)
-                     & within[:, 1:] & within[:, :-1])
+    mask[:, :, :-1] |= dx & within[:, :, 1:] & within[:, :, :-1]
+    mask[:, :-1] |= dy & within[:, 1:] & within[:, :-1]
     return mask
 
 

@@ -325,3 +325,23 @@ def test_paired_kid_difference_sign_std_and_agreement_with_torchmetrics(classifi
     assert float(kid.compute()[0]) == pytest.approx(_kid_full(r.numpy(), f.numpy()), rel=1e-6)
     with pytest.raises(InvalidParameterError, match="same number"):
         paired_kid_difference(real, near[:10], far, classifiers)
+
+
+def test_paired_kid_difference_with_several_generations_per_prompt(classifiers):
+    from dprdm.evaluation.metrics import _kid_full
+    real = blobs(40, 21)
+    near = np.concatenate([blobs(40, 22), blobs(40, 23)])  # R = 2, repeat-major
+    far = np.concatenate([blobs(40, 24, colour_shift=60), blobs(40, 25, colour_shift=60)])
+    out = paired_kid_difference(real, near, far, classifiers, resamples=30)
+    r, a, b = (classifiers.features(x).astype(np.float64) for x in (real, near, far))
+    assert out["difference"] == pytest.approx(_kid_full(r, a) - _kid_full(r, b), rel=1e-6)
+    assert out["difference"] < 0 and out["std"] > 0 and out["share_a_better"] > 0.9
+    # a resample takes both generations of each prompt it draws, so swapping the two repeats
+    # changes nothing, the bootstrap included
+    swapped_repeats = np.concatenate([near[40:], near[:40]])
+    again = paired_kid_difference(real, swapped_repeats, far, classifiers, resamples=30)
+    assert again["difference"] == pytest.approx(out["difference"], rel=1e-6)
+    assert again["std"] == pytest.approx(out["std"], rel=1e-6)
+    for bad_a, bad_b in ((near[:60], far[:60]), (near, far[:40]), (near[:0], far[:0])):
+        with pytest.raises(InvalidParameterError, match="R per real one"):
+            paired_kid_difference(real, bad_a, bad_b, classifiers)

@@ -204,20 +204,29 @@ def paired_kid_difference(real: np.ndarray, fake_a: np.ndarray, fake_b: np.ndarr
     generations for its prompt, as ``dprdm eval`` writes them to images.npz), so each resample
     draws the same rows for all three: the std is that of the DIFFERENCE, which the two settings'
     own KID stds overstate. Full-set KID (no subsets). Returns the difference, its bootstrap std
-    and the share of resamples in which `fake_a` is closer to `real` (x1, not x1e3)."""
+    and the share of resamples in which `fake_a` is closer to `real` (x1, not x1e3).
+
+    `fake_a` and `fake_b` may hold R generations per prompt: R x n rows, repeat-major (row
+    ``j * n + i`` belongs to prompt i), e.g. the images of R ``dprdm eval`` runs with different
+    ``--seed`` concatenated. A resample then draws all R generations of each prompt it draws, so
+    the diffusion seeds' share of the spread is averaged down while the held-out set's is kept."""
     real = _check_images(real, "real")
     fake_a, fake_b = _check_images(fake_a, "fake_a"), _check_images(fake_b, "fake_b")
-    if not len(real) == len(fake_a) == len(fake_b) >= 4:
-        raise InvalidParameterError("paired_kid_difference needs the same number (>= 4) of real, "
-                                    "fake_a and fake_b images, row i of each belonging together")
+    n = len(real)
+    if n < 4 or len(fake_a) != len(fake_b) or len(fake_a) % n or not len(fake_a):
+        raise InvalidParameterError("paired_kid_difference needs >= 4 real images and the same "
+                                    "number of fake_a and fake_b images, R per real one (R x n "
+                                    "rows, row j * n + i belonging to real row i)")
     if resamples < 2:
         raise InvalidParameterError(f"resamples must be >= 2, got {resamples}")
     r, a, b = (extract_features(extractor, x) for x in (real, fake_a, fake_b))
+    repeat_offsets = n * np.arange(len(fake_a) // n)
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(resamples):
-        rows = rng.integers(0, len(r), len(r))
-        diffs.append(_kid_full(r[rows], a[rows]) - _kid_full(r[rows], b[rows]))
+        rows = rng.integers(0, n, n)
+        fake_rows = (repeat_offsets[:, None] + rows[None, :]).ravel()
+        diffs.append(_kid_full(r[rows], a[fake_rows]) - _kid_full(r[rows], b[fake_rows]))
     diffs_array = np.asarray(diffs)
     return {"difference": _kid_full(r, a) - _kid_full(r, b), "std": float(diffs_array.std()),
             "share_a_better": float(np.mean(diffs_array < 0)), "resamples": resamples}

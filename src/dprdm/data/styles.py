@@ -173,7 +173,7 @@ def outline(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     of every colour change above OUTLINE_EDGE_THRESHOLD inside it (shading gradients stay fill).
     Until 2026-11-28 this marked both sides of every change above EDGE_THRESHOLD, which at 32 px
     turned most icons into near-black blots; the shipped demo encoder and evaluation classifiers
-    were trained with that version, generator v4 with this one (docs/generator.md).
+    were trained with that version, the generator from v4 on with this one (docs/generator.md).
     """
     images = check_images(images)
     fg = foreground(images)

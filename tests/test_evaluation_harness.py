@@ -76,6 +76,11 @@ def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
         assert run["epsilon_spent_max"] <= run["epsilon"] * (1 + 1e-9)
         assert run["private"] is True
     assert runs[-1]["sigma"] == 0.0 and runs[-1]["q"] == 1.0 and runs[-1]["private"] is False
+    # every other setting is compared with public-only by a paired bootstrap
+    assert "kid_vs_public_only" not in runs[0]
+    for run in runs[1:]:
+        assert np.isfinite(run["kid_vs_public_only"]) and run["kid_vs_public_only_std"] >= 0
+        assert 0.0 <= run["closer_than_public_only"] <= 1.0
     for run in runs:
         for key in ("fid", "fid_std", "kid", "kid_std", "precision", "recall", "density", "coverage",
                     "concept_top1", "concept_top10", "category_acc", "openmoji_like",
@@ -89,8 +94,10 @@ def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
         rows = list(csv.DictReader(f))
     assert [r["setting"] for r in rows] == [r["setting"] for r in runs]
     assert float(rows[0]["kid_style"]) == pytest.approx(runs[0]["kid_style"])
+    assert float(rows[-1]["kid_vs_public_only"]) == pytest.approx(runs[-1]["kid_vs_public_only"])
     markdown = (out / "results.md").read_text()
     assert "NOT private" in markdown and "leak" in markdown and "FID style" in markdown
+    assert "KID - public-only x1e3 (paired)" in markdown
     with np.load(out / "images.npz") as saved:
         assert list(saved["prompts"]) == CAPTIONS
         assert saved["generated/DP eps=8 T=3"].shape == (len(CAPTIONS), 32, 32, 3)
@@ -116,6 +123,39 @@ def test_same_seed_gives_the_same_public_only_images(private_index, holdout, enc
     assert HeldOut(first, prompts).captions == prompts
 
 
+def test_repeats_generate_every_prompt_again_with_other_seeds_and_charge_every_release(
+        private_index, holdout, tmp_path, encoder):
+    from dprdm.evaluation.harness import Setting, generate_setting
+    from dprdm.generation import DEFAULT_DIR, RetrievalDiffusionPipeline
+    from dprdm.retrieval import EmbeddingIndex
+
+    pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
+    index = EmbeddingIndex.open(private_index)
+    prompts = CAPTIONS[:4]
+    plans = [EvalPlan(k=4, q=0.5, lam=0.5, steps=2, seed=3, repeats=r) for r in (1, 2)]
+    once, _ = generate_setting(Setting("public-only"), prompts, plans[0], encoder, pipe, index, None)
+    twice, _ = generate_setting(Setting("public-only"), prompts, plans[1], encoder, pipe, index,
+                                None)
+    assert twice.shape == (8, 32, 32, 3)
+    assert np.array_equal(twice[:4], once)  # repeat 0 keeps the seeds of a run without repeats
+    assert all(not np.array_equal(twice[i], twice[4 + i]) for i in range(4))
+    # through the CLI: every repeat of a DP image is a release of its own
+    out = tmp_path / "report"
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(out), "--epsilons", "8", "--queries", "100",
+                            "--repeats", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    dp = data["runs"][1]
+    assert dp["queries_charged"] == 2 * len(CAPTIONS) and dp["experiment_ledgers"] == 1
+    assert dp["n_fake"] == 2 * len(CAPTIONS) and dp["n_real"] == len(CAPTIONS)
+    assert np.isfinite(dp["kid_vs_public_only"])
+    with np.load(out / "images.npz") as saved:
+        assert saved["generated/DP eps=8 T=100"].shape == (2 * len(CAPTIONS), 32, 32, 3)
+        assert saved["real"].shape == (len(CAPTIONS), 32, 32, 3)
+    assert "2 images (repeats" in (out / "results.md").read_text()
+    assert SqliteLedger(private_index).summary().queries == 0
+
+
 def test_plan_validation_and_settings_order():
     with pytest.raises(InvalidParameterError):
         EvalPlan(epsilons=(0.0,))
@@ -125,6 +165,9 @@ def test_plan_validation_and_settings_order():
         EvalPlan(q=0.0)
     with pytest.raises(InvalidParameterError):
         EvalPlan(samples=1)
+    for repeats in (0, 1.5, True):
+        with pytest.raises(InvalidParameterError, match="repeats"):
+            EvalPlan(repeats=repeats)
     names = [s.label for s in plan_settings(EvalPlan(epsilons=(5.0,), queries=(10, 20)))]
     assert names == ["public-only", "DP eps=5 T=10", "DP eps=5 T=20", "non-private"]
 
@@ -135,6 +178,7 @@ def test_plan_validation_and_settings_order():
     ["--queries", "1.5"],
     ["--q", "0", "--k", "4"],
     ["--lam", "2"],
+    ["--repeats", "0"],
 ])
 def test_bad_arguments_exit_2_and_write_nothing(private_index, holdout, tmp_path, args):
     out = tmp_path / "never"

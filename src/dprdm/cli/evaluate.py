@@ -51,6 +51,9 @@ def evaluate(
     guidance: float = typer.Option(3.0, "--guidance"),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampler steps."),
     seed: int = typer.Option(0, "--seed", help="Diffusion sampler and prompt-subset seed only."),
+    repeats: int = typer.Option(1, "--repeats",
+                                help="Images per prompt and setting, each with other diffusion "
+                                     "seeds; all are scored (tighter comparisons, R x longer)."),
     encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
     model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     classifiers_dir: Path = typer.Option(None, "--classifiers",
@@ -109,7 +112,7 @@ def evaluate(
             delta=delta if delta is not None else (ledger_delta or 1e-5),
             samples=QUICK_SAMPLES if quick and samples is None else samples,
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
-            kid_subsets=QUICK_KID_SUBSETS if quick else 100)
+            repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
         model_dir = Path(model or DEFAULT_DIR)
         if not (model_dir / "model_index.json").is_file():
             raise DprdmError(f"no generator pipeline (model_index.json) in {model_dir}")
@@ -138,7 +141,7 @@ def evaluate(
     from dprdm.evaluation.report import cell
 
     columns = [("label", "setting"), ("sigma", "sigma"), ("fid", "FID"), ("kid", "KID x1e3"),
-               ("concept_top10", "top-10"), ("openmoji_like", "OpenMoji-like"),
+               ("kid_vs_public_only", "KID - public-only (paired)"), ("concept_top10", "top-10"), ("openmoji_like", "OpenMoji-like"),
                ("alignment", "align.")]
     table = Table(title="dprdm eval (lower FID/KID is better; all columns in results.md)")
     for _, title in columns:

@@ -2,7 +2,7 @@
 
 Owns :class:`EvalPlan` (what to run) and :func:`run_evaluation` (running it). The prompts are the
 captions of held-out private images, which are also the reference set of the distribution
-metrics. Per prompt, one image for each setting:
+metrics. Per prompt, one image for each setting (``repeats`` images with ``repeats`` > 1):
 
 * ``public-only``  -- no private data: the prompt's text embedding mixed with the mean of its k
   nearest PUBLIC neighbours (or the text alone without a public index);
@@ -13,6 +13,10 @@ metrics. Per prompt, one image for each setting:
   no noise (sigma = 0, q = 1). NOT private: an upper reference for utility only.
 
 Every setting uses the same diffusion seeds, so differences come from the conditioning alone.
+With ``repeats`` = R > 1 every prompt is generated R times per setting with different diffusion
+seeds (R x P images, repeat-major); the metrics are computed on all of them, and each setting's
+KID is compared with public-only's by a paired bootstrap over the held-out images
+(:func:`~dprdm.evaluation.metrics.paired_kid_difference`, in every run whatever R).
 When there are more prompts than ``queries``, the prompts are split over several experiment
 ledgers of ``queries`` releases each (independent deployments with the same mechanism), so no
 experiment ledger ever exceeds the budget its sigma was calibrated for.
@@ -54,6 +58,7 @@ class EvalPlan:
     guidance: float = 3.0
     steps: int = 50
     seed: int = 0  # diffusion sampler and prompt subset only; never the privacy noise
+    repeats: int = 1  # images per prompt and setting, each with other diffusion seeds
     kid_subsets: int = 100
     public_only: bool = True
     non_private: bool = True
@@ -73,6 +78,8 @@ class EvalPlan:
             raise InvalidParameterError(f"lam must lie in [0, 1], got {self.lam}")
         if self.kid_subsets < 1:
             raise InvalidParameterError("kid_subsets must be >= 1")
+        if isinstance(self.repeats, bool) or int(self.repeats) != self.repeats or self.repeats < 1:
+            raise InvalidParameterError(f"repeats must be a whole number >= 1, got {self.repeats}")
 
 
 @dataclass
@@ -100,7 +107,7 @@ class Setting:
 @dataclass
 class EvalResult:
     runs: list[dict[str, Any]]
-    images: dict[str, np.ndarray]  # setting label -> uint8 (P, S, S, 3)
+    images: dict[str, np.ndarray]  # setting label -> uint8 (R * P, S, S, 3), repeat-major
     held_out: HeldOut
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -133,10 +140,12 @@ class _Generator:
         self.pipeline = pipeline
         self.plan = plan
 
-    def images(self, conditions: np.ndarray, batch_number: int) -> np.ndarray:
+    def images(self, conditions: np.ndarray, batch_number: int, repeat: int = 0) -> np.ndarray:
         import torch
 
-        generator = torch.Generator().manual_seed(self.plan.seed + batch_number)
+        # one stream per (seed, repeat, batch): other seeds and repeats share no noise
+        stream = np.random.SeedSequence([self.plan.seed, repeat, batch_number])
+        generator = torch.Generator().manual_seed(int(stream.generate_state(1)[0]))
         return np.asarray(self.pipeline(conditions, guidance=self.plan.guidance,
                                         steps=self.plan.steps, generator=generator,
                                         batch_size=PROMPT_BATCH))
@@ -149,14 +158,17 @@ def _batches(n: int) -> list[slice]:
 def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encoder, pipeline,
                      private_index: EmbeddingIndex, public_index: EmbeddingIndex | None,
                      progress: Progress | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Images for every prompt under one setting, and what the run spent."""
+    """``plan.repeats`` images for every prompt under one setting (repeat-major), and what the
+    run spent. Every DP image is a release of its own, charged like any other."""
     generator = _Generator(pipeline, plan)
     text = encoder.encode_text(prompts)
     out, info = [], {}
     ledgers: list[InMemoryLedger] = []
     mechanism = rag = None
     used_in_ledger = 0
-    for number, part in enumerate(_batches(len(prompts))):
+    batches = [(repeat, number, part) for repeat in range(plan.repeats)
+               for number, part in enumerate(_batches(len(prompts)))]
+    for repeat, number, part in batches:
         if setting.name == "public-only":
             if public_index is None:
                 conditions = text[part]
@@ -182,9 +194,9 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                 used_in_ledger += take
                 i += take
             conditions = np.concatenate(conditions_parts)
-        out.append(generator.images(conditions, number))
+        out.append(generator.images(conditions, number, repeat))
         if progress is not None:
-            progress(part.stop, len(prompts))
+            progress(repeat * len(prompts) + part.stop, plan.repeats * len(prompts))
     if ledgers:
         spent = [ledger.summary() for ledger in ledgers]
         info = {"experiment_ledgers": len(ledgers),
@@ -209,11 +221,12 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
     from dprdm.evaluation.metrics import (alignment_score, concept_scores, distribution_metrics,
                                           style_scores)
 
+    captions = held_out.captions * (len(images) // len(held_out.captions))  # one per image
     row: dict[str, Any] = {}
     row.update(distribution_metrics(held_out.images, images, extractor,
                                     kid_subsets=plan.kid_subsets, seed=plan.seed))
     row.update(style_space_metrics(images, held_out, classifiers, plan))
-    concepts = concept_scores(images, held_out.captions, classifiers)
+    concepts = concept_scores(images, captions, classifiers)
     row.update({key: concepts[key] for key in ("concept_top1", "concept_top10", "category_acc")})
     row["n_concepts_scored"] = concepts["n"]
     style = style_scores(images, classifiers)
@@ -221,7 +234,7 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
                 "openmoji_probability_mean": style["openmoji_probability_mean"],
                 "openmoji_like_strict": style["openmoji_like_strict"],
                 "openmoji_probability_mean_strict": style["openmoji_probability_mean_strict"]})
-    align = alignment_score(images, held_out.captions, encoder)
+    align = alignment_score(images, captions, encoder)
     row.update({"alignment": align["alignment"], "alignment_std": align["alignment_std"],
                 "alignment_mismatched": align["alignment_mismatched"]})
     return row
@@ -251,6 +264,29 @@ def style_space_metrics(images: np.ndarray, held_out: HeldOut, classifiers,
         for key in ("fid", "fid_std", "kid", "kid_std"):
             out[key.replace("fid", f"fid_{name}").replace("kid", f"kid_{name}")] = metrics[key]
     return out
+
+
+PAIRED_RESAMPLES = 200
+
+
+def compare_with_public_only(runs: list[dict[str, Any]], images: dict[str, np.ndarray],
+                             held_out: HeldOut, extractor, plan: EvalPlan) -> None:
+    """Add to every other row its KID minus public-only's, by a paired bootstrap over the
+    held-out images (each resample draws the same images and prompts, all repeats, for both),
+    with its std and the share of resamples in which the row is closer to the held-out set."""
+    from dprdm.evaluation.metrics import paired_kid_difference
+
+    if "public-only" not in images or len(held_out.captions) < 4:
+        return
+    for row in runs:
+        if row["label"] == "public-only":
+            continue
+        paired = paired_kid_difference(held_out.images, images[row["label"]],
+                                       images["public-only"], extractor,
+                                       resamples=PAIRED_RESAMPLES, seed=plan.seed)
+        row.update({"kid_vs_public_only": paired["difference"],
+                    "kid_vs_public_only_std": paired["std"],
+                    "closer_than_public_only": paired["share_a_better"]})
 
 
 def real_reference_row(held_out: HeldOut, classifiers, encoder) -> dict[str, Any]:
@@ -313,6 +349,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
         row.update(score(generated, held_out, classifiers, encoder, extractor, plan))
         row.update(spent)
         runs.append(row)
+    compare_with_public_only(runs, images, held_out, extractor, plan)
     notes = {
         "reference": real_reference_row(held_out, classifiers, encoder),
         "plan": asdict(plan),

@@ -36,11 +36,14 @@ CSV_COLUMNS = [
     "coverage", "concept_top1", "concept_top10", "category_acc", "openmoji_like",
     "openmoji_probability_mean", "openmoji_like_strict", "alignment", "alignment_std",
     "alignment_mismatched",
+    "kid_vs_public_only", "kid_vs_public_only_std", "closer_than_public_only",
     "experiment_ledgers", "queries_charged", "epsilon_spent_max", "generation_s",
 ]
 TABLE_COLUMNS = [
     ("setting", "setting"), ("epsilon", "eps"), ("queries", "queries"), ("sigma", "sigma"),
     ("q", "q"), ("k", "k"), ("lam", "lam"), ("fid", "FID"), ("kid", "KID x1e3"),
+    ("kid_vs_public_only", "KID - public-only x1e3 (paired)"),
+    ("closer_than_public_only", "closer than public-only"),
     ("fid_style", "FID style"), ("kid_style", "KID style x1e3"),
     ("fid_strict", "FID strict"), ("kid_strict", "KID strict x1e3"),
     ("precision", "prec."), ("recall", "rec."), ("density", "dens."), ("coverage", "cov."),
@@ -103,8 +106,9 @@ def results_markdown(result: EvalResult) -> str:
         "# dprdm eval",
         "",
         f"{len(result.held_out.captions)} prompts = captions of held-out private images (the "
-        f"reference set of FID/KID/PRDC); one image per prompt and setting, the same diffusion "
-        f"seeds in every setting; guidance {plan['guidance']}, {plan['steps']} sampler steps.",
+        f"reference set of FID/KID/PRDC); {_per_prompt(plan.get('repeats', 1))} per prompt and "
+        f"setting, the same diffusion seeds in every setting; guidance {plan['guidance']}, "
+        f"{plan['steps']} sampler steps.",
         "",
         markdown_table(result.runs),
         "",
@@ -116,6 +120,11 @@ def results_markdown(result: EvalResult) -> str:
         "concept network trained on PUBLIC images only; see docs/evaluation.md). KID is the "
         "unbiased one at a few hundred samples: compare settings by KID ± its std first. "
         "FID ± the std of 20 bootstrap resamples.",
+        "* KID - public-only (paired): the setting's full-set KID minus public-only's, ± the std "
+        "of a paired bootstrap (each resample draws the same held-out images and prompts, with "
+        "all their repeats, for both settings); 'closer than public-only' = the share of "
+        "resamples in which the setting is the closer one. This is the test for 'better than "
+        "public-only': the two settings' own KID stds overstate the uncertainty of a difference.",
         "* FID/KID style and strict: the same metrics in the feature spaces of the two OpenMoji "
         "style networks (style: OpenMoji vs the raw public styles; strict: vs the public styles "
         "and their augmentations). They see the look that the concept network is trained to "
@@ -201,6 +210,11 @@ def images_npz(result: EvalResult) -> bytes:
                         real=result.held_out.images,
                         prompts=np.array(result.held_out.captions))
     return buffer.getvalue()
+
+
+def _per_prompt(repeats: int) -> str:
+    return ("one image" if repeats == 1 else
+            f"{repeats} images (repeats with other diffusion seeds, all scored)")
 
 
 def _short(label: str) -> str:

@@ -297,7 +297,7 @@ def test_cli_prints_exactly_one_json_object():
 def test_cli_refuses_bad_parameters_with_exit_code_2():
     result = CliRunner().invoke(cli_app(), ["--q", "0", "--json"])
     assert result.exit_code == 2
-    assert json.loads(result.stdout)["error"] == "InvalidParameterError"
+    assert json.loads(result.stdout)["error"] == "invalid_parameter"
 
 
 def test_cli_exits_1_when_the_bound_exceeds_the_claim(monkeypatch):

@@ -54,7 +54,7 @@ def test_errors_are_one_json_object_and_exit_2(tmp_path: Path, embeddings: Path)
     out = tmp_path / "idx"
     assert invoke_json("build", str(embeddings), "--out", str(out))[0] == 0
     code, error = invoke_json("build", str(embeddings), "--out", str(out))
-    assert code == 2 and error["error"] == "EmbeddingIndexError"
+    assert code == 2 and error["error"] == "index_error"
     assert "already exists" in error["message"]
 
     (out / "ledger.sqlite").write_bytes(b"")
@@ -66,7 +66,7 @@ def test_errors_are_one_json_object_and_exit_2(tmp_path: Path, embeddings: Path)
     bad[[1, 3]] = 0
     np.save(tmp_path / "bad.npy", bad)
     code, error = invoke_json("build", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "x"))
-    assert code == 2 and error["error"] == "InvalidParameterError"
+    assert code == 2 and error["error"] == "invalid_parameter"
     assert "rows 1, 3" in error["message"]
 
     code, error = invoke_json("info", str(tmp_path / "missing"))

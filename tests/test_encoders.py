@@ -291,7 +291,7 @@ def test_cli_info_embed_and_errors(tiny_demo, tmp_path):
                                atol=1e-6)
     assert json.loads((tmp_path / "emb.ids.json").read_text()) == ["0", "1"]
     result = runner.invoke(app, ["info", "--encoder", str(tmp_path / "missing"), "--json"])
-    assert result.exit_code == 2 and json.loads(result.stdout)["error"] == "EncoderLoadError"
+    assert result.exit_code == 2 and json.loads(result.stdout)["error"] == "model_unavailable"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tm
     result, data = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
                             "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert data["error"] == "BudgetExceededError"
+    assert data["error"] == "budget_exhausted"
     assert not list((tmp_path / "out").glob("*.png"))
     assert SqliteLedger(private_index).summary().queries == spent
 

@@ -222,7 +222,7 @@ def test_cli_train_reports_bad_settings_cleanly(tmp_path):
     no_autoencoder = runner.invoke(app, ["--out", str(tmp_path), "--data", str(tmp_path),
                                          "--steps", "1", "--json"])
     assert no_autoencoder.exit_code == 2
-    assert json.loads(no_autoencoder.stdout.splitlines()[-1])["error"] == "InvalidParameterError"
+    assert json.loads(no_autoencoder.stdout.splitlines()[-1])["error"] == "invalid_parameter"
 
 
 def test_learning_rate_warms_up_then_decays_linearly_to_zero_from_decay_start():

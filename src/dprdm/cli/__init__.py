@@ -7,7 +7,12 @@ and never carry private data.
 
 from __future__ import annotations
 
+import json
+import sys
+from importlib.metadata import version as _package_version
+
 import typer
+from typer._click.exceptions import UsageError  # typer vendors click (pinned)
 
 from dprdm.cli import (audit, budget, encoders, evaluate, generate, index, keys, privacy,
                        retrieve, serve, train)
@@ -19,6 +24,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dprdm {_package_version('dprdm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Differentially private retrieval-augmented image generation."""
+
+
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(index.app, name="index")
 app.add_typer(budget.app, name="budget")
@@ -33,4 +54,16 @@ app.command(name="eval")(evaluate.evaluate)
 
 
 def main() -> None:
-    app()
+    """Run the CLI. A usage error (unknown option, missing argument) with --json on the command
+    line is printed as the same JSON error object as every other refusal, exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as error:
+        if "--json" in sys.argv[1:]:
+            sys.stdout.write(json.dumps({"error": "invalid_parameter",
+                                         "message": error.format_message()}) + "\n")
+        error.show()
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

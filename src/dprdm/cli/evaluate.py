@@ -8,7 +8,7 @@ import typer
 
 from dprdm import demo_layout
 from dprdm.cli.output import JSON_OPTION, cli_errors, console, emit, progress_callback
-from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.errors import InvalidParameterError, NotFoundError
 
 QUICK_SAMPLES, QUICK_STEPS, QUICK_KID_SUBSETS = 24, 20, 20
 
@@ -115,7 +115,7 @@ def evaluate(
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
         model_dir = Path(model or DEFAULT_DIR)
         if not (model_dir / "model_index.json").is_file():
-            raise DprdmError(f"no generator pipeline (model_index.json) in {model_dir}")
+            raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
         pipeline = RetrievalDiffusionPipeline.from_pretrained(model_dir)
         held = load_folder(holdout_dir, pipeline.image_size, show_progress=False)
         result = run_evaluation(

@@ -9,7 +9,7 @@ import typer
 
 from dprdm import demo_layout
 from dprdm.cli.output import JSON_OPTION, console, run_command
-from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.errors import InvalidParameterError, NotFoundError
 from dprdm.files import write_bytes_atomically
 from dprdm.image_files import image_grid, save_png
 
@@ -74,7 +74,7 @@ def generate(
             raise InvalidParameterError("give --index DIR (or --demo), or use --public-only")
         model_dir = Path(model or DEFAULT_DIR)
         if not (model_dir / "model_index.json").is_file():
-            raise DprdmError(f"no generator pipeline (model_index.json) in {model_dir}")
+            raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
         private = None if (public_only or index_dir is None) else EmbeddingIndex.open(index_dir)
         ledger = SqliteLedger(index_dir) if private is not None else None
         rag = RetrievalAugmentedGenerator(

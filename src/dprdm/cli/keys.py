@@ -9,7 +9,7 @@ from rich.table import Table
 
 from dprdm import demo_layout
 from dprdm.cli.output import JSON_OPTION, cli_errors, console, emit, err_console, run_command
-from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.errors import InvalidParameterError, NotFoundError
 
 app = typer.Typer(help="API keys of the generation service (`dprdm serve`).",
                   no_args_is_help=True)
@@ -27,7 +27,7 @@ def _store(index: Path | None, demo: bool):
     if index is None:
         raise InvalidParameterError("give --index DIR (or --demo)")
     if not (Path(index) / LEDGER_FILENAME).is_file():
-        raise DprdmError(f"{index} has no privacy ledger: keys belong beside an index's ledger")
+        raise NotFoundError(f"{index} has no privacy ledger: keys belong beside an index's ledger")
     return KeyStore(index)
 
 

@@ -42,24 +42,58 @@ def emit(result: Mapping[str, Any], as_json: bool, title: str = "") -> None:
     table.add_column(style="bold cyan")
     table.add_column()
     for key, value in result.items():
-        if isinstance(value, float):
-            value = f"{value:.6g}"
-        table.add_row(str(key), str(value))
+        table.add_row(str(key), human(value))
     console.print(table)
+
+
+def human(value: Any) -> str:
+    """A value as people read it: floats to 6 significant digits, a mapping as `key value`
+    pairs, a list one item a line (no Python reprs)."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k} {human(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "\n".join(human(v) for v in value) if value else "-"
+    return str(value)
+
+
+def error_object(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The one shape of a CLI error on stdout with --json (codes: docs/cli.md)."""
+    return {"error": code, "message": message, **extra}
+
+
+def _print_error(as_json: bool, code: str, message: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(error_object(code, message)) + "\n")
+        sys.stdout.flush()
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
 
 
 @contextmanager
 def cli_errors(as_json: bool = False) -> Iterator[None]:
-    """Turn dprdm's deliberate errors into a one-line message and exit code 2 (no traceback)."""
+    """Turn every failure into one error (a JSON object with --json) and an exit code.
+
+    dprdm's deliberate errors and refused file operations (a path that cannot be read or written)
+    exit 2 with a stable code; anything else is a bug: exit 1, ``internal_error``, and the
+    traceback on stderr for the operator. typer's own exits pass through untouched."""
     try:
         yield
+    except (typer.Exit, typer.Abort):
+        raise
     except DprdmError as error:
-        if as_json:
-            sys.stdout.write(
-                json.dumps({"error": type(error).__name__, "message": str(error)}) + "\n"
-            )
-        err_console.print(f"[bold red]error:[/] {error}")
+        _print_error(as_json, error.code, str(error))
         raise typer.Exit(code=2) from None
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        _print_error(as_json, "io_error", f"{error.strerror or error}{where}")
+        raise typer.Exit(code=2) from None
+    except Exception as error:
+        if as_json:
+            sys.stdout.write(json.dumps(error_object(
+                "internal_error", f"internal error ({type(error).__name__}); see stderr")) + "\n")
+            sys.stdout.flush()
+        raise
 
 
 def run_command(as_json: bool, title: str, compute: Callable[[], Mapping[str, Any]]) -> None:

@@ -39,6 +39,8 @@ ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image,
 class UnreadableImageError(DprdmError, ValueError):
     """An image could not be read or decoded (missing, truncated, not an image, too large)."""
 
+    code = "unreadable_image"
+
 
 def check_size(size: object) -> int:
     """Validate an output side length in pixels."""

@@ -39,6 +39,8 @@ _stderr = Console(stderr=True)
 class EncoderLoadError(DprdmError):
     """An encoder could not be loaded: missing path, unknown checkpoint, unreadable weights."""
 
+    code = "model_unavailable"
+
 
 # ---------------------------------------------------------------------------------------------
 # input validation

@@ -63,6 +63,8 @@ AGAINST = (AGAINST_PUBLIC_STYLES, AGAINST_PUBLIC_AND_AUGMENTATIONS)
 class ClassifierLoadError(DprdmError):
     """The evaluation classifiers could not be loaded (missing or mismatching files)."""
 
+    code = "model_unavailable"
+
 
 @dataclass
 class ClassifierConfig:

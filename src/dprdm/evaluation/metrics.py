@@ -44,6 +44,8 @@ class FeatureExtractor(Protocol):
 class InceptionUnavailableError(DprdmError):
     """The InceptionV3 extractor cannot be built (no local weights file, or no torch-fidelity)."""
 
+    code = "model_unavailable"
+
 
 def _check_images(images: object, what: str) -> np.ndarray:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or (

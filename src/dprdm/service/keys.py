@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.errors import InvalidParameterError, NotFoundError
 
 KEYS_FILENAME = "service-keys.sqlite"
 TOKEN_PREFIX = "dprdm_"
@@ -71,7 +71,7 @@ class KeyStore:
     def __init__(self, index_dir: str | os.PathLike, *, busy_timeout_s: float = 30.0) -> None:
         index_dir = Path(index_dir)
         if not index_dir.is_dir():
-            raise DprdmError(f"{index_dir} is not a directory")
+            raise NotFoundError(f"{index_dir} is not a directory")
         self.path = index_dir / KEYS_FILENAME
         self._busy_timeout_s = busy_timeout_s
         with self._connect() as conn:

@@ -1,7 +1,8 @@
 """The web page in a real headless browser (Debian's chromium, driven by playwright).
 
 `make test` installs chromium; playwright only drives it (no browser is ever downloaded).
-Outside CI, the test is skipped where no chromium is installed.
+Where chromium is absent and cannot be installed, the test is skipped with that reason
+(CI sets DPRDM_REQUIRE_BROWSER=1, which turns the skip into a failure).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dprdm.service.app import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    if os.environ.get("CI"):
+    if os.environ.get("DPRDM_REQUIRE_BROWSER"):  # set by .ci/run: CI must run this test
         raise RuntimeError("chromium is missing: `make test` installs it (apt-get)")
-    pytest.skip("no chromium installed (make test installs it)", allow_module_level=True)
+    pytest.skip("chromium is not installed and `make test` could not install it (apt-get needs "
+                "root and a Debian mirror); the web page is not tested", allow_module_level=True)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,10 +59,15 @@ def run_eval(*args):
 
 def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
         private_index, holdout, tmp_path):
+    from dprdm.evaluation.classifiers import DEFAULT_DIR
+
     out = tmp_path / "report"
+    # --classifiers: the emoji scores on data that is not the demo's, on request
     result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
-                            "--out", str(out), "--epsilons", "8", "--queries", "3,100", *FAST)
+                            "--out", str(out), "--epsilons", "8", "--queries", "3,100",
+                            "--classifiers", str(DEFAULT_DIR), *FAST)
     assert result.exit_code == 0, result.output
+    assert data["demo_metrics"] is True and "concept network" in data["feature_space"]
     runs = data["runs"]
     assert [r["setting"] for r in runs] == ["public-only", "dp", "dp", "non-private"]
     assert [(r["epsilon"], r["queries"]) for r in runs[1:3]] == [(8, 3), (8, 100)]
@@ -104,6 +110,32 @@ def test_eval_runs_every_setting_on_experiment_ledgers_and_writes_the_report(
     for name in ("fid_kid_vs_epsilon.png", "samples.png"):
         with Image.open(out / name) as image:
             assert image.width > 100 and image.height > 100
+
+
+def test_eval_on_own_data_scores_in_the_encoder_space_without_emoji_metrics(
+        private_index, holdout, tmp_path):
+    out = tmp_path / "report"
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(out), "--epsilons", "8", "--queries", "100", *FAST)
+    assert result.exit_code == 0, result.output
+    assert data["demo_metrics"] is False
+    assert "image tower" in data["feature_space"] and "CLIP space" in data["feature_space"]
+    for run in data["runs"]:
+        assert np.isfinite(run["fid"]) and np.isfinite(run["kid"]) and np.isfinite(run["alignment"])
+        for key in ("concept_top10", "openmoji_like", "openmoji_like_strict", "fid_style",
+                    "kid_strict"):
+            assert key not in run, key
+    assert set(data["reference"]) == {"setting", "alignment", "alignment_mismatched"}
+    markdown = (out / "results.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| setting"))
+    assert "OpenMoji-like" not in header and "FID style" not in header
+    assert "top-10" not in header and "FID" in header and "align." in header
+    assert "image tower" in markdown and "emoji demo only" in markdown
+    assert "real private images" in markdown and "real private images" in data["report_warning"]
+    # the report holds real private images: the owner's only
+    assert (out.stat().st_mode & 0o777) == 0o700
+    for name in data["files"].values():
+        assert (Path(name).stat().st_mode & 0o777) == 0o600, name
 
 
 def test_same_seed_gives_the_same_public_only_images(private_index, holdout, encoder):

@@ -30,6 +30,13 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
 def evaluate(
     index: Path = typer.Option(None, "--index", help="Private index directory."),
     holdout: Path = typer.Option(None, "--holdout",
@@ -57,7 +64,7 @@ def evaluate(
     encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
     model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     classifiers_dir: Path = typer.Option(None, "--classifiers",
-                                         help="Evaluation classifiers (default: shipped)."),
+                                         help="Emoji demo classifiers (concept, style): used on the demo data, or on other data when given here (default: shipped)."),
     inception: Path = typer.Option(None, "--inception",
                                    help="Local FID InceptionV3 weights file: FID/KID/PRDC in "
                                         "Inception space instead of the public classifier's."),
@@ -79,7 +86,7 @@ def evaluate(
         from dprdm.evaluation.classifiers import EvalClassifiers
         from dprdm.evaluation.harness import EvalPlan, HeldOut, run_evaluation
         from dprdm.evaluation.metrics import inception_extractor
-        from dprdm.evaluation.report import write_report
+        from dprdm.evaluation.report import PRIVATE_REPORT_WARNING, write_report
         from dprdm.generation import RetrievalDiffusionPipeline
         from dprdm.generation.pipeline import DEFAULT_DIR
         from dprdm.privacy import SqliteLedger
@@ -118,18 +125,25 @@ def evaluate(
             raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
         pipeline = RetrievalDiffusionPipeline.from_pretrained(model_dir)
         held = load_folder(holdout_dir, pipeline.image_size, show_progress=False)
+        # The demo's classifiers know emoji only: their scores are shown on the demo data alone.
+        on_demo_data = demo or _same_dir(index_dir, demo_layout.private_index_dir())
+        classifiers = (EvalClassifiers.from_pretrained(classifiers_dir or CLASSIFIERS_DIR)
+                       if on_demo_data or classifiers_dir is not None else None)
         result = run_evaluation(
             plan, HeldOut(held.images, list(held.captions)), load_encoder(encoder), pipeline,
             EmbeddingIndex.open(index_dir),
             EmbeddingIndex.open(public_dir) if public_dir is not None else None,
-            EvalClassifiers.from_pretrained(classifiers_dir or CLASSIFIERS_DIR),
+            classifiers,
             extractor=inception_extractor(inception) if inception is not None else None,
             progress_for=lambda label: progress_callback(f"generating: {label}",
                                                          enabled=not as_json))
         files = write_report(result, out)
         return {"runs": result.runs, "reference": result.notes["reference"], "files": files,
+                "feature_space": result.notes["feature_space"],
+                "demo_metrics": result.notes["demo_metrics"],
                 "experiment_ledger": "in-memory; the index's own ledger was not charged",
-                "warning": result.notes["warning"]}
+                "warning": result.notes["warning"],
+                "report_warning": PRIVATE_REPORT_WARNING}
 
     with cli_errors(as_json):
         result = compute()
@@ -138,11 +152,12 @@ def evaluate(
         return
     from rich.table import Table
 
-    from dprdm.evaluation.report import cell
+    from dprdm.evaluation.report import cell, present_columns
 
-    columns = [("label", "setting"), ("sigma", "sigma"), ("fid", "FID"), ("kid", "KID x1e3"),
-               ("kid_vs_public_only", "KID - public-only (paired)"), ("concept_top10", "top-10"), ("openmoji_like", "OpenMoji-like"),
-               ("alignment", "align.")]
+    columns = present_columns(result["runs"], [
+        ("label", "setting"), ("sigma", "sigma"), ("fid", "FID"), ("kid", "KID x1e3"),
+        ("kid_vs_public_only", "KID - public-only (paired)"), ("concept_top10", "top-10"),
+        ("openmoji_like", "OpenMoji-like"), ("alignment", "align.")])
     table = Table(title="dprdm eval (lower FID/KID is better; all columns in results.md)")
     for _, title in columns:
         table.add_column(title, justify="right")
@@ -151,4 +166,6 @@ def evaluate(
     console.print(table)
     for name, path in result["files"].items():
         console.print(f"{name}: {path}")
+    console.print(f"FID/KID/PRDC in the feature space of {result['feature_space']}.")
     console.print(f"[yellow]{result['warning']}[/]")
+    console.print(f"[bold yellow]{result['report_warning']}[/]")

@@ -233,6 +233,9 @@ class EvalClassifiers:
             return np.zeros((0, width), np.float32)
         return torch.cat(outputs).numpy().astype(np.float32)
 
+    def describe(self) -> str:
+        return "the demo's concept network (trained on PUBLIC emoji only)"
+
     def concept_logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, len(concepts))."""
         return self._run(self.concept_net, images, "concept")

@@ -225,6 +225,11 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
     row: dict[str, Any] = {}
     row.update(distribution_metrics(held_out.images, images, extractor,
                                     kid_subsets=plan.kid_subsets, seed=plan.seed))
+    align = alignment_score(images, captions, encoder)
+    row.update({"alignment": align["alignment"], "alignment_std": align["alignment_std"],
+                "alignment_mismatched": align["alignment_mismatched"]})
+    if classifiers is None:  # not the emoji demo: its concept and style scores mean nothing
+        return row
     row.update(style_space_metrics(images, held_out, classifiers, plan))
     concepts = concept_scores(images, captions, classifiers)
     row.update({key: concepts[key] for key in ("concept_top1", "concept_top10", "category_acc")})
@@ -234,9 +239,6 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
                 "openmoji_probability_mean": style["openmoji_probability_mean"],
                 "openmoji_like_strict": style["openmoji_like_strict"],
                 "openmoji_probability_mean_strict": style["openmoji_probability_mean_strict"]})
-    align = alignment_score(images, captions, encoder)
-    row.update({"alignment": align["alignment"], "alignment_std": align["alignment_std"],
-                "alignment_mismatched": align["alignment_mismatched"]})
     return row
 
 
@@ -293,9 +295,12 @@ def real_reference_row(held_out: HeldOut, classifiers, encoder) -> dict[str, Any
     """Scores of the held-out real images themselves (the level generations are read against)."""
     from dprdm.evaluation.metrics import alignment_score, concept_scores, style_scores
 
+    align = alignment_score(held_out.images, held_out.captions, encoder)
+    if classifiers is None:
+        return {"setting": "real held-out", "alignment": align["alignment"],
+                "alignment_mismatched": align["alignment_mismatched"]}
     concepts = concept_scores(held_out.images, held_out.captions, classifiers)
     style = style_scores(held_out.images, classifiers)
-    align = alignment_score(held_out.images, held_out.captions, encoder)
     return {"setting": "real held-out", "concept_top1": concepts["concept_top1"],
             "concept_top10": concepts["concept_top10"], "category_acc": concepts["category_acc"],
             "openmoji_like": style["openmoji_like"],
@@ -305,12 +310,22 @@ def real_reference_row(held_out: HeldOut, classifiers, encoder) -> dict[str, Any
             "alignment": align["alignment"], "alignment_mismatched": align["alignment_mismatched"]}
 
 
+def feature_space(extractor) -> str:
+    """What FID/KID/PRDC were measured in, in words, for the report."""
+    describe = getattr(extractor, "describe", None)
+    return describe() if callable(describe) else type(extractor).__name__
+
+
 def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                    private_index: EmbeddingIndex, public_index: EmbeddingIndex | None,
-                   classifiers, extractor=None,
+                   classifiers=None, extractor=None,
                    progress_for: Callable[[str], Any] | None = None) -> EvalResult:
     """Generate and score every setting of `plan`. `progress_for(label)` returns a context
     manager yielding a `(done, total)` callback (or None), e.g. ``cli.output.progress_callback``.
+
+    `classifiers` (the emoji demo's concept and style networks) are for the demo data only; with
+    None the report holds the distribution metrics and the text-image alignment alone, in the
+    feature space of `extractor` (default: the encoder's image tower).
     """
     from contextlib import nullcontext
 
@@ -320,7 +335,10 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
     held_out = choose_prompts(held_out, plan.samples, plan.seed)
     if len(held_out.captions) < 2:
         raise InvalidParameterError("the held-out set needs at least 2 captioned images")
-    extractor = extractor if extractor is not None else classifiers
+    from dprdm.evaluation.metrics import EncoderImageFeatures
+
+    if extractor is None:
+        extractor = classifiers if classifiers is not None else EncoderImageFeatures(encoder)
     settings = plan_settings(plan)
     text = encoder.encode_text(held_out.captions)
     runs, images = [], {}
@@ -352,6 +370,8 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
     compare_with_public_only(runs, images, held_out, extractor, plan)
     notes = {
         "reference": real_reference_row(held_out, classifiers, encoder),
+        "feature_space": feature_space(extractor),
+        "demo_metrics": classifiers is not None,
         "plan": asdict(plan),
         "warning": ("Hyper-parameters chosen by looking at these private-data metrics leak "
                     "privacy that no ledger records; choose them on public data."),

@@ -333,6 +333,24 @@ def alignment_score(images: np.ndarray, captions: list[str], encoder: Any) -> di
     return out
 
 
+class EncoderImageFeatures:
+    """The generator's own image tower as a feature space: ``.features(images)`` are the encoder's
+    unit-norm image embeddings, so FID/KID/PRDC read as distances in CLIP space ("FD_CLIP").
+
+    The generic feature space of ``dprdm eval`` on data other than the emoji demo, where the demo
+    classifiers mean nothing; it needs no file beyond the encoder itself."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def describe(self) -> str:
+        name = getattr(self.encoder, "name", type(self.encoder).__name__)
+        return f"the encoder's image tower ({name}, {self.encoder.dim}-d): FD in CLIP space"
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.encoder.encode_images(images), dtype=np.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # InceptionV3 from a local file
 
@@ -375,6 +393,9 @@ class InceptionExtractor:
         self.module = module.eval()
         self.batch_size = batch_size
         self.num_features = 2048
+
+    def describe(self) -> str:
+        return "InceptionV3 (FID's 2048-d pool features, from a local weights file)"
 
     @torch.no_grad()
     def features(self, images: np.ndarray) -> np.ndarray:

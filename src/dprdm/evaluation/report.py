@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,20 @@ def cell(key: str, row: dict[str, Any]) -> str:
     return str(value)
 
 
+def present_columns(rows: list[dict[str, Any]],
+                    columns: list[tuple[str, str]] = TABLE_COLUMNS) -> list[tuple[str, str]]:
+    """The columns that hold a value in at least one row (demo-only scores vanish elsewhere)."""
+    return [(key, title) for key, title in columns
+            if key == "setting" or any(row.get(key) is not None for row in rows)]
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
-    rule = "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |"
+    columns = present_columns(rows)
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
     lines = [header, rule]
     for row in rows:
-        lines.append("| " + " | ".join(cell(key, row) for key, _ in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(key, row) for key, _ in columns) + " |")
     return "\n".join(lines)
 
 
@@ -116,19 +125,24 @@ def results_markdown(result: EvalResult) -> str:
         "",
         markdown_table([real_row]),
         "",
-        "* FID/KID/PRDC: feature space of the evaluation feature extractor (by default the "
-        "concept network trained on PUBLIC images only; see docs/evaluation.md). KID is the "
-        "unbiased one at a few hundred samples: compare settings by KID ± its std first. "
-        "FID ± the std of 20 bootstrap resamples.",
+        f"* FID/KID/PRDC: measured in the feature space of "
+        f"{result.notes.get('feature_space', 'the evaluation feature extractor')} (see "
+        "docs/evaluation.md). KID is the unbiased one at a few hundred samples: compare "
+        "settings by KID ± its std first. FID ± the std of 20 bootstrap resamples. "
+        "align. = mean cosine between each image and its prompt in the encoder.",
         "* KID - public-only (paired): the setting's full-set KID minus public-only's, ± the std "
         "of a paired bootstrap (each resample draws the same held-out images and prompts, with "
         "all their repeats, for both settings); 'closer than public-only' = the share of "
         "resamples in which the setting is the closer one. This is the test for 'better than "
         "public-only': the two settings' own KID stds overstate the uncertainty of a difference.",
-        "* FID/KID style and strict: the same metrics in the feature spaces of the two OpenMoji "
-        "style networks (style: OpenMoji vs the raw public styles; strict: vs the public styles "
-        "and their augmentations). They see the look that the concept network is trained to "
-        "ignore; they are specific to the emoji demo.",
+        *(["* FID/KID style and strict: the same metrics in the feature spaces of the two "
+           "OpenMoji style networks (style: OpenMoji vs the raw public styles; strict: vs the "
+           "public styles and their augmentations). They see the look that the concept network "
+           "is trained to ignore; they are specific to the emoji demo."]
+          if result.notes.get("demo_metrics", True) else
+          ["* Concept, style and OpenMoji-like scores are measured on the emoji demo only "
+           "(its classifiers know emoji); on this data the report holds FID/KID/PRDC and the "
+           "alignment."]),
         "* DP rows: sigma calibrated so that `queries` releases reach epsilon at delta "
         f"{plan['delta']:g} (PLD accountant); charged to in-memory EXPERIMENT ledgers, never the "
         "index's own ledger. With more prompts than `queries`, prompts were split over several "
@@ -137,6 +151,7 @@ def results_markdown(result: EvalResult) -> str:
         "measured on the PUBLIC index (the private aggregates' norms are not released).",
         f"* {result.notes['non_private']}.",
         f"* {result.notes['warning']}",
+        f"* {PRIVATE_REPORT_WARNING}",
         "",
     ]
     return "\n".join(lines)
@@ -222,10 +237,20 @@ def _short(label: str) -> str:
         .replace("non-private", "non-priv")
 
 
+PRIVATE_REPORT_WARNING = (
+    "This report folder holds real private images (the held-out set, in images.npz and "
+    "samples.png) and NON-private generations: it is as sensitive as the private data set. It is "
+    "written readable by its owner only; do not publish it.")
+
+
 def write_report(result: EvalResult, out: str | Path) -> dict[str, str]:
-    """Write every file of the report into `out` (created); returns name -> path."""
+    """Write every file of the report into `out` (created); returns name -> path.
+
+    The folder (mode 0700) and its files (0600) are the owner's only: they hold real private
+    images and non-private generations (:data:`PRIVATE_REPORT_WARNING`)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(out, 0o700)
     files = {
         "runs.csv": csv_text(result.runs).encode(),
         "runs.json": (json.dumps({"runs": result.runs, "reference": result.notes["reference"],
@@ -237,7 +262,7 @@ def write_report(result: EvalResult, out: str | Path) -> dict[str, str]:
         "images.npz": images_npz(result),
     }
     for name, data in files.items():
-        write_bytes_atomically(out / name, data)
+        write_bytes_atomically(out / name, data, mode=0o600)
     return {name: str(out / name) for name in files}
 
 

@@ -341,7 +341,7 @@ def test_plain_nested_folder_is_read_without_captions(tmp_path: Path) -> None:
                                            "sub/deeper/c.webp"]
     report = LoadReport()
     batches = list(iter_image_folder(tmp_path, 8, 3, report, show_progress=False))
-    assert [len(ids) for ids, _ in batches] == [3, 1]  # the broken file leaves a gap, no empty batch
+    assert [len(ids) for ids, _ in batches] == [3, 1]  # a gap, never an empty batch
     ids = [i for batch, _ in batches for i in batch]
     assert ids == ["a.png", "sub/b.JPG", "sub/d.gif", "sub/deeper/c.webp"]
     pixels = np.concatenate([p for _, p in batches])

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dprdm.cli.index import app
+from dprdm.provenance import file_sha256, write_sidecar
 from dprdm.retrieval import EmbeddingIndex, PublicQuantizer
 
 runner = CliRunner()
@@ -78,14 +79,85 @@ def test_quantize(tmp_path: Path, embeddings: Path) -> None:
     assert invoke_json("build", str(embeddings), "--out", str(out))[0] == 0
     public = tmp_path / "public.npy"
     np.save(public, np.random.default_rng(1).standard_normal((200, 8)).astype(np.float32))
-    code, result = invoke_json("quantize", str(out), "--public", str(public), "--nlist", "4")
+    args = ("quantize", str(out), "--public", str(public), "--nlist", "4")
+    # nothing marks the file public: refused, nothing written
+    code, error = invoke_json(*args)
+    assert code == 2 and "nothing marks it as public" in error["message"]
+    assert "--data-is-public" in error["message"]
+    assert not (out / "quantizer.json").exists()
+
+    code, result = invoke_json(*args, "--data-is-public")
     assert code == 0
     assert result["trained_on"] == "public" and result["nlist"] == 4 and result["n_train"] == 200
+    assert result["source"] == {"file": "public.npy", "sha256": file_sha256(public),
+                                "public": True, "declared_by": "--data-is-public", "rows": 200}
     assert PublicQuantizer.load(out).nlist == 4
-    assert invoke_json("info", str(out))[1]["quantizer"]["nlist"] == 4
+    assert PublicQuantizer.load(out).source == result["source"]
+    info = invoke_json("info", str(out))[1]["quantizer"]
+    assert info["nlist"] == 4 and info["source"]["sha256"] == file_sha256(public)
 
-    code, error = invoke_json("quantize", str(out), "--public", str(embeddings), "--nlist", "4")
+    # an existing quantizer is replaced only with --overwrite
+    before = (out / "quantizer.npy").read_bytes()
+    code, error = invoke_json("quantize", str(out), "--public", str(public), "--nlist", "5",
+                              "--data-is-public")
+    assert code == 2 and "--overwrite" in error["message"]
+    assert (out / "quantizer.npy").read_bytes() == before
+    code, result = invoke_json("quantize", str(out), "--public", str(public), "--nlist", "5",
+                               "--data-is-public", "--overwrite")
+    assert code == 0 and PublicQuantizer.load(out).nlist == 5
+
+    code, error = invoke_json("quantize", str(out), "--public", str(embeddings), "--nlist", "4",
+                              "--data-is-public", "--overwrite")
     assert code == 2 and "2/k sensitivity" in error["message"]
+
+
+def test_quantize_reads_the_provenance_file_embed_writes(tmp_path: Path, embeddings: Path) -> None:
+    out = tmp_path / "idx"
+    assert invoke_json("build", str(embeddings), "--out", str(out))[0] == 0
+    public = tmp_path / "public.npy"
+    np.save(public, np.random.default_rng(1).standard_normal((200, 8)).astype(np.float32))
+    args = ("quantize", str(out), "--public", str(public), "--nlist", "4", "--overwrite")
+
+    write_sidecar(public, public=True, source="/data/public-icons", tool="dprdm encoders embed "
+                  "--public")
+    code, result = invoke_json(*args)
+    assert code == 0
+    assert result["source"]["declared_by"] == "dprdm encoders embed --public"
+    assert result["source"]["source"] == "/data/public-icons"
+
+    # embedded without --public: recorded as private, and no flag overrides that
+    write_sidecar(public, public=False, source="/data/mine", tool="dprdm encoders embed")
+    code, error = invoke_json(*args, "--data-is-public")
+    assert code == 2 and "NOT public" in error["message"]
+
+    # the file replaced after its sidecar was written: the sidecar no longer vouches for it
+    write_sidecar(public, public=True, source="/data/public-icons", tool="dprdm encoders embed")
+    np.save(public, np.random.default_rng(2).standard_normal((200, 8)).astype(np.float32))
+    code, error = invoke_json(*args)
+    assert code == 2 and "SHA-256 differs" in error["message"]
+
+
+@pytest.mark.parametrize("noise", [1e-6, 5e-3])
+def test_quantize_refuses_near_copies_of_private_rows(tmp_path: Path, noise: float) -> None:
+    rng = np.random.default_rng(7)
+    private = rng.standard_normal((300, 16)).astype(np.float32)
+    np.save(tmp_path / "p.npy", private)
+    out = tmp_path / "idx"
+    assert invoke_json("build", str(tmp_path / "p.npy"), "--out", str(out))[0] == 0
+    unit = private / np.linalg.norm(private, axis=1, keepdims=True)
+    near = unit[:10] + noise * rng.standard_normal((10, 16)).astype(np.float32)  # cos > 0.999
+    public = np.concatenate([rng.standard_normal((190, 16)).astype(np.float32), near])
+    np.save(tmp_path / "public.npy", public)
+    code, error = invoke_json("quantize", str(out), "--public", str(tmp_path / "public.npy"),
+                              "--nlist", "4", "--data-is-public")
+    assert code == 2
+    assert "10 of the 200 public vectors (5.0 %) nearly duplicate" in error["message"]
+    assert not (out / "quantizer.json").exists()
+    # one near-copy in 200 (0.5 %) is tolerated: public collections may share an image or two
+    np.save(tmp_path / "public.npy", public[:191])
+    code, result = invoke_json("quantize", str(out), "--public", str(tmp_path / "public.npy"),
+                               "--nlist", "4", "--data-is-public")
+    assert code == 0, result
 
 
 def test_human_output(tmp_path: Path, embeddings: Path) -> None:

@@ -138,7 +138,7 @@ def test_retrieve_with_the_public_ivf_candidate_set(private_index, tmp_path):
     assert SqliteLedger(private_index).summary().queries == 0
     np.save(tmp_path / "public.npy", np.random.default_rng(3).normal(size=(200, 16)))
     result, _ = run_json("index", "quantize", str(private_index), "--public",
-                         str(tmp_path / "public.npy"), "--nlist", "4")
+                         str(tmp_path / "public.npy"), "--nlist", "4", "--data-is-public")
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, [*args[:-1], "9"])  # nprobe beyond nlist
     assert result.exit_code == 2 and "nprobe" in result.output

@@ -312,3 +312,95 @@ def test_load_dataset_dispatch(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidParameterError):
         load_dataset(tmp_path / "empty", 4)
+
+
+# --- own folders: recursive, captionless, datasets-imagefolder metadata ---------------------
+
+
+def own_folder(root: Path) -> None:
+    """A nested folder as a user has it: PNG/JPEG/WebP/GIF, one corrupt file, an SVG, a hidden
+    file and a text file, no captions."""
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".thumbs").mkdir()
+    (root / "a.png").write_bytes(png_bytes((255, 0, 0)))
+    (root / "sub" / "b.JPG").write_bytes(png_bytes((0, 255, 0), fmt="JPEG"))
+    (root / "sub" / "deeper" / "c.webp").write_bytes(png_bytes((0, 0, 255), fmt="WEBP"))
+    (root / "sub" / "d.gif").write_bytes(png_bytes((9, 9, 9), fmt="GIF"))
+    (root / "sub" / "broken.png").write_bytes(png_bytes((1, 2, 3))[:50])
+    (root / "icon.svg").write_text("<svg/>")
+    (root / "notes.txt").write_text("hello")
+    (root / ".DS_Store").write_bytes(b"\0")
+    (root / ".thumbs" / "x.png").write_bytes(png_bytes((1, 1, 1)))
+
+
+def test_plain_nested_folder_is_read_without_captions(tmp_path: Path) -> None:
+    from dprdm.data import iter_image_folder, scan_image_folder
+
+    own_folder(tmp_path)
+    assert scan_image_folder(tmp_path) == ["a.png", "sub/b.JPG", "sub/broken.png", "sub/d.gif",
+                                           "sub/deeper/c.webp"]
+    report = LoadReport()
+    batches = list(iter_image_folder(tmp_path, 8, 3, report, show_progress=False))
+    assert [len(ids) for ids, _ in batches] == [3, 1]  # a gap, never an empty batch
+    ids = [i for batch, _ in batches for i in batch]
+    assert ids == ["a.png", "sub/b.JPG", "sub/d.gif", "sub/deeper/c.webp"]
+    pixels = np.concatenate([p for _, p in batches])
+    assert pixels.shape == (4, 8, 8, 3)
+    assert np.abs(pixels[3, 4, 4].astype(int) - (0, 0, 255)).max() <= 4  # lossy WebP
+    assert report.n_loaded == 4 and report.n_skipped == 3
+    kinds = report.by_kind()
+    assert kinds["corrupt"] == {"count": 1, "examples": [str(tmp_path / "sub" / "broken.png")]}
+    assert kinds["unsupported_type"]["count"] == 2
+    assert str(tmp_path / "icon.svg") in kinds["unsupported_type"]["examples"]
+    assert ".svg" in dict(report.skipped)[str(tmp_path / "icon.svg")]
+
+
+def test_datasets_imagefolder_metadata_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    rows = []
+    for i, colour in enumerate(COLOURS[:3]):
+        (tmp_path / "train" / f"{i}.png").write_bytes(png_bytes(colour))
+        rows.append({"file_name": f"train/{i}.png", "text": f"colour {i}", "label": i})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_folder(tmp_path, 8)
+    assert data.ids == ["train/0.png", "train/1.png", "train/2.png"]
+    assert data.captions == ["colour 0", "colour 1", "colour 2"]
+    assert data.extra[1] == {"label": 1} and data.report.skipped == []
+    assert len(load_dataset(tmp_path, 8)) == 3  # the dispatcher knows the layout too
+
+
+def test_caption_column_option_and_clear_errors_for_other_columns(tmp_path: Path) -> None:
+    names = write_images(tmp_path)
+    lines = ["file,description"] + [f"{n},thing {i}" for i, n in enumerate(names)]
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidParameterError,
+                       match=r"no caption column .*'file', 'description'.*--caption-column"):
+        load_folder(tmp_path, 8)
+    with pytest.raises(InvalidParameterError, match=r"no column 'title'"):
+        load_folder(tmp_path, 8, caption_column="title")
+    data = load_folder(tmp_path, 8, caption_column="description")
+    assert data.captions == [f"thing {i}" for i in range(4)]
+    (tmp_path / "captions.csv").write_text("path,caption\nimg0.png,x\n")
+    with pytest.raises(InvalidParameterError, match="no file-name column"):
+        load_folder(tmp_path, 8)
+
+
+def test_images_missing_from_the_captions_file_are_reported(tmp_path: Path) -> None:
+    names = write_images(tmp_path)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "e.png").write_bytes(png_bytes((5, 5, 5)))
+    rows = [{"file": n, "caption": "c"} for n in names[:3]]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_folder(tmp_path, 8, warn=False)
+    assert data.ids == names[:3]
+    kinds = data.report.by_kind()
+    assert kinds["not_listed"]["count"] == 2
+    assert set(kinds["not_listed"]["examples"]) == {str(tmp_path / names[3]),
+                                                    str(tmp_path / "extra" / "e.png")}
+
+
+def test_a_folder_load_with_nothing_loaded_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "bad.png", "caption": "x"}))
+    with pytest.raises(InvalidParameterError, match=r"nothing could be loaded.*1 corrupt"):
+        load_folder(tmp_path, 8)

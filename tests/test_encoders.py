@@ -294,6 +294,104 @@ def test_cli_info_embed_and_errors(tiny_demo, tmp_path):
     assert result.exit_code == 2 and json.loads(result.stdout)["error"] == "model_unavailable"
 
 
+def _png(path, colour, fmt="PNG"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (24, 18), colour).save(path, format=fmt)
+
+
+def test_cli_embed_plain_nested_folder_reports_skips(tiny_demo, tmp_path):
+    """No captions needed; nested files found; corrupt and unsupported files named and counted."""
+    from typer.testing import CliRunner
+
+    from dprdm.cli.encoders import app
+    from dprdm.data import decode_image
+    from dprdm.provenance import file_sha256, read_sidecar
+
+    model_dir = tiny_demo.save_pretrained(tmp_path / "enc")
+    folder = tmp_path / "photos"
+    _png(folder / "a.png", (200, 0, 0))
+    _png(folder / "trip" / "b.jpg", (0, 200, 0), "JPEG")
+    _png(folder / "trip" / "day2" / "c.webp", (0, 0, 200), "WEBP")
+    (folder / "trip" / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "logo.svg").write_text("<svg/>")
+    out = tmp_path / "emb.npy"
+    runner = CliRunner()
+    args = ["embed", "--images", str(folder), "--out", str(out), "--encoder", str(model_dir),
+            "--size", "32"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["rows"], report["embedded"], report["skipped"]) == (3, 3, 2)
+    assert report["skipped_by_reason"] == {
+        "unsupported_type": {"count": 1, "examples": ["logo.svg"]},
+        "corrupt": {"count": 1, "examples": ["trip/corrupt.jpg"]},
+    }
+    ids = json.loads((tmp_path / "emb.ids.json").read_text())
+    assert ids == ["a.png", "trip/b.jpg", "trip/day2/c.webp"]
+    expected = tiny_demo.encode_images(np.stack([decode_image(folder / i, 32) for i in ids]))
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+    # provenance: not public unless --public, and bound to the file by its digest
+    record, _ = read_sidecar(out)
+    assert record["public"] is False and record["source"] == str(folder.resolve())
+    assert record["sha256"] == file_sha256(out) and record["rows"] == 3
+    assert report["public"] is False and report["provenance"] == str(tmp_path /
+                                                                     "emb.provenance.json")
+    result = runner.invoke(app, [*args, "--public"])  # the human table names the skips too
+    assert result.exit_code == 0, result.output
+    assert "skipped: corrupt" in result.stdout and "1 (trip/corrupt.jpg)" in result.stdout
+    assert read_sidecar(out)[0]["public"] is True
+
+
+def test_cli_embed_ignores_captions_it_does_not_need(tiny_demo, tmp_path):
+    """A datasets-imagefolder metadata.jsonl, even with columns dprdm does not know, and images it
+    does not list: image embeddings need no captions, so every image is embedded."""
+    from typer.testing import CliRunner
+
+    from dprdm.cli.encoders import app
+
+    model_dir = tiny_demo.save_pretrained(tmp_path / "enc")
+    folder = tmp_path / "hf"
+    for i in range(3):
+        _png(folder / "train" / f"{i}.png", (60 * i, 10, 10))
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "train/0.png", "description": "x"}) + "\n")
+    out = tmp_path / "hf.npy"
+    result = CliRunner().invoke(app, ["embed", "--images", str(folder), "--out", str(out),
+                                      "--encoder", str(model_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["embedded"] == 3 and report["skipped"] == 0  # metadata.jsonl is not "skipped"
+    assert np.load(out).shape == (3, 8)
+
+
+def test_cli_embed_with_nothing_embeddable_exits_2_and_writes_nothing(tiny_demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from dprdm.cli.encoders import app
+
+    model_dir = tiny_demo.save_pretrained(tmp_path / "enc")
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"garbage")
+    (folder / "readme.txt").write_text("no images here")
+    out = tmp_path / "out" / "emb.npy"
+    runner = CliRunner()
+    for target in (folder, tmp_path / "empty"):
+        target.mkdir(exist_ok=True)
+        result = runner.invoke(app, ["embed", "--images", str(target), "--out", str(out),
+                                     "--encoder", str(model_dir), "--json"])
+        assert result.exit_code == 2
+        error = json.loads(result.stdout)
+        assert error["error"] == "InvalidParameterError"
+        assert "nothing to embed" in error["message"]
+        assert not (tmp_path / "out").exists()
+    assert "1 corrupt (a.png)" in json.loads(runner.invoke(app, [
+        "embed", "--images", str(folder), "--out", str(out), "--encoder", str(model_dir),
+        "--json"]).stdout)["message"]
+
+
 # ---------------------------------------------------------------------------------------------
 # training (a few steps of a tiny model on a made-up data root)
 

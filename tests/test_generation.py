@@ -166,7 +166,8 @@ def test_training_stages_run_change_weights_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr("dprdm.generation.training.style_augmentations", lambda: {})
     data = _tiny_folder(tmp_path)
     out = tmp_path / "run"
-    common = dict(data=str(data), out=str(out), batch_size=4, warmup_steps=1, log_every=1)
+    common = dict(data=str(data), data_is_public=True, out=str(out), batch_size=4,
+                  warmup_steps=1, log_every=1)
     result = train_autoencoder(TrainConfig(stage="autoencoder", steps=2,
                                            extra={"autoencoder": TINY_AE}, **common))
     assert result["steps"] == 2
@@ -189,6 +190,40 @@ def test_training_stages_run_change_weights_and_resume(tmp_path, monkeypatch):
     pipe = RetrievalDiffusionPipeline.from_pretrained(out)
     images = pipe(conditions(2, 64), steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 32, 32, 3)
+
+
+def test_training_data_must_be_declared_public(tmp_path):
+    """A plain folder trains the generator only with --data-is-public; the demo root's manifest
+    marks its public splits and needs no flag (and its private split is never read)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from dprdm.cli.train import train
+    from dprdm.generation.training import load_public
+
+    folder = _tiny_folder(tmp_path)
+    with pytest.raises(InvalidParameterError, match="nothing marks this folder as public"):
+        load_public(folder, 16)
+    assert len(load_public(folder, 16, data_is_public=True).images) == 20
+
+    root = tmp_path / "demo"
+    (root / "data").mkdir(parents=True)
+    folder.rename(root / "data" / "twemoji")
+    _tiny_folder(root / "data")  # a second folder, declared private in the manifest
+    (root / "data" / "public").rename(root / "data" / "openmoji_private")
+    (root / "data" / "manifest.json").write_text(json.dumps({"splits": {
+        "twemoji": {"path": "data/twemoji", "role": "public"},
+        "openmoji_private": {"path": "data/openmoji_private", "role": "private"}}}))
+    assert len(load_public(root, 16).images) == 20
+
+    # the CLI: refused with the reason and exit 2 before any training
+    app = typer.Typer()
+    app.command()(train)
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "run"), "--stage", "autoencoder",
+                                      "--data", str(root / "data" / "twemoji"), "--steps", "1",
+                                      "--json"])
+    assert result.exit_code == 2
+    assert "--data-is-public" in json.loads(result.stdout.splitlines()[-1])["message"]
 
 
 def test_training_refuses_an_unbounded_run():

@@ -62,11 +62,31 @@ def info(encoder: str = ENCODER_OPTION, as_json: bool = JSON_OPTION) -> None:
     run_command(as_json, "encoder", compute)
 
 
+SKIP_EXAMPLES = 5  # file names shown per skip reason
+
+
+def _relative(path: str, folder: Path) -> str:
+    try:
+        return Path(path).relative_to(folder).as_posix()
+    except ValueError:
+        return path
+
+
+def _skip_rows(by_kind: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Skip counts as table rows: {"skipped: corrupt": "2 (a.png, b.png)"}."""
+    rows = {}
+    for kind, entry in by_kind.items():
+        more = ", ..." if entry["count"] > len(entry["examples"]) else ""
+        rows[f"skipped: {kind}"] = f"{entry['count']} ({', '.join(entry['examples'])}{more})"
+    return rows
+
+
 @app.command()
 def embed(
     out: Path = typer.Option(..., "--out", help="Where to write the N x dim float32 .npy."),
-    images: Path | None = typer.Option(None, "--images",
-                                       help="A folder of images with captions.jsonl/.csv."),
+    images: Path | None = typer.Option(
+        None, "--images", help="A folder of images, searched recursively (PNG, JPEG, WebP, GIF, "
+        "BMP, TIFF); no captions needed."),
     texts: Path | None = typer.Option(None, "--texts",
                                       help="Texts: .txt (one per line) or .jsonl ('caption')."),
     encoder: str = ENCODER_OPTION,
@@ -75,35 +95,77 @@ def embed(
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     ids_out: Path | None = typer.Option(None, "--ids-out", help="Where to write the ids "
                                         "(JSON list; default OUT with .ids.json)."),
+    public: bool = typer.Option(
+        False, "--public", help="Declare the input PUBLIC data: recorded in OUT's provenance "
+        "file (OUT with .provenance.json), which `index quantize` needs before it trains on OUT. "
+        "Never for private images."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Embed a captioned image folder (--images) or a texts file (--texts) into a .npy.
+    """Embed a folder of images (--images) or a texts file (--texts) into a .npy.
 
-    The .npy and its ids feed `dprdm index build EMB --ids IDS`.
-    Example: dprdm encoders embed --images data/openmoji_private --out private.npy
+    Writes OUT, its ids (file paths relative to the folder, or line numbers) and a provenance
+    file saying where OUT came from and whether it is public (--public). Unreadable, corrupt and
+    unsupported files are skipped and counted per reason; nothing embeddable is an error (exit 2,
+    nothing written). The .npy and its ids feed `dprdm index build EMB --ids IDS`.
+    Example: dprdm encoders embed --images my-photos/ --out private.npy
     """
     def compute() -> dict[str, Any]:
         _offline()
-        from dprdm.data import load_folder
+        from dprdm.data import LoadReport, iter_image_folder
         from dprdm.encoders import load_encoder
+        from dprdm.files import save_npy_atomically, write_bytes_atomically
+        from dprdm.provenance import write_sidecar
 
         if (images is None) == (texts is None):
             raise InvalidParameterError("give exactly one of --images or --texts")
         if out.suffix.lower() != ".npy":
             raise InvalidParameterError(f"--out must end in .npy, got {out}")
+        if images is not None and not images.is_dir():
+            raise InvalidParameterError(f"--images must be a folder: {images}")
         model = load_encoder(encoder)
+        report = LoadReport()
         if images is not None:
-            data = load_folder(images, size or model.load_size)
-            emb, ids = model.encode_images(data.images, batch_size), list(data.ids)
+            chunks, ids = [], []
+            for batch_ids, pixels in iter_image_folder(images, size or model.load_size,
+                                                       batch_size, report,
+                                                       show_progress=not as_json):
+                chunks.append(model.encode_images(pixels, batch_size))
+                ids += batch_ids
+            source = images
         else:
             items, ids = _read_texts(texts)
-            emb = model.encode_text(items, batch_size)
+            chunks = [model.encode_text(items, batch_size)] if items else []
+            report.n_loaded, source = len(items), texts
+        skipped = report.by_kind(SKIP_EXAMPLES)
+        if images is not None:  # name files as the ids do: relative to the folder
+            for entry in skipped.values():
+                entry["examples"] = [_relative(e, images) for e in entry["examples"]]
+        if not ids:
+            from dprdm.data import describe_skips
+            from dprdm.data.loaders import FOLDER_IMAGE_EXTENSIONS
+
+            what = (f"no decodable image under {images} (looked for "
+                    f"{', '.join(FOLDER_IMAGE_EXTENSIONS)}, recursively); skipped: "
+                    f"{describe_skips(report)}" if images is not None else f"{texts} is empty")
+            raise InvalidParameterError(f"nothing to embed: {what}; no file was written")
+        emb = np.concatenate(chunks)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, emb)
         ids_path = ids_out or out.with_suffix(".ids.json")
-        ids_path.write_text(json.dumps(ids) + "\n", encoding="utf-8")
-        return {"embeddings": str(out), "ids": str(ids_path), "rows": int(emb.shape[0]),
-                "dim": int(emb.shape[1]), "encoder": model.describe()["encoder"]}
+        save_npy_atomically(out, emb)
+        write_bytes_atomically(ids_path, (json.dumps(ids) + "\n").encode())
+        name = model.describe()["encoder"]
+        sidecar = write_sidecar(out, public=public, source=str(Path(source).resolve()),
+                                tool="dprdm encoders embed" + (" --public" if public else ""),
+                                rows=int(emb.shape[0]), dim=int(emb.shape[1]), encoder=name)
+        result: dict[str, Any] = {
+            "embeddings": str(out), "ids": str(ids_path), "provenance": str(sidecar),
+            "public": public, "rows": int(emb.shape[0]), "dim": int(emb.shape[1]),
+            "encoder": name, "source": str(source), "embedded": len(ids),
+            "skipped": report.n_skipped,
+        }
+        if as_json:
+            return {**result, "skipped_by_reason": skipped}
+        return {**result, **_skip_rows(skipped)}
 
     run_command(as_json, "embeddings written", compute)
 

@@ -95,24 +95,48 @@ def quantize(
     public: Path = typer.Option(..., "--public", help="PUBLIC vectors to train k-means on (.npy)."),
     nlist: int = typer.Option(..., "--nlist", help="Number of inverted lists (k-means centroids)."),
     seed: int = typer.Option(1234, "--seed", help="k-means seed (public data: no privacy cost)."),
+    data_is_public: bool = typer.Option(
+        False, "--data-is-public", help="Acknowledge that the --public file holds only PUBLIC "
+        "data. Needed when no provenance file from `dprdm encoders embed --public` marks it so."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the index's existing quantizer."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a coarse quantizer on PUBLIC vectors and save it into the index for IVF search.
 
-    Refuses public vectors that equal records of the index: a quantizer trained on private data
-    would void the privacy argument.
+    The --public file must be marked public: by the provenance file `dprdm encoders embed
+    --public` writes beside it, or by --data-is-public. Refuses public vectors that equal records
+    of the index, or of which more than 1 % nearly duplicate them (cosine > 0.999): a quantizer
+    trained on private data would void the privacy argument. The index records the file the
+    quantizer was trained on (name, SHA-256, rows, who declared it public).
 
     Example: dprdm index quantize private_index --public public_emb.npy --nlist 1024
     """
 
     def compute() -> dict[str, Any]:
+        from dataclasses import replace
+
+        from dprdm.provenance import require_public_file
+
         index = store.EmbeddingIndex.open(directory)
+        existing = (store.QUANTIZER_MANIFEST_FILE, store.QUANTIZER_CENTROIDS_FILE)
+        if any((index.path / name).exists() for name in existing) and not overwrite:
+            raise InvalidParameterError(
+                f"{directory} already has a public quantizer; pass --overwrite to replace it"
+            )
+        source = require_public_file(public, data_is_public, "train the coarse quantizer")
+        vectors = store.load_embeddings(public)
         quantizer: PublicQuantizer = train_public_quantizer(
-            store.load_embeddings(public), nlist, private_index=index, seed=seed
+            vectors, nlist, private_index=index, seed=seed
         )
+        quantizer = replace(quantizer, source={**source, "rows": int(vectors.shape[0])})
         quantizer.save(directory)
         result = {"path": str(directory)}
         result.update({k: v for k, v in quantizer.manifest().items() if k != "centroids_sha256"})
+        if not as_json:  # one readable line instead of a dict
+            src = result.pop("source")
+            result["source"] = (f"{src['file']} ({src['rows']:,} rows, SHA-256 "
+                                f"{src['sha256'][:16]}...), public per {src['declared_by']}")
         return result
 
     run_command(as_json, "public quantizer", compute)

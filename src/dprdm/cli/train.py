@@ -3,6 +3,7 @@
     dprdm train --stage autoencoder --data .dprdm-demo --out DIR --max-minutes 30
     dprdm train --stage denoiser --data .dprdm-demo --encoder demo --out DIR --max-minutes 60
     dprdm train ... --resume          # continue from DIR/<stage>.state.pt
+    dprdm train --data MY_PUBLIC_FOLDER --data-is-public ...   # a folder must be declared public
 
 DIR ends up a complete pipeline folder (``RetrievalDiffusionPipeline.from_pretrained(DIR)``).
 All the logic lives in :mod:`dprdm.generation.training`; see ``docs/generator.md``.
@@ -20,7 +21,14 @@ from dprdm.cli.output import JSON_OPTION, run_command
 def train(
     data: Path = typer.Option(Path(".dprdm-demo"), "--data",
                               help="Demo root (only its PUBLIC splits are read) or a folder "
-                                   "with a captions file."),
+                                   "with a captions file (needs --data-is-public)."),
+    data_is_public: bool = typer.Option(
+        False, "--data-is-public", help="Acknowledge that every image in the --data folder is "
+        "PUBLIC: the generator is released without privacy protection and can reproduce its "
+        "training images. Not needed for the demo root (its manifest marks its public splits)."),
+    caption_column: str | None = typer.Option(
+        None, "--caption-column", help="The captions file's text column (default: 'caption', "
+        "else 'text')."),
     out: Path = typer.Option(..., "--out", help="Output folder (the pipeline, logs, caches)."),
     stage: str = typer.Option("denoiser", "--stage",
                               help="autoencoder (first, public images only) or denoiser."),
@@ -53,7 +61,8 @@ def train(
     def compute() -> dict:
         from dprdm.generation.training import TrainConfig, train_autoencoder, train_denoiser
 
-        config = TrainConfig(stage=stage, data=str(data), out=str(out), encoder=encoder,
+        config = TrainConfig(stage=stage, data=str(data), data_is_public=data_is_public,
+                             caption_column=caption_column, out=str(out), encoder=encoder,
                              steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                              decay_start=decay_start,
                              sigma_max=sigma_max, cond_dropout=cond_dropout, threads=threads,

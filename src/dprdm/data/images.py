@@ -37,7 +37,16 @@ ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image,
 
 
 class UnreadableImageError(DprdmError, ValueError):
-    """An image could not be read or decoded (missing, truncated, not an image, too large)."""
+    """An image could not be read or decoded (missing, truncated, not an image, too large).
+
+    `kind` names the cause for reports: ``missing``, ``unreadable`` (permissions, a folder, an I/O
+    error), ``corrupt`` (not an image, or truncated), ``too_large`` (a decompression bomb) or
+    ``invalid`` (an array of the wrong shape or type).
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
 
     code = "unreadable_image"
 
@@ -65,9 +74,12 @@ def _open(source: ImageSource) -> Image.Image:
                 image = Image.open(Path(source))
             image.load()
     except FileNotFoundError as error:
-        raise UnreadableImageError(f"file not found: {error.filename}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
+        raise UnreadableImageError(f"file not found: {error.filename}", "missing") from None
+    except (PermissionError, IsADirectoryError) as error:
+        raise UnreadableImageError(f"cannot read file: {error.strerror}", "unreadable") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImageError(f"image too large: {error}", "too_large") from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise UnreadableImageError(f"cannot decode image: {error}") from None
     return image
 
@@ -76,10 +88,11 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise UnreadableImageError(
             f"an image array must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {array.dtype} "
-            f"{array.shape}"
+            f"{array.shape}", "invalid"
         )
     if array.ndim == 3 and array.shape[2] not in (3, 4):
-        raise UnreadableImageError(f"an image array needs 3 or 4 channels, got {array.shape}")
+        raise UnreadableImageError(f"an image array needs 3 or 4 channels, got {array.shape}",
+                                   "invalid")
     return Image.fromarray(np.ascontiguousarray(array))
 
 

@@ -4,8 +4,12 @@ Owns the result types and the three on-disk layouts dprdm reads:
 
 * :class:`ImageDataset` -- ``images`` (uint8 N x size x size x 3), ``captions``, ``ids`` and
   per-record ``extra`` fields, plus the :class:`LoadReport` of what was skipped and why.
-* :func:`load_folder` -- a folder of images with ``captions.jsonl`` (rows ``{"file", "caption",
-  ...extra}``) or ``captions.csv`` (header ``file,caption[,extra...]``).
+* :func:`load_folder` -- a folder of images (recursive) with ``captions.jsonl`` (rows ``{"file",
+  "caption", ...extra}``) or ``captions.csv`` (header ``file,caption[,extra...]``), or the
+  ``metadata.jsonl`` / ``metadata.csv`` of a Hugging Face ``datasets`` imagefolder (``file_name``
+  plus a text column); for uses that need captions.
+* :func:`iter_image_folder` / :func:`scan_image_folder` -- every image under a folder, no captions
+  needed (image embeddings), decoded one batch at a time.
 * :func:`load_webdataset` -- WebDataset tar shards: ``KEY.png|jpg|jpeg|webp`` beside ``KEY.txt`` or
   ``KEY.json`` (with a ``"caption"`` field). Read with :mod:`tarfile`, one member at a time.
 * :func:`load_parquet` -- Parquet files with an image column of bytes or ``{"bytes": ...,
@@ -14,7 +18,8 @@ Owns the result types and the three on-disk layouts dprdm reads:
 
 Every image goes through :func:`dprdm.data.images.decode_image`. A corrupt or missing file, a
 malformed caption row or a truncated shard never stops a load: it is recorded in the report with
-its path (or key) and reason, skipped, and summarised once on stderr at the end. Large inputs show
+its path (or key), reason and kind, skipped, and summarised once on stderr at the end
+(:func:`load_folder` raises when nothing at all could be loaded). Large inputs show
 a rich progress bar on stderr.
 """
 
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import posixpath
 import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,8 +45,12 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from dprdm.data.images import ImageSource, UnreadableImageError, check_size, decode_image
 from dprdm.errors import InvalidParameterError
 
-CAPTION_FILES = ("captions.jsonl", "captions.csv")
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
+FILE_COLUMNS = ("file", "file_name")  # dprdm's own name, then the datasets imagefolder's
+CAPTION_COLUMNS = ("caption", "text")  # tried in this order unless a column is named
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # what a WebDataset sample's image may be
+# what a folder may hold: everything Pillow decodes that photos and artwork commonly come in
+FOLDER_IMAGE_EXTENSIONS = IMAGE_EXTENSIONS + ("gif", "bmp", "tif", "tiff")
 PROGRESS_MIN_ITEMS = 500  # fewer items than this load without a progress bar
 PROGRESS_MIN_BYTES = 64 * 2**20  # tar shards smaller than this in all load without one
 WARN_LIST_MAX = 10  # the stderr warning lists at most this many skipped paths
@@ -51,17 +62,38 @@ _stderr = Console(stderr=True)
 
 @dataclass
 class LoadReport:
-    """How a load went: records loaded, and every skipped path or key with the reason."""
+    """How a load went: records loaded, and every skipped path or key with the reason.
+
+    Each skip also carries a short `kind` (``corrupt``, ``missing``, ``unreadable``,
+    ``too_large``, ``unsupported_type``, ``not_listed``, ``no_caption``, ``bad_row``, ...) so a
+    report can count skips per cause (:meth:`by_kind`).
+    """
 
     n_loaded: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
 
-    def skip(self, where: object, reason: str) -> None:
+    def skip(self, where: object, reason: str, kind: str = "unreadable") -> None:
         self.skipped.append((str(where), reason))
+        self.kinds.append(kind)
 
     @property
     def n_skipped(self) -> int:
         return len(self.skipped)
+
+    def by_kind(self, examples: int = 5) -> dict[str, dict[str, Any]]:
+        """{kind: {"count": n, "examples": [first `examples` paths or keys]}}, in first-seen order.
+
+        Skips recorded without a kind (an old-style ``skipped`` list) count as ``unreadable``.
+        """
+        kinds = self.kinds + ["unreadable"] * (len(self.skipped) - len(self.kinds))
+        out: dict[str, dict[str, Any]] = {}
+        for (where, _), kind in zip(self.skipped, kinds):
+            entry = out.setdefault(kind, {"count": 0, "examples": []})
+            entry["count"] += 1
+            if len(entry["examples"]) < examples:
+                entry["examples"].append(where)
+        return out
 
 
 @dataclass
@@ -104,12 +136,13 @@ class _Collector:
     def add(self, where: object, source: ImageSource, caption: object, record_id: str,
             extra: dict[str, Any]) -> bool:
         if not isinstance(caption, str):
-            self.report.skip(where, f"caption is not text: {type(caption).__name__}")
+            self.report.skip(where, f"caption is not text: {type(caption).__name__}",
+                             "no_caption")
             return False
         try:
             pixels = decode_image(source, self.size)
         except UnreadableImageError as error:
-            self.report.skip(where, str(error))
+            self.report.skip(where, str(error), error.kind)
             return False
         self.images.append(pixels)
         self.captions.append(caption)
@@ -167,10 +200,10 @@ def _caption_rows_jsonl(path: Path, report: LoadReport) -> Iterator[tuple[str, d
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                report.skip(where, f"invalid JSON: {error.msg}")
+                report.skip(where, f"invalid JSON: {error.msg}", "bad_row")
                 continue
             if not isinstance(row, dict):
-                report.skip(where, "a row must be a JSON object")
+                report.skip(where, "a row must be a JSON object", "bad_row")
                 continue
             yield where, row
 
@@ -178,58 +211,203 @@ def _caption_rows_jsonl(path: Path, report: LoadReport) -> Iterator[tuple[str, d
 def _caption_rows_csv(path: Path, report: LoadReport) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open("r", encoding="utf-8", errors="replace", newline="") as handle:
         reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
-            report.skip(path, f"CSV header must include file,caption; got {reader.fieldnames}")
-            return
         for number, row in enumerate(reader, start=2):
             yield f"{path}:{number}", {k: v for k, v in row.items() if k is not None}
 
 
-def _find_captions(directory: Path, captions: PathLike | None) -> Path:
+def _csv_header(path: Path) -> list[str]:
+    with path.open("r", encoding="utf-8", errors="replace", newline="") as handle:
+        return list(csv.DictReader(handle).fieldnames or [])
+
+
+def _find_captions(directory: Path, captions: PathLike | None) -> Path | None:
+    """The captions file: `captions` (relative to `directory` or absolute), else the first of
+    :data:`CAPTION_FILES` in `directory`, else None."""
     if captions is not None:
         path = Path(captions)
         path = path if path.is_absolute() else directory / path
         if not path.is_file():
             raise InvalidParameterError(f"captions file not found: {path}")
         return path
-    for name in CAPTION_FILES:
-        if (directory / name).is_file():
-            return directory / name
-    raise InvalidParameterError(
-        f"no captions file in {directory} (expected one of {', '.join(CAPTION_FILES)})"
-    )
+    return next((directory / name for name in CAPTION_FILES if (directory / name).is_file()),
+                None)
+
+
+def _pick_columns(path: Path, columns: Sequence[str],
+                  caption_column: str | None) -> tuple[str, str]:
+    """(file column, caption column) of a captions file whose rows have `columns`."""
+    shown = ", ".join(repr(c) for c in columns) or "none"
+    file_column = next((c for c in FILE_COLUMNS if c in columns), None)
+    if file_column is None:
+        raise InvalidParameterError(
+            f"{path} has no file-name column (expected {' or '.join(map(repr, FILE_COLUMNS))}); "
+            f"its columns are {shown}"
+        )
+    if caption_column is not None:
+        if caption_column not in columns:
+            raise InvalidParameterError(
+                f"{path} has no column {caption_column!r} (--caption-column); its columns are "
+                f"{shown}"
+            )
+        return file_column, caption_column
+    found = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if found is None:
+        raise InvalidParameterError(
+            f"{path} has no caption column (expected {' or '.join(map(repr, CAPTION_COLUMNS))}); "
+            f"its columns are {shown}. Name the text column with --caption-column."
+        )
+    return file_column, found
+
+
+def _relative_name(name: str) -> str:
+    """A listed file name as the relative POSIX path :func:`scan_image_folder` reports."""
+    return posixpath.normpath(name.replace("\\", "/")).lstrip("/")
+
+
+def scan_image_folder(directory: PathLike, report: LoadReport | None = None,
+                      exclude: Iterable[str] = ()) -> list[str]:
+    """Every image file under `directory`, recursively, as sorted relative POSIX paths.
+
+    Hidden files and folders (``.name``) are passed over silently, and so are the names in
+    `exclude` (relative paths: the captions file). Any other file whose extension is not one of
+    :data:`FOLDER_IMAGE_EXTENSIONS` is recorded in `report` as ``unsupported_type``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InvalidParameterError(f"not a directory: {directory}")
+    excluded = set(exclude)
+    images: list[str] = []
+    unsupported: list[tuple[str, str]] = []
+    for root, folders, files in os.walk(directory):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        base = Path(root).relative_to(directory)
+        for name in files:
+            if name.startswith("."):
+                continue
+            relative = (base / name).as_posix()
+            if relative in excluded:
+                continue
+            extension = name.rpartition(".")[2].lower() if "." in name else ""
+            if extension in FOLDER_IMAGE_EXTENSIONS:
+                images.append(relative)
+            else:
+                unsupported.append((relative, extension))
+    if report is not None:
+        supported = ", ".join(FOLDER_IMAGE_EXTENSIONS)
+        for relative, extension in sorted(unsupported):
+            shown = f".{extension}" if extension else "no extension"
+            report.skip(directory / relative,
+                        f"not a supported image type ({shown}; supported: {supported})",
+                        "unsupported_type")
+    return sorted(images)
+
+
+def iter_image_folder(directory: PathLike, size: int, batch_size: int, report: LoadReport, *,
+                      show_progress: bool = True) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Decode every image under `directory` (no captions needed), `batch_size` at a time.
+
+    Yields ``(ids, pixels)`` with ids the relative POSIX paths and pixels ``uint8 (n, size, size,
+    3)``; batches hold only decodable images, so a batch may be shorter (never empty). Unsupported
+    files and undecodable images are recorded in `report` (``n_loaded`` counts the decoded ones).
+    Memory stays at one batch of pixels, whatever the folder's size.
+    """
+    size = check_size(size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
+    directory = Path(directory)
+    names = scan_image_folder(directory, report, exclude=CAPTION_FILES)
+    ids: list[str] = []
+    pixels: list[np.ndarray] = []
+    for name in _progress(names, len(names), f"reading {directory.name}", show_progress):
+        try:
+            pixels.append(decode_image(directory / name, size))
+        except UnreadableImageError as error:
+            report.skip(directory / name, str(error), error.kind)
+            continue
+        ids.append(name)
+        report.n_loaded += 1
+        if len(ids) == batch_size:
+            yield ids, np.stack(pixels)
+            ids, pixels = [], []
+    if ids:
+        yield ids, np.stack(pixels)
 
 
 def load_folder(directory: PathLike, size: int, captions: PathLike | None = None, *,
-                show_progress: bool = True, warn: bool = True) -> ImageDataset:
-    """Load a folder of images described by a captions file.
+                caption_column: str | None = None, show_progress: bool = True,
+                warn: bool = True) -> ImageDataset:
+    """Load a folder of images described by a captions file (for uses that need the text).
 
-    `captions` is a file name relative to `directory` (or an absolute path); by default
-    ``captions.jsonl`` then ``captions.csv`` is used. A ``.jsonl`` file has one JSON object per
-    line with ``file`` (relative to `directory`) and ``caption``; every other field is kept in
-    ``extra``. A ``.csv`` file has a header with at least ``file`` and ``caption``. Ids are the
-    ``file`` values.
+    `captions` is a file name relative to `directory` (or an absolute path); by default the first
+    of ``captions.jsonl``, ``captions.csv``, ``metadata.jsonl``, ``metadata.csv`` in `directory`
+    is used (``metadata.*`` is the layout the Hugging Face ``datasets`` imagefolder writes). A
+    ``.jsonl`` file has one JSON object per line, a ``.csv`` file a header row. The file name is
+    the ``file`` or ``file_name`` column (relative to `directory`, subfolders allowed); the
+    caption is `caption_column`, by default ``caption`` else ``text``. Every other field is kept
+    in ``extra``; ids are the file names. Images under `directory` (recursively) that the file
+    does not list are skipped and reported (``not_listed``), as are rows without a caption and
+    files that are missing or undecodable. Raises :class:`InvalidParameterError` when there is no
+    captions file, it lacks the columns, or nothing could be loaded.
+    For image embeddings, which need no captions, see :func:`iter_image_folder`.
     """
     size = check_size(size)
     directory = Path(directory)
     if not directory.is_dir():
         raise InvalidParameterError(f"not a directory: {directory}")
     captions_path = _find_captions(directory, captions)
+    if captions_path is None:
+        raise InvalidParameterError(
+            f"no captions file in {directory} (expected one of {', '.join(CAPTION_FILES)}); "
+            "captions are needed here (training, held-out prompts). Image embeddings need none: "
+            "`dprdm encoders embed --images` reads a plain folder."
+        )
     collector = _Collector(size)
-    reader = (_caption_rows_csv if captions_path.suffix.lower() == ".csv"
-              else _caption_rows_jsonl)
-    rows = list(reader(captions_path, collector.report))
+    is_csv = captions_path.suffix.lower() == ".csv"
+    rows = list((_caption_rows_csv if is_csv else _caption_rows_jsonl)(captions_path,
+                                                                       collector.report))
+    columns = (_csv_header(captions_path) if is_csv
+               else list(dict.fromkeys(k for _, row in rows for k in row)))
+    file_column, text_column = _pick_columns(captions_path, columns, caption_column)
+    listed: set[str] = set()
     for where, row in _progress(rows, len(rows), f"loading {directory.name}", show_progress):
-        name, caption = row.get("file"), row.get("caption")
+        name, caption = row.get(file_column), row.get(text_column)
         if not isinstance(name, str) or not name:
-            collector.report.skip(where, "row has no 'file' field")
+            collector.report.skip(where, f"row has no {file_column!r} field", "bad_row")
             continue
+        listed.add(_relative_name(name))
         if caption is None:
-            collector.report.skip(directory / name, "row has no 'caption' field")
+            collector.report.skip(directory / name, f"row has no {text_column!r} field",
+                                  "no_caption")
             continue
-        extra = {k: v for k, v in row.items() if k not in ("file", "caption")}
+        extra = {k: v for k, v in row.items() if k not in (file_column, text_column)}
         collector.add(directory / name, directory / name, caption, name, extra)
-    return collector.finish(str(directory), warn)
+    try:
+        own_name = [captions_path.resolve().relative_to(directory.resolve()).as_posix()]
+    except ValueError:
+        own_name = []
+    for name in scan_image_folder(directory, exclude=own_name):
+        if name not in listed:
+            collector.report.skip(directory / name, f"not listed in {captions_path.name}",
+                                  "not_listed")
+    dataset = collector.finish(str(directory), warn=False)
+    if len(dataset) == 0:
+        raise InvalidParameterError(
+            f"nothing could be loaded from {directory} with {captions_path.name}: "
+            f"{describe_skips(dataset.report)}"
+        )
+    if warn:
+        warn_skipped(dataset.report, str(directory))
+    return dataset
+
+
+def describe_skips(report: LoadReport, examples: int = 3) -> str:
+    """One line: ``'2 corrupt (a.png, b.png), 1 not_listed (c.png)'`` or ``'nothing skipped'``."""
+    parts = []
+    for kind, entry in report.by_kind(examples).items():
+        names = ", ".join(Path(e).name for e in entry["examples"])
+        more = ", ..." if entry["count"] > len(entry["examples"]) else ""
+        parts.append(f"{entry['count']} {kind} ({names}{more})")
+    return ", ".join(parts) if parts else "nothing skipped"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,11 +480,11 @@ def _iter_tar_samples(shard: Path, report: LoadReport
             # with two zero blocks after the last member; without room for them it was cut.
             uncompressed = getattr(archive.fileobj, "comptype", "tar") == "tar"
             if uncompressed and shard.stat().st_size - archive.offset < 2 * tarfile.BLOCKSIZE:
-                report.skip(shard, f"truncated tar (no end-of-archive marker){kept}")
+                report.skip(shard, f"truncated tar (no end-of-archive marker){kept}", "corrupt")
                 current_key = None  # the last sample may be incomplete: drop it
     except (tarfile.TarError, OSError, EOFError) as error:
         report.skip(shard, f"unreadable or truncated tar ({type(error).__name__}: {error})"
-                           f"{kept}")
+                           f"{kept}", "corrupt")
         return
     if current_key is not None:
         yield current_key, current, shard.stat().st_size
@@ -334,11 +512,11 @@ def _add_webdataset_sample(collector: _Collector, shard: Path, key: str,
     where = f"{shard}:{key}"
     extension = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
     if extension is None:
-        collector.report.skip(where, "no image (.png, .jpg, .jpeg or .webp)")
+        collector.report.skip(where, "no image (.png, .jpg, .jpeg or .webp)", "no_image")
         return
     caption, extra, reason = _webdataset_caption(key, parts)
     if caption is None:
-        collector.report.skip(where, reason)
+        collector.report.skip(where, reason, "no_caption")
         return
     collector.add(where, parts[extension], caption, key, {**extra, "shard": shard.name})
 
@@ -360,7 +538,7 @@ def load_webdataset(shards: PathLike | Sequence[PathLike], size: int, *,
     existing = [p for p in paths if p.is_file()]
     for shard in paths:
         if not shard.is_file():
-            collector.report.skip(shard, "shard not found")
+            collector.report.skip(shard, "shard not found", "missing")
     total_bytes = sum(p.stat().st_size for p in existing)
     show = show_progress and total_bytes >= PROGRESS_MIN_BYTES
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
@@ -432,12 +610,13 @@ def load_parquet(path: PathLike, size: int, image_column: str = "image",
         try:
             parquet = pq.ParquetFile(file)
         except Exception as error:  # pyarrow raises several unrelated types for bad files
-            collector.report.skip(file, f"unreadable parquet: {error}")
+            collector.report.skip(file, f"unreadable parquet: {error}", "corrupt")
             continue
         names = parquet.schema_arrow.names
         missing = [c for c in (image_column, caption_column) if c not in names]
         if missing:
-            collector.report.skip(file, f"missing column(s) {missing}; columns are {names}")
+            collector.report.skip(file, f"missing column(s) {missing}; columns are {names}",
+                                  "bad_columns")
             continue
         id_column = next((c for c in ("id", "key") if c in names), None)
         total = parquet.metadata.num_rows
@@ -446,7 +625,7 @@ def load_parquet(path: PathLike, size: int, image_column: str = "image",
             where = f"{file}:{number}"
             source, reason = _parquet_image(row.get(image_column), file.parent)
             if source is None:
-                collector.report.skip(where, reason)
+                collector.report.skip(where, reason, "bad_row")
                 continue
             record_id = str(row[id_column]) if id_column else f"{file.name}:{number}"
             extra = {k: v for k, v in row.items()
@@ -465,7 +644,8 @@ def _parquet_rows(parquet: Any, batch_rows: int, file: Path,
                 yield number, row
                 number += 1
     except Exception as error:
-        collector.report.skip(file, f"parquet read failed after {number} rows: {error}")
+        collector.report.skip(file, f"parquet read failed after {number} rows: {error}",
+                              "corrupt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +704,7 @@ def _concat(parts: list[ImageDataset], size: int, what: str, warn: bool) -> Imag
     for part in parts:
         report.n_loaded += part.report.n_loaded
         report.skipped.extend(part.report.skipped)
+        report.kinds.extend(part.report.kinds)
     images = (np.concatenate([p.images for p in parts]) if parts
               else np.zeros((0, size, size, 3), dtype=np.uint8))
     dataset = ImageDataset(images, [c for p in parts for c in p.captions],
@@ -535,6 +716,7 @@ def _concat(parts: list[ImageDataset], size: int, what: str, warn: bool) -> Imag
 
 
 __all__ = [
-    "ImageDataset", "LoadReport", "load_dataset", "load_folder", "load_parquet",
-    "load_webdataset", "expand_braces", "warn_skipped",
+    "ImageDataset", "LoadReport", "describe_skips", "expand_braces", "iter_image_folder",
+    "load_dataset", "load_folder", "load_parquet", "load_webdataset", "scan_image_folder",
+    "warn_skipped",
 ]

@@ -63,6 +63,8 @@ class TrainConfig:
 
     stage: str = "denoiser"
     data: str = ".dprdm-demo"
+    data_is_public: bool = False  # the user's acknowledgement that a plain --data folder is public
+    caption_column: str | None = None  # the captions file's text column (default caption/text)
     out: str = ".dprdm-demo/train/generator"
     encoder: str = "demo"
     size: int = 32
@@ -126,14 +128,18 @@ class PublicImages:
     sources: list[str]
 
 
-def load_public(data: str | Path, size: int) -> PublicImages:
+def load_public(data: str | Path, size: int, data_is_public: bool = False,
+                caption_column: str | None = None) -> PublicImages:
     """The PUBLIC images under `data`, never anything else.
 
-    `data` is a demo root (``data/manifest.json`` names each split's role; only splits whose
-    role is ``public`` are read) or one folder with a captions file (its ``style`` column, else
-    the folder name, is the source).
+    `data` is a demo root (``data/manifest.json``, written by the tool that built the demo, names
+    each split's role; only splits whose role is ``public`` are read) or one folder with a
+    captions file (its ``style`` column, else the folder name, is the source). Nothing can tell a
+    plain folder's images apart from private ones, so a folder is refused unless the user
+    acknowledged it as public (`data_is_public`, ``--data-is-public``).
     """
     from dprdm.data import load_folder
+    from dprdm.provenance import require_public_folder
 
     root = Path(data)
     manifest = root / "data" / "manifest.json"
@@ -143,12 +149,13 @@ def load_public(data: str | Path, size: int) -> PublicImages:
         if not folders:
             raise InvalidParameterError(f"{manifest} names no public split")
     elif root.is_dir():
+        require_public_folder(root, data_is_public, "train the generator")
         folders = [root]
     else:
         raise InvalidParameterError(f"training data not found: {root}")
     images, captions, sources = [], [], []
     for folder in folders:
-        dataset = load_folder(folder, size)
+        dataset = load_folder(folder, size, caption_column=caption_column)
         images.append(dataset.images)
         captions += dataset.captions
         sources += [str(e.get("style") or folder.name) for e in dataset.extra]
@@ -326,7 +333,7 @@ def run_loop(config: TrainConfig, model: torch.nn.Module,
 def train_autoencoder(config: TrainConfig) -> dict[str, Any]:
     config = config.resolved()
     torch.set_num_threads(config.threads)
-    public = load_public(config.data, config.size)
+    public = load_public(config.data, config.size, config.data_is_public, config.caption_column)
     images = to_tensor(public.images)
     augmentations = list(style_augmentations().values())
     torch.manual_seed(config.seed)  # the initial weights depend on the seed only
@@ -485,7 +492,7 @@ def same_source_neighbours(queries: np.ndarray, keys: np.ndarray, sources: np.nd
 
 def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> ConditionBank:
     """Public images (+ augmented sources) -> latents, embeddings and neighbour lists."""
-    public = load_public(config.data, config.size)
+    public = load_public(config.data, config.size, config.data_is_public, config.caption_column)
     augmentations = style_augmentations()
     key = {"data": str(Path(config.data).resolve()), "size": config.size,
            "encoder": config.encoder, "augmentations": sorted(augmentations),

@@ -586,6 +586,8 @@ class PublicQuantizer:
     centroids: npt.NDArray[np.float32]  # (nlist, dim), unit rows
     n_train: int
     created: str
+    # what it was trained on: {"file", "sha256", "rows", "public", "declared_by", ...} (CLI)
+    source: dict[str, Any] | None = None
 
     @property
     def nlist(self) -> int:
@@ -603,6 +605,7 @@ class PublicQuantizer:
             "n_train": self.n_train,
             "created": self.created,
             "centroids_sha256": _centroids_digest(self.centroids),
+            "source": self.source,
         }
 
     def save(self, index_dir: str | os.PathLike[str]) -> None:
@@ -656,8 +659,10 @@ class PublicQuantizer:
                 f"{centroids_path} does not match {manifest_path} (interrupted write?); "
                 "re-run `dprdm index quantize`"
             )
+        source = manifest.get("source")
         return cls(centroids=centroids, n_train=int(manifest["n_train"]),
-                   created=str(manifest["created"]))
+                   created=str(manifest["created"]),
+                   source=source if isinstance(source, dict) else None)
 
 
 def _npy_bytes(array: npt.NDArray[Any]) -> bytes:
@@ -704,6 +709,28 @@ def public_rows_in_private(public_raw: npt.NDArray[Any], public_unit: npt.NDArra
     return sorted(matches)
 
 
+def _refuse_near_duplicates(public_unit: npt.NDArray[np.floating],
+                            private_index: EmbeddingIndex) -> None:
+    """Refuse public rows of which too many nearly duplicate private records (counts only)."""
+    from dprdm.retrieval.overlap import (MAX_NEAR_DUPLICATE_FRACTION,
+                                         count_public_near_duplicates)
+
+    n_public = len(public_unit)
+    allowed = int(MAX_NEAR_DUPLICATE_FRACTION * n_public)
+    near = count_public_near_duplicates(public_unit, private_index, stop_above=allowed)
+    if near.n_near > allowed:
+        count = f"{near.n_near:,}" if near.complete else f"at least {near.n_near:,}"
+        raise InvalidParameterError(
+            f"refusing to train the quantizer: {count} of the {n_public:,} public vectors "
+            f"({100 * near.fraction:.1f} %) nearly duplicate records of the private index "
+            f"(cosine > {near.threshold}; at most {100 * MAX_NEAR_DUPLICATE_FRACTION:g} % may). "
+            "The public file looks like private data, perhaps re-embedded or with noise added. "
+            "A coarse quantizer trained on private vectors makes the set of searched candidates "
+            "depend on many private records at once, which voids the 2/k sensitivity argument of "
+            "the private retrieval. Train it on public data."
+        )
+
+
 def train_public_quantizer(
     public_vectors: npt.ArrayLike,
     nlist: int,
@@ -714,9 +741,10 @@ def train_public_quantizer(
 ) -> PublicQuantizer:
     """Spherical k-means (faiss.Kmeans) of the L2-normalised public vectors into `nlist` lists.
 
-    Refuses when `private_index` is given and any public vector equals one of its rows: a
-    quantizer trained on private data makes the searched candidate set depend on many private
-    records, voiding the 2/k sensitivity argument. (The check catches copies, not near-copies.)
+    Refuses when `private_index` is given and any public vector equals one of its rows, or more
+    than 1 % of them have a near-duplicate among its rows (cosine > 0.999, see
+    :mod:`dprdm.retrieval.overlap`): a quantizer trained on private data makes the searched
+    candidate set depend on many private records, voiding the 2/k sensitivity argument.
     """
     if isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or nlist < 1:
         raise InvalidParameterError(f"nlist must be a positive integer, got {nlist!r}")
@@ -738,6 +766,7 @@ def train_public_quantizer(
                 "set of searched candidates depend on many private records at once, which voids "
                 "the 2/k sensitivity argument of the private retrieval. Train it on public data."
             )
+        _refuse_near_duplicates(unit, private_index)
     kmeans = faiss.Kmeans(dim, int(nlist), niter=niter, seed=seed, spherical=True, verbose=False)
     kmeans.train(np.ascontiguousarray(unit, dtype=np.float32))
     centroids, bad = normalize_rows(kmeans.centroids)

@@ -37,7 +37,11 @@ from dprdm.privacy import (
     PrivateRetrieval,
     epsilon_for,
 )
-from dprdm.privacy.mechanism import SMALL_SUBSAMPLE_ROWS, _neighbours_in_subsample, normalise_queries
+from dprdm.privacy.mechanism import (
+    SMALL_SUBSAMPLE_ROWS,
+    _neighbours_in_subsample,
+    normalise_queries,
+)
 from dprdm.privacy.randomness import SystemRandomness
 from dprdm.privacy.sampling import poisson_subsample
 

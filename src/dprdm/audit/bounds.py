@@ -19,9 +19,9 @@ SELECTION half of the trials and evaluated once on the disjoint EVALUATION half,
 cannot inflate the bound: the evaluation half is touched by exactly one test, whatever was tried
 on the selection half, so choosing among several statistics (:func:`epsilon_lower_bound_among`)
 needs no further multiple-comparison correction. A statistic fitted to data (a covariance, a mean
-difference) must be fitted on the selection half only. Candidate thresholds are every observed value of the selection half,
-scored at a stricter level (``SELECT_ALPHA``); Clopper-Pearson bounds are tabulated once per
-count, so the search is a few vectorised passes.
+difference) must be fitted on the selection half only. Candidate thresholds are every observed
+value of the selection half, scored at a stricter level (``SELECT_ALPHA``); Clopper-Pearson bounds
+are tabulated once per count, so the search is a few vectorised passes.
 """
 
 from __future__ import annotations

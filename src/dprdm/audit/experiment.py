@@ -309,17 +309,18 @@ def run_audit(
     ledger: InMemoryLedger | None = None,
     progress: Progress | None = None,
 ) -> AuditResult:
-    """Audit `queries` releases with `params`: the accountant's epsilon beside a lower bound.
+    """Audit `queries` releases with `params`: the accountant's epsilon beside a lower bound,
+    and the noise check (:mod:`.noise`); ``result.passed`` is False when either fails.
 
-    `trials` independent trials run on each neighbouring set; half select the test, half evaluate
-    it (see :mod:`.bounds`). `records` (default :func:`worst_case_records`) sets the size of the
+    `trials` independent trials run on each neighbouring set; half fit the statistics and select
+    the test, half evaluate it (see :mod:`.statistics`, :mod:`.bounds`). `records` (default :func:`worst_case_records`) sets the size of the
     set without the canary. `strategy` is the mechanism's path, as ``dprdm retrieve`` names it:
     "subsample" (draw the subsample, search it), "ivf-subsample" (the same inside a public
     partition's candidate set) or "exact" (walk the exact searcher's ranked list). `dtype` is the
     temporary indexes' storage, `dim` the design's dimension, `noise_alpha` the false-alarm
-    probability of the noise check. `ledger` is the in-memory experiment ledger to charge (default: a fresh one sized for
-    this audit; passing one lets several audits share its cached capacity). Every parameter is
-    checked before anything is built or released."""
+    probability of the noise check. `ledger` is the in-memory experiment ledger to charge
+    (default: a fresh one sized for this audit; passing one lets several audits share its cached
+    capacity). Every parameter is checked before anything is built or released."""
     if not isinstance(params, MechanismParams):
         raise InvalidParameterError("params must be a MechanismParams")
     if strategy not in AUDIT_STRATEGIES:

@@ -14,11 +14,14 @@ so eps >= log((1 - delta - FNR) / FPR) and eps >= log((1 - delta - FPR) / FNR). 
 FNR by one-sided Clopper-Pearson upper bounds, each at level (1 - confidence) / 2, makes the result
 a lower bound with probability >= confidence (union bound).
 
-The test (orientation of the statistic, which of the two ratios, threshold) is chosen on a
+The test (which statistic, its orientation, which of the two ratios, threshold) is chosen on a
 SELECTION half of the trials and evaluated once on the disjoint EVALUATION half, so the choice
-cannot inflate the bound. Candidate thresholds are every observed value of the selection half,
-scored at a stricter level (``SELECT_ALPHA``); Clopper-Pearson bounds are tabulated once per
-count, so the search is a few vectorised passes.
+cannot inflate the bound: the evaluation half is touched by exactly one test, whatever was tried
+on the selection half, so choosing among several statistics (:func:`epsilon_lower_bound_among`)
+needs no further multiple-comparison correction. A statistic fitted to data (a covariance, a mean
+difference) must be fitted on the selection half only. Candidate thresholds are every observed
+value of the selection half, scored at a stricter level (``SELECT_ALPHA``); Clopper-Pearson bounds
+are tabulated once per count, so the search is a few vectorised passes.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class EpsilonLowerBound:
 
     epsilon: float
     test: DistinguishingTest
+    statistic: str  # which statistic the selection half chose
     false_positives: int
     false_negatives: int
     evaluation_trials: int  # per dataset
@@ -124,6 +128,12 @@ def select_test(without: np.ndarray, with_: np.ndarray, delta: float,
                 alpha_each: float = SELECT_ALPHA) -> DistinguishingTest:
     """The test with the best bound on this (selection) data, among both orientations, both
     ratios and every observed value as threshold (plus one beyond each end)."""
+    return _select(without, with_, delta, alpha_each)[0]
+
+
+def _select(without: np.ndarray, with_: np.ndarray, delta: float,
+            alpha_each: float = SELECT_ALPHA) -> tuple[DistinguishingTest, float]:
+    """select_test and the selection-half bound of the test it picks."""
     values = np.unique(np.concatenate([without, with_]))
     thresholds = np.concatenate([[values[0] - 1.0], values, [values[-1] + 1.0]])
     best = DistinguishingTest("above", "tpr/fpr", float(thresholds[0]))
@@ -139,7 +149,20 @@ def select_test(without: np.ndarray, with_: np.ndarray, delta: float,
             if bounds[i] > best_epsilon:
                 best_epsilon = float(bounds[i])
                 best = DistinguishingTest(orientation, ratio, float(thresholds[i]))
-    return best
+    return best, best_epsilon
+
+
+def _checked_pair(without: object, with_: object, minimum: int) -> tuple[np.ndarray, np.ndarray]:
+    without = np.asarray(without, dtype=np.float64).ravel()
+    with_ = np.asarray(with_, dtype=np.float64).ravel()
+    if without.size != with_.size or without.size < minimum:
+        raise InvalidParameterError(
+            f"need equal numbers (>= {minimum}) of trials on both datasets, "
+            f"got {without.size} and {with_.size}"
+        )
+    if not (np.all(np.isfinite(without)) and np.all(np.isfinite(with_))):
+        raise InvalidParameterError("audit statistics must be finite")
+    return without, with_
 
 
 def epsilon_lower_bound(without: np.ndarray, with_: np.ndarray, delta: float,
@@ -148,20 +171,35 @@ def epsilon_lower_bound(without: np.ndarray, with_: np.ndarray, delta: float,
 
     `without` and `with_` hold one statistic per independent trial (equal counts). The first half
     of each selects the test, the second half evaluates it. Returns max(0, bound)."""
-    without = np.asarray(without, dtype=np.float64).ravel()
-    with_ = np.asarray(with_, dtype=np.float64).ravel()
-    if without.size != with_.size or without.size < MIN_TRIALS:
-        raise InvalidParameterError(
-            f"need equal numbers (>= {MIN_TRIALS}) of trials on both datasets, "
-            f"got {without.size} and {with_.size}"
-        )
-    if not (np.all(np.isfinite(without)) and np.all(np.isfinite(with_))):
-        raise InvalidParameterError("audit statistics must be finite")
+    without, with_ = _checked_pair(without, with_, MIN_TRIALS)
+    half = without.size // 2
+    return epsilon_lower_bound_among(
+        {"given": (without[:half], with_[:half])}, {"given": (without[half:], with_[half:])},
+        delta, confidence,
+    )
+
+
+Scores = tuple[np.ndarray, np.ndarray]  # (without, with) per-trial values of one statistic
+
+
+def epsilon_lower_bound_among(selection: dict[str, Scores], evaluation: dict[str, Scores],
+                              delta: float, confidence: float = 0.95) -> EpsilonLowerBound:
+    """Lower bound from the best of several statistics, chosen on selection data only.
+
+    `selection[name]` and `evaluation[name]` are one statistic's values on disjoint trials (the
+    statistic itself fitted, if at all, on the selection trials). Every statistic's best test is
+    found on its selection values; the statistic whose test bounds best there is evaluated, alone,
+    on its evaluation values. Returns max(0, bound) at `confidence`."""
+    if not selection or selection.keys() != evaluation.keys():
+        raise InvalidParameterError("need the same, non-empty set of statistics on both halves")
     delta, confidence = check_delta(delta), check_confidence(confidence)
     alpha_each = (1.0 - confidence) / 2.0
-    half = without.size // 2
-    test = select_test(without[:half], with_[:half], delta)
-    evaluation_without, evaluation_with = without[half:], with_[half:]
+    chosen, test, chosen_bound = "", DistinguishingTest("above", "tpr/fpr", 0.0), -np.inf
+    for name, pair in selection.items():
+        candidate, bound = _select(*_checked_pair(*pair, MIN_TRIALS // 2), delta)
+        if not chosen or bound > chosen_bound:
+            chosen, test, chosen_bound = name, candidate, bound
+    evaluation_without, evaluation_with = _checked_pair(*evaluation[chosen], MIN_TRIALS // 2)
     trials = evaluation_without.size
     false_positives, false_negatives = _error_counts(
         evaluation_without, evaluation_with, test.orientation, np.array([test.threshold])
@@ -172,6 +210,7 @@ def epsilon_lower_bound(without: np.ndarray, with_: np.ndarray, delta: float,
     return EpsilonLowerBound(
         epsilon=max(0.0, bound),  # never +inf: a Clopper-Pearson upper bound is > 0
         test=test,
+        statistic=chosen,
         false_positives=int(false_positives[0]),
         false_negatives=int(false_negatives[0]),
         evaluation_trials=trials,

@@ -109,10 +109,10 @@ class ServerProcess:
 class ThreadedServer:
     """uvicorn serving an app object in a thread of this process (no model reload)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, port: int | None = None) -> None:
         import uvicorn
 
-        self.port = free_port()
+        self.port = port or app.state.config.port  # the app answers only for its own port
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", access_log=False))
@@ -153,11 +153,12 @@ class Service:
 
         self.index = make_index(tmp_path / "private", epsilon)
         options.setdefault("default_steps", 2)
+        options.setdefault("port", free_port())  # the Host guard answers for this port only
         self.config = ServiceConfig(index_dir=self.index, settings=SETTINGS, **options)
         encoder, pipeline = models()
         self.engine = GenerationEngine(self.config, encoder=encoder, pipeline=pipeline)
         self.app = create_app(self.config, engine=self.engine)
-        self.client = TestClient(self.app)
+        self.client = TestClient(self.app, base_url=f"http://127.0.0.1:{self.config.port}")
         self.keys = KeyStore(self.index)
         self.token, _ = self.keys.create("alice", quota=quota)
         self.auth = {"Authorization": f"Bearer {self.token}"}

@@ -154,7 +154,8 @@ class Service:
         self.index = make_index(tmp_path / "private", epsilon)
         options.setdefault("default_steps", 2)
         options.setdefault("port", free_port())  # the Host guard answers for this port only
-        self.config = ServiceConfig(index_dir=self.index, settings=SETTINGS, **options)
+        options.setdefault("settings", SETTINGS)
+        self.config = ServiceConfig(index_dir=self.index, **options)
         encoder, pipeline = models()
         self.engine = GenerationEngine(self.config, encoder=encoder, pipeline=pipeline)
         self.app = create_app(self.config, engine=self.engine)

@@ -55,12 +55,12 @@ def serve(
     encoder: str = typer.Option(None, "--encoder", help="'demo' or a CLIP model directory."),
     model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     allowed_host: list[str] = typer.Option(
-        None, "--allowed-host",
+        None, "--allowed-host", metavar="NAME",
         help="A Host name clients use (repeatable; NAME any port, NAME:PORT one port, '*' any "
              "name). Loopback names with the port are always allowed. Not with --keyless-local."),
     docs: bool = typer.Option(None, "--docs/--no-docs",
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
-                                   "load their scripts from a CDN) [off]."),
+                                   "load their scripts from a CDN); off by default."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve the HTTP API and web page; the index's ledger enforces the privacy budget.

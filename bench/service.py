@@ -173,14 +173,15 @@ def main() -> None:
         result["startup_s"] = round(time.perf_counter() - tic, 1)
         try:
             body = {"n": args.n, "steps": args.steps, "seed": 0}
+            auth = {"Authorization": f"Bearer {token}"}  # /metrics needs a key, like /v1/budget
             load(url, token, dict(body, public_only=True), 2, 1)  # warm-up
             load(url, token, body, 2, 1)
             modes = {}
             for mode, extra in (("public-only", {"public_only": True}), ("dp", {})):
-                before = httpx.get(url + "/metrics", timeout=60).text
+                before = httpx.get(url + "/metrics", timeout=60, headers=auth).text
                 modes[mode] = load(url, token, dict(body, **extra), args.requests,
                                    args.concurrency)
-                after = httpx.get(url + "/metrics", timeout=60).text
+                after = httpx.get(url + "/metrics", timeout=60, headers=auth).text
             result["modes"] = modes
             served = {}
             for name in ("dprdm_ledger_charge_seconds", "dprdm_budget_figures_seconds"):

@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx2 as httpx
 import numpy as np
 
 from dprdm.privacy import MechanismParams, SqliteLedger
@@ -79,12 +78,10 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited: {self.stderr.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return json.loads(self.stdout.read_text().splitlines()[0])
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+            lines = self.stdout.read_text().splitlines()
+            if lines:  # `serve --json` prints its ready object once /healthz answers
+                return json.loads(lines[0])
+            time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"server did not come up: {self.stderr.read_text()[-3000:]}")
 
@@ -109,10 +106,10 @@ class ServerProcess:
 class ThreadedServer:
     """uvicorn serving an app object in a thread of this process (no model reload)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, port: int | None = None) -> None:
         import uvicorn
 
-        self.port = free_port()
+        self.port = port or app.state.config.port  # the app answers only for its own port
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", access_log=False))
@@ -153,11 +150,13 @@ class Service:
 
         self.index = make_index(tmp_path / "private", epsilon)
         options.setdefault("default_steps", 2)
-        self.config = ServiceConfig(index_dir=self.index, settings=SETTINGS, **options)
+        options.setdefault("port", free_port())  # the Host guard answers for this port only
+        options.setdefault("settings", SETTINGS)
+        self.config = ServiceConfig(index_dir=self.index, **options)
         encoder, pipeline = models()
         self.engine = GenerationEngine(self.config, encoder=encoder, pipeline=pipeline)
         self.app = create_app(self.config, engine=self.engine)
-        self.client = TestClient(self.app)
+        self.client = TestClient(self.app, base_url=f"http://127.0.0.1:{self.config.port}")
         self.keys = KeyStore(self.index)
         self.token, _ = self.keys.create("alice", quota=quota)
         self.auth = {"Authorization": f"Bearer {self.token}"}

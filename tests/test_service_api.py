@@ -6,7 +6,11 @@ import base64
 import io
 import json
 import logging
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +20,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from _service_support import (ID_PREFIX, LAM, PARAMS, SETTINGS, Service, ThreadedServer,
-                              make_index)
+from _service_support import (ID_PREFIX, LAM, MECHANISM_FLAGS, PARAMS, SETTINGS, Service,
+                              ServerProcess, ThreadedServer, free_port, make_index)
 from dprdm.cli import app as cli_app
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import SqliteLedger
@@ -205,7 +209,7 @@ def test_budget_info_health_and_metrics(service):
     assert service.generate(headers={}, prompt="red apple", **FAST).status_code == 401
     budget = service.client.get("/v1/budget", headers=service.auth).json()
     assert budget["queries_spent"] == 1 and budget["key"]["used"] == 1
-    text = service.client.get("/metrics").text
+    text = service.client.get("/metrics", headers=service.auth).text
     assert ('dprdm_http_requests_total{method="POST",route="/v1/generate",status="200"} 1.0'
             in text)
     assert 'dprdm_refusals_total{reason="unauthorized"} 1.0' in text
@@ -220,7 +224,7 @@ def test_logs_and_responses_carry_no_private_data_or_tokens(service, caplog):
     with caplog.at_level(logging.INFO, logger="dprdm.service"):
         texts = [service.generate(prompt="red apple", **FAST).text,
                  service.client.get("/v1/budget", headers=service.auth).text,
-                 service.client.get("/metrics").text]
+                 service.client.get("/metrics", headers=service.auth).text]
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "POST /v1/generate 200" in logged and "key=alice" in logged
     for text in (*texts, logged):
@@ -275,6 +279,10 @@ def test_config_precedence_flags_over_file_over_mechanism_json(tmp_path):
       "--keyless-local", "--host", "0.0.0.0"], "loopback"),
     (["--index", "{tmp}/private", "--k", "5", "--q", "0.5", "--sigma", "2",
       "--max-images", "0"], "max_images"),
+    (["--index", "{tmp}/private", "--k", "5", "--q", "0.5", "--sigma", "2",
+      "--host", "0.0.0.0"], "--allowed-host"),
+    (["--index", "{tmp}/private", "--k", "5", "--q", "0.5", "--sigma", "2",
+      "--keyless-local", "--allowed-host", "example.org"], "keyless"),
 ])
 def test_serve_refuses_a_bad_start_with_one_json_error(tmp_path, args, needle):
     make_index(tmp_path / "private", 2.0)
@@ -325,3 +333,50 @@ def test_requests_waiting_for_the_generator_hold_no_thread(tmp_path, monkeypatch
             release.set()
         assert budget.status_code == 200
         assert [f.result().status_code for f in futures] == [200] * 45
+
+
+def test_serve_on_a_taken_port_is_a_clear_error_before_anything_loads(tmp_path):
+    make_index(tmp_path / "private", 2.0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.perf_counter()
+        result = CliRunner().invoke(cli_app, [
+            "serve", "--index", str(tmp_path / "private"), *MECHANISM_FLAGS,
+            "--port", str(port), "--json"])
+        elapsed = time.perf_counter() - started
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)
+    assert set(error) == {"error", "message"} and "already in use" in error["message"]
+    assert str(port) in error["message"]
+    assert elapsed < 5  # refused before the models load
+    assert SqliteLedger(tmp_path / "private").summary().queries == 0
+
+
+def test_serve_json_announces_only_once_bound_and_healthy(tmp_path):
+    """The ready object is the first stdout line; the moment it appears, /healthz answers."""
+    index = make_index(tmp_path / "private", 2.0)
+    server = ServerProcess(index, free_port(), tmp_path)
+    server.starts += 1
+    server.stdout = tmp_path / "serve.out"
+    with open(server.stdout, "wb") as out:
+        server.process = subprocess.Popen(
+            [sys.executable, "-m", "dprdm", "serve", "--index", str(index), *MECHANISM_FLAGS,
+             "--port", str(server.port), "--json"],
+            stdout=out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not server.stdout.read_text() and time.monotonic() < deadline:
+            assert server.process.poll() is None, "the server exited"
+            time.sleep(0.05)
+        ready = json.loads(server.stdout.read_text().splitlines()[0])
+        health = httpx.get(server.url + "/healthz", timeout=5)  # at once: no retry
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        assert ready["url"] == f"http://127.0.0.1:{server.port}/"
+        assert f"localhost:{server.port}" in ready["allowed_hosts"]
+        assert ready["docs"] is False and ready["budget"]["queries_spent"] == 0
+    finally:
+        server.stop()

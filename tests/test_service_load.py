@@ -66,7 +66,8 @@ def test_concurrent_clients_get_exactly_what_the_ledger_counts(index, tmp_path):
             thread.start()
         for thread in threads:
             thread.join()
-        scrape = httpx.get(server.url + "/metrics", timeout=30).text
+        scrape = httpx.get(server.url + "/metrics", timeout=30,
+                           headers={"Authorization": f"Bearer {tokens[0]}"}).text
     finally:
         server.stop()
 

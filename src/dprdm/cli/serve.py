@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import typer
 
 from dprdm import demo_layout
 from dprdm.cli.output import JSON_OPTION, cli_errors, console, emit
+from dprdm.errors import InvalidParameterError
+from dprdm.service.guard import HostPolicy, bracketed
 
 LOG_CONFIG = {  # everything on stderr: with --json, stdout holds one JSON object only
     "version": 1,
@@ -49,13 +54,23 @@ def serve(
     threads: int = typer.Option(None, "--threads", help="Torch threads per worker."),
     encoder: str = typer.Option(None, "--encoder", help="'demo' or a CLIP model directory."),
     model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
+    allowed_host: list[str] = typer.Option(
+        None, "--allowed-host", metavar="NAME",
+        help="A Host name clients use (repeatable; NAME any port, NAME:PORT one port, '*' any "
+             "name). Loopback names with the port are always allowed. Not with --keyless-local."),
+    docs: bool = typer.Option(None, "--docs/--no-docs",
+                              help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
+                                   "load their scripts from a CDN); off by default."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve the HTTP API and web page; the index's ledger enforces the privacy budget.
 
     The mechanism (k, q, sigma, lam) is fixed here by the operator (flags, --config, or the
-    index's mechanism.json); clients cannot choose it. With --json, one JSON object describing
-    the running service is printed on stdout once it is ready; logs go to stderr.
+    index's mechanism.json); clients cannot choose it. The server answers only for the loopback
+    names and --host with its port, plus each --allowed-host (DNS-rebinding protection), and
+    refuses state-changing requests from other origins. With --json, one JSON object describing
+    the running service is printed on stdout once the port is bound and /healthz answers; a
+    taken port is an error (exit 2). Logs go to stderr.
 
     Example: dprdm serve --index private-index/ --port 8000 --workers 2 --allow-public-only
     """
@@ -75,26 +90,32 @@ def serve(
                        lam=lam, host=host, port=port, workers=workers,
                        allow_public_only=allow_public_only, keyless_local=keyless_local,
                        max_images=max_images, max_steps=max_steps, default_steps=default_steps,
-                       torch_threads=threads, encoder=encoder, model_dir=model)
+                       torch_threads=threads, encoder=encoder, model_dir=model,
+                       allowed_hosts=tuple(allowed_host) if allowed_host else None, docs=docs)
         config = build_config(options, config_file)
         if config.port == 0:
-            from dprdm.errors import InvalidParameterError
-
             raise InvalidParameterError("give a port in [1, 65535]")
-        os.environ[CONFIG_ENV] = config.to_json()
-        if config.workers > 1:
-            # prometheus_client multi-process mode: set before any worker imports it.
-            metrics_dir = tempfile.mkdtemp(prefix="dprdm-metrics-")
-            os.environ[MULTIPROC_ENV] = metrics_dir
-            figures = _check_index(config)
-            target = "dprdm.service.app:create_app_from_env"
-        else:
-            from dprdm.service.app import create_app
+        sock = bind_socket(config.host, config.port)  # before the models load: fail fast
+        try:
+            os.environ[CONFIG_ENV] = config.to_json()
+            if config.workers > 1:
+                # prometheus_client multi-process mode: set before any worker imports it.
+                metrics_dir = tempfile.mkdtemp(prefix="dprdm-metrics-")
+                os.environ[MULTIPROC_ENV] = metrics_dir
+                figures = _check_index(config)
+                target = "dprdm.service.app:create_app_from_env"
+            else:
+                from dprdm.service.app import create_app
 
-            target = create_app(config)
-            figures = target.state.engine.budget()
+                target = create_app(config)
+                figures = target.state.engine.budget()
+        except BaseException:
+            sock.close()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+            raise
     started = {
-        "url": f"http://{config.host}:{config.port}/",
+        "url": f"http://{bracketed(config.host)}:{config.port}/",
         "workers": config.workers,
         "index": str(config.index_dir),
         "mechanism": {"sigma": config.settings.sigma, "q": config.settings.q,
@@ -102,19 +123,83 @@ def serve(
         "budget": figures,
         "public_only_enabled": config.allow_public_only,
         "keyless_local": config.keyless_local,
+        "allowed_hosts": HostPolicy.for_server(config.host, config.port,
+                                               config.allowed_hosts).names(),
+        "docs": config.docs,  # /docs, /redoc, /openapi.json; their scripts come from a CDN
         "metrics": "multi-process" if config.workers > 1 else "single-process",
     }
-    if as_json:
-        emit(started, True)
-    else:
-        console.print(f"dprdm service on [bold]{started['url']}[/] ({config.workers} worker(s)); "
-                      f"{figures['queries_remaining']} private queries remain")
+
+    def announce() -> None:
+        if as_json:
+            emit(started, True)
+        else:
+            console.print(f"dprdm service on [bold]{started['url']}[/] ({config.workers} "
+                          f"worker(s)); {figures['queries_remaining']} private queries remain")
+            if config.docs:
+                console.print("API docs on /docs: Swagger UI and ReDoc load their scripts from "
+                              "cdn.jsdelivr.net")
+
+    uv_config = uvicorn.Config(target, factory=isinstance(target, str), host=config.host,
+                               port=config.port, workers=config.workers, log_config=LOG_CONFIG,
+                               access_log=False)
+    server = uvicorn.Server(uv_config)
+    stop = threading.Event()
+    threading.Thread(target=_announce_when_healthy, args=(config, announce, stop),
+                     daemon=True).start()
     try:
-        uvicorn.run(target, factory=isinstance(target, str), host=config.host, port=config.port,
-                    workers=config.workers, log_config=LOG_CONFIG, access_log=False)
+        if config.workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            Multiprocess(uv_config, sockets=[sock]).run()
+        else:
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
+        stop.set()
+        sock.close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    if config.workers == 1 and not server.started:
+        raise typer.Exit(code=3)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is a clear error (exit 2) before
+    anything loads, and so that "ready" means bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise InvalidParameterError(
+                f"port {port} on {host} is already in use (another server?): stop it or give "
+                "another --port") from None
+        raise InvalidParameterError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _announce_when_healthy(config, announce, stop: threading.Event) -> None:
+    """Call `announce` once, when /healthz answers 200 on the bound socket."""
+    import http.client
+
+    connect = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.host, config.host)
+    while not stop.wait(0.2):
+        conn = http.client.HTTPConnection(connect, config.port, timeout=5)
+        try:
+            conn.request("GET", "/healthz", headers={
+                "Host": f"{bracketed(connect)}:{config.port}"})
+            if conn.getresponse().status == 200:
+                announce()
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
 
 def _check_index(config) -> dict:

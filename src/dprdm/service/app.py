@@ -4,14 +4,21 @@ Owns routing, authentication, validation, error mapping, the body-size limit and
 logging/metrics. All policy lives in the library: the engine (and through it the ledger and the
 mechanism) decides what may be released; this module only turns HTTP into calls and back.
 
-Routes: ``GET /`` (web page), ``GET /healthz``, ``GET /v1/info``, ``GET /v1/budget`` (key),
-``POST /v1/generate`` (key), ``GET /metrics``; OpenAPI docs at ``/docs``.
+Routes: ``GET /`` (web page), ``GET /favicon.svg``, ``GET /healthz``, ``GET /v1/info``,
+``GET /v1/budget`` (key), ``POST /v1/generate`` (key), ``GET /metrics`` (key, like
+``/v1/budget``). ``/docs``, ``/redoc`` and ``/openapi.json`` exist only with ``--docs`` (Swagger
+UI and ReDoc load their scripts from a CDN: not served by default, since the page keeps the API
+key in this origin's localStorage).
+
+Every request first passes the Host/Origin guard (:mod:`dprdm.service.guard`).
 
 Errors are one JSON object ``{"error": code, "message": text, ...}``:
 
 =====  ======================  ====================================================
 400    bad_json                the body is not JSON
+400    host_not_allowed        the Host header is not one this server answers for
 401    unauthorized            missing, unknown or revoked API key
+403    origin_not_allowed      a state-changing request from another origin
 403    public_only_disabled    "public_only": true but the operator did not enable it
 413    body_too_large          body over the operator's limit
 415    unsupported_media_type  the body is not ``application/json``
@@ -48,6 +55,7 @@ from dprdm.errors import BudgetExceededError, InvalidParameterError
 from dprdm.rdm import MAX_PROMPT_CHARS, check_prompts, check_sampling
 from dprdm.service.config import MECHANISM_KEYS, ServiceConfig
 from dprdm.service.engine import GenerationEngine
+from dprdm.service.guard import HostOriginGuard, HostPolicy
 from dprdm.service.keys import KeyInfo, KeyStore
 from dprdm.service.metrics import ServiceMetrics
 from dprdm.service.schemas import (BudgetResponse, Error, GenerateRequest, GenerateResponse,
@@ -167,9 +175,13 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
         engine = GenerationEngine(config, metrics)
     engine.metrics = metrics
     keys = KeyStore(config.index_dir)
+    docs = config.docs
     app = FastAPI(title="dprdm", version=__version__,
                   description="Differentially private retrieval-augmented image generation. "
-                              "Every private query is charged to the index's ledger first.")
+                              "Every private query is charged to the index's ledger first.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
+    policy = HostPolicy.for_server(config.host, config.port, config.allowed_hosts)
     app.state.config, app.state.engine, app.state.keys, app.state.metrics = \
         config, engine, keys, metrics
 
@@ -336,16 +348,26 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
             steps=result.steps, guidance=result.guidance, seed=result.seed,
             key=_key_figures(key))
 
+    @app.get("/favicon.svg", include_in_schema=False)
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "max-age=86400"})
+
     @app.get("/metrics", include_in_schema=False)
-    def prometheus() -> Response:
+    def prometheus(who: Caller = Depends(require_key)) -> Response:
+        """Prometheus text format; the same key rule as /v1/budget (any valid key; a key made
+        with --quota 0 can read but never spend)."""
         body, content_type = metrics.render(engine.budget)
         return Response(body, media_type=content_type)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes, refused=refuse)
+    app.add_middleware(HostOriginGuard, policy=policy, refused=refuse)  # before everything else
     app.add_middleware(_RequestLog, metrics=metrics,
                        routes={"/", "/healthz", "/v1/info", "/v1/budget", "/v1/generate",
-                               "/metrics", "/docs", "/openapi.json"})
+                               "/metrics", "/docs", "/redoc", "/openapi.json", "/favicon.svg",
+                               "/favicon.ico"})
     return app
 
 

@@ -9,6 +9,9 @@ never choose them: the ledger accounts a fixed parameter set per release, and pa
 adaptively by a client (for instance after looking at earlier outputs) are a choice made with
 private information that no ledger counts.
 
+``allowed_hosts`` (``--allowed-host``) and ``docs`` (``--docs``) belong to the HTTP front door:
+see :mod:`dprdm.service.guard` for the Host/Origin policy.
+
 The config travels to uvicorn worker processes as JSON in ``DPRDM_SERVICE_CONFIG``.
 """
 
@@ -49,6 +52,8 @@ class ServiceConfig:
     default_steps: int = 50
     max_body_bytes: int = 16 * 1024
     torch_threads: int | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    docs: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index_dir", Path(self.index_dir))
@@ -69,6 +74,31 @@ class ServiceConfig:
                 "keyless local mode only listens on a loopback address (127.0.0.1, localhost, "
                 f"::1), not {self.host}: every client would spend the budget without a key"
             )
+        self._check_allowed_hosts()
+
+    def _check_allowed_hosts(self) -> None:
+        from dprdm.service.guard import ANY_HOST, WILDCARD_BINDS, split_host
+
+        allowed = self.allowed_hosts
+        if not isinstance(allowed, (list, tuple)) or not all(isinstance(h, str) for h in allowed):
+            raise InvalidParameterError("allowed_hosts must be a list of host names")
+        allowed = tuple(h.strip().lower() for h in allowed)
+        object.__setattr__(self, "allowed_hosts", allowed)
+        for entry in allowed:
+            if entry != ANY_HOST and split_host(entry) is None:
+                raise InvalidParameterError(
+                    f"--allowed-host {entry!r} is not a host name: give NAME or NAME:PORT "
+                    "(an IPv6 address in brackets), or '*'")
+        if self.keyless_local and allowed:
+            raise InvalidParameterError(
+                "keyless local mode answers only for the loopback names (localhost, 127.0.0.1, "
+                "[::1]) on its port: --allowed-host would let other sites' pages spend the budget")
+        if self.host in WILDCARD_BINDS and not allowed:
+            raise InvalidParameterError(
+                f"listening on {self.host or 'every address'} accepts requests for any name: give "
+                "the names clients use with --allowed-host NAME (repeatable; NAME:PORT for one "
+                "port), or --allowed-host '*' to answer for any Host (no DNS-rebinding "
+                "protection)")
 
     @property
     def threads(self) -> int:
@@ -92,6 +122,7 @@ class ServiceConfig:
     def from_json(cls, text: str) -> ServiceConfig:
         data = json.loads(text)
         data["settings"] = MechanismSettings(**data["settings"])
+        data["allowed_hosts"] = tuple(data.get("allowed_hosts", ()))
         return cls(**data)
 
     @classmethod

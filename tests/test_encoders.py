@@ -384,7 +384,7 @@ def test_cli_embed_with_nothing_embeddable_exits_2_and_writes_nothing(tiny_demo,
                                      "--encoder", str(model_dir), "--json"])
         assert result.exit_code == 2
         error = json.loads(result.stdout)
-        assert error["error"] == "InvalidParameterError"
+        assert error["error"] == "invalid_parameter"
         assert "nothing to embed" in error["message"]
         assert not (tmp_path / "out").exists()
     assert "1 corrupt (a.png)" in json.loads(runner.invoke(app, [

@@ -296,6 +296,7 @@ class GeneratorBackend(ABC):
     """A public, frozen generator conditioned on vectors in one CLIP image space."""
 
     name: str = "backend"
+    rows_per_call: int | None = None  # condition rows per pipeline call (None: options.batch_size)
     space: ConditioningSpace
     options: RuntimeOptions
 
@@ -334,7 +335,7 @@ class GeneratorBackend(ABC):
         if prompts is not None and len(prompts) != len(conditions):
             raise InvalidParameterError("give one prompt per condition row")
         generator = seeded(seed)
-        per_batch = max(1, self.options.batch_size // n)
+        per_batch = self.rows_per_call or max(1, self.options.batch_size // n)
         out = []
         for start in range(0, len(conditions), per_batch):
             chunk = conditions[start:start + per_batch]

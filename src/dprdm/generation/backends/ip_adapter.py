@@ -51,6 +51,9 @@ class IPAdapterBackend(GeneratorBackend):
     """Stable Diffusion 1.5 / XL + a non-"plus" IP-Adapter, conditioned on CLIP image embeds."""
 
     name = "ip-adapter"
+    # diffusers repeats ip_adapter_image_embeds batch_size * num_images_per_prompt times (one
+    # embedding per call, not one per prompt), so each condition row gets its own call.
+    rows_per_call = 1
 
     def __init__(self, pipe, encoder, options: RuntimeOptions, *, embed_norm: float | None = None,
                  height: int | None = None, width: int | None = None) -> None:
@@ -130,14 +133,16 @@ class IPAdapterBackend(GeneratorBackend):
         return rescale(check_conditions(conditions, self.dim), self.raw_norm)
 
     def model_inputs(self, conditions, prompts, n, guidance, steps) -> dict:
-        raw = torch.from_numpy(np.repeat(self.to_model_scale(conditions), n, axis=0))[:, None]
+        conditions = check_conditions(conditions, self.dim)
+        if len(conditions) != 1:
+            raise ValueError("the IP-Adapter pipeline takes one condition row per call")
+        raw = torch.from_numpy(self.to_model_scale(conditions))[:, None]  # (1, 1, d)
         raw = raw.to(self.options.device, self.options.torch_dtype)
         if guidance > 1.0:  # diffusers' classifier-free guidance: [negative; positive]
             raw = torch.cat([torch.zeros_like(raw), raw])
-        prompts = list(prompts) if prompts is not None else [""] * len(conditions)
-        kwargs = {"prompt": [p for p in prompts for _ in range(n)],
-                  "ip_adapter_image_embeds": [raw], "num_inference_steps": int(steps),
-                  "guidance_scale": float(guidance)}
+        kwargs = {"prompt": list(prompts) if prompts is not None else [""],
+                  "num_images_per_prompt": int(n), "ip_adapter_image_embeds": [raw],
+                  "num_inference_steps": int(steps), "guidance_scale": float(guidance)}
         if self.height is not None:
             kwargs["height"], kwargs["width"] = self.height, self.width
         return kwargs

@@ -117,9 +117,12 @@ class KandinskyBackend(GeneratorBackend):
 
 
 def _processor_sizes(processor, image_size: int) -> tuple[int, int, int]:
-    """(shortest_edge, crop_height, crop_width) of a CLIPImageProcessor."""
+    """(shortest_edge, crop_height, crop_width) of a CLIPImageProcessor (dict, SizeDict or int)."""
+    def field(value, key: str) -> int:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return int(value)
+        found = value.get(key) if hasattr(value, "get") else getattr(value, key, None)
+        return int(found) if found else image_size
+
     size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
-    edge = size.get("shortest_edge", image_size) if isinstance(size, dict) else (size or image_size)
-    if isinstance(crop, dict):
-        return int(edge), int(crop.get("height", image_size)), int(crop.get("width", image_size))
-    return int(edge), int(crop or image_size), int(crop or image_size)
+    return field(size, "shortest_edge"), field(crop, "height"), field(crop, "width")

@@ -244,3 +244,37 @@ def test_cuda_float16(name, folders, tmp_path):
         result = rag.generate(PROMPTS, guidance=4.0, steps=2, seed=0)
     assert result.images.shape[:2] == (2, 1) and ledger.summary().queries == 2
     assert np.isfinite(seen[0]).all()
+
+
+def test_noise_ratio_grows_with_sqrt_dim_and_matches_sampled_noise():
+    from dprdm.conditioning import noise_ratio
+
+    small, large = noise_ratio(0.05, 10, 64), noise_ratio(0.05, 10, 1280)
+    assert large["ratio"] == pytest.approx(small["ratio"] * np.sqrt(20))
+    assert small["noise_multiplier"] == pytest.approx(0.25) and small["sensitivity"] == 0.2
+    noise = np.random.default_rng(0).standard_normal((4000, 1280)) * 0.05
+    assert np.linalg.norm(noise, axis=1).mean() == pytest.approx(large["noise_norm_mean"],
+                                                                 rel=2e-3)
+    aggregate = np.zeros(1280)
+    aggregate[0] = 1.0
+    cosines = (noise + aggregate)[:, 0] / np.linalg.norm(noise + aggregate, axis=1)
+    assert cosines.mean() == pytest.approx(large["cosine_at_best"], rel=1e-2)
+    with pytest.raises(Exception, match="dim"):
+        noise_ratio(0.05, 10, 0)
+
+
+def test_cli_noise_ratio_json():
+    import json
+
+    from typer.testing import CliRunner
+
+    from dprdm.cli import app
+
+    result = CliRunner().invoke(app, ["privacy", "noise-ratio", "--sigma", "0.1", "--k", "20",
+                                      "--dim", "1024", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ratio"] == pytest.approx(0.1 * 32) and report["noise_multiplier"] == 1.0
+    bad = CliRunner().invoke(app, ["privacy", "noise-ratio", "--sigma", "0.1", "--k", "0",
+                                   "--dim", "1024", "--json"])
+    assert bad.exit_code != 0

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import DprdmError, InvalidParameterError
@@ -108,27 +107,33 @@ class GenerationResult:
 
 
 class RetrievalAugmentedGenerator:
-    """Encoder + (private index, ledger, settings) + optional public index + diffusion pipeline."""
+    """A generator backend + (private index, ledger, settings) + optional public index.
 
-    def __init__(self, encoder, pipeline, *, private_index: EmbeddingIndex | None = None,
+    Give either ``backend=`` (any :class:`~dprdm.generation.backends.GeneratorBackend`) or, as
+    before, an ``encoder`` and a demo ``pipeline`` (wrapped in the demo backend). An index that
+    records another conditioning space than the backend's is refused here, before anything is
+    charged (demo: an index recording no space is accepted on its dimension alone).
+    """
+
+    def __init__(self, encoder=None, pipeline=None, *, backend=None,
+                 private_index: EmbeddingIndex | None = None,
                  ledger: SqliteLedger | None = None, settings: MechanismSettings | None = None,
                  public_index: EmbeddingIndex | None = None, strategy: str = "subsample") -> None:
-        self.encoder = encoder
-        self.pipeline = pipeline
+        if backend is None:
+            if encoder is None or pipeline is None:
+                raise InvalidParameterError("give a generator backend, or an encoder and a "
+                                            "pipeline")
+            from dprdm.generation.backends.demo import DemoBackend
+
+            backend = DemoBackend(encoder, pipeline)
+        self.backend = backend
         self.settings = settings
         self.public_index = public_index
         self.ledger = ledger
         for index, what in ((private_index, "private"), (public_index, "public")):
-            if index is not None and index.dim != encoder.dim:
-                raise InvalidParameterError(
-                    f"the {what} index holds {index.dim}-d embeddings but the encoder makes "
-                    f"{encoder.dim}-d ones: build the index with the same encoder"
-                )
-        if getattr(pipeline, "cond_dim", encoder.dim) != encoder.dim:
-            raise InvalidParameterError(
-                f"the generator expects {pipeline.cond_dim}-d conditions, the encoder makes "
-                f"{encoder.dim}-d ones"
-            )
+            if index is not None:
+                backend.space.check_index(index.path, index.dim, what,
+                                          require_record=backend.name != "demo")
         self.mechanism = None
         if private_index is not None:
             if ledger is None or settings is None:
@@ -138,7 +143,7 @@ class RetrievalAugmentedGenerator:
 
     def conditions(self, prompts: list[str], public_only: bool, caller: str = "") -> np.ndarray:
         """(P, d) conditioning vectors; in DP mode this charges one query per prompt."""
-        text = self.encoder.encode_text(prompts)
+        text = self.backend.embed_prompts(prompts)
         lam = self.settings.lam if self.settings is not None else 1.0
         if public_only:
             if self.public_index is None:
@@ -161,15 +166,14 @@ class RetrievalAugmentedGenerator:
         started = time.perf_counter()
         conditions = self.conditions(prompts, public_only, caller)
         retrieved = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        images = self.pipeline(np.repeat(conditions, n, axis=0), guidance=guidance, steps=steps,
-                               generator=generator)
-        images = np.asarray(images).reshape(len(prompts), n, *np.asarray(images).shape[1:])
+        images = self.backend.render(conditions, prompts, n=n, guidance=guidance, steps=steps,
+                                     seed=seed)
         finished = time.perf_counter()
         report = {
             "prompts": prompts,
             "mode": "public-only" if public_only else "dp",
             "images_per_prompt": n, "guidance": guidance, "steps": steps, "seed": seed,
+            "generator": self.backend.name,
             "timings_s": {"conditioning": round(retrieved - started, 3),
                           "generation": round(finished - retrieved, 3)},
         }

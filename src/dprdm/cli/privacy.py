@@ -106,3 +106,20 @@ def max_queries(
         return result
 
     run_command(as_json, "query budget", compute)
+
+
+@app.command("noise-ratio")
+def noise_ratio(
+    sigma: float = SIGMA,
+    k: int = K,
+    dim: int = typer.Option(..., "--dim", help="Embedding dimension d of the backend's space."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Expected noise-to-signal ratio of one release: noise norm sigma*sqrt(d) vs the
+    aggregate's norm (at most 1).
+
+    Example: dprdm privacy noise-ratio --sigma 0.02 --k 20 --dim 1280
+    """
+    from dprdm.conditioning import noise_ratio as compute_ratio
+
+    run_command(as_json, "noise-to-signal", lambda: compute_ratio(sigma, k, dim))

@@ -1,0 +1,84 @@
+"""The demo backend: dprdm's own encoder + :class:`RetrievalDiffusionPipeline` as a backend.
+
+Owns the adapter that lets the shipped 32x32 emoji model (or any dprdm :class:`Encoder` paired
+with a pipeline of the same call) stand behind the :class:`GeneratorBackend` interface. Its space
+is the encoder's (64-d for the shipped demo encoder); the denoiser L2-normalises its conditions
+itself, so :meth:`to_model_scale` is the identity; prompts are embedded with the encoder's text
+tower, images with its image tower, exactly as before backends existed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dprdm.errors import InvalidParameterError
+from dprdm.generation.backends.base import (ConditioningSpace, GeneratorBackend, RuntimeOptions,
+                                            check_conditions, check_render_args,
+                                            clip_vision_space, fingerprint, seeded)
+
+
+def encoder_space(encoder) -> ConditioningSpace:
+    """The space of a dprdm encoder: a CLIP checkpoint's vision tower, or the whole module."""
+    from dprdm.encoders.clip import ClipEncoder
+
+    if isinstance(encoder, ClipEncoder):
+        return clip_vision_space(encoder.model, "clip")
+    described = {k: v for k, v in encoder.describe().items() if k not in ("source", "device")}
+    tensors = encoder.state_dict() if isinstance(encoder, torch.nn.Module) else {}
+    return ConditioningSpace(f"{encoder.name} ({encoder.dim}-d)", int(encoder.dim),
+                             fingerprint(described, tensors))
+
+
+class DemoBackend(GeneratorBackend):
+    """A dprdm encoder + a dprdm generation pipeline (conditions of the encoder's dimension)."""
+
+    name = "demo"
+
+    def __init__(self, encoder, pipeline, options: RuntimeOptions | None = None) -> None:
+        self.encoder = encoder
+        self._pipeline = pipeline
+        self.options = options or RuntimeOptions(device="cpu")
+        self.space = encoder_space(encoder)
+        cond_dim = getattr(pipeline, "cond_dim", encoder.dim)
+        if cond_dim != encoder.dim:
+            raise InvalidParameterError(f"the generator expects {cond_dim}-d conditions, the "
+                                        f"encoder makes {encoder.dim}-d ones")
+
+    @classmethod
+    def load(cls, options: RuntimeOptions | None = None) -> DemoBackend:
+        """The shipped demo encoder and generator."""
+        from dprdm.encoders import load_encoder
+        from dprdm.generation.pipeline import load_default
+
+        options = options or RuntimeOptions(device="cpu")
+        return cls(load_encoder("demo", device=options.device), load_default(options.device),
+                   options)
+
+    @property
+    def pipeline(self):
+        return self._pipeline
+
+    def embed_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        kwargs = {"batch_size": batch_size} if batch_size is not None else {}
+        return self.encoder.encode_images(images, **kwargs)
+
+    def embed_prompts(self, prompts: list[str]) -> np.ndarray:
+        return self.encoder.encode_text(list(prompts))
+
+    def to_model_scale(self, conditions: np.ndarray) -> np.ndarray:
+        return check_conditions(conditions, self.dim)  # the denoiser normalises them itself
+
+    def model_inputs(self, conditions, prompts, n, guidance, steps) -> dict:
+        conditions = self.to_model_scale(conditions)
+        return {"conditions": np.repeat(conditions, n, axis=0), "guidance": float(guidance),
+                "steps": int(steps)}
+
+    def render(self, conditions: np.ndarray, prompts: list[str] | None = None, n: int = 1,
+               guidance: float = 3.0, steps: int = 50, seed: int | None = None) -> np.ndarray:
+        conditions = check_conditions(conditions, self.dim)
+        check_render_args(n, guidance, steps)
+        images = np.asarray(self._pipeline(**self.model_inputs(conditions, prompts, n, guidance,
+                                                                steps),
+                                           generator=seeded(seed)))
+        return images.reshape(len(conditions), n, *images.shape[1:])

@@ -51,6 +51,8 @@ def _bad_calls(tmp) -> dict[str, list[str]]:
                               "--queries", "10", "--delta", "1e-5"],
         "privacy max-queries": ["privacy", "max-queries", "--sigma", "1", "--q", "2", "--k", "10",
                                 "--epsilon", "1", "--delta", "1e-5"],
+        "privacy noise-ratio": ["privacy", "noise-ratio", "--sigma", "0.1", "--k", "0",
+                                "--dim", "512"],
         "index build": ["index", "build", npy, "--out", out],
         "index info": ["index", "info", missing],
         "index quantize": ["index", "quantize", missing, "--public", npy, "--nlist", "4"],

@@ -11,6 +11,7 @@ import typer
 from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
 from dprdm.errors import InvalidParameterError
 from dprdm.retrieval import store
+from dprdm.retrieval.partition import IVFPartition
 from dprdm.retrieval.search import PublicQuantizer, train_public_quantizer
 
 app = typer.Typer(help="Build and inspect embedding indexes.", no_args_is_help=True)
@@ -97,7 +98,9 @@ def quantize(
     seed: int = typer.Option(1234, "--seed", help="k-means seed (public data: no privacy cost)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Train a coarse quantizer on PUBLIC vectors and save it into the index for IVF search.
+    """Train a coarse quantizer on PUBLIC vectors and save it into the index for IVF search,
+    with the partition of the index's records into its lists (computed once, reused by every
+    `dprdm retrieve --strategy ivf-subsample/ivf`).
 
     Refuses public vectors that equal records of the index: a quantizer trained on private data
     would void the privacy argument.
@@ -111,8 +114,12 @@ def quantize(
             store.load_embeddings(public), nlist, private_index=index, seed=seed
         )
         quantizer.save(directory)
+        # every record's list, computed once here and memory-mapped by every later retrieval
+        partition = IVFPartition(index, quantizer)
+        partition.save()
         result = {"path": str(directory)}
         result.update({k: v for k, v in quantizer.manifest().items() if k != "centroids_sha256"})
+        result["partition"] = store.PARTITION_MANIFEST_FILE
         return result
 
     run_command(as_json, "public quantizer", compute)

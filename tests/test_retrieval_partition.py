@@ -107,8 +107,10 @@ def test_a_replaced_quantizer_makes_the_partition_stale(quantized, count_assignm
     other.save(index.path)  # a new quantizer, the old partition still on disk
     with pytest.raises(StalePartitionError, match="centroids_sha256"):
         IVFPartition.load(index)
-    partition = IVFPartition.open(index)  # recomputed once, then saved
+    notes: list[str] = []
+    partition = IVFPartition.open(index, notice=notes.append)  # recomputed once, then saved
     assert count_assignments == [index.n] and not partition.loaded
+    assert len(notes) == 1 and "stale" in notes[0] and "saved for the next call" in notes[0]
     again = IVFPartition.load(index)
     np.testing.assert_array_equal(again.rows, IVFPartition(index, other).rows)
     assert len(partition_files(index.path)) == 3  # the old generation's files are gone

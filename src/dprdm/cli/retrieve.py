@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from dprdm.cli.output import JSON_OPTION, run_command
+from dprdm.cli.output import JSON_OPTION, err_console, run_command
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
@@ -62,7 +62,7 @@ def retrieve(
             mechanism = PrivateRetrieval(index, params, ledger)
         elif strategy == "ivf-subsample":
             # the partition saved by `index quantize` (memory-mapped), recomputed only if stale
-            partition = IVFPartition.open(index, nprobe=nprobe)
+            partition = IVFPartition.open(index, nprobe=nprobe, notice=err_console.print)
             mechanism = PrivateRetrieval(index, params, ledger, strategy="probed",
                                          searcher=partition)
         else:

@@ -42,6 +42,7 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -199,17 +200,20 @@ class IVFPartition:
         rows = _load_part(index.path, manifest, "rows", (index.n,))
         offsets = _load_part(index.path, manifest, "offsets", (quantizer.nlist + 1,))
         if offsets[0] != 0 or offsets[-1] != index.n or (np.diff(offsets) < 0).any():
-            raise StalePartitionError(f"{index.path}: the saved IVF partition's offsets are invalid")
+            raise StalePartitionError(
+                f"{index.path}: the saved IVF partition's offsets are invalid")
         return cls(index, quantizer, nprobe, csr=(rows, offsets))
 
     @classmethod
     def open(cls, index: EmbeddingIndex, quantizer: PublicQuantizer | None = None,
-             nprobe: int | None = None, *, persist: bool = True) -> IVFPartition:
+             nprobe: int | None = None, *, persist: bool = True,
+             notice: Callable[[str], object] | None = None) -> IVFPartition:
         """The saved partition when it is current, else a freshly computed one.
 
         A computed partition is saved into the index directory (for the next open) when `persist`
         and `quantizer` is the index's own saved quantizer (or None); a directory that cannot be
-        written is not an error -- the partition is then used from memory only.
+        written is not an error -- the partition is then used from memory only. `notice(text)`
+        is told why the records are re-assigned (missing or stale partition).
         """
         own = quantizer is None or _is_saved_quantizer(index, quantizer)
         if quantizer is None:
@@ -217,14 +221,17 @@ class IVFPartition:
         if own:
             try:
                 return cls.load(index, quantizer, nprobe)
-            except StalePartitionError:
-                pass
+            except StalePartitionError as error:
+                if notice is not None:
+                    notice(f"{error}; assigning the {index.n} records to the quantizer's lists"
+                           + (" (saved for the next call)" if persist else ""))
         partition = cls(index, quantizer, nprobe)
         if persist and own:
             try:
                 partition.save()
-            except OSError:
-                pass
+            except OSError as error:
+                if notice is not None:
+                    notice(f"could not save the IVF partition in {index.path}: {error}")
         return partition
 
     def save(self) -> None:

@@ -13,6 +13,15 @@ Methods (all release one noised aggregate per query, single-query calls):
                  ranked-ivf, so the two release the same distribution;
 * ranked-flat -- strategy (b) over faiss IndexFlatIP (exact, O(N d) per query; N <= 1e6 only).
 
+With --cli, each N also gets the command-line rows for the issue's setting (k=10, q=0.01, 100
+queries in ONE call): the wall time of the real `python -m dprdm retrieve ... --strategy
+ivf-subsample` subprocess with the partition saved by `index quantize` (memory-mapped), the same
+with the saved partition deleted before every call (the old behaviour: every call re-assigns all
+N records to lists), the interpreter's own start-up (`python -m dprdm --help`), and in this
+process the open (IVFPartition.open) and the release of the same 100 queries.
+
+    python bench/retrieval.py --ns 100000 --cli --out bench/results/retrieval-cli.json
+
     python bench/retrieval.py --quick --out bench/results/retrieval.json
     python bench/retrieval.py --out bench/results/retrieval-full.json   # N up to 5e6: ~40 min
     python bench/retrieval.py --ns 5000000 --out bench/results/retrieval-5e6.json
@@ -28,6 +37,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,9 +48,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval
+from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval, SqliteLedger
 from dprdm.retrieval import (EmbeddingIndex, FaissFlatSearcher, FaissIVFSearcher, IVFPartition,
                              build_index, train_public_quantizer)
+from dprdm.retrieval.store import PARTITION_MANIFEST_FILE
 from results_file import write_results  # bench/results_file.py
 
 console = Console()
@@ -75,8 +88,101 @@ def time_calls(call, queries: np.ndarray) -> tuple[float, float]:
     return float(np.median(times)), float(np.percentile(times, 95))
 
 
+# --------------------------------------------------------------------------------------------
+# --cli: the real `dprdm retrieve` command, timed from outside
+# --------------------------------------------------------------------------------------------
+
+CLI_K, CLI_Q = 10, 0.01
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def cli_environment() -> dict[str, str]:
+    """The environment of the timed commands: this checkout's dprdm first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def cli_prepare_ledger(index_dir: Path) -> None:
+    """A ledger with room for every timed call (the CLI refuses to release without one)."""
+    SqliteLedger.create(index_dir, epsilon=1e6, delta=1e-6)
+
+
+def cli_retrieve_command(index_dir: Path, queries: Path, out: Path, nprobe: int) -> list[str]:
+    """The `dprdm retrieve` command line timed by --cli (the one place to adapt its options)."""
+    return [sys.executable, "-m", "dprdm", "retrieve", str(index_dir), "--query-emb", str(queries),
+            "--k", str(CLI_K), "--q", str(CLI_Q), "--sigma", str(SIGMA), "--out", str(out),
+            "--strategy", "ivf-subsample", "--nprobe", str(nprobe), "--json"]
+
+
+def run_timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, env=cli_environment(), capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return seconds
+
+
+def bench_cli(index: EmbeddingIndex, quantizer, nprobe: int, queries: np.ndarray, workdir: Path,
+              repeats: int) -> list[dict]:
+    """Seconds for one `dprdm retrieve` call of len(queries) queries, saved partition vs old."""
+    n = index.n
+    quantizer.save(index.path)
+    start = time.perf_counter()
+    IVFPartition(index, quantizer).save()  # what `dprdm index quantize` now does
+    assign_s = time.perf_counter() - start
+    cli_prepare_ledger(index.path)
+    query_file, out = workdir / "cli-queries.npy", workdir / "cli-out.npy"
+    np.save(query_file, queries)
+    command = cli_retrieve_command(index.path, query_file, out, nprobe)
+    startup = min(run_timed([sys.executable, "-m", "dprdm", "--help"]) for _ in range(repeats))
+    run_timed(command)  # untimed: the ledger computes its T_max once and stores it
+    saved = [run_timed(command) for _ in range(repeats)]
+
+    def old_call() -> float:  # no saved partition: the call assigns every record, as before
+        (index.path / PARTITION_MANIFEST_FILE).unlink()
+        return run_timed(command)
+
+    old = [old_call() for _ in range(repeats)]
+    IVFPartition(index, quantizer).save()
+    # in this process: open the index and its saved partition, release the same queries
+    start = time.perf_counter()
+    reopened = EmbeddingIndex.open(index.path)
+    partition = IVFPartition.open(reopened, nprobe=nprobe)
+    open_s = time.perf_counter() - start
+    assert partition.loaded
+    mechanism = PrivateRetrieval(reopened, MechanismParams(SIGMA, CLI_Q, CLI_K),
+                                 InMemoryLedger(epsilon=1e6, delta=1e-6), strategy="probed",
+                                 searcher=partition)
+    mechanism.release(queries[:1])  # warm-up, as time_calls does
+    start = time.perf_counter()
+    mechanism.release(queries)
+    release_s = time.perf_counter() - start
+    common = {"n": n, "d": index.dim, "k": CLI_K, "q": CLI_Q, "dtype": index.dtype.name,
+              "nprobe": nprobe, "queries_per_call": len(queries)}
+    rows = [
+        {**common, "method": "cli ivf-subsample (saved partition)",
+         "median_s": round(float(np.median(saved)), 3), "min_s": round(min(saved), 3)},
+        {**common, "method": "cli ivf-subsample (old: re-assign per call)",
+         "median_s": round(float(np.median(old)), 3), "min_s": round(min(old), 3)},
+        {**common, "method": "cli start-up only (python -m dprdm --help)",
+         "median_s": round(startup, 3), "min_s": round(startup, 3)},
+        {**common, "method": "in-process open (index + saved partition)",
+         "median_s": round(open_s, 4), "min_s": round(open_s, 4)},
+        {**common, "method": "in-process release of the same queries",
+         "median_s": round(release_s, 4), "min_s": round(release_s, 4)},
+        {**common, "method": "assignment (once, in index quantize)",
+         "median_s": round(assign_s, 3), "min_s": round(assign_s, 3)},
+    ]
+    for row in rows:
+        console.print(f"  {row['method']}: {row['median_s']} s")
+    return rows
+
+
 def bench_one_n(n: int, d: int, ks: list[int], qs: list[float], n_queries: int,
-                workdir: Path, rng: np.random.Generator, dtype: str) -> list[dict]:
+                workdir: Path, rng: np.random.Generator, dtype: str,
+                cli_repeats: int = 0) -> list[dict]:
     console.print(f"[bold]N = {n:,}[/] ({dtype}): building the index ...")
     vectors = random_unit(n, d, rng)
     index = build_index(vectors, workdir / f"index-{n}", dtype=dtype)
@@ -129,6 +235,9 @@ def bench_one_n(n: int, d: int, ks: list[int], qs: list[float], n_queries: int,
                 })
             console.print(f"  k={k} q={q}: " + ", ".join(
                 f"{name} {median:.2f} ms" for name, (median, _) in results.items()))
+    if cli_repeats:
+        nprobe = min(nlist, max(1, math.ceil(3 * CLI_K / CLI_Q / (n / nlist))))
+        rows += bench_cli(index, quantizer, nprobe, queries, workdir, cli_repeats)
     return rows
 
 
@@ -141,26 +250,48 @@ def main() -> None:
     parser.add_argument("--ns", default=None, help="comma-separated N (default 1e5,1e6,5e6)")
     parser.add_argument("--float16-above", type=float, default=2e6,
                         help="store indexes with more records than this as float16")
+    parser.add_argument("--cli", action="store_true",
+                        help="also time the real `dprdm retrieve --strategy ivf-subsample` "
+                             "command (k=10, q=0.01, --queries queries in one call)")
+    parser.add_argument("--cli-repeats", type=int, default=3, help="timed calls per CLI row")
+    parser.add_argument("--ks", default=None, help="comma-separated k (default 10,20)")
+    parser.add_argument("--qs", default=None, help="comma-separated q (default 0.01,0.001)")
     args = parser.parse_args()
     ns, ks, qs = ([1_000_000], [10], [0.01]) if args.quick else (
         [100_000, 1_000_000, 5_000_000], [10, 20], [0.01, 0.001])
     if args.ns:
         ns = [int(float(n)) for n in args.ns.split(",")]
+    if args.ks:
+        ks = [int(k) for k in args.ks.split(",")]
+    if args.qs:
+        qs = [float(q) for q in args.qs.split(",")]
     rng = np.random.default_rng(0)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
         for n in ns:
             dtype = "float16" if n > args.float16_above else "float32"
-            rows += bench_one_n(n, 512, ks, qs, args.queries, Path(workdir), rng, dtype)
+            rows += bench_one_n(n, 512, ks, qs, args.queries, Path(workdir), rng, dtype,
+                                cli_repeats=args.cli_repeats if args.cli else 0)
             write_results(args.out, rows, console)  # after every N: long runs keep their rows
     table = Table(title="private step, ms per query (single-query calls)")
     for column in ("n", "k", "q", "method", "median_ms", "p95_ms", "speedup_vs_reference"):
         table.add_column(column, justify="right")
     for row in rows:
+        if "median_s" in row:
+            continue
         table.add_row(f"{row['n']:,}", str(row["k"]), str(row["q"]), row["method"],
                       f"{row['median_ms']:.2f}", f"{row['p95_ms']:.2f}",
                       f"{row['speedup_vs_reference']:.1f}x")
     console.print(table)
+    cli_rows = [row for row in rows if "median_s" in row]
+    if cli_rows:
+        table = Table(title="one call of --queries queries, seconds (k=10, q=0.01)")
+        for column in ("n", "dtype", "nprobe", "method", "median_s", "min_s"):
+            table.add_column(column, justify="right")
+        for row in cli_rows:
+            table.add_row(f"{row['n']:,}", row["dtype"], str(row["nprobe"]), row["method"],
+                          f"{row['median_s']:.3f}", f"{row['min_s']:.3f}")
+        console.print(table)
     write_results(args.out, rows, console)
 
 

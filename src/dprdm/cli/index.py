@@ -11,6 +11,7 @@ import typer
 from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
 from dprdm.errors import InvalidParameterError
 from dprdm.retrieval import store
+from dprdm.retrieval.partition import IVFPartition
 from dprdm.retrieval.search import PublicQuantizer, train_public_quantizer
 
 app = typer.Typer(help="Build and inspect embedding indexes.", no_args_is_help=True)
@@ -102,7 +103,9 @@ def quantize(
                                    help="Replace the index's existing quantizer."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Train a coarse quantizer on PUBLIC vectors and save it into the index for IVF search.
+    """Train a coarse quantizer on PUBLIC vectors and save it into the index for IVF search,
+    with the partition of the index's records into its lists (computed once, reused by every
+    `dprdm retrieve --strategy ivf-subsample/ivf`).
 
     The --public file must be marked public: by the provenance file `dprdm encoders embed
     --public` writes beside it, or by --data-is-public. Refuses public vectors that equal records
@@ -131,8 +134,12 @@ def quantize(
         )
         quantizer = replace(quantizer, source={**source, "rows": int(vectors.shape[0])})
         quantizer.save(directory)
+        # every record's list, computed once here and memory-mapped by every later retrieval
+        partition = IVFPartition(index, quantizer)
+        partition.save()
         result = {"path": str(directory)}
         result.update({k: v for k, v in quantizer.manifest().items() if k != "centroids_sha256"})
+        result["partition"] = store.PARTITION_MANIFEST_FILE
         if not as_json:  # one readable line instead of a dict
             src = result.pop("source")
             result["source"] = (f"{src['file']} ({src['rows']:,} rows, SHA-256 "

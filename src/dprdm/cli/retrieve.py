@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from dprdm.cli.output import JSON_OPTION, run_command
+from dprdm.cli.output import JSON_OPTION, err_console, run_command
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
 from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
 from dprdm.privacy.mechanism import normalise_queries
 from dprdm.retrieval import DEFAULT_NPROBE, EmbeddingIndex, IVFPartition, make_searcher
-from dprdm.retrieval.search import PublicQuantizer
 
 STRATEGIES = ("subsample", "ivf-subsample", "exact", "faiss", "ivf")
 
@@ -31,7 +30,7 @@ def retrieve(
         "subsample", "--strategy",
         help="subsample: draw the subsample in O(qN), search it; ivf-subsample: the same "
              "inside the lists a public quantizer probes (fastest); exact/faiss/ivf: walk a "
-             "ranked candidate list from that searcher (ivf* need `index quantizer`).",
+             "ranked candidate list from that searcher (ivf* need `dprdm index quantize`).",
     ),
     nprobe: int = typer.Option(
         DEFAULT_NPROBE, "--nprobe", help="Lists probed per query (ivf and ivf-subsample)."),
@@ -62,7 +61,8 @@ def retrieve(
         if strategy == "subsample":
             mechanism = PrivateRetrieval(index, params, ledger)
         elif strategy == "ivf-subsample":
-            partition = IVFPartition(index, PublicQuantizer.load(index_dir), nprobe)
+            # the partition saved by `index quantize` (memory-mapped), recomputed only if stale
+            partition = IVFPartition.open(index, nprobe=nprobe, notice=err_console.print)
             mechanism = PrivateRetrieval(index, params, ledger, strategy="probed",
                                          searcher=partition)
         else:

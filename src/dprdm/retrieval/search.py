@@ -44,7 +44,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -65,6 +65,9 @@ from dprdm.retrieval.store import (
     write_bytes_durably,
 )
 
+if TYPE_CHECKING:
+    from dprdm.retrieval.partition import IVFPartition
+
 SearcherKind = Literal["exact", "faiss", "ivf"]
 DEFAULT_NPROBE = 8
 
@@ -80,6 +83,9 @@ SCORE_BLOCK_ELEMENTS = 2**22
 #   d=128: 1 query 2.06 -> 7.77, 3: 1.96 -> 2.14, 4: 1.95 -> 1.67, 8: 2.01 -> 1.05, 32: 2.0 -> 0.49
 # BLAS wins from about 4 queries at either dimension, so the threshold is 4 x dim.
 BLAS_MIN_QUERIES = 4
+
+# FaissIVFSearcher copies a list into faiss at most this many rows at a time.
+IVF_ADD_ROWS = 65536
 
 # Extra results asked of faiss beyond `depth`, so that ties at the cut can be detected.
 FAISS_SLACK = 8
@@ -787,51 +793,68 @@ class FaissIVFSearcher:
     candidate set is the union of those lists, returned in exact (-score, +row) order and -1
     padded once exhausted. faiss searches the lists with store_pairs, and the records' rows and
     float32 vectors are read from faiss's own lists, never gathered from the memmap.
+
+    The lists come from `partition` when given (its nprobe is set to `nprobe`), else from
+    :meth:`IVFPartition.open <dprdm.retrieval.partition.IVFPartition.open>`: the partition saved in
+    the index directory when it was computed from these rows and `quantizer`'s centroids
+    (`quantizer` defaults to the index's saved one), else a freshly computed one.
     """
 
-    def __init__(self, index: EmbeddingIndex, quantizer: PublicQuantizer,
-                 nprobe: int = DEFAULT_NPROBE, threads: int | None = None) -> None:
+    def __init__(self, index: EmbeddingIndex, quantizer: PublicQuantizer | None = None,
+                 nprobe: int = DEFAULT_NPROBE, threads: int | None = None, *,
+                 partition: IVFPartition | None = None) -> None:
         from dprdm.retrieval.partition import IVFPartition  # it builds on this module
 
-        self.partition = IVFPartition(index, quantizer, nprobe)  # checks dim and nprobe
+        if partition is None:
+            # the partition saved in the index when it was computed from these rows and
+            # centroids, else computed (and saved, for the index's own quantizer)
+            partition = IVFPartition.open(index, quantizer, nprobe)
+        elif partition.index.path != index.path or partition.n != index.n or (
+                quantizer is not None and partition.quantizer is not quantizer
+                and not np.array_equal(partition.centroids, quantizer.centroids)):
+            raise InvalidParameterError("the partition belongs to another index or quantizer")
+        else:
+            partition.nprobe = nprobe
+        self.partition = partition  # checks dim and nprobe
         configure_faiss(index.dim)
         self.index = index
         self.n = index.n
         self.dim = index.dim
-        self.quantizer = quantizer
+        self.quantizer = partition.quantizer
+        nlist = partition.nlist
         self.threads = threads or available_threads()
         coarse = faiss.IndexFlatIP(index.dim)
         coarse.add(self.partition.centroids)
-        self._ivf = faiss.IndexIVFFlat(coarse, index.dim, quantizer.nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
+        self._ivf = faiss.IndexIVFFlat(coarse, index.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         self._ivf.own_fields = False
         self._coarse = coarse  # keep the quantizer alive as long as the IVF index
         self._ivf.is_trained = True  # the public centroids ARE the training
         self._ivf.nprobe = self.partition.nprobe
-        for first_row, block in index.iter_blocks():
-            assignment = np.ascontiguousarray(
-                self.partition.assignment[first_row : first_row + len(block)])
-            rows = np.arange(first_row, first_row + len(block), dtype=np.int64)
-            block = np.ascontiguousarray(block)
-            self._ivf.add_core(len(block), faiss.swig_ptr(block), faiss.swig_ptr(rows),
-                               faiss.swig_ptr(assignment))
+        # faiss's lists are filled straight from the partition's CSR arrays, list by list (the
+        # rows of a list gathered from the memmap in pieces): no assignment array, no copy of the
+        # matrix besides faiss's own float32 lists.
         invlists = self._ivf.invlists
-        self._list_sizes = np.array([invlists.list_size(i) for i in range(quantizer.nlist)],
-                                    dtype=np.int64)
-        # Views of faiss's per-list float32 vectors and ids (nothing is added later, so the
-        # buffers stay put): search with store_pairs returns (list, offset) handles, resolved
-        # here without gathering rows from the memmap.
-        self._list_start = np.cumsum(self._list_sizes) - self._list_sizes
+        self._list_sizes = np.asarray(partition.list_sizes, dtype=np.int64)
+        self._list_start = np.asarray(partition.offsets[:-1], dtype=np.int64)
+        for list_no in np.flatnonzero(self._list_sizes).tolist():
+            members = partition.list_members(list_no)
+            for start in range(0, len(members), IVF_ADD_ROWS):
+                chunk = np.ascontiguousarray(members[start : start + IVF_ADD_ROWS], dtype=np.int64)
+                codes = np.ascontiguousarray(index.vectors[chunk], dtype=np.float32)
+                invlists.add_entries(list_no, len(chunk), faiss.swig_ptr(chunk),
+                                     faiss.swig_ptr(codes.view(np.uint8)))
+        # Views of faiss's per-list float32 vectors (nothing is added later, so the buffers stay
+        # put): search with store_pairs returns (list, offset) handles, resolved here without
+        # gathering rows from the memmap. faiss's ids are the CSR rows array, list after list.
+        self._ids = partition.rows
         self._list_vectors: list[npt.NDArray[np.float32]] = []
-        ids = [np.zeros(0, np.int64)]
         for list_no, size in enumerate(self._list_sizes.tolist()):
             if size == 0:
                 self._list_vectors.append(np.zeros((0, self.dim), np.float32))
                 continue
             codes = faiss.rev_swig_ptr(invlists.get_codes(list_no), size * self.dim * 4)
             self._list_vectors.append(codes.view(np.float32).reshape(size, self.dim))
-            ids.append(np.array(faiss.rev_swig_ptr(invlists.get_ids(list_no), size), np.int64))
-        self._ids = np.concatenate(ids)
+        self._ivf.ntotal = self.n
 
     @property
     def nprobe(self) -> int:
@@ -903,7 +926,7 @@ def make_searcher(
         return ExactSearcher(index)
     if kind == "faiss":
         return FaissFlatSearcher(index)
-    if kind == "ivf":
-        return FaissIVFSearcher(index, quantizer or PublicQuantizer.load(index.path), nprobe)
+    if kind == "ivf":  # the index's saved quantizer and (when current) saved partition
+        return FaissIVFSearcher(index, quantizer, nprobe)
     raise InvalidParameterError(f"searcher kind must be 'exact', 'faiss' or 'ivf', got {kind!r}")
 

@@ -8,6 +8,8 @@ An index is a directory holding
 * ``metadata.jsonl``  -- optional, one JSON object per row;
 * ``index.json``      -- the manifest (format_version, n, dim, dtype, created, normalized);
 * ``quantizer.*``     -- optional public coarse quantizer (see :mod:`dprdm.retrieval.search`);
+* ``partition.json`` and ``partition-<id>.{rows,offsets}.npy`` -- optional, the rows grouped by
+  their public centroid (CSR), written with the quantizer (see :mod:`dprdm.retrieval.partition`);
 * ``ledger.sqlite``   -- the privacy ledger, when the privacy layer keeps it beside the index.
 
 Building is atomic: every file is written and fsync'ed inside a temporary sibling directory which
@@ -20,6 +22,7 @@ Row numbers (0 .. N-1) are how the rest of dprdm names records; ids are only car
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +47,7 @@ MANIFEST_FILE = "index.json"
 LEDGER_FILE = "ledger.sqlite"
 QUANTIZER_CENTROIDS_FILE = "quantizer.npy"
 QUANTIZER_MANIFEST_FILE = "quantizer.json"
+PARTITION_MANIFEST_FILE = "partition.json"
 
 STORAGE_DTYPES = ("float32", "float16")
 # Row numbers are packed into 32 bits by the searchers (see search.py).
@@ -225,6 +229,15 @@ def _check_metadata(metadata: Sequence[Mapping[str, Any]] | None, n: int) -> lis
 # --------------------------------------------------------------------------------------------
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(1 << 24):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
 def write_bytes_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -389,6 +402,8 @@ def build_index(
             "created": utc_now(),
             "normalized": True,
             "has_metadata": metadata_lines is not None,
+            # the identity of these rows: a saved IVF partition must name the same digest
+            "embeddings_sha256": file_sha256(staging / EMBEDDINGS_FILE),
         }
         _write_json(staging / MANIFEST_FILE, manifest)  # last: a directory without it is no index
         fsync_directory(staging)
@@ -493,6 +508,15 @@ class EmbeddingIndex:
     def created(self) -> str:
         return str(self._manifest.get("created", ""))
 
+    @cached_property
+    def embeddings_sha256(self) -> str:
+        """SHA-256 of ``embeddings.npy``: from the manifest (written by :func:`build_index`), or,
+        for an index built before the manifest recorded it, computed from the file (~1 s/GB)."""
+        recorded = self._manifest.get("embeddings_sha256")
+        if isinstance(recorded, str):
+            return recorded
+        return file_sha256(self._path / EMBEDDINGS_FILE)
+
     @property
     def vectors(self) -> np.memmap:
         """The N x d unit rows, a read-only memmap in the storage dtype."""
@@ -536,11 +560,21 @@ class EmbeddingIndex:
             return None
         return read_json_object(manifest_path)
 
+    def partition_manifest(self) -> dict[str, Any] | None:
+        """The saved IVF partition's manifest, or None when there is none."""
+        manifest_path = self._path / PARTITION_MANIFEST_FILE
+        if not manifest_path.is_file():
+            return None
+        return read_json_object(manifest_path)
+
     def info(self) -> dict[str, Any]:
         """A JSON-ready summary of the index (no vector values)."""
         quantizer = self.quantizer_manifest()
         if quantizer is not None:
             quantizer = {k: v for k, v in quantizer.items() if k != "centroids_sha256"}
+        partition = self.partition_manifest()
+        if partition is not None:  # file names and the list count only (sizes are private counts)
+            partition = {k: partition.get(k) for k in ("nlist", "created", "rows_file")}
         return {
             "path": str(self._path.resolve()),
             "n": self.n,
@@ -552,6 +586,7 @@ class EmbeddingIndex:
             "has_metadata": (self._path / METADATA_FILE).is_file(),
             "has_ledger": self.has_ledger,
             "quantizer": quantizer,
+            "partition": partition,
         }
 
     def check_rows(self, rows: npt.ArrayLike) -> npt.NDArray[np.int64]:

@@ -222,7 +222,7 @@ def test_cli_quantize_saves_the_partition_and_retrieve_reuses_it(
     index = build_index(rng.standard_normal((400, DIM)), tmp_path / "idx")
     np.save(tmp_path / "public.npy", rng.standard_normal((200, DIM)))
     result = runner.invoke(app, ["index", "quantize", str(index.path), "--public",
-                                 str(tmp_path / "public.npy"), "--nlist", "4", "--json"])
+                                 str(tmp_path / "public.npy"), "--nlist", "4", "--data-is-public", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["partition"] == PARTITION_MANIFEST_FILE
     assert count_assignments == [400]

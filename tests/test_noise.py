@@ -51,7 +51,7 @@ def test_unsupported_grids_are_refused_before_anything_is_charged(sigma):
 
 def test_discrete_gaussian_has_variance_scale_squared_and_mean_zero():
     scale, count = 1000.0, 60_000  # ~1.5 s of OpenDP draws
-    draws = DiscreteGaussian().integers(scale, count)
+    draws = DiscreteGaussian().integers(scale, (count,))
     assert draws.dtype == np.int64 and draws.shape == (count,)
     # Relative std error of the variance is sqrt(2 / count) = 0.58 %: 3 % is over 5 of them.
     assert abs(draws.var() / scale**2 - 1) < 0.03
@@ -81,8 +81,8 @@ class ChosenNoise:
     def __init__(self, integers):
         self.values = np.asarray(integers, dtype=np.int64)
 
-    def integers(self, scale, count):
-        return self.values[:count].copy()
+    def integers(self, scale, shape):
+        return self.values[: math.prod(shape)].reshape(shape).copy()
 
 
 def test_only_the_rounded_aggregate_reaches_the_output():
@@ -123,10 +123,10 @@ def test_release_with_real_noise_is_a_grid_point_whatever_the_low_bits():
 
 
 def test_the_research_sampler_is_reproducible_and_the_production_one_is_not_seedable():
-    a = RoundedGaussianFromGenerator(np.random.default_rng(3)).integers(100.0, 50)
-    b = RoundedGaussianFromGenerator(np.random.default_rng(3)).integers(100.0, 50)
+    a = RoundedGaussianFromGenerator(np.random.default_rng(3)).integers(100.0, (50,))
+    b = RoundedGaussianFromGenerator(np.random.default_rng(3)).integers(100.0, (50,))
     assert np.array_equal(a, b)
-    assert not np.array_equal(DiscreteGaussian().integers(100.0, 50),
-                              DiscreteGaussian().integers(100.0, 50))
+    assert not np.array_equal(DiscreteGaussian().integers(100.0, (50,)),
+                              DiscreteGaussian().integers(100.0, (50,)))
     with pytest.raises(TypeError):
         DiscreteGaussian(seed=3)

@@ -90,18 +90,27 @@ def noise_grid(sigma: float, k: int, dim: int) -> float:
 
 
 class IntegerNoise(Protocol):
-    """Draws `count` integer noise values with scale (std parameter) `scale`, as int64."""
+    """Draws an int64 array of the given shape, each value noise of scale (std parameter)
+    `scale`; a (B, d) shape is one noise vector per released row."""
 
     name: str
 
-    def integers(self, scale: float, count: int) -> np.ndarray: ...
+    def integers(self, scale: float, shape: tuple[int, ...]) -> np.ndarray: ...
+
+
+@functools.lru_cache(maxsize=1)
+def _opendp():
+    """OpenDP's prelude, imported once (1-3 s) by the first sampler built, not by the first
+    release nor by modules that only account (accounting.py imports this module)."""
+    import opendp.prelude as dp
+
+    dp.enable_features("contrib")
+    return dp
 
 
 @functools.lru_cache(maxsize=16)
 def _opendp_gaussian(scale: float, count: int):
-    import opendp.prelude as dp  # imported on first use: ~1-3 s, only where noise is drawn
-
-    dp.enable_features("contrib")
+    dp = _opendp()
     return dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T="i64"), size=count),
                               dp.l2_distance(T="i64"), scale=scale)
 
@@ -112,11 +121,16 @@ class DiscreteGaussian:
 
     name = OPENDP_SAMPLER
 
-    def integers(self, scale: float, count: int) -> np.ndarray:
-        measurement = _opendp_gaussian(float(scale), int(count))
+    def __init__(self) -> None:
+        _opendp()  # pay the import when the mechanism is built, not inside a release
+
+    def integers(self, scale: float, shape: tuple[int, ...]) -> np.ndarray:
+        shape = tuple(int(n) for n in np.atleast_1d(shape))
+        count = math.prod(shape)
+        measurement = _opendp_gaussian(float(scale), count)
         drawn = np.fromiter(measurement(np.zeros(count, dtype=np.int64)), dtype=np.int64,
                             count=count)
-        return drawn
+        return drawn.reshape(shape)
 
 
 class RoundedGaussianFromGenerator:
@@ -129,9 +143,10 @@ class RoundedGaussianFromGenerator:
     def __init__(self, generator) -> None:
         self._generator = generator
 
-    def integers(self, scale: float, count: int) -> np.ndarray:
-        normals = np.asarray(self._generator.standard_normal(count), dtype=np.float64)
-        return np.rint(normals.reshape(count) * scale).astype(np.int64)
+    def integers(self, scale: float, shape: tuple[int, ...]) -> np.ndarray:
+        shape = tuple(int(n) for n in np.atleast_1d(shape))
+        normals = np.asarray(self._generator.standard_normal(shape), dtype=np.float64)
+        return np.rint(normals.reshape(shape) * scale).astype(np.int64)
 
 
 def grid_units(aggregates: np.ndarray, gamma: float) -> np.ndarray:
@@ -145,7 +160,7 @@ def release_on_grid(aggregates: np.ndarray, sigma: float, gamma: float,
     """gamma * (round(a / gamma) + Y) as a fresh float64 array, Y from `sampler` at scale
     sigma / gamma (exact: gamma is a power of two). One sampler call for the whole batch."""
     units = grid_units(aggregates, gamma)
-    noise = np.asarray(sampler.integers(sigma / gamma, units.size), dtype=np.int64)
-    if noise.shape != (units.size,):
+    noise = np.asarray(sampler.integers(sigma / gamma, units.shape), dtype=np.int64)
+    if noise.shape != units.shape:
         raise RuntimeError("the noise sampler returned the wrong number of values")
-    return (units + noise.reshape(units.shape)).astype(np.float64) * gamma
+    return (units + noise).astype(np.float64) * gamma

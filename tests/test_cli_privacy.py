@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from dprdm.cli import app
 from dprdm.privacy import MechanismParams, SqliteLedger, accounting
+from dprdm.privacy.noise import noise_grid
 from dprdm.retrieval import build_index
 
 runner = CliRunner()
@@ -70,15 +71,31 @@ def test_budget_init_show_and_retrieve(private_index, tmp_path):
                               "--out", str(tmp_path / "r.npy"))
     assert result.exit_code == 0, result.output
     released = np.load(tmp_path / "r.npy")
-    assert released.shape == (3, 16) and released.dtype == np.float32
+    assert released.shape == (3, 16) and released.dtype == np.float64
     assert report["queries"] == 3 and report["epsilon_this_call"] > 0
-    # Nothing about records is reported: only budget figures and parameters.
-    assert set(report) == {"queries", "out", "sigma", "q", "k", "lam", "epsilon_this_call",
-                           "epsilon_spent", "epsilon_remaining", "queries_remaining"}
+    # Nothing about records is reported: only budget figures, parameters and the noise's grid.
+    assert set(report) == {"queries", "out", "sigma", "q", "k", "lam", "noise",
+                           "epsilon_this_call", "epsilon_spent", "epsilon_remaining",
+                           "queries_remaining"}
+    assert report["noise"] == {"sampler": "opendp-discrete-gaussian",
+                               "grid": noise_grid(0.5, 5, 16)}
 
     _, shown = run_json("budget", "show", str(private_index))
     assert shown["queries"] == 3
     assert shown["queries_remaining"] == report["queries_remaining"]
+
+
+def test_retrieve_with_lam_1_writes_the_release_exactly_on_its_grid(private_index, tmp_path):
+    SqliteLedger.create(private_index, epsilon=50, delta=1e-5)
+    np.save(tmp_path / "q.npy", np.random.default_rng(4).normal(size=(5, 16)))
+    result, report = run_json("retrieve", str(private_index), "--query-emb", str(tmp_path / "q.npy"),
+                              "--k", "5", "--sigma", "0.5", "--q", "0.5",
+                              "--out", str(tmp_path / "r.npy"))
+    assert result.exit_code == 0, result.output
+    released = np.load(tmp_path / "r.npy")
+    assert released.dtype == np.float64
+    units = released / report["noise"]["grid"]
+    assert np.array_equal(units, np.round(units)) and np.any(units != 0)
 
 
 def test_delta_above_one_over_n_warns(private_index):

@@ -10,6 +10,8 @@ import typer
 
 from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
 from dprdm.errors import InvalidParameterError
+from dprdm.privacy.accounting import MechanismParams
+from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
 from dprdm.retrieval import store
 from dprdm.retrieval.partition import IVFPartition
 from dprdm.retrieval.search import PublicQuantizer, train_public_quantizer
@@ -18,6 +20,7 @@ app = typer.Typer(help="Build and inspect embedding indexes.", no_args_is_help=T
 
 # Below this many rows a build takes well under a second; no progress bar.
 PROGRESS_MIN_ROWS = 200_000
+MECHANISM_FILE = "mechanism.json"  # dprdm.rdm.MECHANISM_FILE (rdm imports torch: not here)
 
 
 def _read_ids(path: Path) -> list[str | int]:
@@ -71,7 +74,7 @@ def build(
             index = store.build_index(
                 matrix, out, ids=id_list, dtype=dtype, overwrite=overwrite, progress=progress
             )
-        return index.info()
+        return {**index.info(), "noise": _saved_mechanism_noise(out, index.dim)}
 
     run_command(as_json, "index built", compute)
 
@@ -81,11 +84,31 @@ def info(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Describe the index at DIR (size, dtype, ledger, quantizer).
+    """Describe the index at DIR (size, dtype, ledger, quantizer, and the noise of the mechanism
+    saved for it in mechanism.json: sampler and grid; null without one).
 
     Example: dprdm index info private_index --json
     """
-    run_command(as_json, "embedding index", lambda: store.EmbeddingIndex.open(directory).info())
+
+    def compute() -> dict[str, Any]:
+        index = store.EmbeddingIndex.open(directory)
+        return {**index.info(), "noise": _saved_mechanism_noise(directory, index.dim)}
+
+    run_command(as_json, "embedding index", compute)
+
+
+def _saved_mechanism_noise(directory: Path, dim: int) -> dict[str, Any] | None:
+    """{"sampler", "grid"} of the mechanism saved beside the index (mechanism.json, read without
+    importing the generator stack), as the CLI and the service release it; None if none saved."""
+    path = directory / MECHANISM_FILE
+    if not path.is_file():
+        return None
+    saved = store.read_json_object(path)
+    try:
+        params = MechanismParams(saved["sigma"], saved["q"], saved["k"])
+    except KeyError as error:
+        raise InvalidParameterError(f"{path} lacks {error.args[0]!r}") from None
+    return {"sampler": OPENDP_SAMPLER, "grid": noise_grid(params.sigma, params.k, dim)}
 
 
 @app.command()

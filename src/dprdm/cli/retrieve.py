@@ -25,7 +25,7 @@ def retrieve(
     sigma: float = typer.Option(..., "--sigma", help="Noise std of the released aggregate."),
     q: float = typer.Option(..., "--q", help="Poisson sampling rate in (0, 1]."),
     lam: float = typer.Option(1.0, "--lam", help="c = lam * released + (1 - lam) * query."),
-    out: Path = typer.Option(..., "--out", help="Where to write the (B, d) float32 .npy."),
+    out: Path = typer.Option(..., "--out", help="Where to write the (B, d) float64 .npy."),
     strategy: str = typer.Option(
         "subsample", "--strategy",
         help="subsample: draw the subsample in O(qN), search it; ivf-subsample: the same "
@@ -39,7 +39,8 @@ def retrieve(
     """Release one noised aggregate per query row; every row costs one query of the budget.
 
     The ledger is charged for all rows first; then the (interpolated) aggregates are written to
-    OUT atomically. Nothing else about the private records is printed.
+    OUT atomically as float64 (with --lam 1 every value is an exact multiple of the noise grid,
+    reported as noise.grid). Nothing else about the private records is printed.
 
     Example: dprdm retrieve private-index/ --query-emb q.npy --k 20 --q 0.01 --sigma 0.05 --out r.npy
     """
@@ -70,12 +71,13 @@ def retrieve(
                                          searcher=make_searcher(index, strategy, nprobe=nprobe))
         before = ledger.summary()
         released = mechanism.release(queries, caller="cli:retrieve")
-        save_npy_atomically(destination, interpolate(released, queries, lam_))
+        save_npy_atomically(destination, interpolate(released, queries, lam_, dtype=np.float64))
         after = ledger.summary()
         return {
             "queries": int(queries.shape[0]),
             "out": str(destination),
             "sigma": params.sigma, "q": params.q, "k": params.k, "lam": lam_,
+            "noise": mechanism.noise_description(),
             "epsilon_this_call": after.epsilon_spent - before.epsilon_spent,
             "epsilon_spent": after.epsilon_spent,
             "epsilon_remaining": after.epsilon_remaining,

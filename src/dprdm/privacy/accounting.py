@@ -14,6 +14,9 @@ The mechanism (see ``mechanism.py``): one release is a = (1/k) * sum of k unit-n
 the query inside a Poisson(q) subsample of the private set (zero-filled), plus N(0, sigma^2 I).
 Adding or removing one record moves a by at most 2/k in L2, so each release is a
 Poisson-subsampled Gaussian mechanism with noise multiplier z = sigma / (2/k) = sigma * k / 2.
+The released aggregate is rounded to a grid (``noise.py``), which adds up to 0.1 % to the
+sensitivity: the accountant uses (2/k) * (1 + SENSITIVITY_SLACK), i.e. the ACCOUNTED multiplier
+``accounted_noise_multiplier`` = z / (1 + SENSITIVITY_SLACK).
 Repeated releases are composed by count (``SelfComposedDpEvent``), never one by one, so T = 1e6
 costs a few FFTs, not a million.
 """
@@ -33,6 +36,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from dprdm.errors import InvalidParameterError
+from dprdm.privacy.noise import SENSITIVITY_SLACK
 
 # dp_accounting's RDP code logs a warning per order it cannot evaluate (and then excludes it,
 # which only loosens the bound); that is noise for our users.
@@ -132,10 +136,16 @@ class MechanismParams:
         """Noise std in units of the sensitivity: sigma * k / 2."""
         return self.sigma * self.k / 2.0
 
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """The multiplier every accountant uses: sigma over the grid-inflated sensitivity
+        (2/k) * (1 + SENSITIVITY_SLACK) (see noise.py), i.e. noise_multiplier / (1 + slack)."""
+        return self.noise_multiplier / (1.0 + SENSITIVITY_SLACK)
+
     def event(self, count: int = 1) -> dp_event.DpEvent:
         """The DpEvent for `count` releases with these parameters."""
         count = check_queries(count)
-        one: dp_event.DpEvent = dp_event.GaussianDpEvent(self.noise_multiplier)
+        one: dp_event.DpEvent = dp_event.GaussianDpEvent(self.accounted_noise_multiplier)
         if self.q < 1.0:
             one = dp_event.PoissonSampledDpEvent(self.q, one)
         return one if count == 1 else dp_event.SelfComposedDpEvent(one, count)
@@ -165,7 +175,7 @@ def _accounting_event(groups: tuple[tuple[MechanismParams, int], ...]) -> dp_eve
     """The event handed to the accountants: unsampled (q = 1) Gaussian releases are folded
     into ONE Gaussian with 1/z^2 = sum(count / z_i^2). That is exact (Gaussian mechanisms compose
     into a Gaussian mechanism) and keeps the PLD of many unsampled queries small."""
-    precision = sum(count / p.noise_multiplier**2 for p, count in groups if p.q == 1.0)
+    precision = sum(count / p.accounted_noise_multiplier**2 for p, count in groups if p.q == 1.0)
     events = [p.event(count) for p, count in groups if p.q < 1.0]
     if precision > 0.0:
         events.append(dp_event.GaussianDpEvent(1.0 / math.sqrt(precision)))

@@ -15,3 +15,8 @@ class BudgetExceededError(DprdmError):
 
 class EmbeddingIndexError(DprdmError):
     """An embedding index is missing, malformed or inconsistent."""
+
+
+class LedgerBindingError(DprdmError):
+    """A private index and its ledger do not belong together (missing, replaced or rolled-back
+    ledger, changed embeddings); refused before anything is charged or released."""

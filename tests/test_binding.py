@@ -70,7 +70,9 @@ def test_deleting_the_ledger_does_not_re_arm_the_budget(bound, tmp_path):
     assert result.exit_code == 2 and NEW_BUDGET_FLAG in error["message"]
     assert not (bound / "ledger.sqlite").exists()
     for command in (("budget", "show", str(bound)),
-                    ("generate", "x", "--index", str(bound), "--out", str(tmp_path / "g"))):
+                    ("generate", "x", "--index", str(bound), "--out", str(tmp_path / "g")),
+                    ("eval", "--index", str(bound), "--holdout", str(tmp_path),
+                     "--out", str(tmp_path / "e"))):
         result, error = invoke(*command)
         assert result.exit_code == 2 and "missing" in error["message"], result.output
     result, error = retrieve(bound, tmp_path)

@@ -287,7 +287,7 @@ def test_the_engine_refuses_a_mechanism_changed_after_the_config(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--index", "{tmp}/missing", "--k", "5", "--q", "0.5", "--sigma", "2"], "ledger"),
+    (["--index", "{tmp}/missing", "--k", "5", "--q", "0.5", "--sigma", "2"], "no embedding index"),
     (["--index", "{tmp}/private", "--k", "6"], "differs from the mechanism pinned"),
     (["--index", "{tmp}/unbound"], "no privacy ledger"),
     (["--index", "{tmp}/private", "--k", "5", "--q", "0.5", "--sigma", "2",

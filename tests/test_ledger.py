@@ -119,6 +119,9 @@ def test_a_rolled_back_ledger_is_refused_and_a_lagging_watermark_is_not(ledger_d
         (ledger_dir / name).write_bytes(data)
     with pytest.raises(DprdmError, match="rolled back"):
         SqliteLedger(ledger_dir)
+    with pytest.raises(DprdmError, match="rolled back"):
+        ledger.charge(PARAMS, 1)  # a process that opened it before the restore: refused too
+    assert ledger.release_count() == 2
     # A crash between a commit and the watermark write leaves the watermark BELOW the ledger:
     # never a false alarm.
     (ledger_dir / "ledger-watermark.json").write_text(

@@ -258,6 +258,9 @@ class SqliteLedger(_Ledger):
                 f"{self.path.parent} --epsilon E --delta D --k K --q Q --sigma S`"
             )
         self._busy_timeout_s = busy_timeout_s
+        # The watermark BEFORE the total: both only grow and watermark <= committed total at
+        # every instant, so reading in this order can never raise a false alarm.
+        watermark = self._read_watermark()
         with self._connect() as conn:
             try:
                 row = conn.execute("SELECT epsilon, delta, schema_version FROM budget").fetchone()
@@ -279,7 +282,7 @@ class SqliteLedger(_Ledger):
         self._policy = _BudgetPolicy(float(row[0]), float(row[1]))
         self.ledger_id, self.embeddings_sha256 = str(identity[0]), str(identity[1])
         self._filter = RdpFilter.for_budget(float(identity[2]), self.epsilon_budget, self.delta)
-        self._check_watermark(total)
+        self._check_watermark(watermark, total)
 
     # -- creation --------------------------------------------------------------------------------
     @classmethod
@@ -415,10 +418,13 @@ class SqliteLedger(_Ledger):
     def watermark_path(self) -> Path:
         return self.path.parent / WATERMARK_FILENAME
 
-    def _check_watermark(self, total: int) -> None:
-        if not self.watermark_path.is_file():
-            return  # whether it must exist is the binding's check (the index manifest says so)
-        watermark = read_watermark(self.watermark_path)
+    def _read_watermark(self) -> dict | None:
+        # Whether it must exist is the binding's check (the index manifest names a ledger).
+        return read_watermark(self.watermark_path) if self.watermark_path.is_file() else None
+
+    def _check_watermark(self, watermark: dict | None, total: int) -> None:
+        if watermark is None:
+            return
         if watermark["ledger_id"] != self.ledger_id:
             raise DprdmError(
                 f"{self.path} (ledger id {self.ledger_id}) does not match the release watermark "
@@ -506,6 +512,9 @@ class SqliteLedger(_Ledger):
                 raise _pinned_error(pinned, params)
             mechanism_id = self._mechanisms(conn)[-1][0]
             totals = self._totals(conn)
+            # A ledger rolled back while this process holds it open (watermark writers hold this
+            # same lock, so here watermark <= committed total unless the file was replaced).
+            self._check_watermark(self._read_watermark(), sum(totals.values()))
             if filtered:
                 after = self._filter.admit(totals, params, count)
             else:

@@ -20,7 +20,7 @@ from dprdm.cli import app, main
 # Stable codes a script may see (docs/cli.md lists them).
 DOCUMENTED_CODES = {
     "error", "invalid_parameter", "budget_exhausted", "index_error", "not_found", "io_error",
-    "model_unavailable", "unreadable_image",
+    "model_unavailable", "unreadable_image", "ledger_binding",
 }
 
 

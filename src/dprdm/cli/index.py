@@ -10,7 +10,7 @@ import typer
 
 from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
 from dprdm.errors import InvalidParameterError
-from dprdm.privacy.accounting import MechanismParams
+from dprdm.privacy.ledger import LEDGER_FILENAME, SqliteLedger
 from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
 from dprdm.retrieval import store
 from dprdm.retrieval.partition import IVFPartition
@@ -20,7 +20,8 @@ app = typer.Typer(help="Build and inspect embedding indexes.", no_args_is_help=T
 
 # Below this many rows a build takes well under a second; no progress bar.
 PROGRESS_MIN_ROWS = 200_000
-MECHANISM_FILE = "mechanism.json"  # dprdm.rdm.MECHANISM_FILE (rdm imports torch: not here)
+# Below this size the embeddings are hashed in well under a second; no progress bar.
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 
 def _read_ids(path: Path) -> list[str | int]:
@@ -98,17 +99,34 @@ def info(
 
 
 def _saved_mechanism_noise(directory: Path, dim: int) -> dict[str, Any] | None:
-    """{"sampler", "grid"} of the mechanism saved beside the index (mechanism.json, read without
-    importing the generator stack), as the CLI and the service release it; None if none saved."""
-    path = directory / MECHANISM_FILE
-    if not path.is_file():
+    """{"sampler", "grid"} of the mechanism pinned in the index's ledger, as the CLI and the
+    service release it; None when the index has no ledger yet."""
+    if not (Path(directory) / LEDGER_FILENAME).is_file():
         return None
-    saved = store.read_json_object(path)
-    try:
-        params = MechanismParams(saved["sigma"], saved["q"], saved["k"])
-    except KeyError as error:
-        raise InvalidParameterError(f"{path} lacks {error.args[0]!r}") from None
+    params = SqliteLedger(directory).mechanism()
     return {"sampler": OPENDP_SAMPLER, "grid": noise_grid(params.sigma, params.k, dim)}
+
+
+@app.command()
+def verify(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Recompute the full SHA-256 of the embeddings and compare it with the one recorded at
+    `budget init` (opening an index only checks size, sampled blocks and, when the modification
+    time changed, the full hash). Exit 2 when the embeddings changed.
+
+    Example: dprdm index verify private_index --json
+    """
+    from dprdm.privacy.binding import verify_index
+
+    def compute() -> dict[str, Any]:
+        size = (directory / store.EMBEDDINGS_FILE).stat().st_size if directory.is_dir() else 0
+        with progress_callback("hashing embeddings",
+                               enabled=not as_json and size >= PROGRESS_MIN_BYTES) as progress:
+            return verify_index(directory, progress)
+
+    run_command(as_json, "index verified", compute)
 
 
 @app.command()

@@ -11,9 +11,10 @@ from dprdm.cli.output import JSON_OPTION, err_console, run_command
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
-from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
+from dprdm.privacy import PrivateRetrieval, open_private_index
 from dprdm.privacy.mechanism import normalise_queries
-from dprdm.retrieval import DEFAULT_NPROBE, EmbeddingIndex, IVFPartition, make_searcher
+from dprdm.retrieval import DEFAULT_NPROBE, IVFPartition, make_searcher
+from dprdm.retrieval.search import PublicQuantizer
 
 STRATEGIES = ("subsample", "ivf-subsample", "exact", "faiss", "ivf")
 
@@ -21,10 +22,8 @@ STRATEGIES = ("subsample", "ivf-subsample", "exact", "faiss", "ivf")
 def retrieve(
     index_dir: Path = typer.Argument(..., help="The private index directory (with a ledger)."),
     query_emb: Path = typer.Option(..., "--query-emb", help=".npy of (B, d) query embeddings."),
-    k: int = typer.Option(..., "--k", help="Neighbours averaged per query."),
-    sigma: float = typer.Option(..., "--sigma", help="Noise std of the released aggregate."),
-    q: float = typer.Option(..., "--q", help="Poisson sampling rate in (0, 1]."),
-    lam: float = typer.Option(1.0, "--lam", help="c = lam * released + (1 - lam) * query."),
+    lam: float = typer.Option(1.0, "--lam", help="c = lam * released + (1 - lam) * query "
+                                                 "(post-processing, free)."),
     out: Path = typer.Option(..., "--out", help="Where to write the (B, d) float64 .npy."),
     strategy: str = typer.Option(
         "subsample", "--strategy",
@@ -38,22 +37,22 @@ def retrieve(
 ) -> None:
     """Release one noised aggregate per query row; every row costs one query of the budget.
 
-    The ledger is charged for all rows first; then the (interpolated) aggregates are written to
+    The mechanism (k, q, sigma) is the one pinned in the index's ledger (`dprdm budget init`);
+    the ledger is charged for all rows first; then the (interpolated) aggregates are written to
     OUT atomically as float64 (with --lam 1 every value is an exact multiple of the noise grid,
     reported as noise.grid). Nothing else about the private records is printed.
 
-    Example: dprdm retrieve private-index/ --query-emb q.npy --k 20 --q 0.01 --sigma 0.05 --out r.npy
+    Example: dprdm retrieve private-index/ --query-emb q.npy --out r.npy
     """
 
     def compute() -> dict:
         # Everything that can fail on bad input is checked BEFORE the ledger is charged.
         if strategy not in STRATEGIES:
             raise InvalidParameterError(f"--strategy must be one of {', '.join(STRATEGIES)}")
-        params = MechanismParams(sigma, q, k)
         lam_ = check_lam(lam)
         destination = check_writable_destination(out)
-        index = EmbeddingIndex.open(index_dir)
-        ledger = SqliteLedger(index_dir)
+        index, ledger = open_private_index(index_dir)
+        params = ledger.mechanism
         try:
             raw = np.load(query_emb, allow_pickle=False)
         except (OSError, ValueError) as error:

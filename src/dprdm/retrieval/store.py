@@ -326,10 +326,20 @@ def ledger_files(directory: Path) -> list[str]:
         return []
 
 
+def _had_ledger(directory: Path) -> bool:
+    """Does the manifest name a privacy ledger (see dprdm.privacy.binding), present or not?"""
+    try:
+        privacy = json.loads((directory / MANIFEST_FILE).read_text()).get("privacy")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(privacy, dict) and bool(privacy.get("ledger_id"))
+
+
 def _refuse_ledger(directory: Path) -> None:
-    if ledger_files(directory):
+    if ledger_files(directory) or _had_ledger(directory):
         raise EmbeddingIndexError(
-            f"refusing to overwrite {directory}: it holds a privacy ledger ({LEDGER_FILE}). "
+            f"refusing to overwrite {directory}: it holds (or held) a privacy ledger "
+            f"({LEDGER_FILE}). "
             "Rebuilding the index in place would reset the privacy budget already spent on its "
             "records; build the new index in a different directory."
         )

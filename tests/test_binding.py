@@ -76,7 +76,7 @@ def test_deleting_the_ledger_does_not_re_arm_the_budget(bound, tmp_path):
         result, error = invoke(*command)
         assert result.exit_code == 2 and "missing" in error["message"], result.output
     result, error = retrieve(bound, tmp_path)
-    assert result.exit_code == 2 and error["error"] == "LedgerBindingError"
+    assert result.exit_code == 2 and error["error"] == "ledger_binding"
     assert not (tmp_path / "r.npy").exists() and not (bound / "ledger.sqlite").exists()
     # Nor can the index be rebuilt in place to drop the binding.
     with pytest.raises(EmbeddingIndexError, match="held"):

@@ -167,13 +167,14 @@ def test_human_output(tmp_path: Path, embeddings: Path) -> None:
     assert result.exit_code == 0 and "float32" in result.stdout
 
 
-def test_info_reports_the_noise_of_the_saved_mechanism(tmp_path: Path, embeddings: Path) -> None:
+def test_info_reports_the_noise_of_the_pinned_mechanism(tmp_path: Path, embeddings: Path) -> None:
+    from dprdm.privacy import MechanismParams, init_budget
     from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
 
     out = tmp_path / "idx"
     code, built = invoke_json("build", str(embeddings), "--out", str(out))
     assert code == 0 and built["noise"] is None  # no mechanism saved yet
-    (out / "mechanism.json").write_text(json.dumps({"sigma": 0.05, "q": 0.01, "k": 10, "lam": 1}))
+    init_budget(out, 10.0, 1e-5, MechanismParams(0.05, 0.01, 10))
     code, info = invoke_json("info", str(out))
     assert code == 0
     assert info["noise"] == {"sampler": OPENDP_SAMPLER, "grid": noise_grid(0.05, 10, 8)}

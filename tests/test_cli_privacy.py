@@ -93,10 +93,9 @@ def test_budget_init_show_and_retrieve(private_index, tmp_path):
 
 
 def test_retrieve_with_lam_1_writes_the_release_exactly_on_its_grid(private_index, tmp_path):
-    SqliteLedger.create(private_index, epsilon=50, delta=1e-5)
+    init_budget(private_index, 50, 1e-5, MechanismParams(0.5, 0.5, 5))
     np.save(tmp_path / "q.npy", np.random.default_rng(4).normal(size=(5, 16)))
     result, report = run_json("retrieve", str(private_index), "--query-emb", str(tmp_path / "q.npy"),
-                              "--k", "5", "--sigma", "0.5", "--q", "0.5",
                               "--out", str(tmp_path / "r.npy"))
     assert result.exit_code == 0, result.output
     released = np.load(tmp_path / "r.npy")

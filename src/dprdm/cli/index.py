@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
-from dprdm.errors import InvalidParameterError
+from dprdm.errors import DprdmError, InvalidParameterError
 from dprdm.privacy.ledger import LEDGER_FILENAME, SqliteLedger
 from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
 from dprdm.retrieval import store
@@ -103,7 +103,10 @@ def _saved_mechanism_noise(directory: Path, dim: int) -> dict[str, Any] | None:
     service release it; None when the index has no ledger yet."""
     if not (Path(directory) / LEDGER_FILENAME).is_file():
         return None
-    params = SqliteLedger(directory).mechanism()
+    try:
+        params = SqliteLedger(directory).mechanism
+    except DprdmError:  # not a readable ledger: `budget show` / `retrieve` say why
+        return None
     return {"sampler": OPENDP_SAMPLER, "grid": noise_grid(params.sigma, params.k, dim)}
 
 

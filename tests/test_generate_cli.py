@@ -85,3 +85,22 @@ def test_bad_input_is_refused_before_anything_is_charged(private_index, tmp_path
     result, _ = generate(*args)
     assert result.exit_code == 2, result.output
     assert SqliteLedger(private_index).summary().queries == 0
+
+
+def test_an_earlier_run_is_not_overwritten_without_overwrite(private_index, tmp_path):
+    out = tmp_path / "out"
+    first, _ = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                        "--public-only", "--out", str(out))
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again, error = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                            "--out", str(out))
+    assert again.exit_code == 2 and error["error"] == "invalid_parameter"
+    assert "--overwrite" in error["message"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert SqliteLedger(private_index).summary().queries == 0  # nothing charged
+    replaced, report = generate("red apple", "--index", str(private_index), *MECHANISM,
+                                "-n", "1", "--steps", "3", "--out", str(out), "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in out.glob("prompt*_image*.png")) == ["prompt000_image00.png"]
+    assert SqliteLedger(private_index).summary().queries == 1

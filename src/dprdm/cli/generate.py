@@ -31,6 +31,8 @@ def generate(
     encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
     model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an earlier run's images in --out."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate images; each prompt costs one private query (all its images are free).
@@ -60,6 +62,11 @@ def generate(
                 public_dir = None
         if out.exists() and not out.is_dir():
             raise InvalidParameterError(f"{out} exists and is not a directory")
+        earlier_run = sorted(out.glob("prompt*_image*.png")) if out.is_dir() else []
+        if (earlier_run or (out / "report.json").exists()) and not overwrite:
+            raise InvalidParameterError(
+                f"{out} holds an earlier run's images; choose another --out, or pass --overwrite "
+                "to replace them")
         if index_dir is None and not public_only:
             raise InvalidParameterError("give --index DIR (or --demo), or use --public-only")
         if lam is not None:
@@ -82,6 +89,8 @@ def generate(
         out.mkdir(parents=True, exist_ok=True)
         result = rag.generate(prompt_list, n=n, guidance=guidance, steps=steps, seed=seed,
                               public_only=public_only, caller="cli:generate")
+        for stale in earlier_run:  # only with --overwrite: no image of the old run is kept
+            stale.unlink(missing_ok=True)
         files = []
         for p, per_prompt in enumerate(result.images):
             for i, image in enumerate(per_prompt):

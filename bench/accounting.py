@@ -76,6 +76,8 @@ def timed(module: ModuleType, call: Callable[[], Any], limit: float | None) -> t
         result = "timeout"
     except InvalidParameterError as error:
         result = f"refused: {error}"
+    except ValueError as error:  # the baseline's brentq can fail to bracket
+        result = f"refused: {type(error).__name__}: {error}"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     return result, time.perf_counter() - start

@@ -168,3 +168,41 @@ def test_retrieve_with_the_public_ivf_candidate_set(private_index, tmp_path):
     assert result.exit_code == 0, result.output
     assert report["queries"] == 4 and np.load(tmp_path / "r.npy").shape == (4, 16)
     assert SqliteLedger(private_index).summary().queries == 4
+
+
+@pytest.mark.parametrize("sigma", ["1e-300", "1e300", "1e6"])
+@pytest.mark.parametrize("command", ["max-queries", "epsilon"])
+def test_extreme_sigma_is_a_json_error_with_exit_2(command, sigma):
+    last = ["--epsilon", "10"] if command == "max-queries" else ["--queries", "10"]
+    result, data = run_json("privacy", command, "--sigma", sigma, "--q", "0.1", "--k", "40",
+                            *last, "--delta", "1e-5")
+    assert result.exit_code == 2
+    assert data["error"] == "InvalidParameterError"
+    assert "outside the supported range" in data["message"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--q", "1e-12"], "q must be >="),
+        (["--k", "1000000"], "k must be <="),
+        (["--delta", "1e-300"], "delta must be >="),
+        (["--queries", "10000000000000"], "queries must be <="),
+    ],
+)
+def test_calibrate_outside_the_supported_range_is_a_json_error(args, message):
+    base = {"--epsilon": "1", "--q": "0.01", "--k": "18", "--queries": "1000", "--delta": "1e-7"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    result, data = run_json("privacy", "calibrate", *[x for kv in base.items() for x in kv])
+    assert result.exit_code == 2
+    assert data["error"] == "InvalidParameterError" and message in data["message"]
+
+
+def test_max_queries_of_the_reproduced_case():
+    # Took 45 s before issue 13 item 6 (dp_accounting's size ** T); the answer is the boundary.
+    result, data = run_json("privacy", "max-queries", "--sigma", "2.5", "--q", "0.1", "--k", "40",
+                            "--epsilon", "10", "--delta", "1e-5")
+    assert result.exit_code == 0, result.output
+    params = MechanismParams(2.5, 0.1, 40)
+    assert data["epsilon_at_max"] <= 10
+    assert accounting.epsilon_for(params, data["queries"] + 1, 1e-5) > 10

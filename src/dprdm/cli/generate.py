@@ -33,6 +33,9 @@ def generate(
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an earlier run's images in --out."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print what the call would charge (epsilon before/after, "
+                                      "queries left); charge, generate and write nothing."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate images; each prompt costs one private query (all its images are free).
@@ -80,6 +83,13 @@ def generate(
             settings = MechanismSettings.from_ledger(ledger, lam)
             private = None if public_only else opened
             ledger = None if public_only else ledger
+        if dry_run:
+            from dprdm.privacy.receipts import preview
+
+            if ledger is None:
+                return {"dry_run": True, "queries": 0, "mode": "public-only",
+                        "note": "public-only generation charges no privacy budget"}
+            return dict(preview(ledger, len(prompt_list)), prompts=prompt_list)
         rag = RetrievalAugmentedGenerator(
             load_encoder(encoder),
             RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),

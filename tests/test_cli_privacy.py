@@ -79,7 +79,8 @@ def test_budget_init_show_and_retrieve(private_index, tmp_path):
     assert report["queries"] == 3 and report["epsilon_this_call"] > 0
     # Nothing about records is reported: only budget figures, parameters and the noise's grid.
     assert set(report) == {"queries", "out", "sigma", "q", "k", "lam", "noise",
-                           "epsilon_this_call", "epsilon_spent", "epsilon_remaining",
+                           "epsilon_this_call", "epsilon_after_own_commit", "epsilon_spent",
+                           "epsilon_remaining",
                            "queries_remaining"}
     assert report["noise"] == {"sampler": "opendp-discrete-gaussian",
                                "grid": noise_grid(0.5, 5, 16)}

@@ -222,3 +222,54 @@ def test_an_immediate_server_stop_after_acknowledged_charges_loses_nothing(clust
     cluster.start()
     ledger = PostgresLedger(url)
     assert ledger.summary().queries == ledger.release_count() == count == 40
+
+
+def test_two_serve_replicas_share_one_postgres_ledger_under_load(cluster, tmp_path):
+    import httpx2 as httpx
+
+    from _service_support import ID_PREFIX, ServerProcess, free_port
+    from _service_support import make_index as make_service_index
+    from dprdm.service.keys import KeyStore
+
+    url = cluster.new_database()
+    index = make_service_index(tmp_path / "private", 1.6, ledger=url)
+    _, ledger = open_private_index(index)
+    capacity = ledger.remaining_queries()
+    assert 10 <= capacity <= 40
+    tokens = [KeyStore(index).create(f"client{i}")[0] for i in range(8)]
+    replicas = [ServerProcess(index, free_port(), tmp_path, "--ledger", url) for _ in range(2)]
+    for replica in replicas:
+        assert replica.start()["ledger"] == url
+    results, lock = [], threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client() as http:
+            for j in range(8):
+                replica = replicas[(i + j) % 2]
+                sent = time.time()
+                response = http.post(replica.url + "/v1/generate",
+                                     json={"prompt": f"client {i} request {j}", "n": 1,
+                                           "steps": 2},
+                                     headers={"Authorization": f"Bearer {tokens[i]}"},
+                                     timeout=120)
+                with lock:
+                    results.append((response.status_code, response.json(), sent, time.time()))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for replica in replicas:
+            replica.stop()
+    successes = [r for r in results if r[0] == 200]
+    refusals = [r for r in results if r[0] != 200]
+    assert len(successes) == ledger.summary().queries == ledger.release_count() == capacity
+    assert len(refusals) == 64 - capacity
+    assert all(status == 429 and body["error"] == "budget_exhausted"
+               for status, body, _, _ in refusals)
+    first_refusal = min(received for _, _, _, received in refusals)
+    assert all(sent < first_refusal for _, _, sent, _ in successes)  # none after exhaustion
+    assert all(ID_PREFIX not in replica.logs() for replica in replicas)

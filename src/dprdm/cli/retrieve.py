@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from dprdm.cli.output import JSON_OPTION, err_console, run_command
+from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, err_console, run_command
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
@@ -33,6 +33,7 @@ def retrieve(
     ),
     nprobe: int = typer.Option(
         DEFAULT_NPROBE, "--nprobe", help="Lists probed per query (ivf and ivf-subsample)."),
+    ledger_url: str = LEDGER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Release one noised aggregate per query row; every row costs one query of the budget.
@@ -51,7 +52,7 @@ def retrieve(
             raise InvalidParameterError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         lam_ = check_lam(lam)
         destination = check_writable_destination(out)
-        index, ledger = open_private_index(index_dir)
+        index, ledger = open_private_index(index_dir, ledger_url)
         params = ledger.mechanism
         try:
             raw = np.load(query_emb, allow_pickle=False)

@@ -100,7 +100,7 @@ class SqliteLedger(StoredLedger):
                 raise DprdmError(f"{self.path} is not a dprdm ledger (schema {SCHEMA_VERSION})")
             present = {name for (name,) in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not read_only and not {"epsilon_table", "requests"} <= present:
+            if not {"epsilon_table", "requests"} <= present:
                 for statement in ADDED_TABLES:  # additive: a cache and idempotency keys
                     conn.execute(statement)
         self._load(watermark)

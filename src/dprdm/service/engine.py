@@ -27,14 +27,14 @@ import torch
 
 from dprdm.errors import BudgetExceededError, DprdmError
 from dprdm.image_files import png_bytes
-from dprdm.privacy import MechanismParams, SqliteLedger, open_private_index
+from dprdm.privacy import MechanismParams, StoredLedger, open_private_index
 from dprdm.service.config import ServiceConfig
 
 
 class _TimedLedger:
     """The real ledger, with the time of each charge() observed (for metrics and the bench)."""
 
-    def __init__(self, ledger: SqliteLedger, observe) -> None:
+    def __init__(self, ledger: StoredLedger, observe) -> None:
         self._ledger = ledger
         self._observe = observe
 
@@ -79,7 +79,7 @@ class GenerationEngine:
         self.metrics = metrics
         self.params = config.settings.params
         torch.set_num_threads(config.threads)
-        private_index, self.ledger = open_private_index(config.index_dir)
+        private_index, self.ledger = open_private_index(config.index_dir, config.ledger_url)
         if self.ledger.mechanism != self.params:
             raise DprdmError(
                 "the mechanism pinned in the index's ledger is not the one this service was "

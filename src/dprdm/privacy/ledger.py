@@ -602,6 +602,27 @@ class StoredLedger(_Ledger):
             self._epsilon_table[key] = (float(row[0]), float(row[1]))
         return self._epsilon_table[key]
 
+    def warm_epsilon_table(self, up_to: int | None = None) -> int:
+        """Compute every grid point of the pinned mechanism's epsilon table from the current
+        count up to `up_to` (default: the capacity) that the ledger does not hold yet; returns
+        how many points there are. The service runs it once in a background thread at start."""
+        with self._read() as tx:
+            pinned, _, filtered = self._pinned(tx)
+            if filtered:
+                return 0
+            capacity = self._capacity(tx, pinned)
+            count = max(1, self._totals(tx).get(pinned, 0))
+        points = 0
+        while True:
+            point = epsilon_grid_point(count, capacity)
+            if point > min(capacity, up_to or capacity):
+                return points
+            self._tabulated_epsilon(pinned, point)
+            points += 1
+            if point >= capacity:
+                return points
+            count = point + 1
+
     def release_count(self) -> int:
         """Number of queries in the release rows; for audits and tests."""
         with self._read() as tx:

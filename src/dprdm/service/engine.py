@@ -86,6 +86,9 @@ class GenerationEngine:
                 "configured with (changed by `dprdm budget set-mechanism`?): restart the service"
             )
         self.capacity = self.ledger.remaining_queries(self.params)  # warms T_max (seconds, once)
+        # The epsilon table of the budget figures (computed once per mechanism and budget,
+        # shared through the ledger): filled in the background, so responses only look it up.
+        threading.Thread(target=self._warm_figures, daemon=True).start()
         if encoder is None:
             encoder = load_encoder(config.encoder)
         if pipeline is None:
@@ -100,6 +103,12 @@ class GenerationEngine:
                           if config.public_index_dir is not None else None),
         )
         self._lock = threading.Lock()
+
+    def _warm_figures(self) -> None:
+        try:
+            self.ledger.warm_epsilon_table()
+        except Exception:  # noqa: BLE001 - figures are then computed on demand instead
+            pass
 
     def _observe_charge(self, seconds: float) -> None:
         if self.metrics is not None:

@@ -33,6 +33,10 @@ test: $(DEV_STAMP)
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends chromium >/dev/null) || \
 	    echo "note: chromium is not installed and apt-get could not install it: the browser test is skipped"
+	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends postgresql >/dev/null) || \
+	    echo "note: PostgreSQL is not installed and apt-get could not install it: the PostgreSQL ledger tests are skipped"
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)

@@ -16,6 +16,14 @@ time computing the budget figures a response carries. Beside it, in this process
 ledger: ``charge()`` alone, and the accountant (PLD) for a new ledger state, which every DP
 request pays (the RetrievalAugmentedGenerator's report and the response's figures).
 Numbers on a shared machine move with its load; the table prints the load average too.
+
+    python bench/service.py --figures-only --states 60 --out bench/results/service-figures.json
+
+measures only the budget figures of a response, before/after the epsilon table, side by side in
+one process on one scratch ledger: for each of --states consecutive ledger states (one charge
+each, from --start queries), the old figure (a fresh PLD + RDP for the new state, what every DP
+response paid) and the new one (``ledger.summary()``: the epsilon table, the count rounded up to
+its grid point, each point computed once per mechanism and budget and cached in the ledger).
 """
 
 from __future__ import annotations
@@ -141,6 +149,37 @@ def ledger_alone(params: MechanismParams, charges: int) -> dict:
             "accountant_new_state_ms": round(1000 * float(np.median(summary_s)), 1)}
 
 
+def figures_before_after(params: MechanismParams, start: int, states: int,
+                         warm: bool = False) -> dict:
+    """Budget figures per new ledger state: a fresh PLD (before) vs the epsilon table (after)."""
+    from dprdm.privacy.ledger import EPSILON_GRID_RATIO
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = SqliteLedger.create(tmp, epsilon=EPSILON, delta=DELTA, mechanism=params)
+        ledger.charge(params, start)
+        if warm:
+            ledger.warm_epsilon_table()
+        before_s, after_s, over = [], [], []
+        for i in range(states):
+            ledger.charge(params, 1)
+            tic = time.perf_counter()
+            table = ledger.summary()
+            after_s.append(time.perf_counter() - tic)
+            tic = time.perf_counter()
+            groups = [(params, table.queries)]
+            exact = accounting.epsilon(groups, DELTA)
+            accounting.epsilon_rdp(groups, DELTA)
+            before_s.append(time.perf_counter() - tic)
+            assert table.epsilon_spent >= exact and table.queries == start + i + 1
+            over.append(table.epsilon_spent / exact - 1.0)
+    before, after = float(np.mean(before_s)), float(np.mean(after_s))
+    return {"start": start, "states": states, "grid_ratio": EPSILON_GRID_RATIO, "warmed": warm,
+            "before_mean_ms": round(1000 * before, 2), "after_mean_ms": round(1000 * after, 3),
+            "after_p50_ms": round(1000 * float(np.median(after_s)), 3),
+            "speedup": round(before / after, 1),
+            "overstatement_max_pct": round(100 * max(over), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40, help="per mode")
@@ -150,10 +189,30 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1, help="images per request")
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--figures-only", action="store_true",
+                        help="only the budget figures, before/after the epsilon table")
+    parser.add_argument("--start", type=int, default=100)
+    parser.add_argument("--states", type=int, default=60)
+    parser.add_argument("--warm", action="store_true",
+                        help="fill the epsilon table first (as the service does at start)")
     args = parser.parse_args()
 
     sigma = accounting.calibrate_sigma(EPSILON, Q, K, QUERIES, DELTA)
     params = MechanismParams(sigma, Q, K)
+    if args.figures_only:
+        figures = figures_before_after(params, args.start, args.states, args.warm)
+        table = Table(title=f"budget figures per new ledger state ({args.states} states from "
+                            f"{args.start} queries; k={K}, q={Q}, 1,000 queries in eps {EPSILON})")
+        for column in ("before: PLD+RDP ms", "after: table ms (mean / p50)", "ratio",
+                       "max over-statement"):
+            table.add_column(column, justify="right")
+        table.add_row(f"{figures['before_mean_ms']:.1f}",
+                      f"{figures['after_mean_ms']:.2f} / {figures['after_p50_ms']:.2f}",
+                      f"{figures['speedup']:.0f}x", f"{figures['overstatement_max_pct']:.2f} %")
+        console.print(table)
+        write_results(args.out, {"figures": figures, "settings": {"k": K, "q": Q,
+                                                                  "sigma": sigma}}, console)
+        return
     result = {"machine": {"cpu": platform.processor() or platform.machine(),
                           "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
               "settings": {"records": args.records, "k": K, "q": Q, "sigma": sigma, "lam": LAM,

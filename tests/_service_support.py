@@ -28,12 +28,12 @@ ID_PREFIX = "private-record-"  # must never appear in a response or a log line
 DIM = 64  # the demo encoder's
 
 
-def make_index(path: Path, epsilon: float, n: int = 200) -> Path:
-    """A synthetic private index (random unit vectors, named ids) with a fresh ledger, the
-    mechanism PARAMS (and LAM) pinned in it."""
+def make_index(path: Path, epsilon: float, n: int = 200, ledger: str | None = None) -> Path:
+    """A synthetic private index (random unit vectors, named ids) with a fresh ledger (SQLite, or
+    the PostgreSQL URL `ledger`), the mechanism PARAMS (and LAM) pinned in it."""
     vectors = np.random.default_rng(0).normal(size=(n, DIM)).astype(np.float32)
     build_index(vectors, path, ids=[f"{ID_PREFIX}{i:04d}" for i in range(n)])
-    init_budget(path, epsilon, 1e-5, PARAMS, LAM)
+    init_budget(path, epsilon, 1e-5, PARAMS, LAM, ledger=ledger)
     return path
 
 

@@ -252,3 +252,29 @@ def test_kill_minus_nine_never_loses_a_charge(tmp_path):
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     ledger.charge(params, 1)  # and the ledger keeps working
     assert json.dumps(ledger.summary().as_dict())
+
+
+def test_the_epsilon_grid_rounds_up_and_the_capacity_is_a_grid_point():
+    from dprdm.privacy.ledger import EPSILON_GRID_RATIO, epsilon_grid_point
+
+    points = set()
+    for count in range(1, 5000):
+        point = epsilon_grid_point(count, 4000)
+        assert count <= point <= max(count, 4000)
+        assert point <= max(count, 1 + count * EPSILON_GRID_RATIO)  # at most one grid step up
+        if count <= 4000:
+            points.add(point)
+    assert 4000 in points and len(points) < 200  # the counts up to the capacity: few points
+
+
+def test_a_replayed_request_id_returns_the_original_receipt_and_charges_nothing(ledger_dir):
+    ledger = SqliteLedger(ledger_dir)
+    first = ledger.charge(PARAMS, 2, request_id="r1")
+    again = ledger.charge(PARAMS, 2, request_id="r1")
+    assert (first.replayed, again.replayed, again.queries_total) == (False, True, 2)
+    with pytest.raises(InvalidParameterError, match="already used"):
+        ledger.charge(PARAMS, 1, request_id="r1")
+    assert ledger.summary().queries == ledger.release_count() == 2
+    # the reported figures: the table, rounded up to the grid, never below the exact figure
+    summary = ledger.summary()
+    assert summary.epsilon_spent >= accounting.epsilon([(PARAMS, 2)], DELTA)

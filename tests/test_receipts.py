@@ -30,7 +30,7 @@ def test_concurrent_calls_each_report_only_their_own_queries(pair):
         receipts: list = []
         start.wait()
         PrivateRetrieval(index, PARAMS, ledger).release(queries, receipts=receipts)
-        reports.append(call_figures(receipts, ledger.summary()))
+        reports.append(call_figures(receipts, ledger))
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     for thread in threads:
@@ -39,8 +39,8 @@ def test_concurrent_calls_each_report_only_their_own_queries(pair):
         thread.join()
     assert [r["queries_by_call"] for r in reports] == [2, 2]  # not 4: the other call's are not ours
     assert sorted(r["ledger_queries_after_own_commit"] for r in reports) == [2, 4]
-    one = accounting.epsilon_for(PARAMS, 2, 1e-5)
-    both = accounting.epsilon_for(PARAMS, 4, 1e-5)
+    one, both = ledger.reported_epsilon(2), ledger.reported_epsilon(4)
+    assert both >= accounting.epsilon_for(PARAMS, 4, 1e-5) * (1 - 1e-12)  # never under-stated
     assert sum(r["epsilon_spent_by_call"] for r in reports) == pytest.approx(both)
     assert {round(r["epsilon_after_own_commit"], 9) for r in reports} == {round(one, 9),
                                                                           round(both, 9)}
@@ -51,7 +51,8 @@ def test_preview_charges_nothing_and_says_when_a_call_would_be_refused(pair):
     remaining = ledger.remaining_queries()
     plan = preview(ledger, 3)
     assert plan["would_be_refused"] is False and plan["queries_remaining_after"] == remaining - 3
-    assert plan["epsilon_after"] == pytest.approx(accounting.epsilon_for(PARAMS, 3, 1e-5))
+    assert plan["epsilon_after"] == pytest.approx(ledger.reported_epsilon(3))
+    assert plan["epsilon_after"] >= accounting.epsilon_for(PARAMS, 3, 1e-5) * (1 - 1e-12)
     too_many = preview(ledger, remaining + 1)
     assert too_many["would_be_refused"] is True and too_many["epsilon_after"] is None
     assert ledger.summary().queries == 0

@@ -172,5 +172,5 @@ class RetrievalAugmentedGenerator:
         if self.settings is not None:
             report["mechanism"] = asdict(self.settings)
         if receipts:  # what THIS call charged (concurrent callers do not blur it)
-            report["ledger"] = call_figures(receipts, self.ledger.summary())
+            report["ledger"] = call_figures(receipts, self.ledger)
         return GenerationResult(images=images, report=report)

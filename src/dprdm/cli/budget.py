@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
-from dprdm.cli.output import JSON_OPTION, err_console, progress_callback, run_command
+from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, err_console, progress_callback,
+                              run_command)
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import MechanismParams, accounting, init_budget, open_private_index
 from dprdm.privacy.binding import NEW_BUDGET_FLAG, VOIDS_THE_GUARANTEE, binding_of
-from dprdm.privacy.ledger import PLD, SqliteLedger
+from dprdm.privacy.ledger import PLD, StoredLedger
 
 app = typer.Typer(help="The privacy budget (ledger) of a private index.", no_args_is_help=True)
 
@@ -20,7 +21,7 @@ PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 FEW_QUERIES = 10
 
 
-def mechanism_figures(ledger: SqliteLedger) -> dict:
+def mechanism_figures(ledger: StoredLedger) -> dict:
     """What `budget show`/`init` print about the pinned mechanism and its accountant."""
     summary = ledger.summary()
     params = summary.mechanism
@@ -71,6 +72,10 @@ def init(
         False, NEW_BUDGET_FLAG,
         help="Re-create the ledger of an index whose ledger was lost. Voids the guarantee for "
              "every record already queried (recorded in the ledger and the index manifest)."),
+    ledger_url: str = typer.Option(
+        None, "--ledger", help="Create the ledger in this postgresql:// database (shared by "
+                               "several replicas) instead of ledger.sqlite in the index "
+                               "directory. The manifest records it without a password."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create the ledger of an index: a fixed (epsilon, delta) budget and the pinned mechanism.
@@ -95,8 +100,10 @@ def init(
         with progress_callback("hashing embeddings",
                                enabled=not as_json and size >= PROGRESS_MIN_BYTES) as progress:
             index, ledger = init_budget(index_dir, epsilon, delta, params, lam,
-                                        new_budget=new_budget, progress=progress)
-        result = {"index": str(index_dir), "records": index.n, "ledger_id": ledger.ledger_id}
+                                        new_budget=new_budget, progress=progress,
+                                        ledger=ledger_url)
+        result = {"index": str(index_dir), "records": index.n, "ledger_id": ledger.ledger_id,
+                  "ledger": ledger.location}
         result.update(ledger.summary().as_dict())
         result.update(mechanism_figures(ledger))
         if binding_of(index_dir)["ledger_history"][-1]["voids_guarantee"]:
@@ -117,6 +124,7 @@ def init(
 @app.command()
 def show(
     index_dir: Path = typer.Argument(..., help="The private index directory."),
+    ledger_url: str = LEDGER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """What the ledger holds: budget, epsilon spent, queries, releases, the pinned mechanism,
@@ -126,8 +134,8 @@ def show(
     """
 
     def compute() -> dict:
-        _, ledger = open_private_index(index_dir)
-        result = {"ledger_id": ledger.ledger_id}
+        _, ledger = open_private_index(index_dir, ledger_url, read_only=True)
+        result = {"ledger_id": ledger.ledger_id, "ledger": ledger.location}
         result.update(ledger.summary().as_dict())
         result.update(mechanism_figures(ledger))
         result["mechanism_history"] = ledger.mechanisms()
@@ -144,6 +152,7 @@ def set_mechanism(
     q: float = typer.Option(..., "--q", help="Poisson sampling rate in (0, 1]."),
     sigma: float = typer.Option(..., "--sigma", help="Noise std of the aggregate."),
     lam: float = typer.Option(1.0, "--lam", help="Default mix weight (post-processing)."),
+    ledger_url: str = LEDGER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Pin another mechanism (operator only; recorded with its time).
@@ -158,7 +167,7 @@ def set_mechanism(
 
     def compute() -> dict:
         params = MechanismParams(sigma, q, k)
-        _, ledger = open_private_index(index_dir)
+        _, ledger = open_private_index(index_dir, ledger_url)
         ledger.set_mechanism(params, lam)
         result = {"ledger_id": ledger.ledger_id}
         result.update(ledger.summary().as_dict())

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
-from dprdm.cli.output import JSON_OPTION, cli_errors, console, emit, progress_callback
+from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit, progress_callback
 from dprdm.errors import InvalidParameterError, NotFoundError
 
 QUICK_SAMPLES, QUICK_STEPS, QUICK_KID_SUBSETS = 24, 20, 20
@@ -72,6 +72,7 @@ def evaluate(
                                help=f"{QUICK_SAMPLES} prompts, eps 10, 1000 queries, "
                                     f"{QUICK_STEPS} steps: a smoke test in minutes."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
+    ledger_url: str = LEDGER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Reproduce the paper's comparison on your data: FID/KID/PRDC, concept, style, alignment.
@@ -108,10 +109,11 @@ def evaluate(
             raise InvalidParameterError(f"{out} exists and is not a directory")
         saved, ledger_delta = None, None
         EmbeddingIndex.open(index_dir)  # a clear error for a missing or broken index
-        if binding_of(index_dir) is not None or (Path(index_dir) / LEDGER_FILENAME).exists():
+        if (binding_of(index_dir) is not None or (Path(index_dir) / LEDGER_FILENAME).exists()
+                or ledger_url is not None):
             # The production ledger, verified, read only: never charged (experiments use
             # in-memory ledgers).
-            _, production = open_private_index(index_dir)
+            _, production = open_private_index(index_dir, ledger_url, read_only=True)
             saved = MechanismSettings.from_ledger(production)
             ledger_delta = production.delta
         if saved is None and None in (k, q):

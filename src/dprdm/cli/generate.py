@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
-from dprdm.cli.output import JSON_OPTION, console, run_command
+from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, console, run_command
 from dprdm.conditioning import check_lam
 from dprdm.errors import InvalidParameterError, NotFoundError
 from dprdm.files import write_bytes_atomically
@@ -36,6 +36,7 @@ def generate(
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print what the call would charge (epsilon before/after, "
                                       "queries left); charge, generate and write nothing."),
+    ledger_url: str = LEDGER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate images; each prompt costs one private query (all its images are free).
@@ -79,7 +80,7 @@ def generate(
             raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
         private, ledger, settings = None, None, None
         if index_dir is not None:  # verified pair; public-only still reads the pinned k and lam
-            opened, ledger = open_private_index(index_dir)
+            opened, ledger = open_private_index(index_dir, ledger_url)
             settings = MechanismSettings.from_ledger(ledger, lam)
             private = None if public_only else opened
             ledger = None if public_only else ledger

@@ -19,6 +19,11 @@ from dprdm.errors import DprdmError
 console = Console()
 err_console = Console(stderr=True)
 
+LEDGER_OPTION = typer.Option(
+    None, "--ledger",
+    help="A postgresql:// URL of the index's ledger (shared by several replicas; no password in "
+         "it: use PGPASSWORD, ~/.pgpass or a libpq service). Default: the one the index "
+         "manifest names, else ledger.sqlite in the index directory.")
 JSON_OPTION = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
 
 

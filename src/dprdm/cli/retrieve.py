@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from dprdm.cli.output import JSON_OPTION, err_console, run_command
+from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, err_console, run_command
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
@@ -37,6 +37,7 @@ def retrieve(
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print what the call would charge (epsilon before/after, "
                                       "queries left); charge and write nothing."),
+    ledger_url: str = LEDGER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Release one noised aggregate per query row; every row costs one query of the budget.
@@ -55,7 +56,7 @@ def retrieve(
             raise InvalidParameterError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         lam_ = check_lam(lam)
         destination = check_writable_destination(out)
-        index, ledger = open_private_index(index_dir)
+        index, ledger = open_private_index(index_dir, ledger_url)
         params = ledger.mechanism
         try:
             raw = np.load(query_emb, allow_pickle=False)
@@ -78,7 +79,7 @@ def retrieve(
         receipts: list = []
         released = mechanism.release(queries, caller="cli:retrieve", receipts=receipts)
         save_npy_atomically(destination, interpolate(released, queries, lam_, dtype=np.float64))
-        figures = call_figures(receipts, ledger.summary())
+        figures = call_figures(receipts, ledger)
         return {
             "queries": int(queries.shape[0]),
             "out": str(destination),

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
-from dprdm.cli.output import JSON_OPTION, cli_errors, console, emit
+from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit
 from dprdm.errors import InvalidParameterError
 from dprdm.service.guard import HostPolicy, bracketed
 
@@ -62,6 +62,7 @@ def serve(
     docs: bool = typer.Option(None, "--docs/--no-docs",
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
                                    "load their scripts from a CDN); off by default."),
+    ledger_url: str = LEDGER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve the HTTP API and web page; the index's ledger enforces the privacy budget.
@@ -87,7 +88,7 @@ def serve(
             index_dir = index_dir or demo_layout.require(demo_layout.private_index_dir())
             if public_dir is None and demo_layout.public_index_dir().exists():
                 public_dir = demo_layout.public_index_dir()
-        options = dict(index_dir=index_dir, public_index_dir=public_dir, k=k, q=q, sigma=sigma,
+        options = dict(index_dir=index_dir, ledger_url=ledger_url, public_index_dir=public_dir, k=k, q=q, sigma=sigma,
                        lam=lam, host=host, port=port, workers=workers,
                        allow_public_only=allow_public_only, keyless_local=keyless_local,
                        max_images=max_images, max_steps=max_steps, default_steps=default_steps,
@@ -109,7 +110,8 @@ def serve(
                 from dprdm.service.app import create_app
 
                 target = create_app(config)
-                figures = target.state.engine.budget()
+                figures = dict(target.state.engine.budget(),
+                               ledger=target.state.engine.ledger.location)
         except BaseException:
             sock.close()
             if metrics_dir is not None:
@@ -119,6 +121,7 @@ def serve(
         "url": f"http://{bracketed(config.host)}:{config.port}/",
         "workers": config.workers,
         "index": str(config.index_dir),
+        "ledger": figures.pop("ledger"),
         "mechanism": {"sigma": config.settings.sigma, "q": config.settings.q,
                       "k": config.settings.k, "lam": config.settings.lam},
         "budget": figures,
@@ -209,12 +212,12 @@ def _check_index(config) -> dict:
     from dprdm.retrieval import EmbeddingIndex
     from dprdm.service.keys import KeyStore
 
-    _, ledger = open_private_index(config.index_dir)
+    _, ledger = open_private_index(config.index_dir, config.ledger_url)
     if config.public_index_dir is not None:
         EmbeddingIndex.open(config.public_index_dir)
     KeyStore(config.index_dir)
     summary = ledger.summary()
-    return {"epsilon_budget": summary.epsilon_budget, "delta": summary.delta,
+    return {"ledger": ledger.location, "epsilon_budget": summary.epsilon_budget, "delta": summary.delta,
             "epsilon_spent": summary.epsilon_spent,
             "epsilon_remaining": summary.epsilon_remaining, "queries_spent": summary.queries,
             "queries_remaining": ledger.remaining_queries(config.settings.params)}

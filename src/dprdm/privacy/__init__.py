@@ -6,7 +6,9 @@
 * ``mechanism``  -- :class:`PrivateRetrieval`: subsample -> exact k-NN -> (1/k) sum -> + noise,
                     returning only the noised aggregates, after charging the ledger.
 * ``ledger``     -- the per-index budget: every release recorded before it is returned; the
-                    pinned mechanism; the release watermark (rollback detection).
+                    pinned mechanism; the release watermark (rollback detection). The policy is
+                    written once there; its stores beside it: ``ledger_sqlite`` (default, one
+                    host) and ``ledger_postgres`` (one budget for several replicas).
 * ``filter``     -- the RDP filter that accounts a ledger whose mechanism was changed.
 * ``binding``    -- index <-> ledger binding: ``open_private_index``, the ONE verified way to open
                     the pair, and ``init_budget`` (``dprdm budget init``).
@@ -24,7 +26,8 @@ from dprdm.privacy.accounting import (
     max_queries,
 )
 from dprdm.privacy.binding import init_budget, open_private_index
-from dprdm.privacy.ledger import InMemoryLedger, LedgerSummary, SqliteLedger, open_ledger
+from dprdm.privacy.ledger import InMemoryLedger, LedgerSummary, StoredLedger, open_ledger
+from dprdm.privacy.ledger_sqlite import SqliteLedger
 from dprdm.privacy.mechanism import ArrayVectors, PrivateRetrieval
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "MechanismParams",
     "PrivateRetrieval",
     "SqliteLedger",
+    "StoredLedger",
     "calibrate_q",
     "calibrate_sigma",
     "epsilon",

@@ -12,6 +12,10 @@ released:
 * a missing ledger for an index whose manifest names one (deleted: ``rm ledger.sqlite*``);
 * a ledger whose id differs from the manifest's (another index's ledger, or a new one);
 * a ledger below its release watermark (a restored backup; see :mod:`dprdm.privacy.ledger`);
+* a PostgreSQL ledger (``--ledger postgresql://...``) the same way: the manifest records its URL
+  WITHOUT a password (key ``ledger_url``; the password comes from PGPASSWORD, ~/.pgpass or a libpq
+  service), the ledger row holds the id and the embeddings hash, and the watermark lives in the
+  index directory (each replica's copy of it only grows);
 * embeddings whose content changed. The check on open is cheap: the file's size, a hash of its
   header and of SAMPLE_BLOCKS blocks at positions fixed by the size, and -- only when the
   modification time differs from the recorded one -- the full SHA-256. ``dprdm index verify``
@@ -39,7 +43,9 @@ from dprdm.errors import DprdmError, InvalidParameterError, LedgerBindingError
 from dprdm.files import write_bytes_atomically
 from dprdm.privacy import accounting
 from dprdm.privacy.accounting import MechanismParams
-from dprdm.privacy.ledger import LEDGER_FILENAME, WATERMARK_FILENAME, SqliteLedger
+from dprdm.privacy.ledger import (LEDGER_FILENAME, WATERMARK_FILENAME, StoredLedger,
+                                  is_postgres_url)
+from dprdm.privacy.ledger_sqlite import SqliteLedger
 from dprdm.retrieval.store import (EMBEDDINGS_FILE, MANIFEST_FILE, EmbeddingIndex, ledger_files,
                                    read_json_object)
 
@@ -139,12 +145,32 @@ def verify_embeddings(index_dir: Path, binding: dict[str, Any], *, full: bool = 
 
 
 # -- the two entry points --------------------------------------------------------------------------
-def open_private_index(index_dir: str | os.PathLike) -> tuple[EmbeddingIndex, SqliteLedger]:
+def _ledger_location(index_dir: Path, binding: dict[str, Any] | None,
+                     ledger: str | None) -> str | None:
+    """The PostgreSQL URL to open (the caller's --ledger, else the manifest's), or None for the
+    SQLite file in the index directory."""
+    if ledger is not None:
+        if not is_postgres_url(ledger):
+            raise InvalidParameterError("--ledger takes a postgresql:// URL (the default is the "
+                                        "SQLite ledger in the index directory)")
+        if binding is not None and not binding.get("ledger_url"):
+            raise LedgerBindingError(
+                f"{index_dir} is bound to its SQLite ledger ({LEDGER_FILENAME}), not to a "
+                "PostgreSQL ledger: drop --ledger. Refused: nothing is charged or released.")
+        return ledger
+    return binding.get("ledger_url") if binding is not None else None
+
+
+def open_private_index(index_dir: str | os.PathLike, ledger: str | None = None, *,
+                       read_only: bool = False) -> tuple[EmbeddingIndex, StoredLedger]:
     """Open a private index and its ledger, verified to belong together (see the module doc).
-    Every command that charges or reads the production budget goes through here."""
+    Every command that charges or reads the production budget goes through here. `ledger`: a
+    ``postgresql://`` URL (default: the manifest's, else ``ledger.sqlite``); `read_only` opens a
+    ledger that refuses to charge (``dprdm eval``)."""
     index_dir = Path(index_dir)
     index = EmbeddingIndex.open(index_dir)
     binding = binding_of(index_dir)
+    url = _ledger_location(index_dir, binding, ledger)
     ledger_path = index_dir / LEDGER_FILENAME
     if binding is None:
         if ledger_path.exists():
@@ -157,38 +183,51 @@ def open_private_index(index_dir: str | os.PathLike) -> tuple[EmbeddingIndex, Sq
             f"{index_dir} has no privacy ledger; create one with `dprdm budget init {index_dir} "
             "--epsilon E --delta D --k K --q Q --sigma S` (or --calibrate --queries T)"
         )
-    if not ledger_path.is_file():
-        raise LedgerBindingError(
-            f"{index_dir}/{MANIFEST_FILE} names ledger {binding['ledger_id']} but "
-            f"{LEDGER_FILENAME} is missing (deleted?). Refused: nothing is charged or released; a "
-            "deleted ledger does not forget the releases it recorded. Restore the ledger from a "
-            f"backup, or (voiding the guarantee) `dprdm budget init {index_dir} {NEW_BUDGET_FLAG}`."
-        )
+    missing = (
+        f"{index_dir}/{MANIFEST_FILE} names ledger {binding['ledger_id']} but "
+        "{what} is missing (deleted?). Refused: nothing is charged or released; a "
+        "deleted ledger does not forget the releases it recorded. Restore the ledger from a "
+        f"backup, or (voiding the guarantee) `dprdm budget init {index_dir} {NEW_BUDGET_FLAG}`."
+    )
+    if url is None and not ledger_path.is_file():
+        raise LedgerBindingError(missing.format(what=LEDGER_FILENAME))
     if not (index_dir / WATERMARK_FILENAME).is_file():
         raise LedgerBindingError(
             f"{index_dir}/{WATERMARK_FILENAME} is missing: without it a rolled-back ledger cannot "
             "be detected. Refused: nothing is charged or released. Restore it from a backup."
         )
-    ledger = SqliteLedger(ledger_path)  # refuses a rolled-back ledger (below the watermark)
-    if ledger.ledger_id != binding["ledger_id"]:
+    if url is None:  # refuses a rolled-back ledger (below the watermark)
+        opened: StoredLedger = SqliteLedger(ledger_path, read_only=read_only)
+    else:
+        from dprdm.privacy.ledger_postgres import MissingLedgerError, PostgresLedger
+
+        try:
+            opened = PostgresLedger(url, read_only=read_only, watermark_dir=index_dir)
+        except MissingLedgerError:
+            raise LedgerBindingError(missing.format(what=f"the PostgreSQL ledger in "
+                                                         f"{binding['ledger_url']}")) from None
+    if opened.ledger_id != binding["ledger_id"]:
         raise LedgerBindingError(
-            f"{ledger_path} has ledger id {ledger.ledger_id} but {MANIFEST_FILE} names "
+            f"{opened.location} has ledger id {opened.ledger_id} but {MANIFEST_FILE} names "
             f"{binding['ledger_id']}: this is not the index's ledger. Refused: nothing is "
             "charged or released."
         )
-    if ledger.embeddings_sha256 != binding["embeddings"]["sha256"]:
+    if opened.embeddings_sha256 != binding["embeddings"]["sha256"]:
         raise LedgerBindingError(
-            f"{ledger_path} was created for other embeddings than {MANIFEST_FILE} records. "
+            f"{opened.location} was created for other embeddings than {MANIFEST_FILE} records. "
             "Refused: nothing is charged or released."
         )
     verify_embeddings(index_dir, binding)
-    return index, ledger
+    return index, opened
 
 
 def init_budget(index_dir: str | os.PathLike, epsilon: float, delta: float,
                 mechanism: MechanismParams, lam: float = 1.0, *, new_budget: bool = False,
-                progress: Progress | None = None) -> tuple[EmbeddingIndex, SqliteLedger]:
+                progress: Progress | None = None, ledger: str | None = None
+                ) -> tuple[EmbeddingIndex, StoredLedger]:
     """Create the ledger of an index, pin its mechanism and bind the two (``budget init``).
+    `ledger`: a ``postgresql://`` URL whose database receives the ledger (default: the SQLite
+    file in the index directory); the manifest records it without its password.
 
     Refused when the index has (or ever had) a ledger, unless `new_budget` (the operator's
     explicit NEW_BUDGET_FLAG), which is recorded in the new ledger and the manifest's history.
@@ -199,6 +238,9 @@ def init_budget(index_dir: str | os.PathLike, epsilon: float, delta: float,
         raise InvalidParameterError("mechanism must be a MechanismParams (sigma, q, k)")
     lam = check_lam(lam)
     epsilon, delta = accounting.check_epsilon(epsilon), accounting.check_delta(delta)
+    if ledger is not None and not is_postgres_url(ledger):
+        raise InvalidParameterError("--ledger takes a postgresql:// URL (the default is the "
+                                    "SQLite ledger in the index directory)")
     present = ledger_files(index_dir)
     if present:
         raise DprdmError(
@@ -225,16 +267,27 @@ def init_budget(index_dir: str | os.PathLike, epsilon: float, delta: float,
                     "voids_guarantee": binding is not None})
     # The manifest first: a crash before the ledger exists leaves "ledger missing" (refused,
     # recoverable with the flag), never an unbound ledger.
-    _write_manifest(index_dir, dict(manifest, **{MANIFEST_KEY: {
-        "ledger_id": ledger_id, "embeddings": prints, "ledger_history": history}}))
+    section = {"ledger_id": ledger_id, "embeddings": prints, "ledger_history": history}
+    if ledger is not None:
+        from dprdm.privacy.ledger_postgres import public_url
+
+        section["ledger_url"] = public_url(ledger)  # never a password
+    _write_manifest(index_dir, dict(manifest, **{MANIFEST_KEY: section}))
     try:
-        ledger = SqliteLedger.create(index_dir, epsilon, delta, mechanism=mechanism, lam=lam,
-                                     ledger_id=ledger_id, embeddings_sha256=prints["sha256"],
-                                     event=event)
+        if ledger is None:
+            created: StoredLedger = SqliteLedger.create(
+                index_dir, epsilon, delta, mechanism=mechanism, lam=lam, ledger_id=ledger_id,
+                embeddings_sha256=prints["sha256"], event=event)
+        else:
+            from dprdm.privacy.ledger_postgres import PostgresLedger
+
+            created = PostgresLedger.create(
+                ledger, epsilon, delta, mechanism=mechanism, lam=lam, ledger_id=ledger_id,
+                embeddings_sha256=prints["sha256"], event=event, watermark_dir=index_dir)
     except BaseException:
         _write_manifest(index_dir, manifest)  # bad budget or I/O: the manifest as it was
         raise
-    return index, ledger
+    return index, created
 
 
 def verify_index(index_dir: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:

@@ -8,7 +8,8 @@ after the call minus before it" counts other callers' queries too. A receipt is 
 charge's own transaction: ``count`` is what this call charged and ``queries_total`` the ledger's
 total right after its own commit, whatever happened around it.
 
-Epsilon figures are given for a ledger with one pinned mechanism (its epsilon is a function of the
+Epsilon figures are the ledger's reported ones (its epsilon table, rounded up to a grid of counts,
+so a small call may show 0 and a later one the step). They are given for a ledger with one pinned mechanism (its epsilon is a function of the
 query count alone); after ``budget set-mechanism`` the ledger is accounted by an RDP filter and
 ``dprdm budget show`` is the place to read its figures, so they are None here.
 """
@@ -22,17 +23,24 @@ from dprdm.privacy import accounting
 from dprdm.privacy.accounting import MechanismParams
 
 
-def _epsilon_at(params: MechanismParams, queries: int, delta: float) -> float:
-    return accounting.epsilon_for(params, queries, delta) if queries > 0 else 0.0
+def _epsilon_at(ledger, params: MechanismParams, queries: int, delta: float) -> float:
+    """The ledger's reported epsilon after `queries` releases (its epsilon table: rounded up to
+    a grid of counts, so never below the exact figure), or the exact one for ledgers without it."""
+    if queries <= 0:
+        return 0.0
+    if hasattr(ledger, "reported_epsilon"):
+        return ledger.reported_epsilon(queries)
+    return accounting.epsilon_for(params, queries, delta)
 
 
 def _single_mechanism(summary) -> bool:
     return len(summary.releases) <= 1 and getattr(summary, "accountant", "pld") != "rdp-filter"
 
 
-def call_figures(receipts: Sequence[Any], summary) -> dict[str, Any]:
-    """Per-call ledger figures from this call's receipts; `summary` (read after the call) gives
-    the budget and what is left now, labelled as the ledger's figures, not the call's."""
+def call_figures(receipts: Sequence[Any], ledger) -> dict[str, Any]:
+    """Per-call ledger figures from this call's receipts; the ledger's summary (read after the
+    call) gives the budget and what is left now, labelled as the ledger's, not the call's."""
+    summary = ledger.summary()
     charged = sum(r.count for r in receipts)
     figures: dict[str, Any] = {
         "queries_by_call": charged,
@@ -46,10 +54,12 @@ def call_figures(receipts: Sequence[Any], summary) -> dict[str, Any]:
     if receipts and _single_mechanism(summary):
         params, delta = receipts[-1].params, summary.delta
         # the call's marginal cost: its own queries, on top of what preceded each of its commits
-        spent = sum(_epsilon_at(params, r.queries_total, delta)
-                    - _epsilon_at(params, r.queries_total - r.count, delta) for r in receipts)
+        spent = sum(_epsilon_at(ledger, params, r.queries_total, delta)
+                    - _epsilon_at(ledger, params, r.queries_total - r.count, delta)
+                    for r in receipts)
         figures["epsilon_spent_by_call"] = spent
-        figures["epsilon_after_own_commit"] = _epsilon_at(params, receipts[-1].queries_total, delta)
+        figures["epsilon_after_own_commit"] = _epsilon_at(ledger, params,
+                                                          receipts[-1].queries_total, delta)
     return figures
 
 
@@ -69,5 +79,6 @@ def preview(ledger, count: int) -> dict[str, Any]:
         "accountant": getattr(summary, "accountant", "pld"),
     }
     if _single_mechanism(summary) and count <= remaining:
-        result["epsilon_after"] = _epsilon_at(params, summary.queries + count, summary.delta)
+        result["epsilon_after"] = _epsilon_at(ledger, params, summary.queries + count,
+                                              summary.delta)
     return result

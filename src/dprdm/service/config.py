@@ -40,6 +40,7 @@ class ServiceConfig:
 
     index_dir: Path
     settings: MechanismSettings
+    ledger_url: str | None = None  # a postgresql:// ledger shared by replicas (default: SQLite)
     public_index_dir: Path | None = None
     encoder: str = "demo"
     model_dir: Path | None = None
@@ -172,7 +173,7 @@ def build_config(options: dict[str, Any], config_file: Path | None = None) -> Se
     merged.update({key: value for key, value in options.items() if value is not None})
     if merged.get("index_dir") is None:
         raise InvalidParameterError("give --index DIR (or --demo, or index_dir in --config)")
-    _, ledger = open_private_index(Path(merged["index_dir"]))
+    _, ledger = open_private_index(Path(merged["index_dir"]), merged.get("ledger_url"))
     lam = merged.get("lam")
     settings = MechanismSettings.from_ledger(ledger, None if lam is None else float(lam))
     for key in ("k", "q", "sigma"):

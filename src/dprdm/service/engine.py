@@ -27,14 +27,14 @@ import torch
 
 from dprdm.errors import BudgetExceededError, DprdmError
 from dprdm.image_files import png_bytes
-from dprdm.privacy import MechanismParams, SqliteLedger, open_private_index
+from dprdm.privacy import MechanismParams, StoredLedger, open_private_index
 from dprdm.service.config import ServiceConfig
 
 
 class _TimedLedger:
     """The real ledger, with the time of each charge() observed (for metrics and the bench)."""
 
-    def __init__(self, ledger: SqliteLedger, observe) -> None:
+    def __init__(self, ledger: StoredLedger, observe) -> None:
         self._ledger = ledger
         self._observe = observe
 
@@ -79,13 +79,16 @@ class GenerationEngine:
         self.metrics = metrics
         self.params = config.settings.params
         torch.set_num_threads(config.threads)
-        private_index, self.ledger = open_private_index(config.index_dir)
+        private_index, self.ledger = open_private_index(config.index_dir, config.ledger_url)
         if self.ledger.mechanism != self.params:
             raise DprdmError(
                 "the mechanism pinned in the index's ledger is not the one this service was "
                 "configured with (changed by `dprdm budget set-mechanism`?): restart the service"
             )
         self.capacity = self.ledger.remaining_queries(self.params)  # warms T_max (seconds, once)
+        # The epsilon table of the budget figures (computed once per mechanism and budget,
+        # shared through the ledger): filled in the background, so responses only look it up.
+        threading.Thread(target=self._warm_figures, daemon=True).start()
         if encoder is None:
             encoder = load_encoder(config.encoder)
         if pipeline is None:
@@ -100,6 +103,12 @@ class GenerationEngine:
                           if config.public_index_dir is not None else None),
         )
         self._lock = threading.Lock()
+
+    def _warm_figures(self) -> None:
+        try:
+            self.ledger.warm_epsilon_table()
+        except Exception:  # noqa: BLE001 - figures are then computed on demand instead
+            pass
 
     def _observe_charge(self, seconds: float) -> None:
         if self.metrics is not None:

@@ -20,7 +20,7 @@ from dprdm.cli import app, main
 # Stable codes a script may see (docs/cli.md lists them).
 DOCUMENTED_CODES = {
     "error", "invalid_parameter", "budget_exhausted", "index_error", "not_found", "io_error",
-    "model_unavailable", "unreadable_image",
+    "model_unavailable", "unreadable_image", "shard_unavailable",
 }
 
 
@@ -56,6 +56,8 @@ def _bad_calls(tmp) -> dict[str, list[str]]:
         "index build": ["index", "build", npy, "--out", out],
         "index info": ["index", "info", missing],
         "index quantize": ["index", "quantize", missing, "--public", npy, "--nlist", "4"],
+        "index shard": ["index", "shard", missing, "--shards", "2", "--out", out],
+        "index serve-shards": ["index", "serve-shards", missing, "--ray-address", "local"],
         "budget init": ["budget", "init", missing, "--epsilon", "1", "--delta", "1e-6"],
         "budget show": ["budget", "show", missing],
         "encoders info": ["encoders", "info", "--encoder", missing],
@@ -109,6 +111,7 @@ def test_every_error_class_has_a_documented_code():
     import dprdm.encoders.base  # noqa: F401
     import dprdm.evaluation.classifiers  # noqa: F401
     import dprdm.evaluation.metrics  # noqa: F401
+    import dprdm.privacy.sharded  # noqa: F401
 
     classes = [errors.DprdmError]
     found = set()

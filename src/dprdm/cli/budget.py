@@ -8,7 +8,7 @@ import typer
 
 from dprdm.cli.output import JSON_OPTION, err_console, run_command
 from dprdm.privacy import MechanismParams, SqliteLedger
-from dprdm.retrieval import EmbeddingIndex
+from dprdm.retrieval.shards import open_private_index
 
 app = typer.Typer(help="The privacy budget (ledger) of a private index.", no_args_is_help=True)
 
@@ -26,7 +26,7 @@ def init(
     """
 
     def compute() -> dict:
-        index = EmbeddingIndex.open(index_dir)
+        index = open_private_index(index_dir)  # one ledger for a whole sharded index too
         ledger = SqliteLedger.create(index_dir, epsilon=epsilon, delta=delta)
         result = {"index": str(index_dir), "records": index.n}
         result.update(ledger.summary().as_dict())

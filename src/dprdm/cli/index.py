@@ -81,11 +81,13 @@ def info(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Describe the index at DIR (size, dtype, ledger, quantizer).
+    """Describe the index at DIR (size, dtype, ledger, quantizer; the shards of a sharded one).
 
     Example: dprdm index info private_index --json
     """
-    run_command(as_json, "embedding index", lambda: store.EmbeddingIndex.open(directory).info())
+    from dprdm.retrieval.shards import open_private_index
+
+    run_command(as_json, "embedding index", lambda: open_private_index(directory).info())
 
 
 @app.command()
@@ -147,3 +149,77 @@ def quantize(
         return result
 
     run_command(as_json, "public quantizer", compute)
+
+
+RAY_SECURITY = (
+    "SECURITY: Ray has no per-user authentication (at most a shared cluster token, "
+    "RAY_AUTH_MODE=token in recent releases; none in older ones, CVE-2023-48022 'ShadowRay'). Anyone who reaches "
+    "the cluster can call a shard actor and read raw private embeddings, bypassing the ledger: "
+    "the Ray network must be private to the operator (bind to private addresses, firewall every "
+    "Ray port, never expose the dashboard). See docs/scaling.md."
+)
+
+
+@app.command()
+def shard(
+    directory: Path = typer.Argument(..., metavar="DIR", help="The index to split (unchanged)."),
+    shards: int = typer.Option(..., "--shards", help="Number of shards S (>= 1)."),
+    out: Path = typer.Option(..., "--out", help="The sharded index directory to create."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Split the index at DIR into S shard indexes under --out, with a manifest (shards.json).
+
+    Shard s holds a contiguous slice of the rows, byte for byte, with their ids and metadata;
+    global record numbers are the row offsets. Each shard gets a copy of DIR's PUBLIC quantizer
+    (one quantizer for all) and the IVF partition of its own rows. Every command that takes an
+    index directory accepts the sharded one (all shards in one process); `dprdm retrieve
+    --ray-address` spreads them over Ray actors. Create its ledger with `dprdm budget init OUT`.
+
+    Example: dprdm index shard private_index --shards 4 --out private_index_4
+    """
+    from dprdm.retrieval.shards import shard_index
+
+    run_command(as_json, "sharded index",
+                lambda: shard_index(directory, out, shards).info())
+
+
+@app.command(name="serve-shards", help=f"""Start the shard actors of the sharded index at DIR on a
+running Ray cluster, detached and named, so that `dprdm retrieve DIR --ray-address ADDRESS` finds
+them. Shard i's actor needs one unit of the custom resource dprdm_shard_i (start the nodes with
+e.g. `ray start --address HEAD --resources '{{"dprdm_shard_0": 1}}'`) unless
+--no-shard-resources. The actors read the shard files from the same path on their node.
+Stop them with ray.kill (or by stopping the cluster). \n\n{RAY_SECURITY}\n\nExample: dprdm
+index serve-shards private_index_4 --ray-address auto""")
+def serve_shards(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A sharded index (shards.json)."),
+    ray_address: str = typer.Option(
+        ..., "--ray-address", help="The cluster: 'auto' or host:port / ray://host:port."),
+    shard_resources: bool = typer.Option(
+        True, "--shard-resources/--no-shard-resources",
+        help="Pin shard i to nodes offering the custom resource dprdm_shard_i."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    def compute() -> dict[str, Any]:
+        from dprdm.retrieval.shards import ShardedIndex
+
+        if ray_address == "local":
+            raise InvalidParameterError("serve-shards needs a running cluster (--ray-address "
+                                        "auto or an address): a local Ray ends with this command")
+        sharded = ShardedIndex.open(directory)
+        from dprdm.privacy import sharded_ray  # the one module that imports Ray
+
+        sharded_ray.init_ray(ray_address)
+        if shard_resources:
+            available = sharded_ray.ray.cluster_resources()
+            missing = [sharded_ray.resource_name(s.number) for s in sharded.shards
+                       if available.get(sharded_ray.resource_name(s.number), 0) < 1]
+            if missing:
+                raise InvalidParameterError(
+                    f"the cluster offers no {', '.join(missing)}: start nodes with `ray start "
+                    "--resources` naming them, or pass --no-shard-resources")
+        shards = sharded_ray.RayShards.start(sharded, detached=True, use_resources=shard_resources)
+        return {"index": str(directory), "actors": [sharded_ray.actor_name(sharded, s.number)
+                                                    for s in sharded.shards],
+                "namespace": sharded_ray.NAMESPACE, "shards": len(shards.actors)}
+
+    run_command(as_json, "shard actors started", compute)

@@ -262,3 +262,8 @@ def shard_index(source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ShardedIndex.open(out_dir)
+
+
+def open_private_index(path: str | os.PathLike[str]) -> EmbeddingIndex | ShardedIndex:
+    """The index at `path`, sharded or not (both have n, dim and info())."""
+    return ShardedIndex.open(path) if is_sharded(path) else EmbeddingIndex.open(path)

@@ -7,7 +7,7 @@ zero-filled) and the noise are the single-node code, run at the coordinator. The
 1. every shard (:class:`ShardNeighbours`, in this process or in a Ray actor) runs the single-node
    neighbour step on ITS OWN rows: its own Poisson(q) subsample (coins from OS entropy inside the
    shard) -- of all its rows ("subsample") or of its rows in the query's probed public-IVF lists
-   ("probed") -- and returns the local top-k as (GLOBAL rows, float32 vectors) to the coordinator;
+   ("probed") -- and returns the local top-k as (GLOBAL rows, vectors) to the coordinator;
 2. the coordinator merges the S lists by the canonical score (recomputed from the vectors, so the
    same fixed function of the query and one record as on one node), ties by GLOBAL row, keeps k,
    and holds their vectors for the aggregate to read (:class:`_FetchedVectors`).
@@ -45,7 +45,7 @@ from dprdm.retrieval.search import DEFAULT_NPROBE, canonical_top_rows, check_que
 SHARD_STRATEGIES = ("subsample", "probed")
 RETRY_AFTER_S = 5  # what the service tells clients while a shard actor restarts
 
-# (GLOBAL rows, their float32 vectors) of one query's local top-k in one shard
+# (GLOBAL rows, their vectors in the storage dtype) of one query's local top-k in one shard
 ShardAnswer = list[tuple[np.ndarray, np.ndarray]]
 
 
@@ -97,7 +97,7 @@ class ShardNeighbours:
 
     def neighbours(self, queries: np.ndarray, params: MechanismParams, strategy: Strategy,
                    nprobe: int) -> ShardAnswer:
-        """For each (already normalised) query: (global rows, float32 vectors) of its k nearest
+        """For each (already normalised) query: (global rows, stored vectors) of its k nearest
         among this shard's own Poisson(q) subsample -- the single-node step on this shard."""
         queries = check_queries(queries, self._index.dim)
         if strategy not in SHARD_STRATEGIES:
@@ -105,7 +105,10 @@ class ShardNeighbours:
         searcher = self._candidate_sets(nprobe) if strategy == "probed" else None
         local = PrivateRetrieval(self._index, params, _NoRelease(), strategy=strategy,
                                  searcher=searcher)  # draws its coins from OS entropy
-        return [(rows + self._offset, self._index.rows_float32(rows))
+        # vectors in the storage dtype (float16 halves the transfer); the coordinator casts to
+        # float32 exactly as EmbeddingIndex.rows_float32 does
+        vectors = self._index.vectors
+        return [(rows + self._offset, np.asarray(vectors[self._index.check_rows(rows)]))
                 for rows in local._neighbour_rows(queries)]
 
 

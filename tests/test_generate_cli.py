@@ -84,3 +84,19 @@ def test_bad_input_is_refused_before_anything_is_charged(private_index, tmp_path
     result, _ = generate(*args)
     assert result.exit_code == 2, result.output
     assert SqliteLedger(private_index).summary().queries == 0
+
+
+def test_generate_on_a_sharded_index_charges_the_sharded_ledger(private_index, tmp_path):
+    from dprdm.retrieval.shards import shard_index
+
+    sharded = shard_index(private_index, tmp_path / "sharded", 2).path
+    SqliteLedger.create(sharded, epsilon=5.0, delta=1e-5)
+    result, report = generate("red apple", "--index", str(sharded), *MECHANISM, *FAST,
+                              "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert len(report["files"]) == 2 and SqliteLedger(sharded).summary().queries == 1
+    assert SqliteLedger(private_index).summary().queries == 0
+    result, _ = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                         "--ray-address", "local", "--out", str(tmp_path / "out2"))
+    assert result.exit_code == 2 and "sharded" in result.output
+    assert SqliteLedger(private_index).summary().queries == 0

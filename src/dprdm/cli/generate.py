@@ -32,6 +32,11 @@ def generate(
     encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
     model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
+    ray_address: str = typer.Option(
+        None, "--ray-address",
+        help="A sharded --index only: its shards as Ray actors ('local', or 'auto' / host:port "
+             "for those `dprdm index serve-shards` started). Ray has no per-user "
+             "authentication (CVE-2023-48022): keep its network private (docs/scaling.md)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate images; each prompt costs one private query (all its images are free).
@@ -47,6 +52,7 @@ def generate(
         from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, check_prompts,
                                check_sampling)
         from dprdm.retrieval import EmbeddingIndex
+        from dprdm.retrieval.shards import open_private_index
 
         # Validate everything before any private query is charged.
         prompt_list = check_prompts(prompts)
@@ -75,13 +81,14 @@ def generate(
         model_dir = Path(model or DEFAULT_DIR)
         if not (model_dir / "model_index.json").is_file():
             raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
-        private = None if (public_only or index_dir is None) else EmbeddingIndex.open(index_dir)
+        private = None if (public_only or index_dir is None) else open_private_index(index_dir)
         ledger = SqliteLedger(index_dir) if private is not None else None
         rag = RetrievalAugmentedGenerator(
             load_encoder(encoder),
             RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
             private_index=private, ledger=ledger, settings=settings,
             public_index=EmbeddingIndex.open(public_dir) if public_dir else None,
+            ray_address=ray_address,
         )
         out.mkdir(parents=True, exist_ok=True)
         result = rag.generate(prompt_list, n=n, guidance=guidance, steps=steps, seed=seed,

@@ -7,6 +7,7 @@ Layout of a sharded index directory::
                             directory name, first GLOBAL row (offset), row count and SHA-256
     shard-0000/ ...      -- ordinary dprdm indexes (:class:`~dprdm.retrieval.store.EmbeddingIndex`)
     ledger.sqlite        -- the ONE privacy ledger of the whole set (``dprdm budget init DIR``)
+    conditioning_space.json, mechanism.json -- copied from the source index when it has them
 
 Shard s holds the source's rows ``offset_s .. offset_s + n_s - 1``, byte for byte (no
 re-normalisation, so the union of the shards IS the source index), with their ids and metadata.
@@ -49,6 +50,9 @@ from dprdm.retrieval.store import (
 )
 
 SHARDS_MANIFEST_FILE = "shards.json"
+# public files of the source index copied beside shards.json: the conditioning space the
+# embeddings were made in (generation/backends/base.py) and the operator's mechanism (rdm.py)
+PUBLIC_FILES = ("conditioning_space.json", "mechanism.json")
 SHARDS_FORMAT_VERSION = 1
 MAX_SHARDS = 4096
 
@@ -253,6 +257,9 @@ def shard_index(source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             "nlist": quantizer.nlist if quantizer is not None else None,
             "shards": entries,
         }
+        for name in PUBLIC_FILES:  # the encoder record and the operator's mechanism: public
+            if (source.path / name).is_file():
+                write_bytes_durably(staging / name, (source.path / name).read_bytes())
         write_bytes_durably(staging / SHARDS_MANIFEST_FILE,
                             (json.dumps(manifest, indent=1) + "\n").encode())
         fsync_directory(staging)

@@ -153,10 +153,10 @@ def quantize(
 
 RAY_SECURITY = (
     "SECURITY: Ray has no per-user authentication (at most a shared cluster token, "
-    "RAY_AUTH_MODE=token in recent releases; none in older ones, CVE-2023-48022 'ShadowRay'). Anyone who reaches "
-    "the cluster can call a shard actor and read raw private embeddings, bypassing the ledger: "
-    "the Ray network must be private to the operator (bind to private addresses, firewall every "
-    "Ray port, never expose the dashboard). See docs/scaling.md."
+    "RAY_AUTH_MODE=token in recent releases; none in older ones, CVE-2023-48022 'ShadowRay'). "
+    "Anyone who reaches the cluster can call a shard actor and read raw private embeddings, "
+    "bypassing the ledger: the Ray network must be private to the operator (bind to private "
+    "addresses, firewall every Ray port, never expose the dashboard). See docs/scaling.md."
 )
 
 
@@ -183,13 +183,18 @@ def shard(
                 lambda: shard_index(directory, out, shards).info())
 
 
-@app.command(name="serve-shards", help=f"""Start the shard actors of the sharded index at DIR on a
-running Ray cluster, detached and named, so that `dprdm retrieve DIR --ray-address ADDRESS` finds
-them. Shard i's actor needs one unit of the custom resource dprdm_shard_i (start the nodes with
-e.g. `ray start --address HEAD --resources '{{"dprdm_shard_0": 1}}'`) unless
---no-shard-resources. The actors read the shard files from the same path on their node.
-Stop them with ray.kill (or by stopping the cluster). \n\n{RAY_SECURITY}\n\nExample: dprdm
-index serve-shards private_index_4 --ray-address auto""")
+SERVE_SHARDS_HELP = (
+    "Start the shard actors of the sharded index at DIR on a running Ray cluster, detached and "
+    "named, so that `dprdm retrieve DIR --ray-address ADDRESS` finds them. Shard i's actor needs "
+    "one unit of the custom resource dprdm_shard_i (start the nodes with e.g. `ray start "
+    "--address HEAD --resources '{\"dprdm_shard_0\": 1}'`) unless --no-shard-resources. The "
+    "actors read the shard files from the same path on their node. Stop them with ray.kill (or "
+    "by stopping the cluster).\n\n" + RAY_SECURITY + "\n\n"
+    "Example: dprdm index serve-shards private_index_4 --ray-address auto"
+)
+
+
+@app.command(name="serve-shards", help=SERVE_SHARDS_HELP)
 def serve_shards(
     directory: Path = typer.Argument(..., metavar="DIR", help="A sharded index (shards.json)."),
     ray_address: str = typer.Option(

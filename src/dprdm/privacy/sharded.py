@@ -1,4 +1,4 @@
-"""The private retrieval over a sharded index: the single-node mechanism, neighbours found per shard.
+"""Private retrieval over a sharded index: the single-node mechanism, neighbours found per shard.
 
 :class:`ShardedPrivateRetrieval` IS :class:`~dprdm.privacy.mechanism.PrivateRetrieval` with one
 step replaced, ``_neighbour_rows``: validation, the ledger charge, the aggregate ((1/k) * sum,
@@ -212,8 +212,7 @@ class ShardedPrivateRetrieval(PrivateRetrieval):
             keep = np.isin(rows, top)
             held_rows.append(rows[keep])
             held_vectors.append(vectors[keep])
-        self._vectors.hold(np.concatenate(held_rows),
-                           np.concatenate(held_vectors) if held_vectors else np.zeros((0, self.dim)))
+        self._vectors.hold(np.concatenate(held_rows), np.concatenate(held_vectors))
         return neighbour_rows
 
 

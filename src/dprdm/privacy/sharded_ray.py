@@ -69,7 +69,7 @@ def resource_name(number: int) -> str:
 
 @ray.remote
 class ShardActor:
-    """One shard, memory-mapped in a Ray worker. Two methods; only ``neighbours`` returns vectors."""
+    """One shard, memory-mapped in a Ray worker; only ``neighbours`` returns vectors."""
 
     def __init__(self, shard_dir: str, offset: int, embeddings_sha256: str) -> None:
         self._shard = ShardNeighbours(shard_dir, offset, embeddings_sha256)

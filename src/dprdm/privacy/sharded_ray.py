@@ -149,8 +149,11 @@ class RayShards:
             try:
                 results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except (GetTimeoutError, RayError) as error:
-                for pending in refs:
-                    ray.cancel(pending)
+                for pending in refs:  # best effort: queued calls are dropped
+                    try:
+                        ray.cancel(pending)
+                    except (RayError, TypeError, ValueError):
+                        pass
                 reason = ("timed out" if isinstance(error, GetTimeoutError)
                           else f"failed ({type(error).__name__})")  # no message: it may quote data
                 raise ShardUnavailableError(

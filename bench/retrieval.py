@@ -26,6 +26,13 @@ process the open (IVFPartition.open) and the release of the same 100 queries.
     python bench/retrieval.py --out bench/results/retrieval-full.json   # N up to 5e6: ~40 min
     python bench/retrieval.py --ns 5000000 --out bench/results/retrieval-5e6.json
 
+--noise-only times the release's noise alone (no retrieval), side by side in one process: the old
+float path (float32(a + sigma * Box-Muller from os.urandom)) against the grid path (round to the
+grid + OpenDP's exact discrete Gaussian), for one query and for a 64-query batch.
+The full runs time whole releases (retrieval + noise) with the grid path.
+
+    python bench/retrieval.py --noise-only --out bench/results/release-noise.json
+
 Indexes above --float16-above records (default 2e6) are stored as float16, so that the memmap
 (5 GB at 5e6 x 512) and faiss's float32 IVF copy (10 GB) both stay in RAM on a 24 GB machine:
 with float32 the page cache thrashes and every method measures the disk instead.
@@ -49,6 +56,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval, SqliteLedger
+from dprdm.privacy.noise import DiscreteGaussian, noise_grid, release_on_grid
+from dprdm.privacy.randomness import SystemRandomness
 from dprdm.retrieval import (EmbeddingIndex, FaissFlatSearcher, FaissIVFSearcher, IVFPartition,
                              build_index, train_public_quantizer)
 from dprdm.retrieval.store import PARTITION_MANIFEST_FILE
@@ -241,6 +250,41 @@ def bench_one_n(n: int, d: int, ks: list[int], qs: list[float], n_queries: int,
     return rows
 
 
+def float_noise_release(aggregates: np.ndarray, sigma: float) -> np.ndarray:
+    """The release before the grid: float32(a + sigma * N(0, 1)), normals by Box-Muller from
+    os.urandom (what PrivateRetrieval did until the discrete Gaussian replaced it)."""
+    noise = SystemRandomness().standard_normal(aggregates.shape) * sigma
+    return np.ascontiguousarray(aggregates + noise, dtype=np.float32)
+
+
+def bench_noise(dims: list[int], batches: list[int], k: int, repeats: int) -> list[dict]:
+    """Noise-only latency, old float path vs the grid path, per call (one call per batch)."""
+    rows = []
+    sampler = DiscreteGaussian()
+    for d in dims:
+        gamma = noise_grid(SIGMA, k, d)
+        for batch in batches:
+            aggregates = np.random.default_rng(0).uniform(-0.1, 0.1, size=(batch, d))
+            methods = {
+                "float-noise (old)": lambda a=aggregates: float_noise_release(a, SIGMA),
+                "grid + opendp discrete gaussian": lambda a=aggregates: release_on_grid(
+                    a, SIGMA, gamma, sampler),
+            }
+            for name, call in methods.items():
+                call()  # warm-up (OpenDP builds its measurement for this size once)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    call()
+                    times.append((time.perf_counter() - start) * 1e3)
+                median = float(np.median(times))
+                rows.append({"d": d, "k": k, "sigma": SIGMA, "grid": gamma, "batch": batch,
+                             "method": name, "median_ms_per_call": round(median, 3),
+                             "median_ms_per_query": round(median / batch, 3)})
+                console.print(f"  d={d} batch={batch} {name}: {median:.2f} ms per call")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N=1e6, k=10, q=0.01 only")
@@ -256,7 +300,20 @@ def main() -> None:
     parser.add_argument("--cli-repeats", type=int, default=3, help="timed calls per CLI row")
     parser.add_argument("--ks", default=None, help="comma-separated k (default 10,20)")
     parser.add_argument("--qs", default=None, help="comma-separated q (default 0.01,0.001)")
+    parser.add_argument("--noise-only", action="store_true",
+                        help="time only the noise: old float path vs grid + discrete Gaussian")
     args = parser.parse_args()
+    if args.noise_only:
+        rows = bench_noise([64, 512, 1280], [1, 64], k=10, repeats=max(5, args.queries // 10))
+        table = Table(title="release noise only, ms (median per call)")
+        for column in ("d", "batch", "method", "ms/call", "ms/query"):
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(str(row["d"]), str(row["batch"]), row["method"],
+                          f"{row['median_ms_per_call']:.2f}", f"{row['median_ms_per_query']:.3f}")
+        console.print(table)
+        write_results(args.out, rows, console)
+        return
     ns, ks, qs = ([1_000_000], [10], [0.01]) if args.quick else (
         [100_000, 1_000_000, 5_000_000], [10, 20], [0.01, 0.001])
     if args.ns:

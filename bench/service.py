@@ -38,7 +38,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dprdm.privacy import MechanismParams, SqliteLedger, accounting
+from dprdm.privacy import MechanismParams, SqliteLedger, accounting, init_budget
 from dprdm.retrieval import build_index
 from dprdm.service.keys import KeyStore
 from results_file import write_results  # bench/results_file.py
@@ -122,7 +122,7 @@ def load(url: str, token: str, body: dict, requests: int, concurrency: int) -> d
 def ledger_alone(params: MechanismParams, charges: int) -> dict:
     """charge() and the accountant for a new state, in this process, on a scratch ledger."""
     with tempfile.TemporaryDirectory() as tmp:
-        SqliteLedger.create(tmp, epsilon=EPSILON, delta=DELTA)
+        SqliteLedger.create(tmp, epsilon=EPSILON, delta=DELTA, mechanism=params)
         ledger = SqliteLedger(tmp)
         ledger.charge(params, 1)  # T_max computed once, outside the timings
         charge_s, summary_s = [], []
@@ -163,7 +163,7 @@ def main() -> None:
         index = Path(tmp) / "private"
         rng = np.random.default_rng(0)
         build_index(rng.standard_normal((args.records, 64)).astype(np.float32), index)
-        SqliteLedger.create(index, epsilon=EPSILON, delta=DELTA)
+        init_budget(index, EPSILON, DELTA, params, LAM)
         token, _ = KeyStore(index).create("bench")
         console.print(f"starting the server ({args.workers} worker(s)) ...")
         tic = time.perf_counter()

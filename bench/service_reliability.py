@@ -39,7 +39,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from service import start_server  # noqa: E402  (bench/service.py)
 
-from dprdm.privacy import MechanismParams, SqliteLedger  # noqa: E402
+from dprdm.privacy import MechanismParams, SqliteLedger, init_budget  # noqa: E402
 from dprdm.retrieval import build_index  # noqa: E402
 from dprdm.service.keys import KeyStore  # noqa: E402
 from results_file import write_results  # noqa: E402  (bench/results_file.py)
@@ -72,7 +72,7 @@ BAD = [  # name, raw body, content type
 def make_index(path: Path, epsilon: float) -> Path:
     vectors = np.random.default_rng(0).normal(size=(200, 64)).astype(np.float32)
     build_index(vectors, path)
-    SqliteLedger.create(path, epsilon=epsilon, delta=1e-5)
+    init_budget(path, epsilon, 1e-5, PARAMS, LAM)
     return path
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dprdm.privacy import MechanismParams, SqliteLedger
+from dprdm.privacy import MechanismParams, SqliteLedger, init_budget
 from dprdm.rdm import MechanismSettings
 from dprdm.retrieval import build_index
 from dprdm.service.keys import KeyStore
@@ -29,10 +29,11 @@ DIM = 64  # the demo encoder's
 
 
 def make_index(path: Path, epsilon: float, n: int = 200) -> Path:
-    """A synthetic private index (random unit vectors, named ids) with a fresh ledger."""
+    """A synthetic private index (random unit vectors, named ids) with a fresh ledger, the
+    mechanism PARAMS (and LAM) pinned in it."""
     vectors = np.random.default_rng(0).normal(size=(n, DIM)).astype(np.float32)
     build_index(vectors, path, ids=[f"{ID_PREFIX}{i:04d}" for i in range(n)])
-    SqliteLedger.create(path, epsilon=epsilon, delta=1e-5)
+    init_budget(path, epsilon, 1e-5, PARAMS, LAM)
     return path
 
 

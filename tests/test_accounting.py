@@ -3,19 +3,46 @@
 import math
 
 import pytest
+from dp_accounting import dp_event
 
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import accounting
 from dprdm.privacy.accounting import MechanismParams
+from dprdm.privacy.noise import SENSITIVITY_SLACK
 
 REFERENCE = dict(sigma=0.2, q=0.01, k=18, queries=1000, delta=1e-7)
 
 
+def _paper_mechanism(sigma, q, k):
+    """Parameters whose ACCOUNTED multiplier is the paper's sigma * k / 2 (no grid slack): the
+    reference notebook accounts the continuous-noise mechanism."""
+    return MechanismParams(sigma * (1 + SENSITIVITY_SLACK), q, k)
+
+
 def test_rdp_matches_reference_notebook():
-    params = MechanismParams(REFERENCE["sigma"], REFERENCE["q"], REFERENCE["k"])
+    params = _paper_mechanism(REFERENCE["sigma"], REFERENCE["q"], REFERENCE["k"])
+    assert params.accounted_noise_multiplier == pytest.approx(1.8, rel=1e-12)
     eps, order = accounting.epsilon_rdp([(params, REFERENCE["queries"])], REFERENCE["delta"])
-    assert abs(eps - 0.99688) / 0.99688 < 0.01
+    assert abs(eps - 0.99688) / 0.99688 < 0.002
     assert order == 25
+
+
+def test_the_enforced_figure_uses_the_grid_inflated_sensitivity():
+    params = MechanismParams(REFERENCE["sigma"], REFERENCE["q"], REFERENCE["k"])
+    assert params.noise_multiplier == pytest.approx(1.8)
+    assert params.accounted_noise_multiplier == pytest.approx(1.8 / (1 + SENSITIVITY_SLACK))
+    assert params.event(7) == dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(
+        REFERENCE["q"], dp_event.GaussianDpEvent(params.accounted_noise_multiplier)), 7)
+    args = (REFERENCE["queries"], REFERENCE["delta"])
+    paper = _paper_mechanism(REFERENCE["sigma"], REFERENCE["q"], REFERENCE["k"])
+    enforced = accounting.epsilon_for(params, *args)
+    assert enforced > accounting.epsilon_for(paper, *args)
+    # A 0.1 % smaller multiplier costs a little more, not a lot more.
+    assert enforced < 1.01 * accounting.epsilon_for(paper, *args)
+    # Unsampled releases too (they are folded into one Gaussian).
+    unsampled = MechanismParams(0.5, 1.0, 2)
+    folded = accounting.epsilon_for(unsampled, 4, 1e-5)
+    assert folded > accounting.epsilon_for(_paper_mechanism(0.5, 1.0, 2), 4, 1e-5)
 
 
 def test_pld_lies_inside_independent_prv_bracket():
@@ -23,7 +50,7 @@ def test_pld_lies_inside_independent_prv_bracket():
     params = MechanismParams(REFERENCE["sigma"], REFERENCE["q"], REFERENCE["k"])
     eps = accounting.epsilon_for(params, REFERENCE["queries"], REFERENCE["delta"])
     mechanism = prv_accountant.PoissonSubsampledGaussianMechanism(
-        noise_multiplier=params.noise_multiplier, sampling_probability=params.q
+        noise_multiplier=params.accounted_noise_multiplier, sampling_probability=params.q
     )
     prv = prv_accountant.PRVAccountant(
         prvs=[mechanism], max_self_compositions=[REFERENCE["queries"]],
@@ -132,3 +159,104 @@ def test_q_equal_one_means_no_subsampling_and_q_zero_is_refused():
     assert MechanismParams(0.2, 1, 18).q == 1.0
     with pytest.raises(InvalidParameterError, match="q = 0 is not allowed"):
         MechanismParams(0.2, 0, 18)
+
+
+# --- issue 13 item 6: the accountant under extreme parameters --------------------------------
+
+
+def test_pld_accountant_is_bit_for_bit_the_stock_one():
+    # The shortcut (no size ** T, memoised one-release PLD) must not change a single bit.
+    from dp_accounting.pld import pld_privacy_accountant
+
+    cases = [(MechanismParams(2.5, 0.1, 40), 2), (MechanismParams(2.5, 0.1, 40), 300),
+             (MechanismParams(5.0, 1.0, 4), 50)]
+    for params, count in cases:
+        event = params.event(count)
+        for interval in (4e-4, 1.6e-3):
+            stock = pld_privacy_accountant.PLDAccountant(
+                neighboring_relation=accounting.ADJACENCY, value_discretization_interval=interval
+            ).compose(event).get_epsilon(1e-6)
+            ours = accounting._pld_accountant(interval).compose(event).get_epsilon(1e-6)
+            assert ours == stock
+
+
+def test_rdp_from_memoised_curves_matches_the_stock_accountant():
+    groups = ((MechanismParams(0.2, 0.01, 18), 700), (MechanismParams(0.1, 0.02, 10), 300),
+              (MechanismParams(1.0, 1.0, 4), 20))
+    stock = accounting._rdp_accountant().compose(accounting._accounting_event(groups))
+    eps, order = stock.get_epsilon_and_optimal_order(1e-6)
+    assert accounting.epsilon_rdp(groups, 1e-6) == (pytest.approx(eps, rel=1e-12), order)
+
+
+def test_enforced_epsilon_is_the_smaller_upper_bound():
+    params = MechanismParams(0.2, 0.01, 18)
+    eps_rdp = accounting.epsilon_rdp([(params, 1000)], 1e-7)[0]
+    assert accounting.epsilon_for(params, 1000, 1e-7) < eps_rdp  # PLD, the tighter, here
+    # Far out the PLD's rounding dominates: the RDP bound is enforced (and the cap is reachable).
+    huge = MechanismParams(200.0, 1e-6, 10)  # z = 1000
+    assert accounting.epsilon_for(huge, 10**12, 1e-5) == pytest.approx(
+        accounting.epsilon_rdp([(huge, 10**12)], 1e-5)[0])
+    assert accounting.max_queries(huge, 1.0, 1e-5) == accounting.MAX_QUERIES_SEARCHED
+
+
+@pytest.mark.parametrize(
+    "z,q,epsilon,delta,k",
+    [
+        (50.0, 0.1, 10.0, 1e-5, 40),    # the reproduced 45 s case
+        (1000.0, 1.0, 1.0, 1e-5, 10),   # largest z of the goal grid, no subsampling
+        (1e6, 1.0, 0.1, 1e-10, 1),      # largest supported z, smallest epsilon and delta
+        (0.3, 1.0, 100.0, 1e-3, 10),    # smallest z of the goal grid, largest epsilon and delta
+        (0.3, 0.1, 100.0, 1e-10, 100),
+    ],
+)
+def test_max_queries_is_the_exact_boundary_across_the_grid(z, q, epsilon, delta, k):
+    params = MechanismParams(2 * z / k, q, k)
+    t_max = accounting.max_queries(params, epsilon, delta)
+    assert 0 < t_max < accounting.MAX_QUERIES_SEARCHED
+    assert accounting.epsilon_for(params, t_max, delta) <= epsilon
+    assert accounting.epsilon_for(params, t_max + 1, delta) > epsilon
+
+
+def test_max_queries_at_the_corners_of_the_supported_range():
+    assert accounting.max_queries(MechanismParams(2e-4, 1.0, 1), 100.0, 1e-3) == 0  # z = 1e-4
+    assert accounting.max_queries(MechanismParams(2e6, 1e-9, 1), 1e-3, 1e-12) == (
+        accounting.MAX_QUERIES_SEARCHED)  # z = 1e6, q = 1e-9
+
+
+def test_calibrations_at_the_corners():
+    sigma = accounting.calibrate_sigma(100.0, 1.0, 100, 37, 1e-10)
+    assert accounting.epsilon_for(MechanismParams(sigma, 1.0, 100), 37, 1e-10) <= 100.0
+    assert accounting.epsilon_for(MechanismParams(sigma * 0.999, 1.0, 100), 37, 1e-10) > 100.0
+    q = accounting.calibrate_q(1.0, 200.0, 10, 10**6, 1e-5)  # z = 1000
+    assert accounting.epsilon_for(MechanismParams(200.0, q, 10), 10**6, 1e-5) <= 1.0
+    assert accounting.epsilon_for(MechanismParams(200.0, q * 1.001, 10), 10**6, 1e-5) > 1.0
+
+
+@pytest.mark.parametrize(
+    "sigma,q,k,match",
+    [
+        (1e-300, 0.1, 40, "noise multiplier .* outside the supported range"),
+        (1e300, 0.1, 40, "noise multiplier .* outside the supported range"),
+        (1e6, 0.1, 40, "noise multiplier .* outside the supported range"),  # z = 2e7
+        (1e-5, 1.0, 10, "noise multiplier .* outside the supported range"),  # z = 5e-5
+        (0.2, 1e-12, 18, "q must be >= 1e-09"),
+        (0.2, 0.01, 10**6, "k must be <= 100000"),
+    ],
+)
+def test_parameters_outside_the_supported_range_are_refused(sigma, q, k, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        MechanismParams(sigma, q, k)
+
+
+def test_budgets_and_counts_outside_the_supported_range_are_refused():
+    params = MechanismParams(0.2, 0.01, 18)
+    with pytest.raises(InvalidParameterError, match="queries must be <= 1e"):
+        accounting.epsilon_for(params, 10**13, 1e-5)
+    with pytest.raises(InvalidParameterError, match="delta must be >= 1e-12"):
+        accounting.epsilon_for(params, 10, 1e-300)
+    with pytest.raises(InvalidParameterError, match="epsilon must be in"):
+        accounting.max_queries(params, 1e300, 1e-5)
+    # The ends of the ranges themselves are accepted.
+    MechanismParams(2e-4, accounting.Q_MIN, 1)
+    MechanismParams(2e6 / accounting.K_MAX, 1.0, accounting.K_MAX)
+    assert accounting.epsilon_for(params, accounting.MAX_QUERIES, 1e-12) > 0

@@ -20,7 +20,7 @@ from dprdm.cli import app, main
 # Stable codes a script may see (docs/cli.md lists them).
 DOCUMENTED_CODES = {
     "error", "invalid_parameter", "budget_exhausted", "index_error", "not_found", "io_error",
-    "model_unavailable", "unreadable_image", "shard_unavailable",
+    "model_unavailable", "unreadable_image", "ledger_binding", "shard_unavailable",
 }
 
 
@@ -55,11 +55,15 @@ def _bad_calls(tmp) -> dict[str, list[str]]:
                                 "--dim", "512"],
         "index build": ["index", "build", npy, "--out", out],
         "index info": ["index", "info", missing],
+        "index verify": ["index", "verify", missing],
         "index quantize": ["index", "quantize", missing, "--public", npy, "--nlist", "4"],
         "index shard": ["index", "shard", missing, "--shards", "2", "--out", out],
         "index serve-shards": ["index", "serve-shards", missing, "--ray-address", "local"],
-        "budget init": ["budget", "init", missing, "--epsilon", "1", "--delta", "1e-6"],
+        "budget init": ["budget", "init", missing, "--epsilon", "1", "--delta", "1e-6",
+                        "--k", "10", "--q", "0.1", "--sigma", "1"],
         "budget show": ["budget", "show", missing],
+        "budget set-mechanism": ["budget", "set-mechanism", missing, "--k", "10", "--q", "0.1",
+                                 "--sigma", "1"],
         "encoders info": ["encoders", "info", "--encoder", missing],
         "encoders embed": ["encoders", "embed", "--images", missing, "--out", npy],
         "encoders train-demo": ["encoders", "train-demo", "--data", missing, "--out", out],

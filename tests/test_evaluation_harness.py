@@ -13,8 +13,7 @@ from dprdm.cli import app
 from dprdm.encoders import load_encoder
 from dprdm.errors import InvalidParameterError
 from dprdm.evaluation.harness import EvalPlan, plan_settings
-from dprdm.privacy import SqliteLedger, accounting
-from dprdm.rdm import MechanismSettings
+from dprdm.privacy import MechanismParams, SqliteLedger, accounting, init_budget
 from dprdm.retrieval import build_index
 
 runner = CliRunner()
@@ -33,8 +32,7 @@ def private_index(tmp_path, encoder):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(60, 32, 32, 3), dtype=np.uint8)
     build_index(encoder.encode_images(images), tmp_path / "private")
-    SqliteLedger.create(tmp_path / "private", epsilon=3.0, delta=1e-6)
-    MechanismSettings(sigma=0.5, q=0.5, k=4, lam=0.7).save(tmp_path / "private")
+    init_budget(tmp_path / "private", 3.0, 1e-6, MechanismParams(sigma=0.5, q=0.5, k=4), lam=0.7)
     return tmp_path / "private"
 
 

@@ -8,11 +8,12 @@ from typer.testing import CliRunner
 
 from dprdm.cli import app
 from dprdm.encoders import load_encoder
-from dprdm.privacy import MechanismParams, SqliteLedger
+from dprdm.privacy import MechanismParams, SqliteLedger, init_budget
 from dprdm.retrieval import build_index
 
 runner = CliRunner()
-MECHANISM = ["--k", "5", "--q", "0.5", "--sigma", "1.0", "--lam", "0.8"]
+PARAMS = MechanismParams(1.0, 0.5, 5)
+MECHANISM = ["--lam", "0.8"]  # k, q, sigma: pinned in the ledger
 FAST = ["-n", "2", "--steps", "3"]
 
 
@@ -25,7 +26,7 @@ def dim():
 def private_index(tmp_path, dim):
     vectors = np.random.default_rng(0).normal(size=(200, dim)).astype(np.float32)
     build_index(vectors, tmp_path / "private")
-    SqliteLedger.create(tmp_path / "private", epsilon=5.0, delta=1e-5)
+    init_budget(tmp_path / "private", 5.0, 1e-5, PARAMS, lam=0.5)
     return tmp_path / "private"
 
 
@@ -45,6 +46,7 @@ def test_generate_writes_images_and_charges_one_query_per_prompt(private_index, 
         assert (out / path.split("/")[-1]).is_file()
     assert (out / "grid.png").is_file() and (out / "report.json").is_file()
     assert report["ledger"]["queries_by_call"] == 2
+    assert report["mechanism"] == {"sigma": 1.0, "q": 0.5, "k": 5, "lam": 0.8}  # pinned; --lam
     assert report["ledger"]["epsilon_spent_by_call"] > 0
     assert SqliteLedger(private_index).summary().queries == 2
     assert json.loads((out / "report.json").read_text())["prompts"] == ["red apple",
@@ -64,8 +66,7 @@ def test_public_only_spends_nothing_and_the_seed_reproduces_it(private_index, tm
 
 def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tmp_path):
     ledger = SqliteLedger(private_index)
-    params = MechanismParams(1.0, 0.5, 5)
-    ledger.charge(params, ledger.remaining_queries(params))
+    ledger.charge(PARAMS, ledger.remaining_queries(PARAMS))
     spent = ledger.summary().queries
     result, data = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
                             "--out", str(tmp_path / "out"))
@@ -76,7 +77,7 @@ def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tm
 
 
 @pytest.mark.parametrize("extra", [
-    ["--steps", "0"], ["-n", "0"], ["--guidance", "-1"], ["--lam", "2"], ["--k", "0"],
+    ["--steps", "0"], ["-n", "0"], ["--guidance", "-1"], ["--lam", "2"], ["--k", "5"],
 ])
 def test_bad_input_is_refused_before_anything_is_charged(private_index, tmp_path, extra):
     args = ["x", "--index", str(private_index), *MECHANISM, *FAST, *extra,
@@ -86,11 +87,30 @@ def test_bad_input_is_refused_before_anything_is_charged(private_index, tmp_path
     assert SqliteLedger(private_index).summary().queries == 0
 
 
+def test_an_earlier_run_is_not_overwritten_without_overwrite(private_index, tmp_path):
+    out = tmp_path / "out"
+    first, _ = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                        "--public-only", "--out", str(out))
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again, error = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                            "--out", str(out))
+    assert again.exit_code == 2 and error["error"] == "invalid_parameter"
+    assert "--overwrite" in error["message"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert SqliteLedger(private_index).summary().queries == 0  # nothing charged
+    replaced, report = generate("red apple", "--index", str(private_index), *MECHANISM,
+                                "-n", "1", "--steps", "3", "--out", str(out), "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in out.glob("prompt*_image*.png")) == ["prompt000_image00.png"]
+    assert SqliteLedger(private_index).summary().queries == 1
+
+
 def test_generate_on_a_sharded_index_charges_the_sharded_ledger(private_index, tmp_path):
     from dprdm.retrieval.shards import shard_index
 
     sharded = shard_index(private_index, tmp_path / "sharded", 2).path
-    SqliteLedger.create(sharded, epsilon=5.0, delta=1e-5)
+    init_budget(sharded, 5.0, 1e-5, PARAMS, lam=0.5)
     result, report = generate("red apple", "--index", str(sharded), *MECHANISM, *FAST,
                               "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output

@@ -15,6 +15,7 @@ import pytest
 
 from dprdm.errors import BudgetExceededError, DprdmError, InvalidParameterError
 from dprdm.privacy import InMemoryLedger, MechanismParams, SqliteLedger, accounting
+from dprdm.privacy.filter import epsilon_at, rdp_bound, rdp_per_release
 
 DELTA = 1e-5
 # One query of these parameters costs a lot: the whole budget holds only a few dozen.
@@ -24,7 +25,7 @@ BUDGET = 3.0
 
 @pytest.fixture()
 def ledger_dir(tmp_path):
-    SqliteLedger.create(tmp_path, epsilon=BUDGET, delta=DELTA)
+    SqliteLedger.create(tmp_path, epsilon=BUDGET, delta=DELTA, mechanism=PARAMS)
     return tmp_path
 
 
@@ -35,7 +36,7 @@ def t_max():
 @pytest.mark.parametrize("make", ["sqlite", "memory"])
 def test_charges_until_the_budget_is_gone_then_refuses(make, tmp_path):
     if make == "sqlite":
-        ledger = SqliteLedger.create(tmp_path, epsilon=BUDGET, delta=DELTA)
+        ledger = SqliteLedger.create(tmp_path, epsilon=BUDGET, delta=DELTA, mechanism=PARAMS)
     else:
         ledger = InMemoryLedger(epsilon=BUDGET, delta=DELTA)
     limit = t_max()
@@ -54,22 +55,89 @@ def test_charges_until_the_budget_is_gone_then_refuses(make, tmp_path):
     assert ledger.remaining_queries(PARAMS) == 0 and not ledger.can_afford(PARAMS)
 
 
-def test_heterogeneous_releases_are_accounted_together(ledger_dir):
+def test_only_the_pinned_mechanism_is_charged(ledger_dir):
     ledger = SqliteLedger(ledger_dir)
-    other = MechanismParams(sigma=1.0, q=0.2, k=10)
-    ledger.charge(PARAMS, 3)
-    ledger.charge(other, 5)
+    assert ledger.mechanism == PARAMS
     ledger.charge(PARAMS, 2)
+    for other in (MechanismParams(1.0, 0.2, 10), MechanismParams(1.5, 0.2, 4),
+                  MechanismParams(1.0, 0.3, 4)):
+        with pytest.raises(InvalidParameterError, match="pinned"):
+            ledger.charge(other, 1)
+        assert not ledger.can_afford(other) and ledger.remaining_queries(other) == 0
+    assert ledger.summary().queries == ledger.release_count() == 2
+
+
+def test_set_mechanism_switches_to_the_rdp_filter_which_never_admits_beyond_its_bound(ledger_dir):
+    ledger = SqliteLedger(ledger_dir)
+    ledger.charge(PARAMS, 3)
+    assert ledger.summary().accountant == "pld"
+    other = MechanismParams(sigma=1.0, q=0.2, k=10)
+    ledger.set_mechanism(other, lam=0.5)
+    with pytest.raises(InvalidParameterError, match="pinned"):
+        ledger.charge(PARAMS, 1)  # the old mechanism is no longer accepted
     summary = ledger.summary()
-    assert summary.queries == 10
-    assert summary.epsilon_spent == pytest.approx(
-        accounting.epsilon([(PARAMS, 5), (other, 5)], DELTA)
-    )
-    # A refusal with mixed parameters is decided on the composition of everything.
-    remaining = ledger.remaining_queries(other)
+    assert summary.accountant == "rdp-filter" and summary.mechanism == other
+    rdp_filter = ledger.rdp_filter
+    assert summary.rdp_filter["rdp_spent"] == pytest.approx(3 * rdp_per_release(PARAMS,
+                                                                              rdp_filter.order))
+    remaining = ledger.remaining_queries()
+    assert remaining > 0
     ledger.charge(other, remaining)
-    with pytest.raises(BudgetExceededError):
+    with pytest.raises(BudgetExceededError, match="RDP filter"):
         ledger.charge(other, 1)
+    totals = {PARAMS: 3, other: remaining}
+    assert rdp_filter.spent(totals) <= rdp_filter.bound < rdp_filter.spent({**totals, other: remaining + 1})
+    assert ledger.summary().queries == 3 + remaining and not ledger.can_afford()
+    # The filter's statement: (order, B)-RDP converts to at most the epsilon budget.
+    assert ledger.summary().epsilon_spent <= BUDGET
+    assert [m["k"] for m in ledger.mechanisms()] == [4, 10]
+    assert [e["kind"] for e in ledger.events()] == ["created", "set-mechanism"]
+
+
+def test_the_filter_bound_is_the_largest_rdp_level_within_the_budget():
+    order = 6.0
+    bound = rdp_bound(order, BUDGET, DELTA)
+    assert epsilon_at(order, bound, DELTA) <= BUDGET < epsilon_at(order, bound * (1 + 1e-9), DELTA)
+    # rdp_per_release is dp_accounting's own figure: composing T releases gives T times it.
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    accountant = rdp_privacy_accountant.RdpAccountant(
+        orders=[order], neighboring_relation=accounting.ADJACENCY).compose(PARAMS.event(7))
+    assert accountant.get_epsilon(DELTA) == pytest.approx(
+        epsilon_at(order, 7 * rdp_per_release(PARAMS, order), DELTA))
+
+
+def test_a_rolled_back_ledger_is_refused_and_a_lagging_watermark_is_not(ledger_dir):
+    ledger = SqliteLedger(ledger_dir)
+    ledger.charge(PARAMS, 2)
+    backup = {p.name: p.read_bytes() for p in ledger_dir.glob("ledger.sqlite*")}
+    ledger.charge(PARAMS, 3)
+    assert json.loads((ledger_dir / "ledger-watermark.json").read_text())["queries"] == 5
+    for path in ledger_dir.glob("ledger.sqlite*"):
+        path.unlink()
+    for name, data in backup.items():
+        (ledger_dir / name).write_bytes(data)
+    with pytest.raises(DprdmError, match="rolled back"):
+        SqliteLedger(ledger_dir)
+    with pytest.raises(DprdmError, match="rolled back"):
+        ledger.charge(PARAMS, 1)  # a process that opened it before the restore: refused too
+    assert ledger.release_count() == 2
+    # A crash between a commit and the watermark write leaves the watermark BELOW the ledger:
+    # never a false alarm.
+    (ledger_dir / "ledger-watermark.json").write_text(
+        json.dumps({"ledger_id": ledger.ledger_id, "queries": 1}))
+    assert SqliteLedger(ledger_dir).summary().queries == 2
+
+
+def test_a_schema_1_ledger_is_refused_not_migrated(tmp_path):
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite")
+    conn.execute("CREATE TABLE budget (id INTEGER PRIMARY KEY, epsilon REAL, delta REAL, "
+                 "created TEXT, schema_version INTEGER)")
+    conn.execute("INSERT INTO budget VALUES (1, 10.0, 1e-5, 'then', 1)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(DprdmError, match="schema-1"):
+        SqliteLedger(tmp_path)
 
 
 def test_the_ledger_persists_and_is_never_reset(ledger_dir):
@@ -78,7 +146,7 @@ def test_the_ledger_persists_and_is_never_reset(ledger_dir):
     assert reopened.summary().queries == 4
     assert reopened.epsilon_budget == BUDGET and reopened.delta == DELTA
     with pytest.raises(DprdmError, match="never reset"):
-        SqliteLedger.create(ledger_dir, epsilon=100.0, delta=DELTA)
+        SqliteLedger.create(ledger_dir, epsilon=100.0, delta=DELTA, mechanism=PARAMS)
     rows = sqlite3.connect(ledger_dir / "ledger.sqlite").execute(
         "SELECT sigma, q, k, count, caller FROM releases"
     ).fetchall()
@@ -90,7 +158,7 @@ def test_the_ledger_persists_and_is_never_reset(ledger_dir):
 )
 def test_invalid_budgets_are_refused_and_write_nothing(tmp_path, epsilon, delta):
     with pytest.raises(InvalidParameterError):
-        SqliteLedger.create(tmp_path, epsilon=epsilon, delta=delta)
+        SqliteLedger.create(tmp_path, epsilon=epsilon, delta=delta, mechanism=PARAMS)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -153,7 +221,7 @@ WORKER = textwrap.dedent(
 def test_kill_minus_nine_never_loses_a_charge(tmp_path):
     # Generous budget: the workers are killed long before it runs out.
     params = MechanismParams(sigma=2.0, q=0.5, k=4)
-    SqliteLedger.create(tmp_path, epsilon=50.0, delta=DELTA).charge(params, 1)
+    SqliteLedger.create(tmp_path, epsilon=50.0, delta=DELTA, mechanism=params).charge(params, 1)
     received_files = []
     rng = np.random.default_rng()
     for round_ in range(3):

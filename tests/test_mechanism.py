@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from dprdm.errors import BudgetExceededError, InvalidParameterError
 from dprdm.privacy import ArrayVectors, InMemoryLedger, MechanismParams, PrivateRetrieval
+from dprdm.privacy.noise import OPENDP_SAMPLER, RESEARCH_SAMPLER, noise_grid
 from dprdm.privacy.randomness import SystemRandomness
 
 BIG_BUDGET = dict(epsilon=1e6, delta=1e-5)
@@ -173,7 +174,9 @@ def test_noise_has_std_sigma_and_comes_from_os_entropy():
     vectors = unit(np.eye(16)[:1])
     sigma = 0.5
     mech = mechanism(vectors, sigma=sigma, q=1.0, k=1)
-    assert isinstance(mech._rng, SystemRandomness)
+    assert isinstance(mech._rng, SystemRandomness)  # the subsample's coins
+    assert mech.noise_description() == {"sampler": OPENDP_SAMPLER,
+                                        "grid": noise_grid(sigma, 1, 16)}
     query = vectors[:1]
     released = mech.release(np.repeat(query, 2000, axis=0))
     noise = released - vectors[0]
@@ -183,13 +186,19 @@ def test_noise_has_std_sigma_and_comes_from_os_entropy():
     assert not np.array_equal(mech.release(query), mech.release(query))
 
 
-def test_release_returns_only_a_fresh_float32_array():
+@pytest.mark.parametrize("seeded", [False, True])
+def test_release_returns_only_a_fresh_float64_array_on_the_grid(seeded):
     vectors = unit(np.random.default_rng(3).normal(size=(50, 8)))
-    released = mechanism(vectors, q=0.5).release(vectors[:4])
+    mech = mechanism(vectors, q=0.5, rng=np.random.default_rng(0) if seeded else None)
+    released = mech.release(vectors[:4])
     assert type(released) is np.ndarray
-    assert released.dtype == np.float32 and released.shape == (4, 8)
+    assert released.dtype == np.float64 and released.shape == (4, 8)
     assert released.base is None and released.flags.owndata
     assert not hasattr(released, "__dict__")
+    noise = mech.noise_description()
+    assert noise["sampler"] == (RESEARCH_SAMPLER if seeded else OPENDP_SAMPLER)
+    units = released / noise["grid"]
+    assert np.array_equal(units, np.round(units))
 
 
 class CountingVectors(ArrayVectors):

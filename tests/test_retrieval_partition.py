@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dprdm.cli import app
 from dprdm.errors import InvalidParameterError
-from dprdm.privacy import SqliteLedger
+from dprdm.privacy import MechanismParams, SqliteLedger, init_budget
 from dprdm.retrieval import (
     EmbeddingIndex,
     FaissIVFSearcher,
@@ -211,8 +211,8 @@ def test_only_the_index_own_quantizer_is_saved(quantized) -> None:
 
 def retrieve_args(index_dir: Path, queries: Path, out: Path) -> list[str]:
     """The `dprdm retrieve` command line (one place to adapt when its options change)."""
-    return ["retrieve", str(index_dir), "--query-emb", str(queries), "--k", "5", "--sigma", "0.5",
-            "--q", "0.5", "--out", str(out), "--strategy", "ivf-subsample", "--nprobe", "2"]
+    return ["retrieve", str(index_dir), "--query-emb", str(queries), "--out", str(out),
+            "--strategy", "ivf-subsample", "--nprobe", "2"]
 
 
 def test_cli_quantize_saves_the_partition_and_retrieve_reuses_it(
@@ -228,7 +228,7 @@ def test_cli_quantize_saves_the_partition_and_retrieve_reuses_it(
     assert count_assignments == [400]
     np.testing.assert_array_equal(IVFPartition.load(index).rows,
                                   IVFPartition(index, PublicQuantizer.load(index.path)).rows)
-    SqliteLedger.create(index.path, epsilon=50, delta=1e-5)
+    init_budget(index.path, 50, 1e-5, MechanismParams(0.5, 0.5, 5))  # the pinned mechanism
     np.save(tmp_path / "q.npy", rng.standard_normal((3, DIM)).astype(np.float32))
     count_assignments.clear()
     for _ in range(2):

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -23,9 +24,10 @@ from typer.testing import CliRunner
 from _service_support import (ID_PREFIX, LAM, MECHANISM_FLAGS, PARAMS, SETTINGS, Service,
                               ServerProcess, ThreadedServer, free_port, make_index)
 from dprdm.cli import app as cli_app
-from dprdm.errors import InvalidParameterError
+from dprdm.errors import DprdmError, InvalidParameterError
 from dprdm.privacy import SqliteLedger
 from dprdm.rdm import MechanismSettings
+from dprdm.retrieval import build_index
 from dprdm.service.config import ServiceConfig, build_config
 from dprdm.service.engine import Generation
 
@@ -255,26 +257,43 @@ def test_the_page_is_served_with_nothing_from_elsewhere(service):
     assert "http://" not in page.text and "https://" not in page.text
 
 
-def test_config_precedence_flags_over_file_over_mechanism_json(tmp_path):
+def test_config_takes_the_pinned_mechanism_and_refuses_another(tmp_path):
     index = make_index(tmp_path / "private", 2.0)
-    MechanismSettings(1.0, 0.25, 7, 0.5).save(index)
-    assert build_config({"index_dir": index}).settings == MechanismSettings(1.0, 0.25, 7, 0.5)
+    assert build_config({"index_dir": index}).settings == SETTINGS  # from the ledger
     config_file = tmp_path / "service.toml"
-    config_file.write_text('k = 9\nq = 0.5\nsigma = 3.0\nallow_public_only = true\nport = 9001\n')
+    config_file.write_text(f'k = {PARAMS.k}\nq = {PARAMS.q}\nallow_public_only = true\n'
+                           'port = 9001\nlam = 0.25\n')
     config = build_config({"index_dir": index, "port": 9002}, config_file)
-    assert config.settings == MechanismSettings(3.0, 0.5, 9, 1.0)
+    assert config.settings == MechanismSettings(PARAMS.sigma, PARAMS.q, PARAMS.k, 0.25)
     assert config.allow_public_only is True and config.port == 9002
+    config = build_config({"index_dir": index, "lam": 0.5}, config_file)  # flags over the file
+    assert config.settings.lam == 0.5
+    for other in ({"k": PARAMS.k + 1}, {"q": 0.25}, {"sigma": 3.0}):
+        with pytest.raises(InvalidParameterError, match="differs from the mechanism pinned"):
+            build_config({"index_dir": index, **other})
     config_file.write_text('{"sigma": 3.0, "epsilon": 100}')
     config_file = config_file.rename(tmp_path / "service.json")
     with pytest.raises(InvalidParameterError, match="unknown keys"):
         build_config({"index_dir": index}, config_file)
-    with pytest.raises(InvalidParameterError, match="all of k, q and sigma"):
-        build_config({"index_dir": index, "k": 3})
+
+
+def test_the_engine_refuses_a_mechanism_changed_after_the_config(tmp_path):
+    from dprdm.privacy import MechanismParams
+    from dprdm.service.engine import GenerationEngine
+    from _service_support import models
+
+    index = make_index(tmp_path / "private", 2.0)
+    config = build_config({"index_dir": index})
+    SqliteLedger(index).set_mechanism(MechanismParams(PARAMS.sigma, PARAMS.q, PARAMS.k + 1))
+    encoder, pipeline = models()
+    with pytest.raises(DprdmError, match="restart the service"):
+        GenerationEngine(config, encoder=encoder, pipeline=pipeline)
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--index", "{tmp}/missing", "--k", "5", "--q", "0.5", "--sigma", "2"], "ledger"),
-    (["--index", "{tmp}/private"], "mechanism.json"),
+    (["--index", "{tmp}/missing", "--k", "5", "--q", "0.5", "--sigma", "2"], "no embedding index"),
+    (["--index", "{tmp}/private", "--k", "6"], "differs from the mechanism pinned"),
+    (["--index", "{tmp}/unbound"], "no privacy ledger"),
     (["--index", "{tmp}/private", "--k", "5", "--q", "0.5", "--sigma", "2",
       "--keyless-local", "--host", "0.0.0.0"], "loopback"),
     (["--index", "{tmp}/private", "--k", "5", "--q", "0.5", "--sigma", "2",
@@ -286,6 +305,7 @@ def test_config_precedence_flags_over_file_over_mechanism_json(tmp_path):
 ])
 def test_serve_refuses_a_bad_start_with_one_json_error(tmp_path, args, needle):
     make_index(tmp_path / "private", 2.0)
+    build_index(np.ones((3, 4), dtype=np.float32), tmp_path / "unbound")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(cli_app, ["serve", *args, "--json"])
     assert result.exit_code == 2, result.output

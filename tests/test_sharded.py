@@ -49,16 +49,17 @@ def queries(count, seed=1):
     return normalise_queries(q, DIM)
 
 
-def single(index, strategy, q=1.0, k=4, sigma=1e-3):
+def single(index, strategy, q=1.0, k=4, sigma=1e-3, randomness=None):
     searcher = IVFPartition.open(index, nprobe=NPROBE) if strategy == "probed" else None
     return PrivateRetrieval(index, MechanismParams(sigma, q, k), InMemoryLedger(**BIG),
-                            strategy=strategy, searcher=searcher)
+                            strategy=strategy, searcher=searcher, randomness=randomness)
 
 
-def sharded(sharded_index, strategy, q=1.0, k=4, sigma=1e-3, ledger=None, backend=None):
+def sharded(sharded_index, strategy, q=1.0, k=4, sigma=1e-3, ledger=None, backend=None,
+            randomness=None):
     return ShardedPrivateRetrieval(backend or LocalShards(sharded_index),
                                    MechanismParams(sigma, q, k), ledger or InMemoryLedger(**BIG),
-                                   strategy=strategy, nprobe=NPROBE)
+                                   strategy=strategy, nprobe=NPROBE, randomness=randomness)
 
 
 # ---- the layout --------------------------------------------------------------------------------
@@ -120,10 +121,9 @@ def test_at_q_one_the_sharded_aggregate_is_the_single_node_one_exactly(indexes, 
     # same aggregate + the same noise draws (a seeded research source for both) = same release
     releases = []
     for make, target in ((single, index), (sharded, split)):
-        mechanism = make(target, strategy, sigma=1.0)
-        mechanism._rng = np.random.default_rng(5)
+        mechanism = make(target, strategy, sigma=1.0, randomness=np.random.default_rng(5))
         releases.append(mechanism.release(batch))
-    assert releases[0].dtype == np.float32 and np.array_equal(releases[0], releases[1])
+    assert releases[0].dtype == np.float64 and np.array_equal(releases[0], releases[1])
 
 
 @pytest.mark.parametrize("strategy", ["subsample", "probed"])
@@ -217,25 +217,75 @@ def test_a_sharded_index_works_with_the_single_node_cli(indexes, tmp_path):
                                  str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["budget", "init", str(out), "--epsilon", "5", "--delta",
-                               "1e-4", "--json"]).exit_code == 0
+                               "1e-4", "--k", "3", "--q", "0.5", "--sigma", "1",
+                               "--json"]).exit_code == 0
     np.save(tmp_path / "q.npy", queries(3))
     for strategy in ("subsample", "ivf-subsample"):
         result = runner.invoke(app, ["retrieve", str(out), "--query-emb", str(tmp_path / "q.npy"),
-                                     "--k", "3", "--q", "0.5", "--sigma", "1", "--strategy",
-                                     strategy, "--nprobe", "2", "--out",
+                                     "--strategy", strategy, "--nprobe", "2", "--out",
                                      str(tmp_path / f"{strategy}.npy"), "--json"])
         assert result.exit_code == 0, result.output
         assert np.load(tmp_path / f"{strategy}.npy").shape == (3, DIM)
     info = json.loads(runner.invoke(app, ["index", "info", str(out), "--json"]).output)
     assert info["sharded"] and info["has_ledger"] and [s["n"] for s in info["shards"]] == [30, 30]
     refused = runner.invoke(app, ["retrieve", str(out), "--query-emb", str(tmp_path / "q.npy"),
-                                  "--k", "3", "--q", "0.5", "--sigma", "1", "--strategy", "exact",
-                                  "--out", str(tmp_path / "x.npy"), "--json"])
+                                  "--strategy", "exact", "--out", str(tmp_path / "x.npy"),
+                                  "--json"])
     assert refused.exit_code == 2 and not (tmp_path / "x.npy").exists()
-    plain = runner.invoke(app, ["retrieve", str(index.path), "--query-emb",
-                                str(tmp_path / "q.npy"), "--k", "3", "--q", "0.5", "--sigma", "1",
-                                "--ray-address", "local", "--out", str(tmp_path / "y.npy"),
-                                "--json"])
+    plain_index = build_index(np.asarray(index.vectors, np.float32), tmp_path / "plain").path
+    assert runner.invoke(app, ["budget", "init", str(plain_index), "--epsilon", "5", "--delta",
+                               "1e-4", "--k", "3", "--q", "0.5", "--sigma", "1",
+                               "--json"]).exit_code == 0
+    plain = runner.invoke(app, ["retrieve", str(plain_index), "--query-emb",
+                                str(tmp_path / "q.npy"), "--ray-address", "local", "--out",
+                                str(tmp_path / "y.npy"), "--json"])
     assert plain.exit_code == 2 and "sharded" in plain.output
     shown = json.loads(runner.invoke(app, ["budget", "show", str(out), "--json"]).output)
     assert shown["queries"] == 6  # two accepted calls of 3; the refused ones charged nothing
+    plain_shown = json.loads(runner.invoke(app, ["budget", "show", str(plain_index),
+                                                 "--json"]).output)
+    assert plain_shown["queries"] == 0
+
+
+# ---- the ledger binding ----------------------------------------------------------------------
+
+def test_a_sharded_index_is_bound_to_its_ledger_and_a_tampered_shard_is_refused(indexes,
+                                                                                 tmp_path):
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from dprdm.cli import app
+    from dprdm.errors import LedgerBindingError
+    from dprdm.privacy import init_budget, open_private_index
+    from dprdm.privacy.binding import binding_of, verify_index
+
+    index, _ = indexes
+    split = shard_index(index.path, tmp_path / "bound", 3)
+    _, ledger = init_budget(split.path, 5.0, 1e-4, MechanismParams(1.0, 0.5, 3))
+    assert (split.path / "ledger.sqlite").is_file()  # the ONE ledger, in the top directory
+    files = binding_of(split.path)["embeddings"]["files"]
+    assert [f["path"] for f in files] == [f"shard-000{i}/embeddings.npy" for i in range(3)]
+    shard_hashes = [hashlib.sha256((s.path / "embeddings.npy").read_bytes()).digest()
+                    for s in split.shards]
+    assert ledger.embeddings_sha256 == hashlib.sha256(b"".join(shard_hashes)).hexdigest()
+    opened, _ = open_private_index(split.path)
+    assert isinstance(opened, ShardedIndex)
+    assert [f["sha256"] for f in verify_index(split.path)["files"]] == ["ok"] * 3
+    with pytest.raises(LedgerBindingError):  # a shard never gets a budget of its own
+        init_budget(split.shards[1].path, 5.0, 1e-4, MechanismParams(1.0, 0.5, 3))
+
+    path = split.shards[1].path / "embeddings.npy"  # same size, one sampled block changed
+    data = bytearray(path.read_bytes())
+    data[-2:] = bytes([data[-2] ^ 0xFF, data[-1] ^ 0xFF])
+    path.write_bytes(bytes(data))
+    with pytest.raises(LedgerBindingError, match="shard-0001"):
+        open_private_index(split.path)
+    np.save(tmp_path / "q.npy", queries(2))
+    runner = CliRunner()
+    for command in (["retrieve", str(split.path), "--query-emb", str(tmp_path / "q.npy"),
+                     "--out", str(tmp_path / "r.npy")], ["budget", "show", str(split.path)],
+                    ["index", "verify", str(split.path)]):
+        result = runner.invoke(app, [*command, "--json"])
+        assert result.exit_code == 2 and json.loads(result.stdout)["error"] == "ledger_binding"
+    assert not (tmp_path / "r.npy").exists() and ledger.summary().queries == 0

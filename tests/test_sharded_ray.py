@@ -131,11 +131,12 @@ def test_serve_shards_then_retrieve_with_ray_address_auto(cluster, tmp_path):
     started = json.loads(result.output)
     assert started["actors"] == [sharded_ray.actor_name(split, i) for i in range(SHARDS)]
     assert runner.invoke(app, ["budget", "init", str(split.path), "--epsilon", "5", "--delta",
-                               "1e-5", "--json"]).exit_code == 0
+                               "1e-5", "--k", "5", "--q", "0.1", "--sigma", "1",
+                               "--json"]).exit_code == 0
     np.save(tmp_path / "q.npy", queries(4))
     result = runner.invoke(app, ["retrieve", str(split.path), "--query-emb",
-                                 str(tmp_path / "q.npy"), "--k", "5", "--q", "0.1", "--sigma",
-                                 "1", "--strategy", "ivf-subsample", "--ray-address", "auto",
+                                 str(tmp_path / "q.npy"), "--strategy", "ivf-subsample",
+                                 "--ray-address", "auto",
                                  "--out", str(tmp_path / "r.npy"), "--json"])
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "r.npy").shape == (4, DIM) and json.loads(result.output)[

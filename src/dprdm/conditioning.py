@@ -22,16 +22,18 @@ def check_lam(lam: float) -> float:
     return float(lam)
 
 
-def interpolate(released: np.ndarray, public: np.ndarray, lam: float) -> np.ndarray:
-    """lam * released + (1 - lam) * public, row by row, as float32."""
+def interpolate(released: np.ndarray, public: np.ndarray, lam: float,
+                dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """lam * released + (1 - lam) * public, row by row, in `dtype` (float32 for the generator;
+    float64 keeps a lam = 1 release exactly on its noise grid)."""
     lam = check_lam(lam)
-    released = np.asarray(released, dtype=np.float32)
-    public = np.asarray(public, dtype=np.float32)
+    released = np.asarray(released, dtype=dtype)
+    public = np.asarray(public, dtype=dtype)
     if released.shape != public.shape:
         raise InvalidParameterError(
             f"released {released.shape} and public {public.shape} shapes differ"
         )
-    return (lam * released + (1.0 - lam) * public).astype(np.float32)
+    return (lam * released + (1.0 - lam) * public).astype(dtype)
 
 
 def noise_ratio(sigma: float, k: int, dim: int) -> dict:

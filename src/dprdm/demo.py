@@ -8,19 +8,24 @@
    print where they are and how much budget was spent.
 
 Re-running reuses the data, indexes and ledger (the ledger keeps counting: each run spends
-len(DEMO_PROMPTS) more queries).
+len(DEMO_PROMPTS) more queries). The demo never re-creates a ledger for an existing private index:
+if the index's ledger is gone (or unusable), it deletes the index and builds a NEW one from scratch
+(a new index is a new data set with a new budget), and says so.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
 from rich.console import Console
 
 from dprdm import demo_layout
-from dprdm.privacy import SqliteLedger, accounting
+from dprdm.errors import DprdmError
+from dprdm.privacy import MechanismParams, accounting, init_budget, open_private_index
+from dprdm.privacy.binding import binding_of
 
 console = Console()
 
@@ -52,27 +57,44 @@ def _build_index_from_folder(folders, out_dir, encoder, what: str):
     return index
 
 
-def prepare_indexes(encoder) -> None:
-    from dprdm.rdm import MechanismSettings
+def _usable_private_index(private) -> bool:
+    """Does the private index exist with a verified ledger? Deletes it (and says so) when it
+    exists but its ledger is missing or unusable: the demo never re-creates a ledger."""
+    if not (private / "index.json").exists():
+        return False
+    if binding_of(private) is None and not (private / "ledger.sqlite").exists():
+        return True  # built, never had a ledger: `budget init` below
+    try:
+        open_private_index(private)
+        return True
+    except DprdmError as error:
+        console.print(f"[yellow]private index {private}: {error}[/]")
+        console.print("[yellow]the demo does not re-create a ledger for an existing private "
+                      "index (that would re-arm the budget): it deletes the index and builds a "
+                      "NEW one from scratch (a new index is a new data set, with a new "
+                      "budget)[/]")
+        shutil.rmtree(private)
+        return False
 
+
+def prepare_indexes(encoder) -> None:
     root = demo_layout.demo_root()
     data = root / "data"
-    _build_index_from_folder([data / "openmoji_private"], demo_layout.private_index_dir(),
-                             encoder, "private")
+    private = demo_layout.private_index_dir()
+    _usable_private_index(private)
+    _build_index_from_folder([data / "openmoji_private"], private, encoder, "private")
     _build_index_from_folder([data / "twemoji", data / "google"], demo_layout.public_index_dir(),
                              encoder, "public")
-    private = demo_layout.private_index_dir()
-    if not (private / "ledger.sqlite").exists():
-        SqliteLedger.create(private, epsilon=EPSILON, delta=DELTA)
-    if not (private / "mechanism.json").exists():
+    if binding_of(private) is None:
         sigma = accounting.calibrate_sigma(EPSILON, DEMO_Q, DEMO_K, DEMO_QUERIES, DELTA)
-        MechanismSettings(sigma, DEMO_Q, DEMO_K, DEMO_LAM).save(private)
-    settings = MechanismSettings.load(private)
-    capacity = accounting.max_queries(settings.params, EPSILON, DELTA)
+        init_budget(private, EPSILON, DELTA, MechanismParams(sigma, DEMO_Q, DEMO_K), DEMO_LAM)
+    _, ledger = open_private_index(private)
+    params = ledger.mechanism
+    capacity = accounting.max_queries(params, EPSILON, DELTA)
     console.print(
-        f"mechanism: k={settings.k} q={settings.q} sigma={settings.sigma:.4f} lam={settings.lam} "
-        f"(noise multiplier {settings.params.noise_multiplier:.2f}); {capacity} queries fit in "
-        f"epsilon={EPSILON:g}, delta={DELTA:g}"
+        f"mechanism (pinned in the ledger): k={params.k} q={params.q} sigma={params.sigma:.4f} "
+        f"lam={ledger.lam} (noise multiplier {params.noise_multiplier:.2f}); {capacity} queries "
+        f"fit in epsilon={EPSILON:g}, delta={DELTA:g}"
     )
 
 
@@ -100,12 +122,11 @@ def main() -> None:
     encoder = load_encoder("demo")
     prepare_indexes(encoder)
 
-    private = demo_layout.private_index_dir()
-    ledger = SqliteLedger(private)
+    private_index, ledger = open_private_index(demo_layout.private_index_dir())
     rag = RetrievalAugmentedGenerator(
         encoder, RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR),
-        private_index=EmbeddingIndex.open(private), ledger=ledger,
-        settings=MechanismSettings.load(private),
+        private_index=private_index, ledger=ledger,
+        settings=MechanismSettings.from_ledger(ledger),
         public_index=EmbeddingIndex.open(demo_layout.public_index_dir()),
     )
     prompts = held_out_prompts(N_PROMPTS)

@@ -1,7 +1,7 @@
 """Where `make demo` leaves things, so that `--demo` on generate / eval / serve can find them.
 
 .dprdm-demo/ (git-ignored; override with DPRDM_DEMO_ROOT):
-  private/   the private OpenMoji index, its ledger and mechanism.json (calibrated settings)
+  private/   the private OpenMoji index and its ledger (the calibrated mechanism pinned in it)
   public/    the public (Twemoji + Noto) index, no ledger
   holdout/   held-out OpenMoji images + captions.jsonl (the evaluation reference set)
   data/      the prepared emoji styles;  npm/  the npm packages they came from

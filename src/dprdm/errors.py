@@ -34,3 +34,10 @@ class NotFoundError(DprdmError, FileNotFoundError):
     """A file or directory the command needs does not exist."""
 
     code = "not_found"
+
+
+class LedgerBindingError(DprdmError):
+    """A private index and its ledger do not belong together (missing, replaced or rolled-back
+    ledger, changed embeddings); refused before anything is charged or released."""
+
+    code = "ledger_binding"

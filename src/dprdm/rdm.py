@@ -2,7 +2,8 @@
 
 Owns :class:`RetrievalAugmentedGenerator`, the one composition that ``dprdm generate``, the
 evaluation harness and the service share, and :class:`MechanismSettings`, the operator-fixed
-(sigma, q, k, lam) of a private index, stored beside it as ``mechanism.json``.
+(sigma, q, k, lam) of a private index, pinned in its ledger by ``dprdm budget init`` (the ledger is
+the only source: there is no mechanism file to edit).
 
 Per prompt p with text embedding x:
 * DP mode: r = PrivateRetrieval.release(x) (one query each, charged first), c = lam*r + (1-lam)*x;
@@ -14,21 +15,16 @@ seed reaches only the diffusion sampler.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from dprdm.conditioning import check_lam, interpolate
-from dprdm.errors import DprdmError, InvalidParameterError
-from dprdm.files import write_bytes_atomically
+from dprdm.errors import InvalidParameterError
 from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
 from dprdm.retrieval import EmbeddingIndex, ExactSearcher
 
-MECHANISM_FILE = "mechanism.json"
 MAX_PROMPTS = 256
 MAX_PROMPT_CHARS = 500
 MAX_IMAGES_PER_PROMPT = 64
@@ -53,18 +49,11 @@ class MechanismSettings:
     def params(self) -> MechanismParams:
         return MechanismParams(self.sigma, self.q, self.k)
 
-    def save(self, index_dir: str | os.PathLike) -> None:
-        data = json.dumps(asdict(self), indent=1) + "\n"
-        write_bytes_atomically(Path(index_dir) / MECHANISM_FILE, data.encode())
-
     @classmethod
-    def load(cls, index_dir: str | os.PathLike) -> MechanismSettings:
-        path = Path(index_dir) / MECHANISM_FILE
-        if not path.is_file():
-            raise DprdmError(f"no {MECHANISM_FILE} in {index_dir}: pass --k, --q, --sigma, --lam")
-        data = json.loads(path.read_text())
-        return cls(float(data["sigma"]), float(data["q"]), int(data["k"]),
-                   float(data.get("lam", 1.0)))
+    def from_ledger(cls, ledger: SqliteLedger, lam: float | None = None) -> MechanismSettings:
+        """The ledger's pinned mechanism; `lam` (post-processing, free) overrides its lam."""
+        params = ledger.mechanism
+        return cls(params.sigma, params.q, params.k, ledger.lam if lam is None else lam)
 
 
 def check_prompts(prompts: object) -> list[str]:

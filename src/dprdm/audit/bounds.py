@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import beta
 
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy.accounting import check_delta
@@ -89,6 +88,8 @@ def clopper_pearson_upper(trials: int, alpha: float) -> np.ndarray:
     of which m events in `trials` were observed (P(rate <= u[m]) >= 1 - alpha)."""
     counts = np.arange(trials + 1, dtype=np.float64)
     table = np.ones(trials + 1)
+    from scipy.stats import beta  # imported here: scipy.stats takes seconds to import
+
     table[:-1] = beta.ppf(1.0 - alpha, counts[:-1] + 1.0, trials - counts[:-1])
     table.setflags(write=False)
     return table

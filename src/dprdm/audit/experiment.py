@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
-from scipy.stats import binom
 
 from dprdm.audit.bounds import (
     MIN_TRIALS,
@@ -117,6 +116,8 @@ def worst_case_records(k: int, q: float) -> int:
         return k
 
     def enough(records: int) -> bool:
+        from scipy.stats import binom  # imported here: scipy.stats is slow to import
+
         return float(binom.cdf(k - 1, records, q)) <= SHORT_SUBSAMPLE_PROBABILITY
 
     too_few, enough_records = k - 1, max(k, math.ceil(k / q))

@@ -26,8 +26,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import chi2
-from scipy.stats import t as student_t
 
 from dprdm.errors import InvalidParameterError
 
@@ -86,6 +84,9 @@ def check_noise(without: np.ndarray, with_: np.ndarray, direction: np.ndarray,
     pairs = coordinates * (coordinates - 1) // 2
     tests = coordinates + pairs + int(without_aggregate_is_constant)
     alpha_each = alpha / tests
+
+    from scipy.stats import chi2  # imported here: scipy.stats takes seconds to import
+    from scipy.stats import t as student_t
 
     sums_of_squares = np.sum(residuals * residuals, axis=0)
     ratios = sums_of_squares / df / expected_variance

@@ -91,7 +91,9 @@ def embed(
                                       help="Texts: .txt (one per line) or .jsonl ('caption')."),
     encoder: str = ENCODER_OPTION,
     size: int | None = typer.Option(None, "--size", help="Load images at this side (default: "
-                                    "what the encoder wants: 64 demo, the crop size for CLIP)."),
+                                    "the encoder's load_size in `dprdm encoders info`: 64 for "
+                                    "the demo, which its 32 px tower downsamples; the crop size "
+                                    "for CLIP)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1),
     ids_out: Path | None = typer.Option(None, "--ids-out", help="Where to write the ids "
                                         "(JSON list; default OUT with .ids.json)."),

@@ -49,9 +49,9 @@ def evaluate(
     queries: str = typer.Option("100,1000", "--queries",
                                 help="Comma-separated query counts T (sigma is calibrated so "
                                      "that T queries reach each epsilon)."),
-    k: int = typer.Option(None, "--k", help="Neighbours (default: the index's mechanism.json)."),
-    q: float = typer.Option(None, "--q", help="Sampling rate (default: mechanism.json)."),
-    lam: float = typer.Option(None, "--lam", help="Mix weight (default: mechanism.json)."),
+    k: int = typer.Option(None, "--k", help="Neighbours (default: the ledger's pinned k)."),
+    q: float = typer.Option(None, "--q", help="Sampling rate (default: the ledger's pinned q)."),
+    lam: float = typer.Option(None, "--lam", help="Mix weight (default: the ledger's lam)."),
     delta: float = typer.Option(None, "--delta",
                                 help="delta (default: the index ledger's delta, else 1e-5)."),
     samples: int = typer.Option(None, "--samples", help="Prompts to use (default: all)."),
@@ -89,7 +89,9 @@ def evaluate(
         from dprdm.evaluation.report import PRIVATE_REPORT_WARNING, write_report
         from dprdm.generation import RetrievalDiffusionPipeline
         from dprdm.generation.pipeline import DEFAULT_DIR
-        from dprdm.privacy import SqliteLedger
+        from dprdm.privacy import open_private_index
+        from dprdm.privacy.binding import binding_of
+        from dprdm.privacy.ledger import LEDGER_FILENAME
         from dprdm.rdm import MechanismSettings
         from dprdm.retrieval import EmbeddingIndex
 
@@ -104,13 +106,17 @@ def evaluate(
             raise InvalidParameterError("give --index and --holdout (or --demo)")
         if out.exists() and not out.is_dir():
             raise InvalidParameterError(f"{out} exists and is not a directory")
-        saved = (MechanismSettings.load(index_dir)
-                 if (Path(index_dir) / "mechanism.json").is_file() else None)
+        saved, ledger_delta = None, None
+        EmbeddingIndex.open(index_dir)  # a clear error for a missing or broken index
+        if binding_of(index_dir) is not None or (Path(index_dir) / LEDGER_FILENAME).exists():
+            # The production ledger, verified, read only: never charged (experiments use
+            # in-memory ledgers).
+            _, production = open_private_index(index_dir)
+            saved = MechanismSettings.from_ledger(production)
+            ledger_delta = production.delta
         if saved is None and None in (k, q):
-            raise InvalidParameterError(f"{index_dir} has no mechanism.json: give --k and --q")
-        ledger_delta = None
-        if delta is None and (Path(index_dir) / "ledger.sqlite").is_file():
-            ledger_delta = SqliteLedger(index_dir).summary().delta  # read only: never charged
+            raise InvalidParameterError(f"{index_dir} has no ledger with a pinned mechanism: "
+                                        "give --k and --q")
         plan = EvalPlan(
             epsilons=(10.0,) if quick else _floats(epsilons, "--epsilons"),
             queries=(1000,) if quick else _ints(queries, "--queries"),

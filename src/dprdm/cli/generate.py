@@ -9,6 +9,7 @@ import typer
 
 from dprdm import demo_layout
 from dprdm.cli.output import JSON_OPTION, console, run_command
+from dprdm.conditioning import check_lam
 from dprdm.errors import InvalidParameterError, NotFoundError
 from dprdm.files import write_bytes_atomically
 from dprdm.image_files import image_grid, save_png
@@ -17,10 +18,8 @@ from dprdm.image_files import image_grid, save_png
 def generate(
     prompts: list[str] = typer.Argument(..., help="One or more text prompts."),
     index: Path = typer.Option(None, "--index", help="Private index directory (with a ledger)."),
-    k: int = typer.Option(None, "--k", help="Neighbours averaged per query."),
-    q: float = typer.Option(None, "--q", help="Poisson sampling rate in (0, 1]."),
-    sigma: float = typer.Option(None, "--sigma", help="Noise std of the released aggregate."),
-    lam: float = typer.Option(None, "--lam", help="c = lam * released + (1 - lam) * text."),
+    lam: float = typer.Option(None, "--lam", help="c = lam * released + (1 - lam) * text "
+                                                  "(default: the ledger's lam; free)."),
     n: int = typer.Option(1, "-n", "--images-per-prompt", help="Images per prompt (free)."),
     guidance: float = typer.Option(3.0, "--guidance", help="Classifier-free guidance scale."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampling steps."),
@@ -32,6 +31,8 @@ def generate(
     encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
     model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an earlier run's images in --out."),
     ray_address: str = typer.Option(
         None, "--ray-address",
         help="A sharded --index only: its shards as Ray actors ('local', or 'auto' / host:port "
@@ -41,6 +42,8 @@ def generate(
 ) -> None:
     """Generate images; each prompt costs one private query (all its images are free).
 
+    The mechanism (k, q, sigma) is the one pinned in the index's ledger (`dprdm budget init`).
+
     Example: dprdm generate "red apple" "cat face" --demo -n 4 --out out/
     """
 
@@ -48,11 +51,10 @@ def generate(
         from dprdm.encoders import load_encoder
         from dprdm.generation import RetrievalDiffusionPipeline
         from dprdm.generation.pipeline import DEFAULT_DIR
-        from dprdm.privacy import SqliteLedger
+        from dprdm.privacy import open_private_index
         from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, check_prompts,
                                check_sampling)
         from dprdm.retrieval import EmbeddingIndex
-        from dprdm.retrieval.shards import open_private_index
 
         # Validate everything before any private query is charged.
         prompt_list = check_prompts(prompts)
@@ -65,24 +67,24 @@ def generate(
                 public_dir = None
         if out.exists() and not out.is_dir():
             raise InvalidParameterError(f"{out} exists and is not a directory")
-        settings = None
-        if index_dir is not None:
-            explicit = (sigma, q, k)
-            if all(v is not None for v in explicit):
-                settings = MechanismSettings(sigma, q, k, 1.0 if lam is None else lam)
-            elif any(v is not None for v in explicit):
-                raise InvalidParameterError("give all of --k, --q and --sigma, or none")
-            else:
-                settings = MechanismSettings.load(index_dir)
-                if lam is not None:
-                    settings = MechanismSettings(settings.sigma, settings.q, settings.k, lam)
-        elif not public_only:
+        earlier_run = sorted(out.glob("prompt*_image*.png")) if out.is_dir() else []
+        if (earlier_run or (out / "report.json").exists()) and not overwrite:
+            raise InvalidParameterError(
+                f"{out} holds an earlier run's images; choose another --out, or pass --overwrite "
+                "to replace them")
+        if index_dir is None and not public_only:
             raise InvalidParameterError("give --index DIR (or --demo), or use --public-only")
+        if lam is not None:
+            check_lam(lam)
         model_dir = Path(model or DEFAULT_DIR)
         if not (model_dir / "model_index.json").is_file():
             raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
-        private = None if (public_only or index_dir is None) else open_private_index(index_dir)
-        ledger = SqliteLedger(index_dir) if private is not None else None
+        private, ledger, settings = None, None, None
+        if index_dir is not None:  # verified pair; public-only still reads the pinned k and lam
+            opened, ledger = open_private_index(index_dir)
+            settings = MechanismSettings.from_ledger(ledger, lam)
+            private = None if public_only else opened
+            ledger = None if public_only else ledger
         rag = RetrievalAugmentedGenerator(
             load_encoder(encoder),
             RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
@@ -93,6 +95,8 @@ def generate(
         out.mkdir(parents=True, exist_ok=True)
         result = rag.generate(prompt_list, n=n, guidance=guidance, steps=steps, seed=seed,
                               public_only=public_only, caller="cli:generate")
+        for stale in earlier_run:  # only with --overwrite: no image of the old run is kept
+            stale.unlink(missing_ok=True)
         files = []
         for p, per_prompt in enumerate(result.images):
             for i, image in enumerate(per_prompt):

@@ -9,7 +9,9 @@ from typing import Any
 import typer
 
 from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
-from dprdm.errors import InvalidParameterError
+from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.privacy.ledger import LEDGER_FILENAME, SqliteLedger
+from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
 from dprdm.retrieval import store
 from dprdm.retrieval.partition import IVFPartition
 from dprdm.retrieval.search import PublicQuantizer, train_public_quantizer
@@ -18,6 +20,8 @@ app = typer.Typer(help="Build and inspect embedding indexes.", no_args_is_help=T
 
 # Below this many rows a build takes well under a second; no progress bar.
 PROGRESS_MIN_ROWS = 200_000
+# Below this size the embeddings are hashed in well under a second; no progress bar.
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
 
 def _read_ids(path: Path) -> list[str | int]:
@@ -71,7 +75,7 @@ def build(
             index = store.build_index(
                 matrix, out, ids=id_list, dtype=dtype, overwrite=overwrite, progress=progress
             )
-        return index.info()
+        return {**index.info(), "noise": _saved_mechanism_noise(out, index.dim)}
 
     run_command(as_json, "index built", compute)
 
@@ -81,13 +85,53 @@ def info(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Describe the index at DIR (size, dtype, ledger, quantizer; the shards of a sharded one).
+    """Describe the index at DIR (size, dtype, ledger, quantizer; the shards of a sharded one;
+    and the noise of the mechanism pinned in its ledger: sampler and grid; null without one).
 
     Example: dprdm index info private_index --json
     """
-    from dprdm.retrieval.shards import open_private_index
+    from dprdm.retrieval.shards import open_index
 
-    run_command(as_json, "embedding index", lambda: open_private_index(directory).info())
+    def compute() -> dict[str, Any]:
+        index = open_index(directory)
+        return {**index.info(), "noise": _saved_mechanism_noise(directory, index.dim)}
+
+    run_command(as_json, "embedding index", compute)
+
+
+def _saved_mechanism_noise(directory: Path, dim: int) -> dict[str, Any] | None:
+    """{"sampler", "grid"} of the mechanism pinned in the index's ledger, as the CLI and the
+    service release it; None when the index has no ledger yet."""
+    if not (Path(directory) / LEDGER_FILENAME).is_file():
+        return None
+    try:
+        params = SqliteLedger(directory).mechanism
+    except DprdmError:  # not a readable ledger: `budget show` / `retrieve` say why
+        return None
+    return {"sampler": OPENDP_SAMPLER, "grid": noise_grid(params.sigma, params.k, dim)}
+
+
+@app.command()
+def verify(
+    directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Recompute the full SHA-256 of the embeddings (every shard's, for a sharded index) and
+    compare it with the one recorded at `budget init` (opening an index only checks size, sampled
+    blocks and, when the modification time changed, the full hash). Exit 2 when the embeddings
+    changed.
+
+    Example: dprdm index verify private_index --json
+    """
+    from dprdm.privacy.binding import embeddings_bytes, verify_index
+
+    def compute() -> dict[str, Any]:
+        size = embeddings_bytes(directory)
+        with progress_callback("hashing embeddings",
+                               enabled=not as_json and size >= PROGRESS_MIN_BYTES) as progress:
+            return verify_index(directory, progress)
+
+    run_command(as_json, "index verified", compute)
 
 
 @app.command()

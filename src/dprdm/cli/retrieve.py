@@ -11,11 +11,12 @@ from dprdm.cli.output import JSON_OPTION, err_console, run_command
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
-from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
+from dprdm.privacy import PrivateRetrieval, open_private_index
 from dprdm.privacy.mechanism import normalise_queries
 from dprdm.privacy.sharded import ShardedPrivateRetrieval, shard_backend
 from dprdm.retrieval import DEFAULT_NPROBE, IVFPartition, make_searcher
-from dprdm.retrieval.shards import ShardedIndex, open_private_index
+from dprdm.retrieval.search import PublicQuantizer
+from dprdm.retrieval.shards import ShardedIndex
 
 STRATEGIES = ("subsample", "ivf-subsample", "exact", "faiss", "ivf")
 SHARDED_STRATEGIES = ("subsample", "ivf-subsample")
@@ -24,11 +25,9 @@ SHARDED_STRATEGIES = ("subsample", "ivf-subsample")
 def retrieve(
     index_dir: Path = typer.Argument(..., help="The private index directory (with a ledger)."),
     query_emb: Path = typer.Option(..., "--query-emb", help=".npy of (B, d) query embeddings."),
-    k: int = typer.Option(..., "--k", help="Neighbours averaged per query."),
-    sigma: float = typer.Option(..., "--sigma", help="Noise std of the released aggregate."),
-    q: float = typer.Option(..., "--q", help="Poisson sampling rate in (0, 1]."),
-    lam: float = typer.Option(1.0, "--lam", help="c = lam * released + (1 - lam) * query."),
-    out: Path = typer.Option(..., "--out", help="Where to write the (B, d) float32 .npy."),
+    lam: float = typer.Option(1.0, "--lam", help="c = lam * released + (1 - lam) * query "
+                                                 "(post-processing, free)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the (B, d) float64 .npy."),
     strategy: str = typer.Option(
         "subsample", "--strategy",
         help="subsample: draw the subsample in O(qN), search it; ivf-subsample: the same "
@@ -49,27 +48,28 @@ def retrieve(
 ) -> None:
     """Release one noised aggregate per query row; every row costs one query of the budget.
 
-    The ledger is charged for all rows first; then the (interpolated) aggregates are written to
-    OUT atomically. Nothing else about the private records is printed.
+    The mechanism (k, q, sigma) is the one pinned in the index's ledger (`dprdm budget init`);
+    the ledger is charged for all rows first; then the (interpolated) aggregates are written to
+    OUT atomically as float64 (with --lam 1 every value is an exact multiple of the noise grid,
+    reported as noise.grid). Nothing else about the private records is printed.
 
-    Example: dprdm retrieve private-index/ --query-emb q.npy --k 20 --q 0.01 --sigma 0.05 --out r.npy
+    Example: dprdm retrieve private-index/ --query-emb q.npy --out r.npy
     """
 
     def compute() -> dict:
         # Everything that can fail on bad input is checked BEFORE the ledger is charged.
         if strategy not in STRATEGIES:
             raise InvalidParameterError(f"--strategy must be one of {', '.join(STRATEGIES)}")
-        params = MechanismParams(sigma, q, k)
         lam_ = check_lam(lam)
         destination = check_writable_destination(out)
-        index = open_private_index(index_dir)
+        index, ledger = open_private_index(index_dir)  # one ledger for a whole sharded index
+        params = ledger.mechanism
         sharded = isinstance(index, ShardedIndex)
         if sharded and strategy not in SHARDED_STRATEGIES:
             raise InvalidParameterError("a sharded index supports --strategy "
                                         f"{' or '.join(SHARDED_STRATEGIES)}")
         if ray_address is not None and not sharded:
             raise InvalidParameterError("--ray-address needs a sharded index (dprdm index shard)")
-        ledger = SqliteLedger(index_dir)
         try:
             raw = np.load(query_emb, allow_pickle=False)
         except (OSError, ValueError) as error:
@@ -91,12 +91,13 @@ def retrieve(
                                          searcher=make_searcher(index, strategy, nprobe=nprobe))
         before = ledger.summary()
         released = mechanism.release(queries, caller="cli:retrieve")
-        save_npy_atomically(destination, interpolate(released, queries, lam_))
+        save_npy_atomically(destination, interpolate(released, queries, lam_, dtype=np.float64))
         after = ledger.summary()
         return {
             "queries": int(queries.shape[0]),
             "out": str(destination),
             "sigma": params.sigma, "q": params.q, "k": params.k, "lam": lam_,
+            "noise": mechanism.noise_description(),
             "epsilon_this_call": after.epsilon_spent - before.epsilon_spent,
             "epsilon_spent": after.epsilon_spent,
             "epsilon_remaining": after.epsilon_remaining,

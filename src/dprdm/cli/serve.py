@@ -37,10 +37,11 @@ def serve(
     config_file: Path = typer.Option(None, "--config",
                                      help="TOML or JSON file with these settings."),
     public_index: Path = typer.Option(None, "--public-index", help="A PUBLIC index (optional)."),
-    k: int = typer.Option(None, "--k", help="Neighbours averaged per query (operator-fixed)."),
-    q: float = typer.Option(None, "--q", help="Poisson sampling rate (operator-fixed)."),
-    sigma: float = typer.Option(None, "--sigma", help="Noise std (operator-fixed)."),
-    lam: float = typer.Option(None, "--lam", help="c = lam * released + (1 - lam) * text."),
+    k: int = typer.Option(None, "--k", help="Only to assert the ledger's pinned k."),
+    q: float = typer.Option(None, "--q", help="Only to assert the ledger's pinned q."),
+    sigma: float = typer.Option(None, "--sigma", help="Only to assert the ledger's pinned sigma."),
+    lam: float = typer.Option(None, "--lam", help="c = lam * released + (1 - lam) * text "
+                                                  "(default: the ledger's lam)."),
     host: str = typer.Option(None, "--host", help="Address to listen on [127.0.0.1]."),
     port: int = typer.Option(None, "--port", help="Port [8000]."),
     workers: int = typer.Option(None, "--workers", help="Worker processes [1]."),
@@ -65,12 +66,12 @@ def serve(
 ) -> None:
     """Serve the HTTP API and web page; the index's ledger enforces the privacy budget.
 
-    The mechanism (k, q, sigma, lam) is fixed here by the operator (flags, --config, or the
-    index's mechanism.json); clients cannot choose it. The server answers only for the loopback
-    names and --host with its port, plus each --allowed-host (DNS-rebinding protection), and
-    refuses state-changing requests from other origins. With --json, one JSON object describing
-    the running service is printed on stdout once the port is bound and /healthz answers; a
-    taken port is an error (exit 2). Logs go to stderr.
+    The mechanism (k, q, sigma) is the one pinned in the index's ledger (`dprdm budget init`);
+    --k/--q/--sigma that differ from it are refused, and clients cannot choose it. The server
+    answers only for the loopback names and --host with its port, plus each --allowed-host
+    (DNS-rebinding protection), and refuses state-changing requests from other origins. With
+    --json, one JSON object describing the running service is printed on stdout once the port is
+    bound and /healthz answers; a taken port is an error (exit 2). Logs go to stderr.
 
     Example: dprdm serve --index private-index/ --port 8000 --workers 2 --allow-public-only
     """
@@ -204,14 +205,13 @@ def _announce_when_healthy(config, announce, stop: threading.Event) -> None:
 
 def _check_index(config) -> dict:
     """Open what the workers will open, so that a bad index fails here, once, clearly."""
-    from dprdm.privacy import SqliteLedger
+    from dprdm.privacy import open_private_index
     from dprdm.retrieval import EmbeddingIndex
     from dprdm.service.keys import KeyStore
 
-    EmbeddingIndex.open(config.index_dir)
+    _, ledger = open_private_index(config.index_dir)
     if config.public_index_dir is not None:
         EmbeddingIndex.open(config.public_index_dir)
-    ledger = SqliteLedger(config.index_dir)
     KeyStore(config.index_dir)
     summary = ledger.summary()
     return {"epsilon_budget": summary.epsilon_budget, "delta": summary.delta,

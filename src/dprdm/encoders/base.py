@@ -158,7 +158,7 @@ class Encoder(ABC):
 
     def describe(self) -> dict[str, object]:
         """A small JSON-able summary for the CLI."""
-        return {"encoder": self.name, "dim": self.dim}
+        return {"encoder": self.name, "dim": self.dim, "load_size": self.load_size}
 
 
 @contextmanager

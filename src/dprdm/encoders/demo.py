@@ -233,7 +233,9 @@ class DemoEncoder(Encoder, nn.Module):
 
     def describe(self) -> dict[str, object]:
         n_params = sum(p.numel() for p in self.parameters())
-        return {"encoder": self.name, "dim": self.dim, "image_size": self.config.image_size,
+        return {"encoder": self.name, "dim": self.dim,
+                "image_size": self.config.image_size,  # the image tower's input side
+                "load_size": self.load_size,  # the side images are loaded at (then downsampled)
                 "trained_parameters": n_params, "text_model": self.config.text_model}
 
     # save / load --------------------------------------------------------------------------

@@ -5,7 +5,11 @@
 * ``randomness`` -- noise and coins from OS entropy; no seed reaches them.
 * ``mechanism``  -- :class:`PrivateRetrieval`: subsample -> exact k-NN -> (1/k) sum -> + noise,
                     returning only the noised aggregates, after charging the ledger.
-* ``ledger``     -- the per-index budget: every release recorded before it is returned.
+* ``ledger``     -- the per-index budget: every release recorded before it is returned; the
+                    pinned mechanism; the release watermark (rollback detection).
+* ``filter``     -- the RDP filter that accounts a ledger whose mechanism was changed.
+* ``binding``    -- index <-> ledger binding: ``open_private_index``, the ONE verified way to open
+                    the pair, and ``init_budget`` (``dprdm budget init``).
 
 Every other package reaches private data only through :class:`PrivateRetrieval`.
 """
@@ -19,6 +23,7 @@ from dprdm.privacy.accounting import (
     epsilon_rdp,
     max_queries,
 )
+from dprdm.privacy.binding import init_budget, open_private_index
 from dprdm.privacy.ledger import InMemoryLedger, LedgerSummary, SqliteLedger, open_ledger
 from dprdm.privacy.mechanism import ArrayVectors, PrivateRetrieval
 
@@ -34,6 +39,8 @@ __all__ = [
     "epsilon",
     "epsilon_for",
     "epsilon_rdp",
+    "init_budget",
     "max_queries",
     "open_ledger",
+    "open_private_index",
 ]

@@ -8,14 +8,17 @@ query, with parameters (sigma, q, k):
 1. Poisson-subsample the private set (each record kept independently with probability q);
 2. take the k nearest neighbours of the query inside the subsample (inner product on unit vectors;
    ties broken by row number, i.e. record position in the index);
-3. aggregate a = (1/k) * sum of those k unit vectors -- ALWAYS divided by k, zero-filled when the
-   subsample holds fewer than k records, so one added/removed record moves a by at most 2/k;
-4. release r = a + N(0, sigma^2 I), the noise drawn from OS entropy (``randomness.py``).
+3. aggregate a = (1/k) * sum of those k neighbours, each first scaled by 1/max(1, ||row||) in
+   float64 (so a row that is not unit-norm on disk -- float16 rounding, a tampered file -- still
+   counts for at most 1) -- ALWAYS divided by k, zero-filled when the subsample holds fewer than
+   k records, so one added/removed record moves a by at most 2/k;
+4. release r = gamma * (round(a / gamma) + Y), Y an exact discrete Gaussian with std sigma / gamma
+   on the power-of-two grid gamma (``noise.py``: OpenDP's sampler, from a CSPRNG seeded by the OS).
 
 Before step 1, the ledger is charged for every query of the batch (``ledger.charge``), which
 raises -- with nothing spent -- if the budget cannot afford them. Only the noised aggregates are
-returned: a fresh float32 array, no ids, distances, counts or pre-noise values. Errors raised here
-never mention private data.
+returned: a fresh float64 array whose every coordinate is an exact multiple of gamma, no ids,
+distances, counts or pre-noise values. Errors raised here never mention private data.
 
 Three exact strategies draw the subsample without an O(N) coin flip per record (``sampling.py``):
 
@@ -39,6 +42,8 @@ import numpy as np
 
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy.accounting import MechanismParams
+from dprdm.privacy.noise import (DiscreteGaussian, IntegerNoise, RoundedGaussianFromGenerator,
+                                 noise_grid, release_on_grid)
 from dprdm.privacy.randomness import Randomness, SystemRandomness
 from dprdm.privacy.sampling import accepted_ranks, poisson_subsample
 from dprdm.retrieval.search import canonical_top_rows, exact_top_rows
@@ -149,12 +154,25 @@ def _neighbours_in_subsample(
     return top[top >= 0]
 
 
+def clamped_sum(rows: np.ndarray) -> np.ndarray:
+    """Sum of the rows after scaling each by 1/max(1, ||row||), in float64: THE place where the
+    unit-norm bound behind the 2/k sensitivity is enforced, whatever the stored rows hold."""
+    rows = np.asarray(rows, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    # A non-finite row (a corrupt file) gets norm nan/inf: zero it rather than release it.
+    scale = np.where(np.isfinite(norms), 1.0 / np.maximum(1.0, norms), 0.0)
+    rows = np.where(np.isfinite(norms)[:, None], rows, 0.0) * scale[:, None]
+    return rows.sum(axis=0)
+
+
 class PrivateRetrieval:
     """The DP retrieval mechanism over one private index, charging one ledger.
 
     ``release(queries)`` is the only public way to use it and returns only noised aggregates.
     ``randomness`` is for research code that needs reproducible runs; the CLI and the service
-    never pass it, so the noise and the subsample come from OS entropy.
+    never pass it, so the subsample comes from OS entropy and the noise from OpenDP's exact
+    discrete Gaussian. With ``randomness`` the noise is the NON-exact research sampler
+    (:class:`~dprdm.privacy.noise.RoundedGaussianFromGenerator`) on the same grid.
     """
 
     def __init__(
@@ -185,6 +203,10 @@ class PrivateRetrieval:
         self._strategy = strategy
         self._searcher = searcher
         self._rng: Randomness = randomness if randomness is not None else SystemRandomness()
+        self._noise: IntegerNoise = (DiscreteGaussian() if randomness is None
+                                     else RoundedGaussianFromGenerator(randomness))
+        # Refuses (before anything is charged) a sigma whose grid is out of range.
+        self._grid = noise_grid(params.sigma, params.k, vectors.dim)
 
     @property
     def params(self) -> MechanismParams:
@@ -194,23 +216,28 @@ class PrivateRetrieval:
     def dim(self) -> int:
         return self._vectors.dim
 
+    def noise_description(self) -> dict:
+        """{"sampler": name, "grid": gamma}: how the noise is drawn (public: no data in it)."""
+        return {"sampler": self._noise.name, "grid": self._grid}
+
     def release(self, queries: np.ndarray, caller: str = "") -> np.ndarray:
-        """Charge the ledger for every query, then return the (B, d) noised aggregates."""
+        """Charge the ledger for every query, then return the (B, d) noised aggregates: float64,
+        every coordinate an exact multiple of the grid (see ``noise_description``)."""
         queries = normalise_queries(queries, self._vectors.dim)
         self._ledger.charge(self._params, count=queries.shape[0], caller=caller)
         aggregates = self._aggregate(queries)
-        noise = self._rng.standard_normal(aggregates.shape) * self._params.sigma
-        return np.ascontiguousarray(aggregates + noise, dtype=np.float32)
+        return release_on_grid(aggregates, self._params.sigma, self._grid, self._noise)
 
     # -- private: pre-noise aggregates never leave this class ------------------------------------
     def _aggregate(self, queries: np.ndarray) -> np.ndarray:
-        """(B, d) float64: (1/k) * sum of the k neighbours inside each query's own subsample."""
+        """(B, d) float64: (1/k) * sum of the k neighbours inside each query's own subsample,
+        each neighbour clamped to norm <= 1 first (:func:`clamped_sum`)."""
         k = self._params.k
         neighbour_rows = self._neighbour_rows(queries)
         aggregates = np.zeros((queries.shape[0], self._vectors.dim), dtype=np.float64)
         for i, rows in enumerate(neighbour_rows):
             if rows.size:
-                aggregates[i] = self._vectors.rows_float32(np.sort(rows)).sum(axis=0, dtype=np.float64)
+                aggregates[i] = clamped_sum(self._vectors.rows_float32(np.sort(rows)))
         return aggregates / k  # always k: zero-fill keeps the sensitivity at 2/k
 
     def _neighbour_rows(self, queries: np.ndarray) -> list[np.ndarray]:

@@ -2,12 +2,13 @@
 
 Owns :class:`SystemRandomness`: uniforms and standard normals drawn from the operating system's
 entropy pool (``os.urandom``, i.e. getrandom(2)) on every call. It has no seed and no state, so
-nothing a user types can reach it. The private mechanism draws both its Poisson subsample and its
-Gaussian noise from it unless a research caller passes a ``numpy.random.Generator`` (same two
-methods) for a reproducible experiment; the CLI and the service never do.
+nothing a user types can reach it. The private mechanism draws its Poisson subsample from it
+unless a research caller passes a ``numpy.random.Generator`` (same two methods) for a reproducible
+experiment; the CLI and the service never do.
 
-Floating-point Gaussian sampling has known theoretical weaknesses (Mironov 2012); at the noise
-scales used here they are far below the accounting's slack, but they are not zero.
+The privacy NOISE does not come from here: floating-point Gaussian noise leaks the low bits of the
+aggregate (Mironov 2012), so the release draws an exact discrete Gaussian on a grid from OpenDP
+(``noise.py``). ``standard_normal`` stays for the audit's and tests' own use.
 """
 
 from __future__ import annotations

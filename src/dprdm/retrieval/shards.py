@@ -6,8 +6,9 @@ Layout of a sharded index directory::
                             the public quantizer's centroids SHA-256 (or null), and per shard its
                             directory name, first GLOBAL row (offset), row count and SHA-256
     shard-0000/ ...      -- ordinary dprdm indexes (:class:`~dprdm.retrieval.store.EmbeddingIndex`)
-    ledger.sqlite        -- the ONE privacy ledger of the whole set (``dprdm budget init DIR``)
-    conditioning_space.json, mechanism.json -- copied from the source index when it has them
+    ledger.sqlite        -- the ONE privacy ledger of the whole set (``dprdm budget init DIR``),
+                            bound to shards.json and every shard's embeddings (privacy.binding)
+    conditioning_space.json -- copied from the source index when it has one
 
 Shard s holds the source's rows ``offset_s .. offset_s + n_s - 1``, byte for byte (no
 re-normalisation, so the union of the shards IS the source index), with their ids and metadata.
@@ -51,8 +52,8 @@ from dprdm.retrieval.store import (
 
 SHARDS_MANIFEST_FILE = "shards.json"
 # public files of the source index copied beside shards.json: the conditioning space the
-# embeddings were made in (generation/backends/base.py) and the operator's mechanism (rdm.py)
-PUBLIC_FILES = ("conditioning_space.json", "mechanism.json")
+# embeddings were made in (generation/backends/base.py)
+PUBLIC_FILES = ("conditioning_space.json",)
 SHARDS_FORMAT_VERSION = 1
 MAX_SHARDS = 4096
 
@@ -257,7 +258,7 @@ def shard_index(source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             "nlist": quantizer.nlist if quantizer is not None else None,
             "shards": entries,
         }
-        for name in PUBLIC_FILES:  # the encoder record and the operator's mechanism: public
+        for name in PUBLIC_FILES:  # the encoder record: public
             if (source.path / name).is_file():
                 write_bytes_durably(staging / name, (source.path / name).read_bytes())
         write_bytes_durably(staging / SHARDS_MANIFEST_FILE,
@@ -271,6 +272,7 @@ def shard_index(source_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     return ShardedIndex.open(out_dir)
 
 
-def open_private_index(path: str | os.PathLike[str]) -> EmbeddingIndex | ShardedIndex:
-    """The index at `path`, sharded or not (both have n, dim and info())."""
+def open_index(path: str | os.PathLike[str]) -> EmbeddingIndex | ShardedIndex:
+    """The index at `path`, sharded or not (both have n, dim and info()), WITHOUT its ledger:
+    for describing it. Releases go through :func:`dprdm.privacy.binding.open_private_index`."""
     return ShardedIndex.open(path) if is_sharded(path) else EmbeddingIndex.open(path)

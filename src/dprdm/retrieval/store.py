@@ -112,6 +112,32 @@ def normalize_rows(block: npt.ArrayLike) -> tuple[npt.NDArray[np.floating], npt.
     return x, bad
 
 
+# float16 rounds each element to within a relative 2^-11 (normal numbers); scaling a unit row by
+# 1 / (1 + 2^-11) first keeps the rounded row's norm <= 1 unless subnormals round up.
+FLOAT16_PRESCALE = 1.0 / (1.0 + 2.0**-11)
+FLOAT16_SHRINK = 1.0 - 2.0**-11  # applied again to any row whose float16 norm still exceeds 1
+
+
+def to_storage_rows(unit: npt.NDArray[np.floating], storage: np.dtype) -> npt.NDArray[Any]:
+    """Unit rows in the storage dtype, each with norm <= 1 EXACTLY as stored values read back.
+
+    float32 rows are cast as they are (norm 1 to within ~1e-7; the release clamps every row to
+    norm <= 1 anyway). float16 rows are scaled down by the worst-case rounding before the cast,
+    then any row whose float16 values still have norm > 1 (computed in float64) is shrunk and
+    recast until none does: stored norms lie in [1 - 2^-10, 1] up to subnormal effects."""
+    if storage != np.float16:
+        return np.ascontiguousarray(unit, dtype=storage)
+    scaled = np.asarray(unit, dtype=np.float64) * FLOAT16_PRESCALE
+    stored = scaled.astype(np.float16)
+    while True:
+        wide = stored.astype(np.float64)
+        over = np.flatnonzero(np.sqrt(np.einsum("ij,ij->i", wide, wide)) > 1.0)
+        if over.size == 0:
+            return np.ascontiguousarray(stored)
+        scaled[over] *= FLOAT16_SHRINK
+        stored[over] = scaled[over].astype(np.float16)
+
+
 def describe_bad_rows(nonfinite: Sequence[int], zero: Sequence[int], what: str) -> str:
     """Error text naming the rows that cannot be L2-normalised (row numbers only, no values)."""
     parts = []
@@ -274,7 +300,7 @@ def _write_embeddings(path: Path, matrix: npt.NDArray[Any], storage: np.dtype,
             if bad.any():
                 _split_bad(block, bad, start, nonfinite, zero)
             if not nonfinite and not zero:  # keep scanning after an error to count every bad row
-                handle.write(np.ascontiguousarray(unit, dtype=storage).tobytes())
+                handle.write(to_storage_rows(unit, storage).tobytes())
             if progress is not None:
                 progress(min(start + step, n), n)
         if nonfinite or zero:
@@ -300,10 +326,20 @@ def ledger_files(directory: Path) -> list[str]:
         return []
 
 
+def _had_ledger(directory: Path) -> bool:
+    """Does the manifest name a privacy ledger (see dprdm.privacy.binding), present or not?"""
+    try:
+        privacy = json.loads((directory / MANIFEST_FILE).read_text()).get("privacy")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(privacy, dict) and bool(privacy.get("ledger_id"))
+
+
 def _refuse_ledger(directory: Path) -> None:
-    if ledger_files(directory):
+    if ledger_files(directory) or _had_ledger(directory):
         raise EmbeddingIndexError(
-            f"refusing to overwrite {directory}: it holds a privacy ledger ({LEDGER_FILE}). "
+            f"refusing to overwrite {directory}: it holds (or held) a privacy ledger "
+            f"({LEDGER_FILE}). "
             "Rebuilding the index in place would reset the privacy budget already spent on its "
             "records; build the new index in a different directory."
         )
@@ -366,8 +402,8 @@ def build_index(
     """Write an N x d embedding matrix as an index at `out_dir` and open it.
 
     Every row is L2-normalised (in float64 for float64/integer input, else float32) and then
-    stored as `dtype`. float16 storage is half the size but the cast is not norm-preserving: a
-    stored row has norm 1 only to within about 1e-3. Rows with non-finite values or zero norm,
+    stored as `dtype`. float16 storage is half the size; its rows are scaled down before the cast
+    so that every stored row has norm <= 1 (and >= 1 - 2^-10) as read back (``to_storage_rows``). Rows with non-finite values or zero norm,
     duplicate ids, and ids/metadata of the wrong length are refused before anything is installed.
 
     The index is written into a temporary sibling directory, fsync'ed and renamed into place. If

@@ -2,12 +2,13 @@
 
 Owns the service's settings and where they come from. Precedence, highest first: command-line
 flags, a config file (``--config FILE``, TOML or JSON, the same keys as :class:`ServiceConfig`,
-``k``/``q``/``sigma``/``lam`` for the mechanism), then the index's ``mechanism.json``.
+plus ``lam``, and ``k``/``q``/``sigma`` which may only repeat the pinned mechanism).
 
-The mechanism (sigma, q, k) and the mix lam are fixed here, once, by the operator. Clients can
-never choose them: the ledger accounts a fixed parameter set per release, and parameters picked
-adaptively by a client (for instance after looking at earlier outputs) are a choice made with
-private information that no ledger counts.
+The mechanism (sigma, q, k) comes from the index's ledger, where the operator pinned it with
+``dprdm budget init`` (or ``budget set-mechanism``); ``k``/``q``/``sigma`` given here that differ
+from it are refused. Clients can never choose it: parameters picked adaptively (for instance
+after looking at earlier outputs) are a choice made with private information that PLD
+composition does not cover. The mix lam (post-processing, free) defaults to the ledger's.
 
 ``allowed_hosts`` (``--allowed-host``) and ``docs`` (``--docs``) belong to the HTTP front door:
 see :mod:`dprdm.service.guard` for the Host/Origin policy.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -163,22 +164,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def build_config(options: dict[str, Any], config_file: Path | None = None) -> ServiceConfig:
-    """Merge flags (`options`, None = not given) over a config file over the index's
-    mechanism.json into one :class:`ServiceConfig`."""
+    """Merge flags (`options`, None = not given) over a config file into one
+    :class:`ServiceConfig`, with the mechanism pinned in the index's (verified) ledger."""
+    from dprdm.privacy import open_private_index
+
     merged: dict[str, Any] = read_config_file(config_file) if config_file is not None else {}
     merged.update({key: value for key, value in options.items() if value is not None})
     if merged.get("index_dir") is None:
         raise InvalidParameterError("give --index DIR (or --demo, or index_dir in --config)")
-    index_dir = Path(merged["index_dir"])
-    given = [merged.get(key) is not None for key in ("k", "q", "sigma")]
-    if all(given):
-        settings = MechanismSettings(float(merged["sigma"]), float(merged["q"]), int(merged["k"]),
-                                     float(merged.get("lam", 1.0)))
-    elif any(given):
-        raise InvalidParameterError("give all of k, q and sigma, or none (then mechanism.json)")
-    else:
-        settings = MechanismSettings.load(index_dir)
-        if merged.get("lam") is not None:
-            settings = replace(settings, lam=float(merged["lam"]))
+    _, ledger = open_private_index(Path(merged["index_dir"]))
+    lam = merged.get("lam")
+    settings = MechanismSettings.from_ledger(ledger, None if lam is None else float(lam))
+    for key in ("k", "q", "sigma"):
+        given = merged.get(key)
+        if given is not None and float(given) != float(getattr(settings, key)):
+            raise InvalidParameterError(
+                f"{key}={given} differs from the mechanism pinned in the index's ledger "
+                f"(k={settings.k}, q={settings.q:g}, sigma={settings.sigma:.6g}); the service "
+                "uses the pinned one: drop the flag, or change the mechanism with `dprdm budget "
+                "set-mechanism`"
+            )
     kwargs = {key: value for key, value in merged.items() if key not in MECHANISM_KEYS}
     return ServiceConfig(settings=settings, **kwargs)

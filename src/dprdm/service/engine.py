@@ -11,6 +11,8 @@ that serialises generation, and the budget figures clients see. It has no HTTP i
   per worker (a lock), torch limited to the worker's share of the cores. Scale with workers.
 * A request that the budget can no longer afford is refused before it waits for the lock (the
   budget only ever shrinks, so a failed ``can_afford`` is final); ``charge`` remains the check.
+* The index and ledger are opened through ``open_private_index`` (verified pair); the
+  mechanism is the ledger's pinned one, checked against the config.
 * The budget figures are aggregates (epsilon, query counts): no ids, distances or norms.
 """
 
@@ -23,9 +25,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dprdm.errors import BudgetExceededError
+from dprdm.errors import BudgetExceededError, DprdmError
 from dprdm.image_files import png_bytes
-from dprdm.privacy import MechanismParams, SqliteLedger
+from dprdm.privacy import MechanismParams, SqliteLedger, open_private_index
 from dprdm.service.config import ServiceConfig
 
 
@@ -77,7 +79,12 @@ class GenerationEngine:
         self.metrics = metrics
         self.params = config.settings.params
         torch.set_num_threads(config.threads)
-        self.ledger = SqliteLedger(config.index_dir)
+        private_index, self.ledger = open_private_index(config.index_dir)
+        if self.ledger.mechanism != self.params:
+            raise DprdmError(
+                "the mechanism pinned in the index's ledger is not the one this service was "
+                "configured with (changed by `dprdm budget set-mechanism`?): restart the service"
+            )
         self.capacity = self.ledger.remaining_queries(self.params)  # warms T_max (seconds, once)
         if encoder is None:
             encoder = load_encoder(config.encoder)
@@ -86,7 +93,7 @@ class GenerationEngine:
                 str(config.model_dir or DEFAULT_DIR))
         self.rag = RetrievalAugmentedGenerator(
             encoder, pipeline,
-            private_index=EmbeddingIndex.open(config.index_dir),
+            private_index=private_index,
             ledger=_TimedLedger(self.ledger, self._observe_charge),
             settings=config.settings,
             public_index=(EmbeddingIndex.open(config.public_index_dir)

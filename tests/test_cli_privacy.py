@@ -79,7 +79,8 @@ def test_budget_init_show_and_retrieve(private_index, tmp_path):
     assert report["queries"] == 3 and report["epsilon_this_call"] > 0
     # Nothing about records is reported: only budget figures, parameters and the noise's grid.
     assert set(report) == {"queries", "out", "sigma", "q", "k", "lam", "noise",
-                           "epsilon_this_call", "epsilon_spent", "epsilon_remaining",
+                           "epsilon_this_call", "epsilon_after_own_commit", "epsilon_spent",
+                           "epsilon_remaining",
                            "queries_remaining"}
     assert report["noise"] == {"sampler": "opendp-discrete-gaussian",
                                "grid": noise_grid(0.5, 5, 16)}
@@ -177,7 +178,7 @@ def test_extreme_sigma_is_a_json_error_with_exit_2(command, sigma):
     result, data = run_json("privacy", command, "--sigma", sigma, "--q", "0.1", "--k", "40",
                             *last, "--delta", "1e-5")
     assert result.exit_code == 2
-    assert data["error"] == "InvalidParameterError"
+    assert data["error"] == "invalid_parameter"
     assert "outside the supported range" in data["message"]
 
 
@@ -195,7 +196,7 @@ def test_calibrate_outside_the_supported_range_is_a_json_error(args, message):
     base.update(dict(zip(args[::2], args[1::2])))
     result, data = run_json("privacy", "calibrate", *[x for kv in base.items() for x in kv])
     assert result.exit_code == 2
-    assert data["error"] == "InvalidParameterError" and message in data["message"]
+    assert data["error"] == "invalid_parameter" and message in data["message"]
 
 
 def test_max_queries_of_the_reproduced_case():

@@ -120,3 +120,30 @@ def test_generate_on_a_sharded_index_charges_the_sharded_ledger(private_index, t
                          "--ray-address", "local", "--out", str(tmp_path / "out2"))
     assert result.exit_code == 2 and "sharded" in result.output
     assert SqliteLedger(private_index).summary().queries == 0
+def test_dry_run_shows_the_cost_and_charges_nothing(private_index, tmp_path):
+    from dprdm.privacy import accounting
+
+    out = tmp_path / "out"
+    result, plan = generate("red apple", "cat face", "--index", str(private_index), "--dry-run",
+                            "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert plan["dry_run"] is True and plan["queries"] == 2 and plan["would_be_refused"] is False
+    assert plan["epsilon_before"] == 0.0
+    assert plan["epsilon_after"] == pytest.approx(accounting.epsilon_for(PARAMS, 2, 1e-5))
+    assert plan["queries_remaining_after"] == plan["queries_remaining_before"] - 2
+    assert not out.exists() and SqliteLedger(private_index).summary().queries == 0
+
+
+def test_per_call_figures_come_from_the_calls_own_receipts(private_index, tmp_path):
+    from dprdm.privacy import accounting
+
+    ledger = SqliteLedger(private_index)
+    ledger.charge(PARAMS, 3)  # another caller's queries, before this call
+    result, report = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                              "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    figures = report["ledger"]
+    assert figures["queries_by_call"] == 1 and figures["ledger_queries_after_own_commit"] == 4
+    marginal = accounting.epsilon_for(PARAMS, 4, 1e-5) - accounting.epsilon_for(PARAMS, 3, 1e-5)
+    assert figures["epsilon_spent_by_call"] == pytest.approx(marginal)
+    assert figures["ledger_now"]["queries"] == 4

@@ -148,8 +148,8 @@ def main() -> None:
     console.print(
         f"privacy: this run spent epsilon {spent['epsilon_spent_by_call']:.4f} "
         f"({spent['queries_by_call']} queries); ledger total epsilon "
-        f"{spent['after']['epsilon_spent']:.4f} of {spent['epsilon_budget']:g} "
-        f"over {spent['after']['queries']} queries (delta {spent['delta']:g})"
+        f"{spent['ledger_now']['epsilon_spent']:.4f} of {spent['epsilon_budget']:g} "
+        f"over {spent['ledger_now']['queries']} queries (delta {spent['delta']:g})"
     )
     console.print(f"done in {time.perf_counter() - started:.0f} s; try: "
                   f".venv/bin/dprdm generate \"red apple\" --demo -n 4 --out out/")

@@ -23,6 +23,7 @@ import numpy as np
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
+from dprdm.privacy.receipts import call_figures
 from dprdm.retrieval import EmbeddingIndex, ExactSearcher
 
 MAX_PROMPTS = 256
@@ -143,8 +144,10 @@ class RetrievalAugmentedGenerator:
                 self.mechanism = PrivateRetrieval(private_index, settings.params, ledger,
                                                   strategy=strategy)
 
-    def conditions(self, prompts: list[str], public_only: bool, caller: str = "") -> np.ndarray:
-        """(P, d) conditioning vectors; in DP mode this charges one query per prompt."""
+    def conditions(self, prompts: list[str], public_only: bool, caller: str = "",
+                   receipts: list | None = None) -> np.ndarray:
+        """(P, d) conditioning vectors; in DP mode this charges one query per prompt (the
+        ledger's receipt is appended to `receipts` when given)."""
         text = self.backend.embed_prompts(prompts)
         lam = self.settings.lam if self.settings is not None else 1.0
         if public_only:
@@ -154,7 +157,7 @@ class RetrievalAugmentedGenerator:
             return interpolate(neighbour_mean(self.public_index, text, k), text, lam)
         if self.mechanism is None:
             raise InvalidParameterError("no private index configured: use public-only mode")
-        released = self.mechanism.release(text, caller=caller)
+        released = self.mechanism.release(text, caller=caller, receipts=receipts)
         return interpolate(released, text, lam)
 
     def generate(self, prompts: list[str], n: int = 1, guidance: float = 3.0, steps: int = 50,
@@ -164,9 +167,9 @@ class RetrievalAugmentedGenerator:
         check_sampling(n, guidance, steps)
         if not public_only and self.mechanism is None:
             raise InvalidParameterError("no private index configured: use public-only mode")
-        before = self.ledger.summary() if (self.ledger is not None and not public_only) else None
+        receipts: list = []
         started = time.perf_counter()
-        conditions = self.conditions(prompts, public_only, caller)
+        conditions = self.conditions(prompts, public_only, caller, receipts)
         retrieved = time.perf_counter()
         images = self.backend.render(conditions, prompts, n=n, guidance=guidance, steps=steps,
                                      seed=seed)
@@ -181,14 +184,6 @@ class RetrievalAugmentedGenerator:
         }
         if self.settings is not None:
             report["mechanism"] = asdict(self.settings)
-        if before is not None:
-            after = self.ledger.summary()
-            report["ledger"] = {
-                "epsilon_spent_by_call": after.epsilon_spent - before.epsilon_spent,
-                "queries_by_call": after.queries - before.queries,
-                "before": {"epsilon_spent": before.epsilon_spent, "queries": before.queries},
-                "after": {"epsilon_spent": after.epsilon_spent, "queries": after.queries},
-                "epsilon_budget": after.epsilon_budget, "delta": after.delta,
-                "epsilon_remaining": after.epsilon_remaining,
-            }
+        if receipts:  # what THIS call charged (concurrent callers do not blur it)
+            report["ledger"] = call_figures(receipts, self.ledger.summary())
         return GenerationResult(images=images, report=report)

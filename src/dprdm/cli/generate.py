@@ -38,6 +38,9 @@ def generate(
         help="A sharded --index only: its shards as Ray actors ('local', or 'auto' / host:port "
              "for those `dprdm index serve-shards` started). Ray has no per-user "
              "authentication (CVE-2023-48022): keep its network private (docs/scaling.md)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print what the call would charge (epsilon before/after, "
+                                      "queries left); charge, generate and write nothing."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate images; each prompt costs one private query (all its images are free).
@@ -85,6 +88,13 @@ def generate(
             settings = MechanismSettings.from_ledger(ledger, lam)
             private = None if public_only else opened
             ledger = None if public_only else ledger
+        if dry_run:
+            from dprdm.privacy.receipts import preview
+
+            if ledger is None:
+                return {"dry_run": True, "queries": 0, "mode": "public-only",
+                        "note": "public-only generation charges no privacy budget"}
+            return dict(preview(ledger, len(prompt_list)), prompts=prompt_list)
         rag = RetrievalAugmentedGenerator(
             load_encoder(encoder),
             RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),

@@ -13,6 +13,7 @@ from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
 from dprdm.privacy import PrivateRetrieval, open_private_index
 from dprdm.privacy.mechanism import normalise_queries
+from dprdm.privacy.receipts import call_figures, preview
 from dprdm.privacy.sharded import ShardedPrivateRetrieval, shard_backend
 from dprdm.retrieval import DEFAULT_NPROBE, IVFPartition, make_searcher
 from dprdm.retrieval.search import PublicQuantizer
@@ -44,6 +45,9 @@ def retrieve(
              "process. Ray has no per-user authentication (CVE-2023-48022): the Ray network "
              "must be private to the operator (docs/scaling.md).",
     ),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print what the call would charge (epsilon before/after, "
+                                      "queries left); charge and write nothing."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Release one noised aggregate per query row; every row costs one query of the budget.
@@ -89,18 +93,22 @@ def retrieve(
         else:
             mechanism = PrivateRetrieval(index, params, ledger, strategy="ranked",
                                          searcher=make_searcher(index, strategy, nprobe=nprobe))
-        before = ledger.summary()
-        released = mechanism.release(queries, caller="cli:retrieve")
+        if dry_run:  # what the call would charge; nothing is charged or written
+            return dict(preview(ledger, int(queries.shape[0])), out=None,
+                        noise=mechanism.noise_description())
+        receipts: list = []
+        released = mechanism.release(queries, caller="cli:retrieve", receipts=receipts)
         save_npy_atomically(destination, interpolate(released, queries, lam_, dtype=np.float64))
-        after = ledger.summary()
+        figures = call_figures(receipts, ledger.summary())
         return {
             "queries": int(queries.shape[0]),
             "out": str(destination),
             "sigma": params.sigma, "q": params.q, "k": params.k, "lam": lam_,
             "noise": mechanism.noise_description(),
-            "epsilon_this_call": after.epsilon_spent - before.epsilon_spent,
-            "epsilon_spent": after.epsilon_spent,
-            "epsilon_remaining": after.epsilon_remaining,
+            "epsilon_this_call": figures["epsilon_spent_by_call"],
+            "epsilon_after_own_commit": figures["epsilon_after_own_commit"],
+            "epsilon_spent": figures["ledger_now"]["epsilon_spent"],
+            "epsilon_remaining": figures["ledger_now"]["epsilon_remaining"],
             "queries_remaining": ledger.remaining_queries(params),
         }
 

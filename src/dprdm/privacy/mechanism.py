@@ -220,11 +220,15 @@ class PrivateRetrieval:
         """{"sampler": name, "grid": gamma}: how the noise is drawn (public: no data in it)."""
         return {"sampler": self._noise.name, "grid": self._grid}
 
-    def release(self, queries: np.ndarray, caller: str = "") -> np.ndarray:
+    def release(self, queries: np.ndarray, caller: str = "",
+                receipts: list | None = None) -> np.ndarray:
         """Charge the ledger for every query, then return the (B, d) noised aggregates: float64,
-        every coordinate an exact multiple of the grid (see ``noise_description``)."""
+        every coordinate an exact multiple of the grid (see ``noise_description``). The ledger's
+        receipt of the charge is appended to `receipts` when given (per-call figures)."""
         queries = normalise_queries(queries, self._vectors.dim)
-        self._ledger.charge(self._params, count=queries.shape[0], caller=caller)
+        receipt = self._ledger.charge(self._params, count=queries.shape[0], caller=caller)
+        if receipts is not None:
+            receipts.append(receipt)
         aggregates = self._aggregate(queries)
         return release_on_grid(aggregates, self._params.sigma, self._grid, self._noise)
 

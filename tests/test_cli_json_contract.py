@@ -20,7 +20,7 @@ from dprdm.cli import app, main
 # Stable codes a script may see (docs/cli.md lists them).
 DOCUMENTED_CODES = {
     "error", "invalid_parameter", "budget_exhausted", "index_error", "not_found", "io_error",
-    "model_unavailable", "unreadable_image", "ledger_binding",
+    "model_unavailable", "unreadable_image", "ledger_binding", "shard_unavailable",
 }
 
 
@@ -57,6 +57,8 @@ def _bad_calls(tmp) -> dict[str, list[str]]:
         "index info": ["index", "info", missing],
         "index verify": ["index", "verify", missing],
         "index quantize": ["index", "quantize", missing, "--public", npy, "--nlist", "4"],
+        "index shard": ["index", "shard", missing, "--shards", "2", "--out", out],
+        "index serve-shards": ["index", "serve-shards", missing, "--ray-address", "local"],
         "budget init": ["budget", "init", missing, "--epsilon", "1", "--delta", "1e-6",
                         "--k", "10", "--q", "0.1", "--sigma", "1"],
         "budget show": ["budget", "show", missing],
@@ -113,6 +115,7 @@ def test_every_error_class_has_a_documented_code():
     import dprdm.encoders.base  # noqa: F401
     import dprdm.evaluation.classifiers  # noqa: F401
     import dprdm.evaluation.metrics  # noqa: F401
+    import dprdm.privacy.sharded  # noqa: F401
 
     classes = [errors.DprdmError]
     found = set()

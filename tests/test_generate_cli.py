@@ -106,6 +106,20 @@ def test_an_earlier_run_is_not_overwritten_without_overwrite(private_index, tmp_
     assert SqliteLedger(private_index).summary().queries == 1
 
 
+def test_generate_on_a_sharded_index_charges_the_sharded_ledger(private_index, tmp_path):
+    from dprdm.retrieval.shards import shard_index
+
+    sharded = shard_index(private_index, tmp_path / "sharded", 2).path
+    init_budget(sharded, 5.0, 1e-5, PARAMS, lam=0.5)
+    result, report = generate("red apple", "--index", str(sharded), *MECHANISM, *FAST,
+                              "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert len(report["files"]) == 2 and SqliteLedger(sharded).summary().queries == 1
+    assert SqliteLedger(private_index).summary().queries == 0
+    result, _ = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                         "--ray-address", "local", "--out", str(tmp_path / "out2"))
+    assert result.exit_code == 2 and "sharded" in result.output
+    assert SqliteLedger(private_index).summary().queries == 0
 def test_dry_run_shows_the_cost_and_charges_nothing(private_index, tmp_path):
     from dprdm.privacy import accounting
 

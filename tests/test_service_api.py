@@ -400,3 +400,21 @@ def test_serve_json_announces_only_once_bound_and_healthy(tmp_path):
         assert ready["docs"] is False and ready["budget"]["queries_spent"] == 0
     finally:
         server.stop()
+
+
+def test_a_shard_down_is_503_with_retry_after_and_the_charge_stands(service, monkeypatch):
+    from dprdm.privacy.sharded import ShardUnavailableError
+
+    def shard_down(**kwargs):
+        SqliteLedger(service.index).charge(PARAMS, 1, caller="test")  # charged, as release does
+        raise ShardUnavailableError("shard 1 timed out; nothing was released")
+
+    monkeypatch.setattr(service.engine, "generate", shard_down)
+    before = service.queries
+    response = service.generate(prompt="red apple")
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == str(ShardUnavailableError.retry_after_s)
+    body = response.json()
+    assert body["error"] == "shard_unavailable" and "nothing was released" in body["message"]
+    assert "images" not in body and ID_PREFIX not in response.text
+    assert service.queries == before + 1

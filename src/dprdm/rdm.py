@@ -108,7 +108,8 @@ class RetrievalAugmentedGenerator:
     def __init__(self, encoder=None, pipeline=None, *, backend=None,
                  private_index: EmbeddingIndex | None = None,
                  ledger: SqliteLedger | None = None, settings: MechanismSettings | None = None,
-                 public_index: EmbeddingIndex | None = None, strategy: str = "subsample") -> None:
+                 public_index: EmbeddingIndex | None = None, strategy: str = "subsample",
+                 ray_address: str | None = None) -> None:
         if backend is None:
             if encoder is None or pipeline is None:
                 raise InvalidParameterError("give a generator backend, or an encoder and a "
@@ -128,8 +129,20 @@ class RetrievalAugmentedGenerator:
         if private_index is not None:
             if ledger is None or settings is None:
                 raise InvalidParameterError("a private index needs its ledger and settings")
-            self.mechanism = PrivateRetrieval(private_index, settings.params, ledger,
-                                              strategy=strategy)
+            from dprdm.retrieval.shards import ShardedIndex
+
+            if isinstance(private_index, ShardedIndex):  # same mechanism, shards (maybe on Ray)
+                from dprdm.privacy.sharded import ShardedPrivateRetrieval, shard_backend
+
+                self.mechanism = ShardedPrivateRetrieval(
+                    shard_backend(private_index, ray_address), settings.params, ledger,
+                    strategy=strategy)
+            elif ray_address is not None:
+                raise InvalidParameterError("--ray-address needs a sharded index "
+                                            "(dprdm index shard)")
+            else:
+                self.mechanism = PrivateRetrieval(private_index, settings.params, ledger,
+                                                  strategy=strategy)
 
     def conditions(self, prompts: list[str], public_only: bool, caller: str = "",
                    receipts: list | None = None) -> np.ndarray:

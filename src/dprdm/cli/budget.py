@@ -10,7 +10,8 @@ from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, err_console, progress_
                               run_command)
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import MechanismParams, accounting, init_budget, open_private_index
-from dprdm.privacy.binding import NEW_BUDGET_FLAG, VOIDS_THE_GUARANTEE, binding_of
+from dprdm.privacy.binding import (NEW_BUDGET_FLAG, VOIDS_THE_GUARANTEE, binding_of,
+                                   embeddings_bytes)
 from dprdm.privacy.ledger import PLD, StoredLedger
 
 app = typer.Typer(help="The privacy budget (ledger) of a private index.", no_args_is_help=True)
@@ -96,7 +97,7 @@ def init(
 
     def compute() -> dict:
         params = _mechanism(sigma, q, k, calibrate, queries, epsilon, delta)
-        size = (index_dir / "embeddings.npy").stat().st_size if index_dir.is_dir() else 0
+        size = embeddings_bytes(index_dir)  # every shard's, for a sharded index (one ledger)
         with progress_callback("hashing embeddings",
                                enabled=not as_json and size >= PROGRESS_MIN_BYTES) as progress:
             index, ledger = init_budget(index_dir, epsilon, delta, params, lam,

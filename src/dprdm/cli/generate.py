@@ -33,6 +33,11 @@ def generate(
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an earlier run's images in --out."),
+    ray_address: str = typer.Option(
+        None, "--ray-address",
+        help="A sharded --index only: its shards as Ray actors ('local', or 'auto' / host:port "
+             "for those `dprdm index serve-shards` started). Ray has no per-user "
+             "authentication (CVE-2023-48022): keep its network private (docs/scaling.md)."),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print what the call would charge (epsilon before/after, "
                                       "queries left); charge, generate and write nothing."),
@@ -96,6 +101,7 @@ def generate(
             RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
             private_index=private, ledger=ledger, settings=settings,
             public_index=EmbeddingIndex.open(public_dir) if public_dir else None,
+            ray_address=ray_address,
         )
         out.mkdir(parents=True, exist_ok=True)
         result = rag.generate(prompt_list, n=n, guidance=guidance, steps=steps, seed=seed,

@@ -85,14 +85,15 @@ def info(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Describe the index at DIR (size, dtype, ledger, quantizer, and the noise of the mechanism
-    saved for it in mechanism.json: sampler and grid; null without one).
+    """Describe the index at DIR (size, dtype, ledger, quantizer; the shards of a sharded one;
+    and the noise of the mechanism pinned in its ledger: sampler and grid; null without one).
 
     Example: dprdm index info private_index --json
     """
+    from dprdm.retrieval.shards import open_index
 
     def compute() -> dict[str, Any]:
-        index = store.EmbeddingIndex.open(directory)
+        index = open_index(directory)
         return {**index.info(), "noise": _saved_mechanism_noise(directory, index.dim)}
 
     run_command(as_json, "embedding index", compute)
@@ -115,16 +116,17 @@ def verify(
     directory: Path = typer.Argument(..., metavar="DIR", help="Index directory."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Recompute the full SHA-256 of the embeddings and compare it with the one recorded at
-    `budget init` (opening an index only checks size, sampled blocks and, when the modification
-    time changed, the full hash). Exit 2 when the embeddings changed.
+    """Recompute the full SHA-256 of the embeddings (every shard's, for a sharded index) and
+    compare it with the one recorded at `budget init` (opening an index only checks size, sampled
+    blocks and, when the modification time changed, the full hash). Exit 2 when the embeddings
+    changed.
 
     Example: dprdm index verify private_index --json
     """
-    from dprdm.privacy.binding import verify_index
+    from dprdm.privacy.binding import embeddings_bytes, verify_index
 
     def compute() -> dict[str, Any]:
-        size = (directory / store.EMBEDDINGS_FILE).stat().st_size if directory.is_dir() else 0
+        size = embeddings_bytes(directory)
         with progress_callback("hashing embeddings",
                                enabled=not as_json and size >= PROGRESS_MIN_BYTES) as progress:
             return verify_index(directory, progress)
@@ -191,3 +193,82 @@ def quantize(
         return result
 
     run_command(as_json, "public quantizer", compute)
+
+
+RAY_SECURITY = (
+    "SECURITY: Ray has no per-user authentication (at most a shared cluster token, "
+    "RAY_AUTH_MODE=token in recent releases; none in older ones, CVE-2023-48022 'ShadowRay'). "
+    "Anyone who reaches the cluster can call a shard actor and read raw private embeddings, "
+    "bypassing the ledger: the Ray network must be private to the operator (bind to private "
+    "addresses, firewall every Ray port, never expose the dashboard). See docs/scaling.md."
+)
+
+
+@app.command()
+def shard(
+    directory: Path = typer.Argument(..., metavar="DIR", help="The index to split (unchanged)."),
+    shards: int = typer.Option(..., "--shards", help="Number of shards S (>= 1)."),
+    out: Path = typer.Option(..., "--out", help="The sharded index directory to create."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Split the index at DIR into S shard indexes under --out, with a manifest (shards.json).
+
+    Shard s holds a contiguous slice of the rows, byte for byte, with their ids and metadata;
+    global record numbers are the row offsets. Each shard gets a copy of DIR's PUBLIC quantizer
+    (one quantizer for all) and the IVF partition of its own rows. Every command that takes an
+    index directory accepts the sharded one (all shards in one process); `dprdm retrieve
+    --ray-address` spreads them over Ray actors. Create its ledger with `dprdm budget init OUT`.
+
+    Example: dprdm index shard private_index --shards 4 --out private_index_4
+    """
+    from dprdm.retrieval.shards import shard_index
+
+    run_command(as_json, "sharded index",
+                lambda: shard_index(directory, out, shards).info())
+
+
+SERVE_SHARDS_HELP = (
+    "Start the shard actors of the sharded index at DIR on a running Ray cluster, detached and "
+    "named, so that `dprdm retrieve DIR --ray-address ADDRESS` finds them. Shard i's actor needs "
+    "one unit of the custom resource dprdm_shard_i (start the nodes with e.g. `ray start "
+    "--address HEAD --resources '{\"dprdm_shard_0\": 1}'`) unless --no-shard-resources. The "
+    "actors read the shard files from the same path on their node. Stop them with ray.kill (or "
+    "by stopping the cluster).\n\n" + RAY_SECURITY + "\n\n"
+    "Example: dprdm index serve-shards private_index_4 --ray-address auto"
+)
+
+
+@app.command(name="serve-shards", help=SERVE_SHARDS_HELP)
+def serve_shards(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A sharded index (shards.json)."),
+    ray_address: str = typer.Option(
+        ..., "--ray-address", help="The cluster: 'auto' or host:port / ray://host:port."),
+    shard_resources: bool = typer.Option(
+        True, "--shard-resources/--no-shard-resources",
+        help="Pin shard i to nodes offering the custom resource dprdm_shard_i."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    def compute() -> dict[str, Any]:
+        from dprdm.retrieval.shards import ShardedIndex
+
+        if ray_address == "local":
+            raise InvalidParameterError("serve-shards needs a running cluster (--ray-address "
+                                        "auto or an address): a local Ray ends with this command")
+        sharded = ShardedIndex.open(directory)
+        from dprdm.privacy import sharded_ray  # the one module that imports Ray
+
+        sharded_ray.init_ray(ray_address)
+        if shard_resources:
+            available = sharded_ray.ray.cluster_resources()
+            missing = [sharded_ray.resource_name(s.number) for s in sharded.shards
+                       if available.get(sharded_ray.resource_name(s.number), 0) < 1]
+            if missing:
+                raise InvalidParameterError(
+                    f"the cluster offers no {', '.join(missing)}: start nodes with `ray start "
+                    "--resources` naming them, or pass --no-shard-resources")
+        shards = sharded_ray.RayShards.start(sharded, detached=True, use_resources=shard_resources)
+        return {"index": str(directory), "actors": [sharded_ray.actor_name(sharded, s.number)
+                                                    for s in sharded.shards],
+                "namespace": sharded_ray.NAMESPACE, "shards": len(shards.actors)}
+
+    run_command(as_json, "shard actors started", compute)

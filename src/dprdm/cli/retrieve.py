@@ -14,10 +14,13 @@ from dprdm.files import check_writable_destination, save_npy_atomically
 from dprdm.privacy import PrivateRetrieval, open_private_index
 from dprdm.privacy.mechanism import normalise_queries
 from dprdm.privacy.receipts import call_figures, preview
+from dprdm.privacy.sharded import ShardedPrivateRetrieval, shard_backend
 from dprdm.retrieval import DEFAULT_NPROBE, IVFPartition, make_searcher
 from dprdm.retrieval.search import PublicQuantizer
+from dprdm.retrieval.shards import ShardedIndex
 
 STRATEGIES = ("subsample", "ivf-subsample", "exact", "faiss", "ivf")
+SHARDED_STRATEGIES = ("subsample", "ivf-subsample")
 
 
 def retrieve(
@@ -34,6 +37,14 @@ def retrieve(
     ),
     nprobe: int = typer.Option(
         DEFAULT_NPROBE, "--nprobe", help="Lists probed per query (ivf and ivf-subsample)."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address",
+        help="A sharded index (`dprdm index shard`) only: run its shards as Ray actors -- 'local' "
+             "(an in-process Ray), or 'auto' / host:port for the actors `dprdm index "
+             "serve-shards` started on a cluster. Without it a sharded index runs in this "
+             "process. Ray has no per-user authentication (CVE-2023-48022): the Ray network "
+             "must be private to the operator (docs/scaling.md).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print what the call would charge (epsilon before/after, "
                                       "queries left); charge and write nothing."),
@@ -56,14 +67,24 @@ def retrieve(
             raise InvalidParameterError(f"--strategy must be one of {', '.join(STRATEGIES)}")
         lam_ = check_lam(lam)
         destination = check_writable_destination(out)
-        index, ledger = open_private_index(index_dir, ledger_url)
+        index, ledger = open_private_index(index_dir, ledger_url)  # sharded: one ledger
         params = ledger.mechanism
+        sharded = isinstance(index, ShardedIndex)
+        if sharded and strategy not in SHARDED_STRATEGIES:
+            raise InvalidParameterError("a sharded index supports --strategy "
+                                        f"{' or '.join(SHARDED_STRATEGIES)}")
+        if ray_address is not None and not sharded:
+            raise InvalidParameterError("--ray-address needs a sharded index (dprdm index shard)")
         try:
             raw = np.load(query_emb, allow_pickle=False)
         except (OSError, ValueError) as error:
             raise InvalidParameterError(f"cannot read {query_emb} as .npy: {error}") from None
         queries = normalise_queries(raw, index.dim)
-        if strategy == "subsample":
+        if sharded:  # the single-node mechanism, its neighbour step spread over the shards
+            mechanism = ShardedPrivateRetrieval(
+                shard_backend(index, ray_address), params, ledger,
+                strategy="probed" if strategy == "ivf-subsample" else "subsample", nprobe=nprobe)
+        elif strategy == "subsample":
             mechanism = PrivateRetrieval(index, params, ledger)
         elif strategy == "ivf-subsample":
             # the partition saved by `index quantize` (memory-mapped), recomputed only if stale

@@ -3,23 +3,29 @@
 Owns the ONE entry point that opens a private index with its ledger, :func:`open_private_index`,
 and the one that creates the pair, :func:`init_budget` (``dprdm budget init``).
 
-At ``budget init`` a random 128-bit ledger id and the SHA-256 of the stored embeddings
-(``embeddings.npy``, hashed in streamed blocks) are written into the ledger AND into the index
-manifest (``index.json``, key ``"privacy"``, rewritten atomically), with a history of every ledger
-the index ever had. :func:`open_private_index` refuses, with nothing charged and nothing
-released:
+The BOUND manifest and data of an index: ``index.json`` and ``embeddings.npy`` for a plain index;
+``shards.json`` and every shard's ``shard-NNNN/embeddings.npy`` for a sharded one
+(:mod:`dprdm.retrieval.shards`), whose ONE ledger lives in its top directory. A shard's own
+directory cannot get a ledger of its own.
+
+At ``budget init`` a random 128-bit ledger id and the fingerprints of the bound embeddings files
+(hashed in streamed blocks) are written into the bound manifest (key ``"privacy"``, rewritten
+atomically), with a history of every ledger the index ever had; the ledger records the id and the
+embeddings' SHA-256: the file's SHA-256 for a plain index, the SHA-256 of the shards' raw SHA-256
+digests in shard order for a sharded one. :func:`open_private_index` refuses, with nothing charged
+and nothing released:
 
 * a missing ledger for an index whose manifest names one (deleted: ``rm ledger.sqlite*``);
 * a ledger whose id differs from the manifest's (another index's ledger, or a new one);
 * a ledger below its release watermark (a restored backup; see :mod:`dprdm.privacy.ledger`);
+* embeddings whose content changed (any shard's, for a sharded index). The check on open is cheap:
+  per file its size, a hash of its header and of SAMPLE_BLOCKS blocks at positions fixed by the
+  size, and -- only when the modification time differs from the recorded one -- the full SHA-256.
+  ``dprdm index verify`` always recomputes every full hash.
 * a PostgreSQL ledger (``--ledger postgresql://...``) the same way: the manifest records its URL
   WITHOUT a password (key ``ledger_url``; the password comes from PGPASSWORD, ~/.pgpass or a libpq
   service), the ledger row holds the id and the embeddings hash, and the watermark lives in the
-  index directory (each replica's copy of it only grows);
-* embeddings whose content changed. The check on open is cheap: the file's size, a hash of its
-  header and of SAMPLE_BLOCKS blocks at positions fixed by the size, and -- only when the
-  modification time differs from the recorded one -- the full SHA-256. ``dprdm index verify``
-  always recomputes the full hash.
+  index directory (each replica's copy of it only grows).
 
 Not detectable here (documented in docs/privacy-ledger.md): restoring the ledger AND its watermark
 together, or copying the whole directory (both fork the budget); deleting the whole index and
@@ -46,6 +52,7 @@ from dprdm.privacy.accounting import MechanismParams
 from dprdm.privacy.ledger import (LEDGER_FILENAME, WATERMARK_FILENAME, StoredLedger,
                                   is_postgres_url)
 from dprdm.privacy.ledger_sqlite import SqliteLedger
+from dprdm.retrieval.shards import SHARDS_MANIFEST_FILE, ShardedIndex, is_sharded
 from dprdm.retrieval.store import (EMBEDDINGS_FILE, MANIFEST_FILE, EmbeddingIndex, ledger_files,
                                    read_json_object)
 
@@ -56,6 +63,7 @@ SAMPLE_BLOCK = 64 * 1024
 SAMPLE_BLOCKS = 16
 
 Progress = Callable[[int, int], None]
+PrivateIndex = EmbeddingIndex | ShardedIndex
 
 VOIDS_THE_GUARANTEE = (
     "A new budget voids the guarantee for every record already queried: the releases made "
@@ -102,20 +110,80 @@ def fingerprint(path: Path, progress: Progress | None = None) -> dict[str, Any]:
             "sha256": full_sha256(path, progress), "sampled_sha256": sampled_sha256(path)}
 
 
-# -- the manifest ----------------------------------------------------------------------------------
+# -- the bound manifest and files ------------------------------------------------------------------
+def _manifest_path(index_dir: Path) -> Path:
+    return Path(index_dir) / (SHARDS_MANIFEST_FILE if is_sharded(index_dir) else MANIFEST_FILE)
+
+
+def _refuse_shard(index_dir: Path) -> None:
+    """A shard's directory is part of the sharded index above it, whose ledger is its budget."""
+    parent = Path(index_dir).resolve().parent
+    if is_sharded(parent) and Path(index_dir).resolve().name in {
+            s.path.name for s in ShardedIndex.open(parent, check_shards=False).shards}:
+        raise LedgerBindingError(
+            f"{index_dir} is a shard of the sharded index {parent}: its records are under that "
+            f"index's ledger. Use {parent} (a shard never gets a budget of its own)."
+        )
+
+
+def _open_index(index_dir: Path) -> tuple[PrivateIndex, list[str]]:
+    """The index at `index_dir` and its bound data files (paths relative to `index_dir`)."""
+    _refuse_shard(index_dir)
+    if is_sharded(index_dir):
+        index = ShardedIndex.open(index_dir)
+        return index, [f"{s.path.name}/{EMBEDDINGS_FILE}" for s in index.shards]
+    return EmbeddingIndex.open(index_dir), [EMBEDDINGS_FILE]
+
+
+def embeddings_bytes(index_dir: str | os.PathLike) -> int:
+    """Total size of the embeddings files a binding would hash (0 when there is no index)."""
+    index_dir = Path(index_dir)
+    if is_sharded(index_dir):
+        return sum(p.stat().st_size for p in index_dir.glob(f"shard-*/{EMBEDDINGS_FILE}"))
+    path = index_dir / EMBEDDINGS_FILE
+    return path.stat().st_size if path.is_file() else 0
+
+
 def read_manifest(index_dir: Path) -> dict[str, Any]:
-    return read_json_object(Path(index_dir) / MANIFEST_FILE)
+    return read_json_object(_manifest_path(index_dir))
 
 
 def binding_of(index_dir: Path) -> dict[str, Any] | None:
-    """The manifest's privacy section: ledger id, embeddings fingerprint, ledger history."""
+    """The bound manifest's privacy section: ledger id, embeddings fingerprints, ledger history."""
     binding = read_manifest(index_dir).get(MANIFEST_KEY)
     return binding if isinstance(binding, dict) and binding.get("ledger_id") else None
 
 
 def _write_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, ensure_ascii=False, indent=1) + "\n"
-    write_bytes_atomically(Path(index_dir) / MANIFEST_FILE, text.encode())
+    write_bytes_atomically(_manifest_path(index_dir), text.encode())
+
+
+def _combined_sha256(prints: list[dict[str, Any]]) -> str:
+    """A sharded index's embeddings SHA-256: of the shards' raw SHA-256 digests, in shard order."""
+    return hashlib.sha256(b"".join(bytes.fromhex(p["sha256"]) for p in prints)).hexdigest()
+
+
+def _fingerprints(index_dir: Path, files: list[str], sharded: bool,
+                  progress: Progress | None) -> dict[str, Any]:
+    """The manifest's "embeddings" entry: the file's fingerprint (plain), or the combined SHA-256
+    and {"path", fingerprint...} per shard file (sharded). `progress` counts all files' bytes."""
+    total, done, prints = sum(os.path.getsize(index_dir / name) for name in files), 0, []
+    for name in files:
+        step = None if progress is None else (lambda d, _t, base=done: progress(base + d, total))
+        prints.append(dict(fingerprint(index_dir / name, step), path=name))
+        done += prints[-1]["size"]
+    if not sharded:
+        return {key: value for key, value in prints[0].items() if key != "path"}
+    return {"sha256": _combined_sha256(prints), "files": prints}
+
+
+def _bound_files(binding: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """[(path relative to the index, its recorded fingerprint)] -- the manifest's own dicts."""
+    embeddings = binding["embeddings"]
+    if "files" in embeddings:
+        return [(entry["path"], entry) for entry in embeddings["files"]]
+    return [(EMBEDDINGS_FILE, embeddings)]
 
 
 def _changed(path: Path, what: str) -> LedgerBindingError:
@@ -126,11 +194,9 @@ def _changed(path: Path, what: str) -> LedgerBindingError:
     )
 
 
-def verify_embeddings(index_dir: Path, binding: dict[str, Any], *, full: bool = False,
-                      progress: Progress | None = None) -> dict[str, Any]:
-    """Check the embeddings file against the recorded fingerprint; raise if it changed."""
-    path = Path(index_dir) / EMBEDDINGS_FILE
-    expected = binding["embeddings"]
+def _verify_file(path: Path, expected: dict[str, Any], full: bool,
+                 progress: Progress | None) -> dict[str, Any]:
+    """Check one embeddings file against its recorded fingerprint; raise if it changed."""
     stat = os.stat(path)
     if stat.st_size != expected["size"]:
         raise _changed(path, f"size {stat.st_size} bytes, recorded {expected['size']}")
@@ -142,6 +208,23 @@ def verify_embeddings(index_dir: Path, binding: dict[str, Any], *, full: bool = 
             raise _changed(path, "SHA-256 differs")
         result["sha256"] = "ok"
     return result
+
+
+def verify_embeddings(index_dir: Path, binding: dict[str, Any], files: list[str], *,
+                      full: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Check every bound embeddings file (`files`: the index's, as :func:`_open_index` lists
+    them) against the recorded fingerprints; raise if any changed. The result of a plain index
+    is its file's; a sharded index's has one per file under "files"."""
+    bound = _bound_files(binding)
+    if [name for name, _ in bound] != files or (
+            "files" in binding["embeddings"]
+            and _combined_sha256([e for _, e in bound]) != binding["embeddings"]["sha256"]):
+        raise _changed(Path(index_dir), "its embeddings files are not the ones bound to the ledger")
+    results = [dict(_verify_file(Path(index_dir) / name, expected, full, progress), path=name)
+               for name, expected in bound]
+    if "files" not in binding["embeddings"]:
+        return {key: value for key, value in results[0].items() if key != "path"}
+    return {"files": results}
 
 
 # -- the two entry points --------------------------------------------------------------------------
@@ -162,13 +245,13 @@ def _ledger_location(index_dir: Path, binding: dict[str, Any] | None,
 
 
 def open_private_index(index_dir: str | os.PathLike, ledger: str | None = None, *,
-                       read_only: bool = False) -> tuple[EmbeddingIndex, StoredLedger]:
-    """Open a private index and its ledger, verified to belong together (see the module doc).
-    Every command that charges or reads the production budget goes through here. `ledger`: a
-    ``postgresql://`` URL (default: the manifest's, else ``ledger.sqlite``); `read_only` opens a
-    ledger that refuses to charge (``dprdm eval``)."""
+                       read_only: bool = False) -> tuple[PrivateIndex, StoredLedger]:
+    """Open a private index (plain or sharded) and its ledger, verified to belong together (see
+    the module doc). Every command that charges or reads the production budget goes through
+    here. `ledger`: a ``postgresql://`` URL (default: the manifest's, else ``ledger.sqlite``);
+    `read_only` opens a ledger that refuses to charge (``dprdm eval``)."""
     index_dir = Path(index_dir)
-    index = EmbeddingIndex.open(index_dir)
+    index, files = _open_index(index_dir)
     binding = binding_of(index_dir)
     url = _ledger_location(index_dir, binding, ledger)
     ledger_path = index_dir / LEDGER_FILENAME
@@ -184,7 +267,7 @@ def open_private_index(index_dir: str | os.PathLike, ledger: str | None = None, 
             "--epsilon E --delta D --k K --q Q --sigma S` (or --calibrate --queries T)"
         )
     missing = (
-        f"{index_dir}/{MANIFEST_FILE} names ledger {binding['ledger_id']} but "
+        f"{_manifest_path(index_dir)} names ledger {binding['ledger_id']} but "
         "{what} is missing (deleted?). Refused: nothing is charged or released; a "
         "deleted ledger does not forget the releases it recorded. Restore the ledger from a "
         f"backup, or (voiding the guarantee) `dprdm budget init {index_dir} {NEW_BUDGET_FLAG}`."
@@ -208,23 +291,23 @@ def open_private_index(index_dir: str | os.PathLike, ledger: str | None = None, 
                                                          f"{binding['ledger_url']}")) from None
     if opened.ledger_id != binding["ledger_id"]:
         raise LedgerBindingError(
-            f"{opened.location} has ledger id {opened.ledger_id} but {MANIFEST_FILE} names "
+            f"{opened.location} has ledger id {opened.ledger_id} but {_manifest_path(index_dir)} names "
             f"{binding['ledger_id']}: this is not the index's ledger. Refused: nothing is "
             "charged or released."
         )
     if opened.embeddings_sha256 != binding["embeddings"]["sha256"]:
         raise LedgerBindingError(
-            f"{opened.location} was created for other embeddings than {MANIFEST_FILE} records. "
-            "Refused: nothing is charged or released."
+            f"{opened.location} was created for other embeddings than "
+            f"{_manifest_path(index_dir)} records. Refused: nothing is charged or released."
         )
-    verify_embeddings(index_dir, binding)
+    verify_embeddings(index_dir, binding, files)
     return index, opened
 
 
 def init_budget(index_dir: str | os.PathLike, epsilon: float, delta: float,
                 mechanism: MechanismParams, lam: float = 1.0, *, new_budget: bool = False,
                 progress: Progress | None = None, ledger: str | None = None
-                ) -> tuple[EmbeddingIndex, StoredLedger]:
+                ) -> tuple[PrivateIndex, StoredLedger]:
     """Create the ledger of an index, pin its mechanism and bind the two (``budget init``).
     `ledger`: a ``postgresql://`` URL whose database receives the ledger (default: the SQLite
     file in the index directory); the manifest records it without its password.
@@ -233,7 +316,7 @@ def init_budget(index_dir: str | os.PathLike, epsilon: float, delta: float,
     explicit NEW_BUDGET_FLAG), which is recorded in the new ledger and the manifest's history.
     """
     index_dir = Path(index_dir)
-    index = EmbeddingIndex.open(index_dir)
+    index, files = _open_index(index_dir)
     if not isinstance(mechanism, MechanismParams):
         raise InvalidParameterError("mechanism must be a MechanismParams (sigma, q, k)")
     lam = check_lam(lam)
@@ -261,7 +344,7 @@ def init_budget(index_dir: str | os.PathLike, epsilon: float, delta: float,
     event = "budget init"
     if binding is not None:
         event = f"new budget replacing lost ledger {binding['ledger_id']}: {VOIDS_THE_GUARANTEE}"
-    prints = fingerprint(index_dir / EMBEDDINGS_FILE, progress)
+    prints = _fingerprints(index_dir, files, isinstance(index, ShardedIndex), progress)
     history.append({"ledger_id": ledger_id, "created": _now(),
                     "replaces": binding["ledger_id"] if binding is not None else None,
                     "voids_guarantee": binding is not None})
@@ -291,20 +374,21 @@ def init_budget(index_dir: str | os.PathLike, epsilon: float, delta: float,
 
 
 def verify_index(index_dir: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
-    """``dprdm index verify``: recompute the full SHA-256 and compare it with the manifest's.
-    A match re-records the file's modification time (so that later opens stay cheap)."""
+    """``dprdm index verify``: recompute every bound file's full SHA-256 and compare it with the
+    manifest's. A match re-records the files' modification times (so later opens stay cheap)."""
     index_dir = Path(index_dir)
-    EmbeddingIndex.open(index_dir)
+    index, files = _open_index(index_dir)
     binding = binding_of(index_dir)
-    path = index_dir / EMBEDDINGS_FILE
     if binding is None:
-        return {"path": str(index_dir), "bound_to_ledger": False,
-                "sha256": full_sha256(path, progress)}
-    result = verify_embeddings(index_dir, binding, full=True, progress=progress)
-    mtime = os.stat(path).st_mtime_ns
-    if mtime != binding["embeddings"]["mtime_ns"]:
-        manifest = read_manifest(index_dir)
-        manifest[MANIFEST_KEY]["embeddings"]["mtime_ns"] = mtime
+        prints = _fingerprints(index_dir, files, isinstance(index, ShardedIndex), progress)
+        return {"path": str(index_dir), "bound_to_ledger": False, "sha256": prints["sha256"]}
+    result = verify_embeddings(index_dir, binding, files, full=True, progress=progress)
+    manifest = read_manifest(index_dir)
+    stale = [(name, recorded) for name, recorded in _bound_files(manifest[MANIFEST_KEY])
+             if os.stat(index_dir / name).st_mtime_ns != recorded["mtime_ns"]]
+    for name, recorded in stale:
+        recorded["mtime_ns"] = os.stat(index_dir / name).st_mtime_ns
+    if stale:
         _write_manifest(index_dir, manifest)
         result["mtime_rerecorded"] = True
     return dict(result, path=str(index_dir), bound_to_ledger=True,

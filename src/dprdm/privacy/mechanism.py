@@ -237,23 +237,30 @@ class PrivateRetrieval:
         """(B, d) float64: (1/k) * sum of the k neighbours inside each query's own subsample,
         each neighbour clamped to norm <= 1 first (:func:`clamped_sum`)."""
         k = self._params.k
-        if self._strategy == "subsample":
-            neighbour_rows = [
-                _neighbours_in_subsample(
-                    self._vectors, query, poisson_subsample(self._vectors.n, self._params.q,
-                                                            self._rng), k
-                )
-                for query in queries
-            ]
-        elif self._strategy == "probed":
-            neighbour_rows = self._probed_neighbours(queries)
-        else:
-            neighbour_rows = self._ranked_neighbours(queries)
+        neighbour_rows = self._neighbour_rows(queries)
         aggregates = np.zeros((queries.shape[0], self._vectors.dim), dtype=np.float64)
         for i, rows in enumerate(neighbour_rows):
             if rows.size:
                 aggregates[i] = clamped_sum(self._vectors.rows_float32(np.sort(rows)))
         return aggregates / k  # always k: zero-fill keeps the sensitivity at 2/k
+
+    def _neighbour_rows(self, queries: np.ndarray) -> list[np.ndarray]:
+        """Per query, the rows of its k nearest neighbours inside its own Poisson subsample (fewer
+        when the subsample holds fewer), read through ``self._vectors`` by :meth:`_aggregate`.
+
+        The one step a sharded mechanism (``dprdm.privacy.sharded``) replaces; the charge, the
+        aggregate and the noise stay this class's."""
+        if self._strategy == "subsample":
+            return [
+                _neighbours_in_subsample(
+                    self._vectors, query, poisson_subsample(self._vectors.n, self._params.q,
+                                                            self._rng), self._params.k
+                )
+                for query in queries
+            ]
+        if self._strategy == "probed":
+            return self._probed_neighbours(queries)
+        return self._ranked_neighbours(queries)
 
     def _probed_neighbours(self, queries: np.ndarray) -> list[np.ndarray]:
         """Strategy (a) inside each query's candidate set: only its kept rows are read."""

@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dprdm import __version__
 from dprdm.errors import BudgetExceededError, InvalidParameterError
+from dprdm.privacy.sharded import ShardUnavailableError
 from dprdm.rdm import MAX_PROMPT_CHARS, check_prompts, check_sampling
 from dprdm.service.config import MECHANISM_KEYS, ServiceConfig
 from dprdm.service.engine import GenerationEngine
@@ -198,6 +199,12 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
     async def _api_error(request: Request, error: ApiError):
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
         return error_response(error.status, error.code, error.message, headers, **error.extra)
+
+    @app.exception_handler(ShardUnavailableError)
+    async def _shard_down(request: Request, error: ShardUnavailableError):
+        # a shard of a sharded index failed mid-release: nothing was released, the charge stands
+        return error_response(503, error.code, str(error),
+                              {"Retry-After": str(error.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):

@@ -1,0 +1,169 @@
+"""Shard actors on Ray Core -- the ONE dprdm module that imports ray (nothing imports it at top
+level; :func:`dprdm.privacy.sharded.shard_backend` loads it on demand).
+
+* :class:`ShardActor` wraps :class:`~dprdm.privacy.sharded.ShardNeighbours`: it memory-maps one
+  shard index and has exactly two methods, ``describe`` (public facts: offset, n, dim, SHA-256)
+  and ``neighbours`` (the local top-k rows and vectors for the coordinator). No other method
+  returns vectors. Ray restarts a dead actor (``max_restarts``); a call in flight when it dies is
+  NOT retried (``max_task_retries=0``): the release fails, see below.
+* :class:`RayShards` is the coordinator's handle on the S actors: ``start`` creates them (in an
+  in-process Ray, or detached and named on a cluster for ``dprdm index serve-shards``),
+  ``connect`` finds the named actors on a cluster and checks that they serve this index.
+  ``neighbours`` asks all S actors at once and waits at most ``timeout_s``; a dead, restarting,
+  failed or late actor raises :class:`~dprdm.privacy.sharded.ShardUnavailableError` -- never a
+  partial answer.
+
+SECURITY: Ray's own authentication is at most a shared cluster token (RAY_AUTH_MODE=token in
+recent Ray; none in older ones, CVE-2023-48022 "ShadowRay"). Anyone who can reach the cluster's
+ports (or holds its token) can call ``neighbours`` on a shard actor and read raw private vectors,
+bypassing the ledger. The Ray network must be private to the operator: see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+
+from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.privacy.accounting import MechanismParams
+from dprdm.privacy.sharded import ShardAnswer, ShardNeighbours, ShardUnavailableError
+
+NAMESPACE = "dprdm"
+MAX_RESTARTS = 10
+
+
+def init_ray(address: str, *, num_cpus: int | None = None,
+             resources: dict[str, float] | None = None) -> None:
+    """Join the Ray cluster at `address` ("auto", "ray://host:port", "host:port"), or start an
+    in-process one for ``"local"``; a no-op when this process is already connected."""
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidParameterError("--ray-address must be 'local', 'auto' or a cluster address")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    try:
+        if address == "local":  # no dashboard: nothing listens beyond what Ray itself needs
+            ray.init(num_cpus=num_cpus, resources=resources, include_dashboard=False,
+                     namespace=NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise DprdmError(f"cannot join the Ray cluster at {address!r}: {error}") from None
+
+
+def actor_name(sharded: Any, number: int) -> str:
+    """The name of shard `number`'s actor: bound to the index's content, so two indexes (or a
+    rebuilt one) never share actors."""
+    return f"dprdm-shard-{sharded.source_sha256[:16]}-{number:04d}"
+
+
+def resource_name(number: int) -> str:
+    """The custom resource that pins shard `number`'s actor to the node(s) offering it."""
+    return f"dprdm_shard_{number}"
+
+
+@ray.remote
+class ShardActor:
+    """One shard, memory-mapped in a Ray worker; only ``neighbours`` returns vectors."""
+
+    def __init__(self, shard_dir: str, offset: int, embeddings_sha256: str) -> None:
+        self._shard = ShardNeighbours(shard_dir, offset, embeddings_sha256)
+
+    def describe(self) -> dict[str, Any]:
+        return self._shard.describe()
+
+    def neighbours(self, queries: np.ndarray, params: MechanismParams, strategy: str,
+                   nprobe: int) -> ShardAnswer:
+        return self._shard.neighbours(queries, params, strategy, nprobe)  # type: ignore[arg-type]
+
+
+class RayShards:
+    """The coordinator's view of the S shard actors (a ShardBackend)."""
+
+    def __init__(self, sharded: Any, actors: list[Any], *, timeout_s: float = 60.0) -> None:
+        if not timeout_s > 0:
+            raise InvalidParameterError(f"the shard timeout must be positive, got {timeout_s!r}")
+        self.n, self.dim, self.nlist = sharded.n, sharded.dim, sharded.nlist
+        self.offsets = [s.offset for s in sharded.shards] + [sharded.n]
+        self.actors = actors
+        self.timeout_s = float(timeout_s)
+
+    @classmethod
+    def start(cls, sharded: Any, *, detached: bool = False, use_resources: bool = False,
+              max_restarts: int = MAX_RESTARTS, num_cpus: float = 0,
+              timeout_s: float = 60.0) -> RayShards:
+        """Create one actor per shard and wait until each has opened its shard.
+
+        `detached`: named actors that outlive this process (``serve-shards``); `use_resources`:
+        each needs one unit of ``dprdm_shard_<i>`` (start nodes with ``ray start --resources``)."""
+        actors = []
+        for info in sharded.shards:
+            options: dict[str, Any] = {"max_restarts": max_restarts, "max_task_retries": 0,
+                                       "num_cpus": num_cpus}
+            if detached:
+                options.update(name=actor_name(sharded, info.number), namespace=NAMESPACE,
+                               lifetime="detached", get_if_exists=True)
+            if use_resources:
+                options["resources"] = {resource_name(info.number): 1}
+            actors.append(ShardActor.options(**options).remote(
+                str(info.path.resolve()), info.offset, info.embeddings_sha256))
+        shards = cls(sharded, actors, timeout_s=timeout_s)
+        shards._check(sharded)
+        return shards
+
+    @classmethod
+    def connect(cls, sharded: Any, *, timeout_s: float = 60.0) -> RayShards:
+        """The named actors ``dprdm index serve-shards`` started for this index."""
+        actors = []
+        for info in sharded.shards:
+            try:
+                actors.append(ray.get_actor(actor_name(sharded, info.number), namespace=NAMESPACE))
+            except ValueError:
+                raise DprdmError(
+                    f"no actor serves shard {info.number} of {sharded.path} on this Ray cluster; "
+                    f"start them with `dprdm index serve-shards {sharded.path} --ray-address ...`"
+                ) from None
+        shards = cls(sharded, actors, timeout_s=timeout_s)
+        shards._check(sharded)
+        return shards
+
+    def _check(self, sharded: Any) -> None:
+        """Every actor is up and serves the shard the manifest names (public facts only)."""
+        facts = self._gather([actor.describe.remote() for actor in self.actors])
+        for info, fact in zip(sharded.shards, facts):
+            if (fact["offset"], fact["n"], fact["embeddings_sha256"]) != (
+                    info.offset, info.n, info.embeddings_sha256):
+                raise DprdmError(f"the actor for shard {info.number} serves other rows than "
+                                 f"{sharded.path}")
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        """All results, or ShardUnavailableError naming the first shard that failed or was late."""
+        deadline = time.monotonic() + self.timeout_s
+        results = []
+        for number, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except (GetTimeoutError, RayError) as error:
+                for pending in refs:  # best effort: queued calls are dropped
+                    try:
+                        ray.cancel(pending)
+                    except (RayError, TypeError, ValueError):
+                        pass
+                reason = ("timed out" if isinstance(error, GetTimeoutError)
+                          else f"failed ({type(error).__name__})")  # no message: it may quote data
+                raise ShardUnavailableError(
+                    f"shard {number} {reason}; nothing was released and the budget charged for "
+                    f"this batch stays spent. Ray restarts a dead shard actor; retry in about "
+                    f"{ShardUnavailableError.retry_after_s} s") from None
+        return results
+
+    def neighbours(self, queries: np.ndarray, params: MechanismParams, strategy: str,
+                   nprobe: int) -> list[ShardAnswer]:
+        shared = ray.put(np.ascontiguousarray(queries))  # one copy for the S actors
+        return self._gather([actor.neighbours.remote(shared, params, strategy, nprobe)
+                             for actor in self.actors])

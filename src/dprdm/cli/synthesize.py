@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import typer
@@ -32,7 +32,7 @@ IDENTITY = ("prompts_sha256", "images_per_prompt", "steps", "guidance", "seed",
 @dataclass
 class Backend:
     rag: object  # RetrievalAugmentedGenerator
-    ledger: object  # SqliteLedger
+    ledger: object  # ReceiptLedger around the index's SqliteLedger
     settings: object  # MechanismSettings
     index_dir: Path
     encoder: str
@@ -52,8 +52,10 @@ def open_backend(index_dir: Path, encoder: str, generator: str) -> Backend:
     model_dir = Path(DEFAULT_DIR if generator == "demo" else generator)
     if not (model_dir / "model_index.json").is_file():
         raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
+    from dprdm.synthesis.runner import ReceiptLedger
+
     settings = MechanismSettings.load(index_dir)
-    ledger = SqliteLedger(index_dir)
+    ledger = ReceiptLedger(SqliteLedger(index_dir))
     rag = RetrievalAugmentedGenerator(
         load_encoder(encoder), RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
         private_index=EmbeddingIndex.open(index_dir), ledger=ledger, settings=settings)
@@ -229,8 +231,9 @@ def synthesize(
             reuse_identical=params["reuse_identical"],
             images_per_prompt=params["images_per_prompt"], images_to_generate=todo,
             ledger=backend.ledger, params=backend.settings.params, max_queries=max_queries,
-            partial=partial,
-            seconds_per_image=_seconds_per_image(backend.rag.pipeline, params["steps"]))
+            partial=partial)
+        plan = replace(plan, estimated_seconds=round(
+            todo * _seconds_per_image(backend.rag.pipeline, params["steps"]), 1))
         if not as_json:
             console.print(plan.describe())
         result = {"job_dir": str(job_dir), "plan": plan.as_dict()}
@@ -239,6 +242,8 @@ def synthesize(
         if journal is None:
             journal = Journal.create(job_dir, params, prompt_file.rows, reuse_identical)
         lost = journal.recover()
+        if journal.missing_epsilon():  # a crash between journal commit and accounting
+            journal.set_epsilon(backend.ledger.summary().epsilon_spent)
         data_dir = Path(job_dir) / DATA_DIR
         data_dir.mkdir(exist_ok=True)
         cleaned = clean_data_dir(journal, data_dir)

@@ -44,7 +44,7 @@ CREATE TABLE batches (id INTEGER PRIMARY KEY AUTOINCREMENT, queries INTEGER NOT 
                       ledger_queries_after INTEGER, epsilon_after REAL);
 CREATE TABLE releases (release_key INTEGER PRIMARY KEY, batch INTEGER NOT NULL,
                        condition BLOB NOT NULL, ledger_queries INTEGER NOT NULL,
-                       epsilon REAL NOT NULL, time TEXT NOT NULL);
+                       epsilon REAL, time TEXT NOT NULL);
 CREATE TABLE images (prompt_idx INTEGER NOT NULL, image_idx INTEGER NOT NULL,
                      file_name TEXT NOT NULL, time TEXT NOT NULL,
                      PRIMARY KEY (prompt_idx, image_idx));
@@ -168,7 +168,8 @@ class Journal:
         rows = self._conn.execute(
             f"SELECT release_key, condition, ledger_queries, epsilon FROM releases "
             f"WHERE release_key IN ({marks})", keys)
-        return {int(k): (np.frombuffer(blob, dtype=np.float32).copy(), int(t), float(e))
+        return {int(k): (np.frombuffer(blob, dtype=np.float32).copy(), int(t),
+                         None if e is None else float(e))
                 for k, blob, t, e in rows}
 
     def done_images(self, prompt_idx: Iterable[int] | None = None) -> set[tuple[int, int]]:
@@ -217,7 +218,9 @@ class Journal:
             conn.execute("UPDATE batches SET state='refused' WHERE id=?", (batch,))
 
     def commit_releases(self, batch: int, keys: list[int], conditions: np.ndarray,
-                        ledger_queries: int, epsilon: float) -> None:
+                        ledger_queries: int) -> None:
+        """Keep the batch's released conditions and the ledger's query total after its charge
+        (from the charge receipt: no accounting inside the charge-to-journal window)."""
         conditions = np.ascontiguousarray(conditions, dtype=np.float32)
         if len(keys) != len(conditions):
             raise InvalidParameterError("one condition per released prompt")
@@ -225,11 +228,26 @@ class Journal:
         with self._transaction() as conn:
             conn.executemany(
                 "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?)",
-                ((key, batch, cond.tobytes(), ledger_queries, epsilon, now)
+                ((key, batch, cond.tobytes(), ledger_queries, None, now)
                  for key, cond in zip(keys, conditions)))
             conn.execute(
-                "UPDATE batches SET state='released', ledger_queries_after=?, epsilon_after=? "
-                "WHERE id=? AND state='charging'", (ledger_queries, epsilon, batch))
+                "UPDATE batches SET state='released', ledger_queries_after=? "
+                "WHERE id=? AND state='charging'", (ledger_queries, batch))
+
+    def set_epsilon(self, epsilon: float, batch: int | None = None) -> int:
+        """Record the ledger's epsilon after a batch's release (computed after the commit); with
+        no batch, for every release still without one (a crash came in between: then it is the
+        ledger's epsilon when the job resumed, an upper bound). Returns the rows updated."""
+        where = "batch=?" if batch is not None else "epsilon IS NULL"
+        args = (epsilon, batch) if batch is not None else (epsilon,)
+        with self._transaction() as conn:
+            if batch is not None:
+                conn.execute("UPDATE batches SET epsilon_after=? WHERE id=?", (epsilon, batch))
+            return conn.execute(f"UPDATE releases SET epsilon=? WHERE {where}", args).rowcount
+
+    def missing_epsilon(self) -> bool:
+        return self._conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM releases WHERE epsilon IS NULL)").fetchone()[0] == 1
 
     def mark_done(self, images: list[tuple[int, int, str]]) -> None:
         now = _now()

@@ -24,6 +24,22 @@ from dprdm.image_files import save_png
 from dprdm.synthesis.journal import Journal
 
 
+class ReceiptLedger:
+    """A ledger that keeps the receipt of its last charge (the private step discards it), so the
+    journal gets the ledger's query total after a batch without a second ledger read."""
+
+    def __init__(self, ledger) -> None:
+        self.ledger = ledger
+        self.last = None
+
+    def charge(self, params, count: int = 1, caller: str = ""):
+        self.last = self.ledger.charge(params, count, caller=caller)
+        return self.last
+
+    def __getattr__(self, name: str):
+        return getattr(self.ledger, name)
+
+
 @dataclass(frozen=True)
 class BatchSettings:
     images_per_prompt: int
@@ -78,7 +94,7 @@ def _sampler(seed: int | None, first_prompt: int) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed * 1_000_003 + first_prompt)
 
 
-def run_batches(journal: Journal, rag, ledger, settings: BatchSettings, data_dir: Path,
+def run_batches(journal: Journal, rag, ledger: ReceiptLedger, settings: BatchSettings, data_dir: Path,
                 query_cap: int, should_stop: Callable[[], bool],
                 on_batch: Callable[[int, int, float], None] | None = None) -> RunResult:
     """Release, generate and write every unfinished prompt, charging at most `query_cap`.
@@ -113,15 +129,14 @@ def run_batches(journal: Journal, rag, ledger, settings: BatchSettings, data_dir
                 break
             t.release += time.perf_counter() - tic
             tic = time.perf_counter()
-            after = ledger.summary()
-            t.accounting += time.perf_counter() - tic
-            tic = time.perf_counter()
-            journal.commit_releases(batch_id, missing, conditions, after.queries,
-                                    after.epsilon_spent)
+            journal.commit_releases(batch_id, missing, conditions, ledger.last.queries_total)
             t.journal += time.perf_counter() - tic
             result.queries_charged += len(missing)
             result.batches += 1
-            epsilon = after.epsilon_spent
+            tic = time.perf_counter()  # after the commit: outside the crash window
+            epsilon = ledger.summary().epsilon_spent
+            journal.set_epsilon(epsilon, batch_id)
+            t.accounting += time.perf_counter() - tic
         else:
             epsilon = None
         tic = time.perf_counter()

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import dprdm
 from dprdm.cli import app
 from dprdm.encoders import load_encoder
-from dprdm.privacy import MechanismParams, SqliteLedger
+from dprdm.privacy import SqliteLedger
 from dprdm.rdm import MechanismSettings
 from dprdm.retrieval import build_index
 from dprdm.synthesis import Journal, read_prompts
@@ -94,7 +94,7 @@ def assert_job_consistent(job: Path, index: Path, n: int) -> dict:
     return {"counts": counts, "lost_charged": extra, "lost_batches": len(lost)}
 
 
-# -- prompt files ---------------------------------------------------------------------------------
+# -- prompt files ----------------------------------------------------------------------------------
 def test_prompt_files_of_every_format_are_read_with_their_metadata(tmp_path):
     (tmp_path / "p.txt").write_text("red apple\n\n  cat face \n")
     (tmp_path / "p.csv").write_text('id,caption,style\n1,red apple,"flat, bold"\n2,cat face,line\n')
@@ -153,7 +153,7 @@ def test_a_million_prompts_over_a_small_budget_are_refused_before_anything_is_ch
     assert queries(private_index) == 0 and not (tmp_path / "job").exists()
 
 
-# -- the job ----------------------------------------------------------------------------------------
+# -- the job ---------------------------------------------------------------------------------------
 def test_job_output_loads_with_datasets_and_its_metadata_matches(private_index, tmp_path):
     datasets = pytest.importorskip("datasets")
     lines = [{"prompt": "red apple", "id": 1, "split": "a"},
@@ -228,6 +228,12 @@ def test_an_unaffordable_job_is_refused_unless_partial_says_what_to_do(tmp_path,
     result, error = synthesize(*args)
     assert result.exit_code == 2 and error["error"] == "budget_exhausted"
     assert queries(index) == 0 and not (tmp_path / "job").exists()
+    result, planned = synthesize(*args, "--partial", "--dry-run")
+    assert result.exit_code == 0 and planned["status"] == "planned"
+    assert planned["plan"]["queries_this_run"] == affordable
+    assert planned["plan"]["queries_needed"] == affordable + 3
+    assert planned["plan"]["estimated_seconds"] > 0 and planned["plan"]["epsilon_after"] <= 1.0
+    assert queries(index) == 0 and not (tmp_path / "job").exists()
     result, report = synthesize(*args, "--partial")
     assert result.exit_code == 0, result.output
     assert report["status"] == "partial" and queries(index) == affordable
@@ -260,7 +266,21 @@ def test_a_batch_charged_but_not_journaled_is_reported_lost_and_released_again(
     assert figures["lost_charged"] == 2 and queries(private_index) == 3 + 2
 
 
-# -- crashes: SIGKILL (and one Ctrl-C) at random moments --------------------------------------------
+def test_a_second_run_of_a_job_in_progress_is_refused(private_index, tmp_path):
+    import fcntl
+
+    path = tmp_path / "p.txt"
+    path.write_text("red apple\n")
+    (tmp_path / "job").mkdir()
+    with open(tmp_path / "job" / ".lock", "a") as held:  # a run in progress holds the lock
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        result, error = synthesize("--prompts", str(path), "--index", str(private_index), *FAST,
+                                   "--out", str(tmp_path / "job"))
+    assert result.exit_code == 2 and "another run" in error["message"]
+    assert queries(private_index) == 0 and not (tmp_path / "job" / "journal.sqlite").exists()
+
+
+# -- crashes: SIGKILL (and one Ctrl-C) at random moments -------------------------------------------
 def _released_batches(job: Path) -> int:
     try:
         with sqlite3.connect(f"file:{job / 'journal.sqlite'}?mode=ro", uri=True) as conn:
@@ -294,8 +314,10 @@ def test_resume_after_sigkill_at_random_moments(private_index, tmp_path):
             process.send_signal(sig)
             sent.append(sig)
         stdout, _ = process.communicate(timeout=120)
-        if sig == signal.SIGINT and process.returncode == 130:  # stopped at a batch boundary
-            assert json.loads(stdout)["status"] == "interrupted"
+        if sig == signal.SIGINT and sent[-1:] == [sig]:  # stops at a batch boundary
+            assert process.returncode in (0, 130)
+            assert json.loads(stdout)["status"] == ("interrupted" if process.returncode else
+                                                    "complete")
         if process.returncode == 0:
             break
     final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -313,7 +335,7 @@ def test_resume_after_sigkill_at_random_moments(private_index, tmp_path):
           f"queries wasted {figures['lost_charged']}")
 
 
-# -- eval --synthetic -------------------------------------------------------------------------------
+# -- eval --synthetic ------------------------------------------------------------------------------
 def test_eval_scores_a_finished_job_without_charging(private_index, tmp_path):
     hold = tmp_path / "holdout"
     hold.mkdir()

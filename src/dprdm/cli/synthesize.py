@@ -7,7 +7,6 @@ itself lives in :mod:`dprdm.synthesis`.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 import uuid
@@ -70,6 +69,24 @@ def _seconds_per_image(pipeline, steps: int, probe: int = 4) -> float:
     tic = time.perf_counter()
     pipeline(conditions, steps=1)
     return (time.perf_counter() - tic) / probe * steps
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def job_lock(job_dir: Path) -> Iterator[None]:
+    """One run of a job at a time: an exclusive lock on JOBDIR/.lock, released on exit (also
+    when the process dies), so two runs can never release the same prompts twice."""
+    import fcntl
+
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(job_dir) / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DprdmError(f"another run is working on {job_dir}; wait for it to end") from None
+        yield
 
 
 @contextmanager
@@ -203,7 +220,8 @@ def synthesize(
                 raise InvalidParameterError("give --index DIR (or --demo)")
             if out.exists() and not out.is_dir():
                 raise InvalidParameterError(f"{out} exists and is not a directory")
-            if out.is_dir() and any(out.iterdir()) and not Journal.exists(out):
+            if (out.is_dir() and not Journal.exists(out)
+                    and any(p.name != LOCK_FILE for p in out.iterdir())):
                 raise InvalidParameterError(f"{out} is not empty and holds no job journal")
             job_dir = out
             backend = open_backend(Path(index_dir), encoder, str(model) if model else "demo")
@@ -239,6 +257,12 @@ def synthesize(
         result = {"job_dir": str(job_dir), "plan": plan.as_dict()}
         if dry_run:
             return dict(result, status="planned")
+        with job_lock(job_dir):
+            return dict(result, **run_job(journal, job_dir, params, prompt_file, backend, plan,
+                                          len(keys), todo))
+
+    def run_job(journal, job_dir, params, prompt_file, backend, plan, prompts_count,
+                todo) -> dict:
         if journal is None:
             journal = Journal.create(job_dir, params, prompt_file.rows, reuse_identical)
         lost = journal.recover()
@@ -251,7 +275,7 @@ def synthesize(
         settings = BatchSettings(params["images_per_prompt"], params["steps"],
                                  params["guidance"], params["seed"], batch_size,
                                  f"cli:synthesize:{params['job_id']}")
-        total = len(keys) * params["images_per_prompt"]
+        total = prompts_count * params["images_per_prompt"]
         with stop_on_sigint(not as_json) as should_stop, job_progress(
                 not as_json, total, total - todo, plan.budget_epsilon,
                 plan.epsilon_spent) as on_batch:
@@ -279,7 +303,7 @@ def synthesize(
                    "this_run": this_run, "runs": journal.runs(), "params": params}
         files["summary"] = str(write_summary(summary, Path(job_dir)))
         journal.close()
-        return dict(result, status=outcome.status, totals=counts, this_run=this_run,
+        return dict(status=outcome.status, totals=counts, this_run=this_run,
                     ledger_after=ledger, files=files)
 
     with cli_errors(as_json):

@@ -205,7 +205,8 @@ class Journal:
         the ledger caller string naming it."""
         with self._transaction() as conn:
             cur = conn.execute(
-                "INSERT INTO batches (queries, state, caller, started) VALUES (?, 'charging', '', ?)",
+                "INSERT INTO batches (queries, state, caller, started) "
+                "VALUES (?, 'charging', '', ?)",
                 (queries, _now()))
             batch = int(cur.lastrowid)
             caller = f"{caller_prefix}:batch{batch}"

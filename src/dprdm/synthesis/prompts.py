@@ -66,7 +66,8 @@ class _Problems:
 
     def raise_if_any(self) -> None:
         if self.count:
-            more = f" (and {self.count - len(self.lines)} more)" if self.count > len(self.lines) else ""
+            hidden = self.count - len(self.lines)
+            more = f" (and {hidden} more)" if hidden else ""
             raise InvalidParameterError(
                 f"{self.path}: {self.count} bad line{'s' if self.count > 1 else ''}{more}; nothing "
                 "was charged:\n  " + "\n  ".join(self.lines))

@@ -83,8 +83,9 @@ def clean_data_dir(journal: Journal, data_dir: Path) -> int:
     removed = 0
     for path in data_dir.iterdir():
         stray_tmp = path.name.startswith(".") and ".png." in path.name
-        unjournaled = path.suffix == ".png" and not path.name.startswith(".") and path.name not in done
-        if path.is_file() and (stray_tmp or unjournaled):
+        unjournaled = (path.suffix == ".png" and not path.name.startswith(".")
+                       and path.name not in done)
+        if path.is_file() and (stray_tmp or unjournaled) and path.name != "metadata.jsonl":
             path.unlink()
             removed += 1
     return removed
@@ -94,8 +95,8 @@ def _sampler(seed: int | None, first_prompt: int) -> torch.Generator | None:
     return None if seed is None else torch.Generator().manual_seed(seed * 1_000_003 + first_prompt)
 
 
-def run_batches(journal: Journal, rag, ledger: ReceiptLedger, settings: BatchSettings, data_dir: Path,
-                query_cap: int, should_stop: Callable[[], bool],
+def run_batches(journal: Journal, rag, ledger: ReceiptLedger, settings: BatchSettings,
+                data_dir: Path, query_cap: int, should_stop: Callable[[], bool],
                 on_batch: Callable[[int, int, float], None] | None = None) -> RunResult:
     """Release, generate and write every unfinished prompt, charging at most `query_cap`.
     `on_batch(images_written, queries_charged, ledger_epsilon)` is called after each batch."""

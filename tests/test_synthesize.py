@@ -184,6 +184,9 @@ def test_job_output_loads_with_datasets_and_its_metadata_matches(private_index, 
         assert row["generator"] == "demo" and row["steps"] == 2
         assert 0 < row["epsilon_at_release"] <= report["ledger_after"]["epsilon_spent"] + 1e-9
         assert row["image"].size == (32, 32)
+    # the last release's epsilon is the ledger's own (receipt-based accounting agrees)
+    assert max(r["epsilon_at_release"] for r in rows) == pytest.approx(
+        report["ledger_after"]["epsilon_spent"], rel=1e-9)
     # the two "red apple" prompts share one release: the same epsilon and ledger count
     assert rows[0]["ledger_queries_at_release"] == rows[4]["ledger_queries_at_release"]
     import pyarrow.parquet as pq

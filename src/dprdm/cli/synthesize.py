@@ -274,7 +274,8 @@ def synthesize(
         run = journal.start_run()
         settings = BatchSettings(params["images_per_prompt"], params["steps"],
                                  params["guidance"], params["seed"], batch_size,
-                                 f"cli:synthesize:{params['job_id']}")
+                                 f"cli:synthesize:{params['job_id']}",
+                                 plan.single_mechanism_ledger)
         total = prompts_count * params["images_per_prompt"]
         with stop_on_sigint(not as_json) as should_stop, job_progress(
                 not as_json, total, total - todo, plan.budget_epsilon,

@@ -32,6 +32,7 @@ class JobPlan:
     epsilon_after: float | None  # the ledger's epsilon once this run's queries are charged
     estimated_seconds: float | None
     covers_whole_job: bool
+    single_mechanism_ledger: bool  # every release so far used the job's mechanism
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,4 +95,5 @@ def make_plan(*, release_keys: list[int], released: set[int], distinct_prompts: 
         epsilon_after=epsilon_after,
         estimated_seconds=(None if seconds_per_image is None
                            else round(seconds_per_image * images_to_generate, 1)),
-        covers_whole_job=this_run == needed)
+        covers_whole_job=this_run == needed,
+        single_mechanism_ledger=set(dict(summary.releases)) <= {params})

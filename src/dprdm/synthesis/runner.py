@@ -21,6 +21,7 @@ import torch
 
 from dprdm.errors import BudgetExceededError
 from dprdm.image_files import save_png
+from dprdm.privacy import accounting
 from dprdm.synthesis.journal import Journal
 
 
@@ -48,6 +49,7 @@ class BatchSettings:
     seed: int | None  # the diffusion sampler's only; never the privacy noise
     batch_size: int  # prompts per batch = the most queries one batch charges
     caller_prefix: str  # ledger caller: "<prefix>:batch<N>" names each charge
+    single_mechanism_ledger: bool = False  # see ledger_epsilon
 
 
 @dataclass
@@ -89,6 +91,16 @@ def clean_data_dir(journal: Journal, data_dir: Path) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def ledger_epsilon(ledger: ReceiptLedger, single_mechanism: bool) -> float:
+    """The ledger's epsilon after the last charge. For a ledger whose releases all use one
+    mechanism (every ledger once the mechanism is pinned at ``budget init``) it is the PLD epsilon
+    of the receipt's query total -- one accountant call; otherwise the ledger's full summary."""
+    receipt = ledger.last
+    if single_mechanism and receipt is not None:
+        return accounting.epsilon_for(receipt.params, receipt.queries_total, ledger.delta)
+    return ledger.summary().epsilon_spent
 
 
 def _sampler(seed: int | None, first_prompt: int) -> torch.Generator | None:
@@ -135,7 +147,7 @@ def run_batches(journal: Journal, rag, ledger: ReceiptLedger, settings: BatchSet
             result.queries_charged += len(missing)
             result.batches += 1
             tic = time.perf_counter()  # after the commit: outside the crash window
-            epsilon = ledger.summary().epsilon_spent
+            epsilon = ledger_epsilon(ledger, settings.single_mechanism_ledger)
             journal.set_epsilon(epsilon, batch_id)
             t.accounting += time.perf_counter() - tic
         else:

@@ -15,7 +15,7 @@ import typer
 from typer._click.exceptions import UsageError  # typer vendors click (pinned)
 
 from dprdm.cli import (audit, budget, encoders, evaluate, generate, index, keys, privacy,
-                       retrieve, serve, train)
+                       retrieve, serve, synthesize, train)
 
 app = typer.Typer(
     name="dprdm",
@@ -47,6 +47,7 @@ app.add_typer(encoders.app, name="encoders")
 app.add_typer(keys.app, name="keys")
 app.command(name="retrieve")(retrieve.retrieve)
 app.command(name="generate")(generate.generate)
+app.command(name="synthesize")(synthesize.synthesize)
 app.command(name="audit")(audit.audit)
 app.command(name="train")(train.train)
 app.command(name="serve")(serve.serve)

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
-from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit, progress_callback
+from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit,
+                              progress_callback, run_command)
 from dprdm.errors import InvalidParameterError, NotFoundError
 
 QUICK_SAMPLES, QUICK_STEPS, QUICK_KID_SUBSETS = 24, 20, 20
@@ -73,12 +74,22 @@ def evaluate(
                                     f"{QUICK_STEPS} steps: a smoke test in minutes."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     ledger_url: str = LEDGER_OPTION,
+    synthetic: Path = typer.Option(None, "--synthetic",
+                                   help="Score a `dprdm synthesize` job folder against --holdout "
+                                        "(generates and charges nothing)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Reproduce the paper's comparison on your data: FID/KID/PRDC, concept, style, alignment.
 
     Example: dprdm eval --demo --out eval-report/ --epsilons 1,5,10 --queries 100,1000
     """
+
+    if synthetic is not None:
+        from dprdm.synthesis.scoring import score_synthetic_cli
+
+        run_command(as_json, "synthetic data set", lambda: score_synthetic_cli(
+            synthetic, holdout, demo, out, encoder, model, classifiers_dir, inception, seed))
+        return
 
     def compute() -> dict:
         from dprdm.data import load_folder

@@ -42,6 +42,8 @@ def _bad_calls(tmp) -> dict[str, list[str]]:
         "retrieve": ["retrieve", missing, "--query-emb", npy, "--out", str(tmp / "r.npy")],
         "generate": ["generate", "red apple", "--index", missing, "--out", out],
         "audit": ["audit", "--k", "0"],
+        "synthesize": ["synthesize", "--prompts", str(tmp / "no-such.txt"), "--index", missing,
+                       "--out", out],
         "train": ["train", "--stage", "denoiser", "--data", missing, "--out", out],
         "serve": ["serve", "--index", missing],
         "eval": ["eval", "--index", missing, "--holdout", missing, "--out", out],

@@ -64,7 +64,7 @@ RDP_ORDERS = (
 NOISE_MULTIPLIER_RANGE = (0.1, 1000.0)
 MAX_QUERIES_SEARCHED = 10**12
 
-# Supported parameters (docs/privacy-accountant.md). Outside them the accountants overflow, divide
+# Supported parameters (docs/privacy.md, "The accountant"). Outside them the accountants overflow, divide
 # by zero or take hours; every entry point refuses them with an InvalidParameterError (exit 2).
 NOISE_MULTIPLIER_BOUNDS = (1e-4, 1e6)  # z = sigma * k / 2; 1e-4 already costs epsilon > 1e6
 Q_MIN = 1e-9  # smallest Poisson sampling rate

@@ -27,7 +27,7 @@ and nothing released:
   service), the ledger row holds the id and the embeddings hash, and the watermark lives in the
   index directory (each replica's copy of it only grows).
 
-Not detectable here (documented in docs/privacy-ledger.md): restoring the ledger AND its watermark
+Not detectable here (documented in docs/privacy.md): restoring the ledger AND its watermark
 together, or copying the whole directory (both fork the budget); deleting the whole index and
 building it again from the same data; a same-size rewrite that keeps the modification time and
 misses every sampled block (``index verify`` catches it).

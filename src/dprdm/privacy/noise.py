@@ -25,7 +25,7 @@ Owns how a pre-noise aggregate a (float64, per coordinate |a| <= 1) becomes a re
   is an exact multiple of gamma and depends on a only through round(a / gamma).
 
 Why the float mechanism it replaces leaked (Mironov 2012) and why the accountant's subsampled
-Gaussian still bounds this one: ``docs/privacy-noise.md``.
+Gaussian still bounds this one: ``docs/privacy.md`` ("Noise on a grid").
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 
-from dprdm.cli.output import JSON_OPTION, run_command
+from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
+from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
 from dprdm.errors import InvalidParameterError
 
 app = typer.Typer(help="Text/image encoders: inspect, embed, train and evaluate the demo one.",
@@ -65,13 +65,6 @@ def info(encoder: str = ENCODER_OPTION, as_json: bool = JSON_OPTION) -> None:
 SKIP_EXAMPLES = 5  # file names shown per skip reason
 
 
-def _relative(path: str, folder: Path) -> str:
-    try:
-        return Path(path).relative_to(folder).as_posix()
-    except ValueError:
-        return path
-
-
 def _skip_rows(by_kind: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Skip counts as table rows: {"skipped: corrupt": "2 (a.png, b.png)"}."""
     rows = {}
@@ -82,6 +75,7 @@ def _skip_rows(by_kind: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 @app.command()
+@generator_options(exclude=("batch_size", "attention_slicing", "cpu_offload", "image_size"))
 def embed(
     out: Path = typer.Option(..., "--out", help="Where to write the N x dim float32 .npy."),
     images: Path | None = typer.Option(
@@ -89,32 +83,43 @@ def embed(
         "BMP, TIFF); no captions needed."),
     texts: Path | None = typer.Option(None, "--texts",
                                       help="Texts: .txt (one per line) or .jsonl ('caption')."),
-    encoder: str = ENCODER_OPTION,
     size: int | None = typer.Option(None, "--size", help="Load images at this side (default: "
                                     "the encoder's load_size in `dprdm encoders info`: 64 for "
                                     "the demo, which its 32 px tower downsamples; the crop size "
                                     "for CLIP)."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per tower call."),
+    shard: str | None = typer.Option(
+        None, "--shard", metavar="I/N", help="Embed only the I-th of N contiguous parts of the "
+        "folder's sorted file list (0 <= I < N); give every shard's OUT to `index build`."),
     ids_out: Path | None = typer.Option(None, "--ids-out", help="Where to write the ids "
                                         "(JSON list; default OUT with .ids.json)."),
     public: bool = typer.Option(
         False, "--public", help="Declare the input PUBLIC data: recorded in OUT's provenance "
         "file (OUT with .provenance.json), which `index quantize` needs before it trains on OUT. "
         "Never for private images."),
+    choice=GENERATOR_CHOICE,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Embed a folder of images (--images) or a texts file (--texts) into a .npy.
 
+    Images are embedded with the image tower of --generator (default: the demo encoder, or the
+    CLIP folder --encoder): kandinsky-2.2 -> the --prior folder's image_encoder; stable-unclip and
+    ip-adapter -> the --encoder CLIP folder (the other generator flags are accepted and only the
+    tower is loaded). On the GPU when --device allows. Progress is journaled in OUT.partial/: an
+    interrupted run started again with the same arguments continues where it stopped.
+
     Writes OUT, its ids (file paths relative to the folder, or line numbers) and a provenance
-    file saying where OUT came from and whether it is public (--public). Unreadable, corrupt and
-    unsupported files are skipped and counted per reason; nothing embeddable is an error (exit 2,
-    nothing written). The .npy and its ids feed `dprdm index build EMB --ids IDS`.
+    file saying where OUT came from, which image tower made it (its fingerprint; `index build`
+    records it in the index) and whether it is public (--public). Unreadable, corrupt and
+    unsupported files are named, skipped and counted per reason; nothing embeddable is an error
+    (exit 2, nothing written). The .npy feeds `dprdm index build EMB [EMB ...]`.
     Example: dprdm encoders embed --images my-photos/ --out private.npy
+    Example: dprdm encoders embed --generator kandinsky-2.2 --prior kandinsky-2-2-prior/
+    --images photos/ --out private.npy --shard 0/4
     """
     def compute() -> dict[str, Any]:
         _offline()
-        from dprdm.data import LoadReport, iter_image_folder
-        from dprdm.encoders import load_encoder
+        from dprdm.encoders.collection import embed_collection, parse_shard
         from dprdm.files import save_npy_atomically, write_bytes_atomically
         from dprdm.provenance import write_sidecar
 
@@ -124,49 +129,52 @@ def embed(
             raise InvalidParameterError(f"--out must end in .npy, got {out}")
         if images is not None and not images.is_dir():
             raise InvalidParameterError(f"--images must be a folder: {images}")
-        model = load_encoder(encoder)
-        report = LoadReport()
         if images is not None:
-            chunks, ids = [], []
-            for batch_ids, pixels in iter_image_folder(images, size or model.load_size,
-                                                       batch_size, report,
-                                                       show_progress=not as_json):
-                chunks.append(model.encode_images(pixels, batch_size))
-                ids += batch_ids
-            source = images
+            part = parse_shard(shard)
+            tower = choice.load_image_tower()
+            with progress_callback(f"embedding {images.name}", enabled=not as_json) as progress:
+                done = embed_collection(tower, images, out, batch_size=batch_size, shard=part,
+                                        public=public, ids_out=ids_out, size=size,
+                                        progress=progress)
+            report = done.pop("report")
+            skipped = report.by_kind(SKIP_EXAMPLES)
+            result: dict[str, Any] = {
+                **{k: done[k] for k in ("embeddings", "ids", "provenance")}, "public": public,
+                "rows": done["rows"], "dim": done["dim"],
+                "encoder": tower.describe().get("encoder"), "generator": choice.generator,
+                "conditioning_space": tower.space.to_dict(), "source": str(images),
+                "embedded": done["rows"], "skipped": report.n_skipped, "shard": done["shard"],
+                "chunks_resumed": done["chunks_resumed"]}
         else:
-            items, ids = _read_texts(texts)
-            chunks = [model.encode_text(items, batch_size)] if items else []
-            report.n_loaded, source = len(items), texts
-        skipped = report.by_kind(SKIP_EXAMPLES)
-        if images is not None:  # name files as the ids do: relative to the folder
-            for entry in skipped.values():
-                entry["examples"] = [_relative(e, images) for e in entry["examples"]]
-        if not ids:
-            from dprdm.data import describe_skips
-            from dprdm.data.loaders import FOLDER_IMAGE_EXTENSIONS
+            if shard is not None:
+                raise InvalidParameterError("--shard is for --images")
+            if choice.generator == "kandinsky-2.2":
+                raise InvalidParameterError(
+                    "kandinsky-2.2 maps prompts to image embeddings with its prior (`dprdm "
+                    "generate` does it per prompt); --texts takes a CLIP or demo encoder")
+            from dprdm.encoders import load_encoder
 
-            what = (f"no decodable image under {images} (looked for "
-                    f"{', '.join(FOLDER_IMAGE_EXTENSIONS)}, recursively); skipped: "
-                    f"{describe_skips(report)}" if images is not None else f"{texts} is empty")
-            raise InvalidParameterError(f"nothing to embed: {what}; no file was written")
-        emb = np.concatenate(chunks)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        ids_path = ids_out or out.with_suffix(".ids.json")
-        save_npy_atomically(out, emb)
-        write_bytes_atomically(ids_path, (json.dumps(ids) + "\n").encode())
-        name = model.describe()["encoder"]
-        sidecar = write_sidecar(out, public=public, source=str(Path(source).resolve()),
-                                tool="dprdm encoders embed" + (" --public" if public else ""),
-                                rows=int(emb.shape[0]), dim=int(emb.shape[1]), encoder=name)
-        result: dict[str, Any] = {
-            "embeddings": str(out), "ids": str(ids_path), "provenance": str(sidecar),
-            "public": public, "rows": int(emb.shape[0]), "dim": int(emb.shape[1]),
-            "encoder": name, "source": str(source), "embedded": len(ids),
-            "skipped": report.n_skipped,
-        }
+            model = load_encoder(choice.encoder or "demo")
+            items, ids = _read_texts(texts)
+            if not items:
+                raise InvalidParameterError(f"nothing to embed: {texts} is empty; no file was "
+                                            "written")
+            emb = model.encode_text(items, batch_size)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ids_path = ids_out or out.with_suffix(".ids.json")
+            save_npy_atomically(out, emb)
+            write_bytes_atomically(ids_path, (json.dumps(ids) + "\n").encode())
+            name = model.describe()["encoder"]
+            sidecar = write_sidecar(out, public=public, source=str(Path(texts).resolve()),
+                                    tool="dprdm encoders embed" + (" --public" if public else ""),
+                                    rows=int(emb.shape[0]), dim=int(emb.shape[1]), encoder=name)
+            skipped = {}
+            result = {"embeddings": str(out), "ids": str(ids_path), "provenance": str(sidecar),
+                      "public": public, "rows": int(emb.shape[0]), "dim": int(emb.shape[1]),
+                      "encoder": name, "source": str(texts), "embedded": len(ids), "skipped": 0}
         if as_json:
             return {**result, "skipped_by_reason": skipped}
+        result.pop("conditioning_space", None)
         return {**result, **_skip_rows(skipped)}
 
     run_command(as_json, "embeddings written", compute)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
+from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
 from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit,
                               progress_callback, run_command)
 from dprdm.errors import InvalidParameterError, NotFoundError
@@ -38,6 +39,18 @@ def _same_dir(a: Path, b: Path) -> bool:
         return False
 
 
+def output_size(backend) -> int:
+    """The side of the images `backend` renders (the held-out set is loaded at it)."""
+    height = getattr(backend, "height", None)
+    if height:
+        return int(height)
+    pipeline = backend.pipeline
+    if hasattr(pipeline, "image_size"):  # the demo pipeline
+        return int(pipeline.image_size)
+    return int(pipeline.unet.config.sample_size * pipeline.vae_scale_factor)
+
+
+@generator_options
 def evaluate(
     index: Path = typer.Option(None, "--index", help="Private index directory."),
     holdout: Path = typer.Option(None, "--holdout",
@@ -62,8 +75,6 @@ def evaluate(
     repeats: int = typer.Option(1, "--repeats",
                                 help="Images per prompt and setting, each with other diffusion "
                                      "seeds; all are scored (tighter comparisons, R x longer)."),
-    encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
-    model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     classifiers_dir: Path = typer.Option(None, "--classifiers",
                                          help="Emoji demo classifiers (concept, style): used on the demo data, or on other data when given here (default: shipped)."),
     inception: Path = typer.Option(None, "--inception",
@@ -77,9 +88,13 @@ def evaluate(
     synthetic: Path = typer.Option(None, "--synthetic",
                                    help="Score a `dprdm synthesize` job folder against --holdout "
                                         "(generates and charges nothing)."),
+    choice=GENERATOR_CHOICE,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Reproduce the paper's comparison on your data: FID/KID/PRDC, concept, style, alignment.
+
+    Any --generator (docs/backends.md): its own image tower embeds the prompts' queries and is the
+    default feature space; an index from another tower is refused before anything is charged.
 
     Example: dprdm eval --demo --out eval-report/ --epsilons 1,5,10 --queries 100,1000
     """
@@ -93,14 +108,11 @@ def evaluate(
 
     def compute() -> dict:
         from dprdm.data import load_folder
-        from dprdm.encoders import load_encoder
         from dprdm.evaluation.classifiers import DEFAULT_DIR as CLASSIFIERS_DIR
         from dprdm.evaluation.classifiers import EvalClassifiers
         from dprdm.evaluation.harness import EvalPlan, HeldOut, run_evaluation
         from dprdm.evaluation.metrics import inception_extractor
         from dprdm.evaluation.report import PRIVATE_REPORT_WARNING, write_report
-        from dprdm.generation import RetrievalDiffusionPipeline
-        from dprdm.generation.pipeline import DEFAULT_DIR
         from dprdm.privacy import open_private_index
         from dprdm.privacy.binding import binding_of
         from dprdm.privacy.ledger import LEDGER_FILENAME
@@ -139,20 +151,23 @@ def evaluate(
             samples=QUICK_SAMPLES if quick and samples is None else samples,
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
-        model_dir = Path(model or DEFAULT_DIR)
-        if not (model_dir / "model_index.json").is_file():
-            raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
-        pipeline = RetrievalDiffusionPipeline.from_pretrained(model_dir)
-        held = load_folder(holdout_dir, pipeline.image_size, show_progress=False)
+        backend = choice.load_backend()
+        private = EmbeddingIndex.open(index_dir)
+        public = EmbeddingIndex.open(public_dir) if public_dir is not None else None
+        for opened, what in ((private, "private"), (public, "public")):
+            if opened is not None:  # refused before any experiment ledger is charged
+                backend.space.check_index(opened.path, opened.dim, what,
+                                          require_record=backend.name != "demo")
+        held = load_folder(holdout_dir, output_size(backend), show_progress=False)
         # The demo's classifiers know emoji only: their scores are shown on the demo data alone.
         on_demo_data = demo or _same_dir(index_dir, demo_layout.private_index_dir())
         classifiers = (EvalClassifiers.from_pretrained(classifiers_dir or CLASSIFIERS_DIR)
                        if on_demo_data or classifiers_dir is not None else None)
+        demo_parts = backend.name == "demo"  # the demo keeps its encoder (alignment, features)
         result = run_evaluation(
-            plan, HeldOut(held.images, list(held.captions)), load_encoder(encoder), pipeline,
-            EmbeddingIndex.open(index_dir),
-            EmbeddingIndex.open(public_dir) if public_dir is not None else None,
-            classifiers,
+            plan, HeldOut(held.images, list(held.captions)),
+            backend.encoder if demo_parts else None, backend.pipeline if demo_parts else backend,
+            private, public, classifiers,
             extractor=inception_extractor(inception) if inception is not None else None,
             progress_for=lambda label: progress_callback(f"generating: {label}",
                                                          enabled=not as_json))

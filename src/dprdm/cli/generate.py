@@ -8,13 +8,15 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
+from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
 from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, console, run_command
 from dprdm.conditioning import check_lam
-from dprdm.errors import InvalidParameterError, NotFoundError
+from dprdm.errors import InvalidParameterError
 from dprdm.files import write_bytes_atomically
 from dprdm.image_files import image_grid, save_png
 
 
+@generator_options
 def generate(
     prompts: list[str] = typer.Argument(..., help="One or more text prompts."),
     index: Path = typer.Option(None, "--index", help="Private index directory (with a ledger)."),
@@ -28,8 +30,6 @@ def generate(
     public_only: bool = typer.Option(False, "--public-only",
                                      help="Use no private data: public index or text only."),
     public_index: Path = typer.Option(None, "--public-index", help="A PUBLIC index (optional)."),
-    encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
-    model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an earlier run's images in --out."),
@@ -42,19 +42,22 @@ def generate(
                                  help="Print what the call would charge (epsilon before/after, "
                                       "queries left); charge, generate and write nothing."),
     ledger_url: str = LEDGER_OPTION,
+    choice=GENERATOR_CHOICE,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Generate images; each prompt costs one private query (all its images are free).
 
     The mechanism (k, q, sigma) is the one pinned in the index's ledger (`dprdm budget init`).
+    --generator picks the model (docs/backends.md); an index embedded with another image tower
+    than the generator's is refused before anything is charged.
 
     Example: dprdm generate "red apple" "cat face" --demo -n 4 --out out/
+
+    Example: dprdm generate "a red apple" --index private-index/ --generator kandinsky-2.2
+    --model kandinsky-2-2-decoder/ --prior kandinsky-2-2-prior/ --steps 25 --out out/
     """
 
     def compute() -> dict:
-        from dprdm.encoders import load_encoder
-        from dprdm.generation import RetrievalDiffusionPipeline
-        from dprdm.generation.pipeline import DEFAULT_DIR
         from dprdm.privacy import open_private_index
         from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, check_prompts,
                                check_sampling)
@@ -80,9 +83,6 @@ def generate(
             raise InvalidParameterError("give --index DIR (or --demo), or use --public-only")
         if lam is not None:
             check_lam(lam)
-        model_dir = Path(model or DEFAULT_DIR)
-        if not (model_dir / "model_index.json").is_file():
-            raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
         private, ledger, settings = None, None, None
         if index_dir is not None:  # verified pair; public-only still reads the pinned k and lam
             opened, ledger = open_private_index(index_dir, ledger_url)
@@ -96,11 +96,12 @@ def generate(
                 return {"dry_run": True, "queries": 0, "mode": "public-only",
                         "note": "public-only generation charges no privacy budget"}
             return dict(preview(ledger, len(prompt_list)), prompts=prompt_list)
+        public = EmbeddingIndex.open(public_dir) if public_dir else None
+        # the backend's space is checked against both indexes here, before anything is charged
         rag = RetrievalAugmentedGenerator(
-            load_encoder(encoder),
-            RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
+            backend=choice.load_backend(),
             private_index=private, ledger=ledger, settings=settings,
-            public_index=EmbeddingIndex.open(public_dir) if public_dir else None,
+            public_index=public,
             ray_address=ray_address,
         )
         out.mkdir(parents=True, exist_ok=True)

@@ -48,13 +48,56 @@ def _read_ids(path: Path) -> list[str | int]:
     raise InvalidParameterError(f"{path}: ids must be a .json or .txt file")
 
 
+def _embedding_inputs(files: list[Path], ids: Path | None
+                      ) -> tuple[Any, list[str | int] | None, dict[str, bytes], dict | None]:
+    """(matrix, ids, extra index files, space) from one or more `encoders embed` outputs.
+
+    Each EMB's provenance file (when it matches the file) names the image tower it was embedded
+    with; the index records it (``conditioning_space.json``) so that generators refuse it when
+    their tower differs. Several EMB files (the shards of one folder) are concatenated in the
+    order given and must come from the same tower; their ids come from each EMB's ``.ids.json``.
+    """
+    import numpy as np
+
+    from dprdm.generation.backends.base import SPACE_FILE
+    from dprdm.provenance import read_sidecar
+
+    if ids is not None and len(files) > 1:
+        raise InvalidParameterError("--ids goes with one EMB file; several EMB files take their "
+                                    "ids from the .ids.json `encoders embed` wrote beside each")
+    spaces = []
+    for path in files:
+        record, _ = read_sidecar(path) if path.is_file() else (None, "")
+        spaces.append((record or {}).get("conditioning_space"))
+    if len({json.dumps(space, sort_keys=True) for space in spaces}) > 1:
+        raise InvalidParameterError(
+            "the EMB files were embedded with different image towers (or some record none): "
+            "embed every part with the same --generator flags")
+    matrices = [store.load_embeddings(path) for path in files]
+    matrix = matrices[0] if len(matrices) == 1 else np.concatenate(matrices)
+    if ids is not None:
+        id_list = _read_ids(ids)
+    else:  # the ids `encoders embed` wrote, when every EMB has them
+        beside = [path.with_suffix(".ids.json") for path in files]
+        id_list = None
+        if all(path.is_file() for path in beside):
+            id_list = [i for path in beside for i in _read_ids(path)]
+    space = spaces[0]
+    extra = {}
+    if space is not None:
+        extra[SPACE_FILE] = (json.dumps(space, indent=1) + "\n").encode()
+    return matrix, id_list, extra, space
+
+
 @app.command()
 def build(
-    embeddings: Path = typer.Argument(
-        ..., metavar="EMB", help="N x d embeddings (.npy, or .npz with one array)."
+    embeddings: list[Path] = typer.Argument(
+        ..., metavar="EMB...", help="N x d embeddings (.npy, or .npz with one array); several "
+        "files (the --shard outputs of `encoders embed`) are concatenated in the order given."
     ),
     out: Path = typer.Option(..., "--out", help="Index directory to create."),
-    ids: Path | None = typer.Option(None, "--ids", help="Record ids: a JSON list or one per line."),
+    ids: Path | None = typer.Option(None, "--ids", help="Record ids: a JSON list or one per line "
+                                    "(default: EMB's .ids.json from `encoders embed`, if any)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 or float16."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing index (never one holding a ledger)."
@@ -63,19 +106,24 @@ def build(
 ) -> None:
     """L2-normalise the embeddings in EMB and write them atomically as an index at --out.
 
+    The output of `dprdm encoders embed` goes in directly: its ids and the image tower it was
+    embedded with (recorded in the index; generators refuse an index from another tower).
+
     Example: dprdm index build private_emb.npy --out private_index --ids ids.json --dtype float16
+    Example: dprdm index build part0.npy part1.npy part2.npy part3.npy --out private_index
     """
 
     def compute() -> dict[str, Any]:
-        matrix = store.load_embeddings(embeddings)
-        id_list = _read_ids(ids) if ids is not None else None
+        matrix, id_list, extra, space = _embedding_inputs(list(embeddings), ids)
         with progress_callback(
             "normalising rows", enabled=not as_json and matrix.shape[0] >= PROGRESS_MIN_ROWS
         ) as progress:
             index = store.build_index(
-                matrix, out, ids=id_list, dtype=dtype, overwrite=overwrite, progress=progress
+                matrix, out, ids=id_list, dtype=dtype, overwrite=overwrite, progress=progress,
+                extra_files=extra,
             )
-        return {**index.info(), "noise": _saved_mechanism_noise(out, index.dim)}
+        return {**index.info(), "conditioning_space": space,
+                "noise": _saved_mechanism_noise(out, index.dim)}
 
     run_command(as_json, "index built", compute)
 
@@ -86,6 +134,7 @@ def info(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Describe the index at DIR (size, dtype, ledger, quantizer; the shards of a sharded one;
+    the image tower its rows were embedded with (conditioning_space; null when not recorded);
     and the noise of the mechanism pinned in its ledger: sampler and grid; null without one).
 
     Example: dprdm index info private_index --json
@@ -93,8 +142,12 @@ def info(
     from dprdm.retrieval.shards import open_index
 
     def compute() -> dict[str, Any]:
+        from dprdm.generation.backends.base import ConditioningSpace
+
         index = open_index(directory)
-        return {**index.info(), "noise": _saved_mechanism_noise(directory, index.dim)}
+        space = ConditioningSpace.load(directory)
+        return {**index.info(), "conditioning_space": space.to_dict() if space else None,
+                "noise": _saved_mechanism_noise(directory, index.dim)}
 
     run_command(as_json, "embedding index", compute)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
+from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
 from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit
 from dprdm.errors import InvalidParameterError
 from dprdm.service.guard import HostPolicy, bracketed
@@ -31,6 +32,7 @@ LOG_CONFIG = {  # everything on stderr: with --json, stdout holds one JSON objec
 }
 
 
+@generator_options
 def serve(
     index: Path = typer.Option(None, "--index", help="Private index directory (with a ledger)."),
     demo: bool = typer.Option(False, "--demo", help="Serve the index `make demo` prepared."),
@@ -53,8 +55,6 @@ def serve(
     max_steps: int = typer.Option(None, "--max-steps", help="Diffusion steps limit [100]."),
     default_steps: int = typer.Option(None, "--default-steps", help="Steps if not sent [50]."),
     threads: int = typer.Option(None, "--threads", help="Torch threads per worker."),
-    encoder: str = typer.Option(None, "--encoder", help="'demo' or a CLIP model directory."),
-    model: Path = typer.Option(None, "--model", help="Generator directory (default: demo)."),
     allowed_host: list[str] = typer.Option(
         None, "--allowed-host", metavar="NAME",
         help="A Host name clients use (repeatable; NAME any port, NAME:PORT one port, '*' any "
@@ -63,6 +63,7 @@ def serve(
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
                                    "load their scripts from a CDN); off by default."),
     ledger_url: str = LEDGER_OPTION,
+    choice=GENERATOR_CHOICE,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Serve the HTTP API and web page; the index's ledger enforces the privacy budget.
@@ -92,8 +93,9 @@ def serve(
                        lam=lam, host=host, port=port, workers=workers,
                        allow_public_only=allow_public_only, keyless_local=keyless_local,
                        max_images=max_images, max_steps=max_steps, default_steps=default_steps,
-                       torch_threads=threads, encoder=encoder, model_dir=model,
+                       torch_threads=threads,
                        allowed_hosts=tuple(allowed_host) if allowed_host else None, docs=docs)
+        options.update(_generator_settings(choice))
         config = build_config(options, config_file)
         if config.port == 0:
             raise InvalidParameterError("give a port in [1, 65535]")
@@ -131,6 +133,7 @@ def serve(
                                                config.allowed_hosts).names(),
         "docs": config.docs,  # /docs, /redoc, /openapi.json; their scripts come from a CDN
         "metrics": "multi-process" if config.workers > 1 else "single-process",
+        "generator": config.generator,
     }
 
     def announce() -> None:
@@ -166,6 +169,20 @@ def serve(
             shutil.rmtree(metrics_dir, ignore_errors=True)
     if config.workers == 1 and not server.started:
         raise typer.Exit(code=3)
+
+
+def _generator_settings(choice) -> dict:
+    """The generator flags given on the command line, as config keys (a flag left at its default
+    leaves the config file's value in place)."""
+    from dprdm.generation.backends.choice import GeneratorChoice
+
+    default = GeneratorChoice()
+    keys = {"generator": "generator", "model": "model_dir", "prior": "prior_dir",
+            "encoder": "encoder", "adapter": "adapter_file", "device": "device",
+            "attention_slicing": "attention_slicing", "cpu_offload": "cpu_offload",
+            "batch_size": "batch_size", "image_size": "image_size"}
+    return {keys[name]: value for name, value in choice.to_dict().items()
+            if value != getattr(default, name)}
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -212,9 +229,15 @@ def _check_index(config) -> dict:
     from dprdm.retrieval import EmbeddingIndex
     from dprdm.service.keys import KeyStore
 
-    _, ledger = open_private_index(config.index_dir, config.ledger_url)
+    private, ledger = open_private_index(config.index_dir, config.ledger_url)
+    indexes = [(private, "private")]
     if config.public_index_dir is not None:
-        EmbeddingIndex.open(config.public_index_dir)
+        indexes.append((EmbeddingIndex.open(config.public_index_dir), "public"))
+    # the generator's image tower alone: an index from another tower fails here, once
+    choice = config.generator_choice()
+    space = choice.load_image_tower().space
+    for index, what in indexes:
+        space.check_index(index.path, index.dim, what, require_record=choice.generator != "demo")
     KeyStore(config.index_dir)
     summary = ledger.summary()
     return {"ledger": ledger.location, "epsilon_budget": summary.epsilon_budget, "delta": summary.delta,

@@ -303,8 +303,12 @@ def scan_image_folder(directory: PathLike, report: LoadReport | None = None,
 
 
 def iter_image_folder(directory: PathLike, size: int, batch_size: int, report: LoadReport, *,
-                      show_progress: bool = True) -> Iterator[tuple[list[str], np.ndarray]]:
+                      show_progress: bool = True, names: Sequence[str] | None = None
+                      ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Decode every image under `directory` (no captions needed), `batch_size` at a time.
+
+    `names` (relative paths from :func:`scan_image_folder`) limits it to those files, in that
+    order, without scanning again (a shard or the rest of an interrupted run).
 
     Yields ``(ids, pixels)`` with ids the relative POSIX paths and pixels ``uint8 (n, size, size,
     3)``; batches hold only decodable images, so a batch may be shorter (never empty). Unsupported
@@ -315,7 +319,8 @@ def iter_image_folder(directory: PathLike, size: int, batch_size: int, report: L
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidParameterError(f"batch_size must be a positive integer, got {batch_size!r}")
     directory = Path(directory)
-    names = scan_image_folder(directory, report, exclude=CAPTION_FILES)
+    if names is None:
+        names = scan_image_folder(directory, report, exclude=CAPTION_FILES)
     ids: list[str] = []
     pixels: list[np.ndarray] = []
     for name in _progress(names, len(names), f"reading {directory.name}", show_progress):

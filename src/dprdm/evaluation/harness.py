@@ -136,19 +136,43 @@ def plan_settings(plan: EvalPlan) -> list[Setting]:
 class _Generator:
     """Conditions -> images with the same diffusion seeds for every setting."""
 
-    def __init__(self, pipeline, plan: EvalPlan) -> None:
-        self.pipeline = pipeline
+    def __init__(self, backend, plan: EvalPlan) -> None:
+        self.backend = backend
         self.plan = plan
 
-    def images(self, conditions: np.ndarray, batch_number: int, repeat: int = 0) -> np.ndarray:
-        import torch
-
+    def images(self, conditions: np.ndarray, prompts: list[str], batch_number: int,
+               repeat: int = 0) -> np.ndarray:
         # one stream per (seed, repeat, batch): other seeds and repeats share no noise
         stream = np.random.SeedSequence([self.plan.seed, repeat, batch_number])
-        generator = torch.Generator().manual_seed(int(stream.generate_state(1)[0]))
-        return np.asarray(self.pipeline(conditions, guidance=self.plan.guidance,
-                                        steps=self.plan.steps, generator=generator,
-                                        batch_size=PROMPT_BATCH))
+        images = self.backend.render(conditions, prompts, n=1, guidance=self.plan.guidance,
+                                     steps=self.plan.steps, seed=int(stream.generate_state(1)[0]))
+        return images[:, 0]
+
+
+def as_backend(encoder, pipeline):
+    """`pipeline` when it is a generator backend, else the demo backend of (encoder, pipeline)."""
+    from dprdm.generation.backends import GeneratorBackend
+    from dprdm.generation.backends.demo import DemoBackend
+
+    if isinstance(pipeline, GeneratorBackend):
+        return pipeline
+    return DemoBackend(encoder, pipeline)
+
+
+class BackendEncoder:
+    """A backend's own towers seen as an encoder: prompts -> its query space, images -> its image
+    tower (the text-image alignment and the default feature space of a non-demo backend)."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.name = f"{backend.name} ({backend.space.family})"
+        self.dim = backend.dim
+
+    def encode_text(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        return self.backend.embed_prompts(list(texts))
+
+    def encode_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        return self.backend.embed_images(images)
 
 
 def _batches(n: int) -> list[slice]:
@@ -159,9 +183,11 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                      private_index: EmbeddingIndex, public_index: EmbeddingIndex | None,
                      progress: Progress | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """``plan.repeats`` images for every prompt under one setting (repeat-major), and what the
-    run spent. Every DP image is a release of its own, charged like any other."""
-    generator = _Generator(pipeline, plan)
-    text = encoder.encode_text(prompts)
+    run spent. Every DP image is a release of its own, charged like any other. `pipeline` is a
+    generator backend (then `encoder` is unused) or the demo pipeline of `encoder`."""
+    backend = as_backend(encoder, pipeline)
+    generator = _Generator(backend, plan)
+    text = backend.embed_prompts(prompts)
     out, info = [], {}
     ledgers: list[InMemoryLedger] = []
     mechanism = rag = None
@@ -184,7 +210,7 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
             while i < part.stop:
                 if rag is None or used_in_ledger == setting.queries:
                     ledgers.append(InMemoryLedger(setting.epsilon, plan.delta))
-                    rag = RetrievalAugmentedGenerator(encoder, pipeline,
+                    rag = RetrievalAugmentedGenerator(backend=backend,
                                                       private_index=private_index,
                                                       ledger=ledgers[-1], settings=mechanism)
                     used_in_ledger = 0
@@ -194,7 +220,7 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                 used_in_ledger += take
                 i += take
             conditions = np.concatenate(conditions_parts)
-        out.append(generator.images(conditions, number, repeat))
+        out.append(generator.images(conditions, prompts[part], number, repeat))
         if progress is not None:
             progress(repeat * len(prompts) + part.stop, plan.repeats * len(prompts))
     if ledgers:
@@ -322,6 +348,8 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                    progress_for: Callable[[str], Any] | None = None) -> EvalResult:
     """Generate and score every setting of `plan`. `progress_for(label)` returns a context
     manager yielding a `(done, total)` callback (or None), e.g. ``cli.output.progress_callback``.
+    `pipeline` is any generator backend (`encoder` None: the backend's own towers embed prompts
+    and images) or the demo pipeline of `encoder`.
 
     `classifiers` (the emoji demo's concept and style networks) are for the demo data only; with
     None the report holds the distribution metrics and the text-image alignment alone, in the
@@ -329,9 +357,16 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
     """
     from contextlib import nullcontext
 
+    backend = as_backend(encoder, pipeline)
+    if encoder is None:
+        encoder = BackendEncoder(backend)
     if private_index.dim != encoder.dim:
         raise InvalidParameterError(
             f"the index holds {private_index.dim}-d embeddings, the encoder makes {encoder.dim}-d")
+    for index, what in ((private_index, "private"), (public_index, "public")):
+        if index is not None:  # before any experiment ledger is charged
+            backend.space.check_index(index.path, index.dim, what,
+                                      require_record=backend.name != "demo")
     held_out = choose_prompts(held_out, plan.samples, plan.seed)
     if len(held_out.captions) < 2:
         raise InvalidParameterError("the held-out set needs at least 2 captioned images")
@@ -347,7 +382,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
         context = progress_for(setting.label) if progress_for else nullcontext(None)
         with context as progress:
             generated, spent = generate_setting(setting, held_out.captions, plan, encoder,
-                                                pipeline, private_index, public_index, progress)
+                                                backend, private_index, public_index, progress)
         seconds = time.perf_counter() - started
         images[setting.label] = generated
         row: dict[str, Any] = {

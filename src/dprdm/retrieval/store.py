@@ -398,8 +398,12 @@ def build_index(
     overwrite: bool = False,
     *,
     progress: ProgressCallback | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> EmbeddingIndex:
     """Write an N x d embedding matrix as an index at `out_dir` and open it.
+
+    `extra_files` (name -> bytes) are written into the index with it, in the same atomic install
+    (e.g. ``conditioning_space.json``: the image tower the rows were embedded with).
 
     Every row is L2-normalised (in float64 for float64/integer input, else float32) and then
     stored as `dtype`. float16 storage is half the size; its rows are scaled down before the cast
@@ -430,6 +434,11 @@ def build_index(
         _write_ids(staging / IDS_FILE, id_list)
         if metadata_lines is not None:
             _write_metadata(staging / METADATA_FILE, metadata_lines)
+        for name, data in (extra_files or {}).items():
+            if Path(name).name != name or name in (EMBEDDINGS_FILE, IDS_FILE, METADATA_FILE,
+                                                   MANIFEST_FILE):
+                raise InvalidParameterError(f"cannot add {name!r} to an index")
+            (staging / name).write_bytes(data)
         manifest = {
             "format_version": FORMAT_VERSION,
             "n": n,

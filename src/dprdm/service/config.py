@@ -42,8 +42,17 @@ class ServiceConfig:
     settings: MechanismSettings
     ledger_url: str | None = None  # a postgresql:// ledger shared by replicas (default: SQLite)
     public_index_dir: Path | None = None
-    encoder: str = "demo"
+    # the generator (dprdm.generation.backends.GeneratorChoice; `dprdm serve --generator ...`)
+    generator: str = "demo"
+    encoder: str | None = None
     model_dir: Path | None = None
+    prior_dir: Path | None = None
+    adapter_file: Path | None = None
+    device: str = "auto"
+    attention_slicing: bool = False
+    cpu_offload: bool = False
+    batch_size: int = 8
+    image_size: int | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -61,8 +70,10 @@ class ServiceConfig:
         object.__setattr__(self, "index_dir", Path(self.index_dir))
         if self.public_index_dir is not None:
             object.__setattr__(self, "public_index_dir", Path(self.public_index_dir))
-        if self.model_dir is not None:
-            object.__setattr__(self, "model_dir", Path(self.model_dir))
+        for key in ("model_dir", "prior_dir", "adapter_file"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, Path(getattr(self, key)))
+        self.generator_choice()  # validates the generator settings
         _whole("port", self.port, 0, 65535)
         _whole("workers", self.workers, 1, 64)
         _whole("max_images", self.max_images, 1, MAX_IMAGES_LIMIT)
@@ -101,6 +112,17 @@ class ServiceConfig:
                 "the names clients use with --allowed-host NAME (repeatable; NAME:PORT for one "
                 "port), or --allowed-host '*' to answer for any Host (no DNS-rebinding "
                 "protection)")
+
+    def generator_choice(self):
+        """The generator this service runs, as every command builds it."""
+        from dprdm.generation.backends.choice import GeneratorChoice
+
+        return GeneratorChoice(generator=self.generator, model=self.model_dir,
+                               prior=self.prior_dir, encoder=self.encoder,
+                               adapter=self.adapter_file, device=self.device,
+                               attention_slicing=self.attention_slicing,
+                               cpu_offload=self.cpu_offload, batch_size=self.batch_size,
+                               image_size=self.image_size)
 
     @property
     def threads(self) -> int:

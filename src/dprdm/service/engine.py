@@ -1,7 +1,7 @@
 """The service's generation backend: :class:`GenerationEngine`.
 
-Owns the one :class:`~dprdm.rdm.RetrievalAugmentedGenerator` of a worker (encoder, private
-index, ledger, operator-fixed mechanism, optional public index, diffusion pipeline), the lock
+Owns the one :class:`~dprdm.rdm.RetrievalAugmentedGenerator` of a worker (generator backend, as
+``--generator`` chose it, private index, ledger, operator-fixed mechanism, optional public index), the lock
 that serialises generation, and the budget figures clients see. It has no HTTP in it.
 
 * Every private query goes through ``RetrievalAugmentedGenerator.generate``, which charges the
@@ -67,11 +67,9 @@ class GenerationEngine:
     """Loads the models and indexes once; answers generation and budget questions."""
 
     def __init__(self, config: ServiceConfig, metrics=None, *, encoder=None,
-                 pipeline=None) -> None:
-        """`encoder` and `pipeline` may be passed in already loaded (tests, benchmarks)."""
-        from dprdm.encoders import load_encoder
-        from dprdm.generation import RetrievalDiffusionPipeline
-        from dprdm.generation.pipeline import DEFAULT_DIR
+                 pipeline=None, backend=None) -> None:
+        """A generator `backend`, or a demo `encoder` and `pipeline`, may be passed in already
+        loaded (tests, benchmarks); else the config's generator is loaded."""
         from dprdm.rdm import RetrievalAugmentedGenerator
         from dprdm.retrieval import EmbeddingIndex
 
@@ -89,13 +87,14 @@ class GenerationEngine:
         # The epsilon table of the budget figures (computed once per mechanism and budget,
         # shared through the ledger): filled in the background, so responses only look it up.
         threading.Thread(target=self._warm_figures, daemon=True).start()
-        if encoder is None:
-            encoder = load_encoder(config.encoder)
-        if pipeline is None:
-            pipeline = RetrievalDiffusionPipeline.from_pretrained(
-                str(config.model_dir or DEFAULT_DIR))
+        if backend is None and (encoder is None or pipeline is None):
+            if encoder is not None or pipeline is not None:
+                raise DprdmError("pass both a demo encoder and pipeline, or a backend")
+            backend = config.generator_choice().load_backend()
+        # RetrievalAugmentedGenerator refuses an index from another image tower than the
+        # backend's here, at start-up, before any request can be charged.
         self.rag = RetrievalAugmentedGenerator(
-            encoder, pipeline,
+            encoder, pipeline, backend=backend,
             private_index=private_index,
             ledger=_TimedLedger(self.ledger, self._observe_charge),
             settings=config.settings,

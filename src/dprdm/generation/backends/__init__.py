@@ -5,7 +5,7 @@ Owns the registry that maps a generator name to its backend and the folders it l
 =================  ==========================================  =======================================
 name               folders (local only)                        the release replaces
 =================  ==========================================  =======================================
-``demo``           (shipped)                                   the demo denoiser's condition
+``demo``           (shipped) or ``encoder`` + ``model``         the demo denoiser's condition
 ``kandinsky-2.2``  ``model`` = decoder, ``prior`` = prior      ``image_embeds`` of KandinskyV22Pipeline
 ``stable-unclip``  ``model`` = unCLIP, ``encoder`` = CLIP      ``image_embeds`` of StableUnCLIPImg2Img
 ``ip-adapter``     ``model`` = SD 1.5/XL, ``adapter`` = file,  ``ip_adapter_image_embeds``
@@ -13,7 +13,8 @@ name               folders (local only)                        the release repla
 =================  ==========================================  =======================================
 
 The contract (:class:`GeneratorBackend`, :class:`ConditioningSpace`, :class:`RuntimeOptions`) is
-in :mod:`.base`; one small module per backend. See docs/backends.md.
+in :mod:`.base`; one small module per backend; :class:`GeneratorChoice` (:mod:`.choice`) builds a
+backend, or its image tower alone, from the flags every command shares. See docs/backends.md.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import os
 from dprdm.errors import InvalidParameterError
 from dprdm.generation.backends.base import (SPACE_FILE, BackendLoadError, ConditioningSpace,
                                             GeneratorBackend, RuntimeOptions, SpaceMismatchError)
+from dprdm.generation.backends.choice import GeneratorChoice, ImageTower
 
 
-def _load_demo(options, **folders):
+def _load_demo(options, encoder=None, model=None, **folders):
     from dprdm.generation.backends.demo import DemoBackend
 
     _no_folders("demo", folders)
-    return DemoBackend.load(options)
+    return DemoBackend.load(options, encoder=encoder, model=model)
 
 
 def _load_kandinsky(options, model=None, prior=None, **settings):
@@ -72,4 +74,5 @@ def load_backend(name: str, options: RuntimeOptions | None = None,
 
 
 __all__ = ["GENERATORS", "SPACE_FILE", "BackendLoadError", "ConditioningSpace",
-           "GeneratorBackend", "RuntimeOptions", "SpaceMismatchError", "load_backend"]
+           "GeneratorBackend", "GeneratorChoice", "ImageTower", "RuntimeOptions",
+           "SpaceMismatchError", "load_backend"]

@@ -46,14 +46,22 @@ class DemoBackend(GeneratorBackend):
                                         f"encoder makes {encoder.dim}-d ones")
 
     @classmethod
-    def load(cls, options: RuntimeOptions | None = None) -> DemoBackend:
-        """The shipped demo encoder and generator."""
+    def load(cls, options: RuntimeOptions | None = None, encoder: str | None = None,
+             model: str | None = None) -> DemoBackend:
+        """A dprdm encoder ('demo' or a CLIP / demo-encoder folder; default the shipped one)
+        and a dprdm generation pipeline folder (default the shipped demo generator)."""
+        from pathlib import Path
+
         from dprdm.encoders import load_encoder
-        from dprdm.generation.pipeline import load_default
+        from dprdm.errors import NotFoundError
+        from dprdm.generation.pipeline import DEFAULT_DIR, RetrievalDiffusionPipeline
 
         options = options or RuntimeOptions(device="cpu")
-        return cls(load_encoder("demo", device=options.device), load_default(options.device),
-                   options)
+        model_dir = Path(model or DEFAULT_DIR)
+        if not (model_dir / "model_index.json").is_file():
+            raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
+        pipeline = RetrievalDiffusionPipeline.from_pretrained(str(model_dir)).to(options.device)
+        return cls(load_encoder(encoder or "demo", device=options.device), pipeline, options)
 
     @property
     def pipeline(self):

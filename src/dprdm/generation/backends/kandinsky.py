@@ -34,6 +34,7 @@ DECODER_REPO = "kandinsky-community/kandinsky-2-2-decoder"
 PRIOR_LAYOUT = ("model_index.json", "prior", "image_encoder", "text_encoder", "tokenizer",
                 "scheduler")
 DECODER_LAYOUT = ("model_index.json", "unet", "movq", "scheduler")
+TOWER_LABEL = "kandinsky-2.2 prior image tower"
 
 
 class KandinskyBackend(GeneratorBackend):
@@ -44,20 +45,15 @@ class KandinskyBackend(GeneratorBackend):
     def __init__(self, prior, decoder, options: RuntimeOptions, *, prior_steps: int = 25,
                  prior_guidance: float = 4.0, prior_seed: int = 0, height: int = 512,
                  width: int = 512) -> None:
-        from dprdm.encoders.clip import ClipPreprocessing
-
         self.prior, self.decoder, self.options = prior, decoder, options
         self.prior_steps, self.prior_guidance, self.prior_seed = prior_steps, prior_guidance, \
             prior_seed
         self.height, self.width = height, width
-        self.space = clip_vision_space(prior.image_encoder, "kandinsky-2.2 prior image tower")
-        processor = prior.image_processor
-        self.preprocessing = ClipPreprocessing(
-            *_processor_sizes(processor, int(prior.image_encoder.config.image_size)),
-            mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+        self.space = clip_vision_space(prior.image_encoder, TOWER_LABEL)
+        self.preprocessing = preprocessing_of(prior.image_processor, prior.image_encoder)
         statistics = prior.prior
-        self.raw_norm = float(torch.sqrt((statistics.clip_mean.float() ** 2).sum()
-                                         + (statistics.clip_std.float() ** 2).sum()))
+        self.raw_norm = float(torch.sqrt((statistics.clip_mean.detach().float() ** 2).sum()
+                                         + (statistics.clip_std.detach().float() ** 2).sum()))
         with torch.no_grad():
             self.negative = prior.get_zero_embed(1).float().cpu().numpy()  # (1, d), raw
 
@@ -82,18 +78,8 @@ class KandinskyBackend(GeneratorBackend):
         return self.decoder
 
     def embed_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        from dprdm.encoders.base import check_images
-
-        images = check_images(images)
-        batch_size = batch_size or max(self.options.batch_size, 32)
-        tower = self.prior.image_encoder
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                pixels = self.preprocessing(images[start:start + batch_size])
-                pixels = pixels.to(device=tower.device, dtype=tower.dtype)
-                out.append(unit_rows(tower(pixel_values=pixels).image_embeds))
-        return np.concatenate(out).astype(np.float32)
+        return embed_with_tower(self.prior.image_encoder, self.preprocessing, images,
+                                batch_size or max(self.options.batch_size, 32))
 
     def embed_prompts(self, prompts: list[str]) -> np.ndarray:
         with torch.no_grad():
@@ -126,3 +112,67 @@ def _processor_sizes(processor, image_size: int) -> tuple[int, int, int]:
 
     size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
     return field(size, "shortest_edge"), field(crop, "height"), field(crop, "width")
+
+
+def preprocessing_of(processor, tower):
+    """dprdm's CLIP preprocessing with the settings of the prior's ``CLIPImageProcessor``."""
+    from dprdm.encoders.clip import ClipPreprocessing
+
+    return ClipPreprocessing(*_processor_sizes(processor, int(tower.config.image_size)),
+                             mean=tuple(processor.image_mean), std=tuple(processor.image_std))
+
+
+def embed_with_tower(tower, preprocessing, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """uint8 images -> unit rows of a ``CLIPVisionModelWithProjection``, `batch_size` at a time."""
+    from dprdm.encoders.base import check_images
+
+    images = check_images(images)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = preprocessing(images[start:start + batch_size])
+            pixels = pixels.to(device=tower.device, dtype=tower.dtype)
+            out.append(unit_rows(tower(pixel_values=pixels).image_embeds))
+    return np.concatenate(out).astype(np.float32)
+
+
+class KandinskyImageTower:
+    """The prior folder's image tower alone (``image_encoder`` + ``image_processor``), for
+    ``dprdm encoders embed``: the same embeddings and space as :class:`KandinskyBackend`."""
+
+    generator = "kandinsky-2.2"
+
+    def __init__(self, tower, processor) -> None:
+        self.tower = tower.eval()
+        self.preprocessing = preprocessing_of(processor, tower)
+        self.space = clip_vision_space(tower, TOWER_LABEL)
+        pre = self.preprocessing
+        self.load_size = max(pre.shortest_edge, pre.crop_height, pre.crop_width)
+
+    @property
+    def dim(self) -> int:
+        return self.space.dim
+
+    @classmethod
+    def load(cls, prior_dir, options: RuntimeOptions) -> KandinskyImageTower:
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        from dprdm.generation.backends.base import loading_error
+
+        root = require_layout(prior_dir, "Kandinsky 2.2 prior (its image tower)", PRIOR_REPO,
+                              ("image_encoder", "image_processor"))
+        try:
+            tower = CLIPVisionModelWithProjection.from_pretrained(
+                root / "image_encoder", local_files_only=True, dtype=options.torch_dtype)
+            processor = CLIPImageProcessor.from_pretrained(root / "image_processor",
+                                                           local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+            raise loading_error("Kandinsky 2.2 prior image tower", root, error) from None
+        return cls(tower.to(options.device), processor)
+
+    def embed_images(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return embed_with_tower(self.tower, self.preprocessing, images, batch_size)
+
+    def describe(self) -> dict:
+        return {"generator": self.generator, "encoder": TOWER_LABEL,
+                "space": self.space.to_dict()}

@@ -51,8 +51,8 @@ class StableUnCLIPBackend(GeneratorBackend):
                 f"({tower.family}): pass the CLIP model it was built on "
                 f"({' or '.join(CLIP_REPOS.values())})")
         normaliser = pipe.image_normalizer
-        self.raw_norm = float(torch.sqrt((normaliser.mean.float() ** 2).sum()
-                                         + (normaliser.std.float() ** 2).sum()))
+        self.raw_norm = float(torch.sqrt((normaliser.mean.detach().float() ** 2).sum()
+                                         + (normaliser.std.detach().float() ** 2).sum()))
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, encoder_dir: str | os.PathLike,

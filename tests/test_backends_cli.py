@@ -115,7 +115,7 @@ def test_cli_generate_with_each_backend_charges_one_query_per_prompt_and_opens_n
     assert Image.open(report["files"][0]).size == (32, 32)
     # public-only: the same backend, nothing charged
     result, report = invoke("generate", "the cat", "--index", str(index), "--public-only",
-                            "--generator", name, *folders[name], *FAST, "--out", str(out))
+                            "--generator", name, *folders[name], *FAST, "--out", str(out), "--overwrite")
     assert result.exit_code == 0, result.output
     assert report["mode"] == "public-only" and SqliteLedger(index).summary().queries == 2
 

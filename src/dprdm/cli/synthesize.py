@@ -251,7 +251,7 @@ def synthesize(
             ledger=backend.ledger, params=backend.settings.params, max_queries=max_queries,
             partial=partial)
         plan = replace(plan, estimated_seconds=round(
-            todo * _seconds_per_image(backend.rag.pipeline, params["steps"]), 1))
+            todo * _seconds_per_image(backend.rag.backend.pipeline, params["steps"]), 1))
         if not as_json:
             console.print(plan.describe())
         result = {"job_dir": str(job_dir), "plan": plan.as_dict()}

@@ -160,9 +160,9 @@ def run_batches(journal: Journal, rag, ledger: ReceiptLedger, settings: BatchSet
                 if (p, i) not in done]
         if work:
             tic = time.perf_counter()
-            images = rag.pipeline(np.stack([released[prompts[p][1]][0] for p, _ in work]),
-                                  guidance=settings.guidance, steps=settings.steps,
-                                  generator=_sampler(settings.seed, batch[0]))
+            images = rag.backend.pipeline(np.stack([released[prompts[p][1]][0] for p, _ in work]),
+                                          guidance=settings.guidance, steps=settings.steps,
+                                          generator=_sampler(settings.seed, batch[0]))
             t.generation += time.perf_counter() - tic
             tic = time.perf_counter()
             written = []

@@ -28,12 +28,13 @@ ID_PREFIX = "private-record-"  # must never appear in a response or a log line
 DIM = 64  # the demo encoder's
 
 
-def make_index(path: Path, epsilon: float, n: int = 200, ledger: str | None = None) -> Path:
+def make_index(path: Path, epsilon: float, n: int = 200, ledger: str | None = None,
+               params: MechanismParams = PARAMS, lam: float = LAM) -> Path:
     """A synthetic private index (random unit vectors, named ids) with a fresh ledger (SQLite, or
     the PostgreSQL URL `ledger`), the mechanism PARAMS (and LAM) pinned in it."""
     vectors = np.random.default_rng(0).normal(size=(n, DIM)).astype(np.float32)
     build_index(vectors, path, ids=[f"{ID_PREFIX}{i:04d}" for i in range(n)])
-    init_budget(path, epsilon, 1e-5, PARAMS, LAM, ledger=ledger)
+    init_budget(path, epsilon, 1e-5, params, lam, ledger=ledger)
     return path
 
 
@@ -149,10 +150,11 @@ class Service:
         from dprdm.service.config import ServiceConfig
         from dprdm.service.engine import GenerationEngine
 
-        self.index = make_index(tmp_path / "private", epsilon)
+        settings = options.setdefault("settings", SETTINGS)  # pinned in the ledger it makes
+        self.index = make_index(tmp_path / "private", epsilon, params=settings.params,
+                                lam=settings.lam)
         options.setdefault("default_steps", 2)
         options.setdefault("port", free_port())  # the Host guard answers for this port only
-        options.setdefault("settings", SETTINGS)
         self.config = ServiceConfig(index_dir=self.index, **options)
         encoder, pipeline = models()
         self.engine = GenerationEngine(self.config, encoder=encoder, pipeline=pipeline)

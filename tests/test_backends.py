@@ -141,8 +141,8 @@ def test_dp_generation_charges_one_query_per_prompt_and_the_model_sees_the_mix(b
                                       settings=settings)
     released = []
     release = rag.mechanism.release
-    rag.mechanism.release = lambda x, caller="": released.append(release(x, caller)) or \
-        released[-1]
+    rag.mechanism.release = lambda x, caller="", receipts=None: released.append(
+        release(x, caller, receipts)) or released[-1]
     with model_conditions(backend) as seen:
         result = rag.generate(PROMPTS, n=1, guidance=4.0, steps=2, seed=0)
     assert result.images.shape[:2] == (2, 1) and result.images.dtype == np.uint8

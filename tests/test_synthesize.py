@@ -317,6 +317,11 @@ def test_resume_after_sigkill_at_random_moments(private_index, tmp_path):
             sent.append(sig)
         stdout, _ = process.communicate(timeout=120)
         if sig == signal.SIGINT and sent[-1:] == [sig]:  # stops at a batch boundary
+            if process.returncode == -signal.SIGINT:
+                # the signal came after the job had finished and printed its result, while the
+                # interpreter was exiting: nothing was interrupted
+                assert json.loads(stdout)["status"] == "complete"
+                process.returncode = 0
             assert process.returncode in (0, 130)
             assert json.loads(stdout)["status"] == ("interrupted" if process.returncode else
                                                     "complete")

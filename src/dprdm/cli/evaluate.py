@@ -103,7 +103,8 @@ def evaluate(
         from dprdm.synthesis.scoring import score_synthetic_cli
 
         run_command(as_json, "synthetic data set", lambda: score_synthetic_cli(
-            synthetic, holdout, demo, out, encoder, model, classifiers_dir, inception, seed))
+            synthetic, holdout, demo, out, choice.encoder or "demo",
+            Path(choice.model) if choice.model else None, classifiers_dir, inception, seed))
         return
 
     def compute() -> dict:

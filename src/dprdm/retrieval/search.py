@@ -61,6 +61,7 @@ from dprdm.retrieval.store import (
     fsync_directory,
     normalize_rows,
     rows_per_block,
+    to_storage_rows,
     utc_now,
     write_bytes_durably,
 )
@@ -692,15 +693,15 @@ def public_rows_in_private(public_raw: npt.NDArray[Any], public_unit: npt.NDArra
                            private_index: EmbeddingIndex) -> list[int]:
     """Public row numbers whose vector equals a stored private row.
 
-    A public row matches if, normalised as :func:`build_index` normalises (`public_unit`) and cast
-    to the index's dtype, or cast unchanged (a copy of the stored file), it is bitwise equal to a
+    A public row matches if, normalised and stored as :func:`build_index` stores rows
+    (`public_unit` through :func:`to_storage_rows`), or cast unchanged (a copy of the stored file), it is bitwise equal to a
     private row. Near-copies are not detected.
     """
     dtype = private_index.dtype
     with np.errstate(over="ignore", invalid="ignore"):
         as_stored = np.asarray(public_raw).astype(dtype) + dtype.type(0)
     lookup: dict[bytes, int] = {}
-    for candidates in (public_unit.astype(dtype), as_stored):
+    for candidates in (to_storage_rows(public_unit, dtype), as_stored):
         for row, vector in enumerate(candidates):
             lookup.setdefault(vector.tobytes(), row)
     matches: set[int] = set()

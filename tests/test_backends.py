@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_backends as tb  # noqa: E402
+from tiny_backends import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
 from dprdm.conditioning import interpolate  # noqa: E402
 from dprdm.generation.backends import (BackendLoadError, ConditioningSpace,  # noqa: E402
@@ -31,14 +32,6 @@ from dprdm.retrieval import build_index  # noqa: E402
 
 NAMES = ("demo", "kandinsky-2.2", "stable-unclip", "ip-adapter")
 PROMPTS = ["the cat", "an eon"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

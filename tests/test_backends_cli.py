@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_backends as tb  # noqa: E402
+from tiny_backends import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
 from dprdm.cli import app  # noqa: E402
 from dprdm.privacy import MechanismParams, SqliteLedger, init_budget  # noqa: E402
@@ -26,14 +27,6 @@ from dprdm.privacy import MechanismParams, SqliteLedger, init_budget  # noqa: E4
 runner = CliRunner()
 PARAMS = MechanismParams(sigma=0.5, q=0.5, k=3)
 FAST = ["--steps", "2", "--image-size", "32", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

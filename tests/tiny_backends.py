@@ -8,6 +8,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -218,3 +219,12 @@ def demo_parts(clip_root: Path, seed: int = 0):
     ae = Autoencoder(channels=(8, 8, 16), encoder_blocks=(1, 1, 1), decoder_blocks=(1, 1, 1))
     return ClipEncoder.from_pretrained(clip_root), RetrievalDiffusionPipeline(ae, denoiser,
                                                                               default_scheduler())
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and leave the other core to the rest)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

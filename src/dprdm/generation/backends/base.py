@@ -372,3 +372,18 @@ def load_pipeline(pipeline_class, root: Path, what: str, options: RuntimeOptions
     finally:
         if shown:
             diffusers_logging.enable_progress_bar()
+
+
+class CLIPEncoderMethods:
+    """The embedding and scale methods of a backend conditioned through a dprdm CLIP encoder
+    (``self.encoder``) whose releases are rescaled to a raw CLIP norm from public statistics
+    (``self.raw_norm``): Stable unCLIP and IP-Adapter. Mixed in before :class:`GeneratorBackend`."""
+
+    def embed_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        return self.encoder.encode_images(images, batch_size or max(self.options.batch_size, 32))
+
+    def embed_prompts(self, prompts: list[str]) -> np.ndarray:
+        return self.encoder.encode_text(list(prompts))
+
+    def to_model_scale(self, conditions: np.ndarray) -> np.ndarray:
+        return rescale(check_conditions(conditions, self.dim), self.raw_norm)

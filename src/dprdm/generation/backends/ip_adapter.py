@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dprdm.generation.backends.base import (BackendLoadError, GeneratorBackend, RuntimeOptions,
-                                            check_conditions, clip_vision_space, load_pipeline,
-                                            place_pipeline, require_layout, rescale)
+from dprdm.generation.backends.base import (BackendLoadError, CLIPEncoderMethods, GeneratorBackend,
+                                            RuntimeOptions, check_conditions, clip_vision_space,
+                                            load_pipeline, place_pipeline, require_layout)
 
 SD_REPOS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
@@ -47,7 +47,7 @@ def probe_images(size: int = 224, count: int = 16) -> np.ndarray:
     return out
 
 
-class IPAdapterBackend(GeneratorBackend):
+class IPAdapterBackend(CLIPEncoderMethods, GeneratorBackend):
     """Stable Diffusion 1.5 / XL + a non-"plus" IP-Adapter, conditioned on CLIP image embeds."""
 
     name = "ip-adapter"
@@ -122,15 +122,6 @@ class IPAdapterBackend(GeneratorBackend):
             raw = self.encoder._embed_image_batch(images).float()
         self.raw_norm = float(raw.norm(dim=-1).mean())
         return self.raw_norm
-
-    def embed_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        return self.encoder.encode_images(images, batch_size or max(self.options.batch_size, 32))
-
-    def embed_prompts(self, prompts: list[str]) -> np.ndarray:
-        return self.encoder.encode_text(list(prompts))
-
-    def to_model_scale(self, conditions: np.ndarray) -> np.ndarray:
-        return rescale(check_conditions(conditions, self.dim), self.raw_norm)
 
     def model_inputs(self, conditions, prompts, n, guidance, steps) -> dict:
         conditions = check_conditions(conditions, self.dim)

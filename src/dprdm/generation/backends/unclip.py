@@ -21,9 +21,9 @@ import os
 import numpy as np
 import torch
 
-from dprdm.generation.backends.base import (BackendLoadError, GeneratorBackend, RuntimeOptions,
-                                            check_conditions, clip_vision_space, load_pipeline,
-                                            place_pipeline, require_layout, rescale)
+from dprdm.generation.backends.base import (BackendLoadError, CLIPEncoderMethods, GeneratorBackend,
+                                            RuntimeOptions, clip_vision_space, load_pipeline,
+                                            place_pipeline, require_layout)
 
 REPOS = {"small": "stabilityai/stable-diffusion-2-1-unclip-small",
          "full": "stabilityai/stable-diffusion-2-1-unclip"}
@@ -34,7 +34,7 @@ LAYOUT = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "image
 CLIP_LAYOUT = ("config.json",)
 
 
-class StableUnCLIPBackend(GeneratorBackend):
+class StableUnCLIPBackend(CLIPEncoderMethods, GeneratorBackend):
     """Stable unCLIP 2.1 (small or full) driven by CLIP image embeddings."""
 
     name = "stable-unclip"
@@ -73,15 +73,6 @@ class StableUnCLIPBackend(GeneratorBackend):
     @property
     def pipeline(self):
         return self.pipe
-
-    def embed_images(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        return self.encoder.encode_images(images, batch_size or max(self.options.batch_size, 32))
-
-    def embed_prompts(self, prompts: list[str]) -> np.ndarray:
-        return self.encoder.encode_text(list(prompts))
-
-    def to_model_scale(self, conditions: np.ndarray) -> np.ndarray:
-        return rescale(check_conditions(conditions, self.dim), self.raw_norm)
 
     def model_inputs(self, conditions, prompts, n, guidance, steps) -> dict:
         raw = np.repeat(self.to_model_scale(conditions), n, axis=0)

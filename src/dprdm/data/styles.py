@@ -231,17 +231,24 @@ def hue_shift(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     A rotation in the YIQ chroma plane: luminance and greys (white included) are unchanged.
     """
     images = check_images(images)
-    theta = np.deg2rad(rng.uniform(60.0, 300.0, size=len(images))).astype(np.float32)
-    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                       [0.211, -0.523, 0.312]], dtype=np.float32)
-    from_yiq = np.linalg.inv(to_yiq).astype(np.float32)
-    cos, sin = np.cos(theta), np.sin(theta)
-    rot = np.zeros((len(images), 3, 3), dtype=np.float32)
-    rot[:, 0, 0] = 1.0
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    matrices = from_yiq[None] @ rot @ to_yiq[None]  # (N, 3, 3), applied to column colours
+    degrees = rng.uniform(60.0, 300.0, size=len(images))
+    matrices = np.array([hue_rotation(angle) for angle in degrees],
+                        dtype=np.float32).reshape(-1, 3, 3)
     out = np.einsum("nhwc,ndc->nhwd", images.astype(np.float32), matrices)
     return _to_uint8(out)
+
+
+_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                    [0.211, -0.523, 0.312]], dtype=np.float64)
+
+
+def hue_rotation(degrees: float) -> np.ndarray:
+    """float32 (3, 3): rotates RGB column colours' hue by `degrees` about the grey axis (a
+    rotation in the YIQ chroma plane; luminance and greys, white included, stay put)."""
+    theta = np.deg2rad(float(degrees))
+    cos, sin = np.cos(theta), np.sin(theta)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    return (np.linalg.inv(_TO_YIQ) @ rot @ _TO_YIQ).astype(np.float32)
 
 
 def soft(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -480,3 +480,39 @@ def test_evaluation_helpers():
     assert probe["accuracy"] > 0.95 and probe["n_test"] == 60
     agg = noisy_aggregates(eye[:2], eye, 0.0, 1, rng)
     np.testing.assert_array_equal(agg, eye[:2])
+
+
+def test_supervised_contrastive_loss_rewards_grouping_by_label():
+    from dprdm.encoders.train_demo import supervised_contrastive_loss
+
+    labels = torch.tensor([0, 0, 1, 1])
+    grouped = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.05], [1.0, -0.05], [-1.0, 0.05], [-1.0, -0.05]]), dim=-1)
+    mixed = grouped[[0, 2, 1, 3]]
+    good = supervised_contrastive_loss(grouped, labels, 0.1)
+    bad = supervised_contrastive_loss(mixed, labels, 0.1)
+    assert good < 0.01 < 1.0 < bad
+    # an anchor without positives is left out, not a NaN
+    assert torch.isfinite(supervised_contrastive_loss(grouped, torch.tensor([0, 0, 1, 2]), 0.1))
+
+
+def test_train_demo_family_mode_draws_styles_per_source(tmp_path):
+    from dprdm.encoders import train_demo as training
+
+    root = fake_demo_root(tmp_path / "demo")
+    config = training.TrainConfig(dim=8, channels=(4, 8), steps=2, batch_size=4,
+                                  sources_per_batch=2, family_size=5,
+                                  family_images_per_source=3, warmup_steps=1)
+    sources = training.load_family_sources(root, config)
+    assert len(sources.names) == 2 + 5 and sources.names[2].startswith("twemoji+recipe0")
+    assert len(sources.captions) == 4 and "red apple" not in sources.captions
+    assert all(len(m) == (4 if i < 2 else 3) for i, m in enumerate(sources.members))
+    rows, concepts, labels = training.sample_family_batch(sources, config,
+                                                          np.random.default_rng(0))
+    assert len(rows) == 4 and len(set(labels[:2])) == 1 and len(set(labels[2:])) == 1
+    assert len(set(rows[:2])) == 2  # distinct images within a source
+    summary = training.train_demo(root, tmp_path / "f", config, show_progress=False)
+    assert "5 procedural styles" in summary["sources"][-1]
+    assert load_encoder(tmp_path / "f").dim == 8
+    with pytest.raises(InvalidParameterError):
+        training.TrainConfig(family_size=5, batch_size=6, sources_per_batch=4)

@@ -273,3 +273,49 @@ def test_learning_rate_warms_up_then_decays_linearly_to_zero_from_decay_start():
     assert learning_rate(constant, 999) == pytest.approx(1e-3)
     with pytest.raises(InvalidParameterError):
         TrainConfig(steps=1000, decay_start=1000).resolved()
+
+
+def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
+    """Family mode: the public styles as they are + one source per procedural recipe; named
+    splits must be public; --init-from starts a stage from a pipeline's weights."""
+    from dprdm.generation.training import family_sources, load_public
+
+    root = tmp_path / "demo"
+    (root / "data").mkdir(parents=True)
+    _tiny_folder(root / "data").rename(root / "data" / "twemoji")
+    _tiny_folder(root / "data").rename(root / "data" / "openmoji_private")
+    (root / "data" / "manifest.json").write_text(json.dumps({"splits": {
+        "twemoji": {"path": "data/twemoji", "role": "public"},
+        "openmoji_private": {"path": "data/openmoji_private", "role": "private"}}}))
+    with pytest.raises(InvalidParameterError, match="not a public split"):
+        load_public(root, 16, splits=("data/openmoji_private",))
+
+    common = dict(data=str(root), out=str(tmp_path / "run"), batch_size=4, warmup_steps=1,
+                  public_splits=("data/twemoji",), family_size=3, family_images_per_source=6,
+                  k_choices=(1, 2), neighbours=2)
+    config = TrainConfig(stage="denoiser", steps=1, encoder="stand-in",
+                         extra={"denoiser": TINY_DENOISER}, **common).resolved()
+    pixels, captions, sources = family_sources(config)
+    assert pixels.shape == (20 + 3 * 6, 32, 32, 3) and len(captions) == len(sources) == 38
+    assert set(sources) == {"red", "blue", "blue+recipe0", "red+recipe1", "blue+recipe2"}
+    assert not np.array_equal(pixels[20:26], pixels[:6])  # restyled
+
+    train_autoencoder(TrainConfig(stage="autoencoder", steps=1,
+                                  extra={"autoencoder": TINY_AE}, **common))
+    train_denoiser(config)
+    first = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "run")
+    tuned = TrainConfig(stage="denoiser", steps=1, encoder="stand-in", lr=1e-12,
+                        init_from=str(tmp_path / "run"),
+                        extra={"denoiser": TINY_DENOISER},
+                        **{**common, "out": str(tmp_path / "tuned")})
+    train_autoencoder(TrainConfig(stage="autoencoder", steps=1, init_from=str(tmp_path / "run"),
+                                  lr=1e-12, extra={"autoencoder": TINY_AE},
+                                  **{**common, "out": str(tmp_path / "tuned")}))
+    train_denoiser(tuned)
+    second = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "tuned")
+    for name, value in first.denoiser.state_dict().items():  # started from the same weights
+        torch.testing.assert_close(second.denoiser.state_dict()[name], value, atol=1e-6, rtol=0)
+    with pytest.raises(InvalidParameterError, match="init-from"):
+        train_denoiser(TrainConfig(stage="denoiser", steps=1, encoder="stand-in",
+                                   init_from=str(tmp_path / "nowhere"),
+                                   extra={"denoiser": TINY_DENOISER}, **common))

@@ -190,6 +190,18 @@ def train_demo(
     image_size: int = typer.Option(32, "--image-size", help="Model input side (32 or 64)."),
     batch_size: int = typer.Option(256, "--batch-size", min=2),
     style_weight: float = typer.Option(1.0, "--style-weight", min=0.0),
+    public_splits: str = typer.Option(
+        "data/twemoji,data/google", "--public-splits",
+        help="Comma-separated PUBLIC style folders under --data to train on."),
+    family_size: int = typer.Option(
+        0, "--family-size", min=0,
+        help="> 0: train on this many procedural public styles (dprdm.data.style_family) with a "
+             "supervised contrastive style loss instead of the 7 augmentations and style head."),
+    sources_per_batch: int = typer.Option(64, "--sources-per-batch", min=1,
+                                          help="Family mode: styles per batch."),
+    p_original: float = typer.Option(0.5, "--p-original", min=0.0, max=1.0,
+                                     help="Share of batch items (family mode: of batch styles) "
+                                          "drawn from the real styles as they are."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
@@ -206,7 +218,11 @@ def train_demo(
         from dprdm.encoders.train_demo import train_demo as run
 
         config = TrainConfig(dim=dim, steps=steps, image_size=image_size, batch_size=batch_size,
-                             style_weight=style_weight, seed=seed, threads=threads)
+                             style_weight=style_weight, seed=seed, threads=threads,
+                             public_splits=tuple(p.strip() for p in public_splits.split(",")
+                                                 if p.strip()),
+                             family_size=family_size, sources_per_batch=sources_per_batch,
+                             p_original=p_original)
         summary = run(data, out, config, show_progress=not as_json, resume=resume)
         stats = summary.pop("final_train_stats")
         summary.pop("settings")

@@ -50,6 +50,17 @@ def train(
                                     help="Training noise std per coordinate ~ U[0, this]."),
     cond_dropout: float = typer.Option(0.1, "--cond-dropout", min=0.0, max=1.0,
                                        help="Share of samples trained unconditionally."),
+    public_splits: str = typer.Option(
+        "", "--public-splits", help="Comma-separated public split folders of a demo root to "
+        "train on (default: every split its manifest marks public)."),
+    family_size: int = typer.Option(
+        0, "--family-size", min=0, help="> 0: train on the public styles as they are plus this "
+        "many procedural public styles (dprdm.data.style_family) instead of the 7 fixed "
+        "augmentations."),
+    family_images_per_source: int = typer.Option(64, "--family-images-per-source", min=17),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="A pipeline folder (e.g. the shipped demo generator) whose "
+        "weights for this stage initialise the model (fine-tuning)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
     seed: int = typer.Option(0, "--seed"),
     save_every_minutes: float = typer.Option(5.0, "--save-every-minutes", min=0.1),
@@ -66,7 +77,12 @@ def train(
                              steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                              decay_start=decay_start,
                              sigma_max=sigma_max, cond_dropout=cond_dropout, threads=threads,
-                             seed=seed, save_every_minutes=save_every_minutes, resume=resume)
+                             seed=seed, save_every_minutes=save_every_minutes, resume=resume,
+                             public_splits=tuple(p.strip() for p in public_splits.split(",")
+                                                 if p.strip()),
+                             family_size=family_size,
+                             family_images_per_source=family_images_per_source,
+                             init_from=str(init_from) if init_from else "")
         config = config.resolved()
         return (train_autoencoder if config.stage == "autoencoder" else train_denoiser)(config)
 

@@ -16,6 +16,14 @@ bottom:
    Loss = symmetric CLIP loss (learned temperature) + ``style_weight`` x cross-entropy of a
    linear style head on the unit image embedding, predicting the source. The head is dropped
    after training; what it leaves behind is a style direction in the embedding.
+   **Family mode** (``family_size > 0``, issue 18): the sources are instead each real public style
+   as it is, plus ``family_size`` procedural styles of :mod:`dprdm.data.style_family` (recipe j
+   drawn on ``family_images_per_source`` images of one real style). A batch holds
+   ``sources_per_batch`` sources with ``batch_size / sources_per_batch`` images each; the style
+   objective is a supervised contrastive loss (Khosla et al. 2020) with "same source" as the
+   positive pair, across concepts, so the embedding learns style as what images of ONE source
+   share, for any style, not as a choice among a few known ones. The CLIP loss runs over the
+   batch's distinct concepts.
 4. AdamW with a cosine schedule and warmup, one thread by default, seeded: the same settings
    give the same weights on the same machine. A ``training_state.pt`` in the output directory
    every ``checkpoint_every`` steps makes an interrupted run resumable; it is deleted at the end.
@@ -65,12 +73,26 @@ class TrainConfig:
     p_original: float = 0.5
     max_shift: int = 2  # pixels at image_size
     exclude_holdout_concepts: bool = True
+    public_splits: tuple[str, ...] = PUBLIC_SPLITS
+    family_size: int = 0  # > 0: family mode (module docstring)
+    family_seed: int = 12345
+    family_images_per_source: int = 64
+    sources_per_batch: int = 64
+    supcon_temperature: float = 0.1
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
+        self.public_splits = tuple(str(p) for p in self.public_splits)
+        if self.family_size < 0 or (self.family_size and (
+                self.batch_size % self.sources_per_batch or self.sources_per_batch < 1
+                or self.batch_size // self.sources_per_batch < 2)):
+            raise InvalidParameterError(
+                "family mode needs batch_size = sources_per_batch x (>= 2 images per source)")
+        if not 0 < self.supcon_temperature <= 1:
+            raise InvalidParameterError("supcon_temperature must be in (0, 1]")
         for name in ("dim", "image_size", "steps", "batch_size", "threads", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -86,6 +108,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["channels"] = list(self.channels)
+        out["public_splits"] = list(self.public_splits)
         return out
 
 
@@ -102,20 +125,89 @@ class Sources:
     by_concept: list[np.ndarray]  # public image indices of concept id c
 
 
+@dataclass
+class FamilySources:
+    """Family mode: every training image with its source (style) and concept."""
+
+    images: np.ndarray  # uint8 (M, DATA_SIZE, DATA_SIZE, 3)
+    source: np.ndarray  # int (M,)
+    concept: np.ndarray  # int (M,)
+    names: list[str]  # source id -> name ("twemoji", "fluent+recipe17", ...)
+    captions: list[str]  # concept id -> caption
+    members: list[np.ndarray]  # source id -> its image rows
+
+
+def _holdout_concepts(data_root: Path, config: TrainConfig) -> set[str]:
+    if not config.exclude_holdout_concepts:
+        return set()
+    holdout_dir = data_root / HOLDOUT_SPLIT
+    if not holdout_dir.is_dir():
+        raise InvalidParameterError(f"{holdout_dir} is missing; prepare the demo data first "
+                                    "(or train with exclude_holdout_concepts=False)")
+    # only the captions file is read: which concepts to leave out, never a pixel
+    rows = (json.loads(line) for line in
+            (holdout_dir / "captions.jsonl").read_text(encoding="utf-8").splitlines() if line)
+    return {row["concept"] for row in rows}
+
+
+def load_family_sources(data_root: Path, config: TrainConfig) -> FamilySources:
+    """The real public styles as they are + ``family_size`` procedural styles drawn on them."""
+    from dprdm.data.style_family import apply_recipe, style_family
+
+    holdout = _holdout_concepts(data_root, config)
+    styles, concepts, captions = [], [], []
+    for split in config.public_splits:
+        directory = data_root / split
+        if not directory.is_dir():
+            raise InvalidParameterError(f"{directory} is missing; prepare the demo data first")
+        data = load_folder(directory, DATA_SIZE, show_progress=False)
+        keep = [i for i, row in enumerate(data.extra) if row.get("concept") not in holdout]
+        styles.append(data.images[keep])
+        concepts.append([data.extra[i]["concept"] for i in keep])
+        captions += [data.captions[i] for i in keep]
+    concept_names = sorted({c for group in concepts for c in group})
+    concept_id = {c: i for i, c in enumerate(concept_names)}
+    caption_of = dict(zip((c for group in concepts for c in group), captions))
+    images = list(styles)
+    source = [np.full(len(block), i) for i, block in enumerate(styles)]
+    concept = [np.array([concept_id[c] for c in group]) for group in concepts]
+    names = [Path(split).name for split in config.public_splits]
+    rng = np.random.default_rng(config.seed)
+    for j, recipe in enumerate(style_family(config.family_size, config.family_seed)):
+        base = j % len(styles)
+        rows = rng.choice(len(styles[base]), size=min(config.family_images_per_source,
+                                                       len(styles[base])), replace=False)
+        images.append(apply_recipe(styles[base][rows], recipe))
+        source.append(np.full(len(rows), len(names)))
+        concept.append(concept[base][rows])
+        names.append(f"{names[base]}+recipe{j}")
+    source_all = np.concatenate(source)
+    members = [np.flatnonzero(source_all == i) for i in range(len(names))]
+    return FamilySources(np.concatenate(images), source_all, np.concatenate(concept), names,
+                         [caption_of[c] for c in concept_names], members)
+
+
+def sample_family_batch(sources: FamilySources, config: TrainConfig, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image rows, their concept ids, their source ids): ``sources_per_batch`` sources, the
+    real styles with probability ``p_original`` each draw, ``batch_size / sources_per_batch``
+    distinct images of each."""
+    n_real = len(sources.names) - config.family_size
+    per_source = config.batch_size // config.sources_per_batch
+    real = rng.random(config.sources_per_batch) < config.p_original
+    picked = np.where(real, rng.integers(0, n_real, config.sources_per_batch),
+                      n_real + rng.integers(0, max(config.family_size, 1),
+                                            config.sources_per_batch))
+    rows = np.concatenate([rng.choice(sources.members[s], per_source, replace=False)
+                           for s in picked])
+    return rows, sources.concept[rows], sources.source[rows]
+
+
 def load_sources(data_root: Path, config: TrainConfig) -> Sources:
     """Public images + their augmented copies; holdout concepts dropped if configured."""
-    holdout: set[str] = set()
-    if config.exclude_holdout_concepts:
-        holdout_dir = data_root / HOLDOUT_SPLIT
-        if not holdout_dir.is_dir():
-            raise InvalidParameterError(f"{holdout_dir} is missing; prepare the demo data first "
-                                        "(or train with exclude_holdout_concepts=False)")
-        # only the captions file is read: which concepts to leave out, never a pixel
-        rows = (json.loads(line) for line in
-                (holdout_dir / "captions.jsonl").read_text(encoding="utf-8").splitlines() if line)
-        holdout = {row["concept"] for row in rows}
+    holdout = _holdout_concepts(data_root, config)
     images, concepts, captions, styles, names = [], [], [], [], []
-    for style_id, split in enumerate(PUBLIC_SPLITS):
+    for style_id, split in enumerate(config.public_splits):
         directory = data_root / split
         if not directory.is_dir():
             raise InvalidParameterError(f"{directory} is missing; prepare the demo data first")
@@ -173,6 +265,25 @@ class Trainee(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.style_head = nn.Linear(config.dim, n_sources)
 
+    def family_forward(self, pixels: torch.Tensor, text_features: torch.Tensor,
+                       concepts: torch.Tensor, sources: torch.Tensor, style_weight: float,
+                       temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """CLIP loss over the batch's distinct concepts + supervised contrastive style loss."""
+        img = F.normalize(self.encoder.embed_pixels(pixels), dim=-1)
+        unique, target = torch.unique(concepts, return_inverse=True)
+        txt = F.normalize(self.encoder.project_text(text_features[unique]), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * img @ txt.T
+        positives_t = (target[None, :] == torch.arange(len(unique))[:, None]).float()
+        clip_loss = (F.cross_entropy(logits, target) + F.cross_entropy(
+            logits.T, positives_t / positives_t.sum(1, keepdim=True))) / 2
+        style_loss = supervised_contrastive_loss(img, sources, temperature)
+        accuracy = (logits.argmax(1) == target).float().mean()
+        similarity = img @ img.T - 3.0 * torch.eye(len(img))
+        style_acc = (sources[similarity.argmax(1)] == sources).float().mean()
+        stats = {"clip": clip_loss.item(), "style": style_loss.item(),
+                 "acc": accuracy.item(), "style_acc": style_acc.item()}
+        return clip_loss + style_weight * style_loss, stats
+
     def forward(self, pixels: torch.Tensor, text_features: torch.Tensor, sources: torch.Tensor,
                 style_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
         img = F.normalize(self.encoder.embed_pixels(pixels), dim=-1)
@@ -189,6 +300,21 @@ class Trainee(nn.Module):
         return clip_loss + style_weight * style_loss, stats
 
 
+def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor,
+                                temperature: float) -> torch.Tensor:
+    """SupCon (Khosla et al. 2020, the "out" form): for each anchor, the mean over its positives
+    (same label, itself excluded) of -log softmax over all other batch items. Unit embeddings."""
+    n = len(embeddings)
+    logits = embeddings @ embeddings.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    counts = positive.sum(1)
+    mean_log_prob = torch.where(positive, log_prob, 0.0).sum(1) / counts.clamp(min=1)
+    return -(mean_log_prob[counts > 0]).mean()
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -202,11 +328,11 @@ def sample_batch(sources: Sources, config: TrainConfig, rng: np.random.Generator
     n_concepts = len(sources.captions)
     concepts = rng.choice(n_concepts, size=min(config.batch_size, n_concepts), replace=False)
     public = np.array([rng.choice(sources.by_concept[c]) for c in concepts])
-    n_aug = len(sources.names) - 2
+    n_aug = len(sources.names) - len(config.public_splits)
     augmented = rng.random(len(public)) >= config.p_original
     which = rng.integers(0, n_aug, size=len(public))
     block = np.where(augmented, 1 + which, 0)
-    labels = np.where(augmented, 2 + which, sources.style[public])
+    labels = np.where(augmented, len(config.public_splits) + which, sources.style[public])
     return block * sources.n + public, concepts, labels
 
 
@@ -219,8 +345,9 @@ def train_demo(data_root: str | Path, out: str | Path, config: TrainConfig | Non
     torch.manual_seed(config.seed)
     started = time.perf_counter()
 
-    sources = load_sources(data_root, config)
-    trainee = Trainee(config, len(sources.names))
+    family = config.family_size > 0
+    sources = (load_family_sources if family else load_sources)(data_root, config)
+    trainee = Trainee(config, 1 if family else len(sources.names))
     with torch.no_grad():
         text_features = torch.cat([trainee.encoder.sentence_features(sources.captions[i:i + 256])
                                    for i in range(0, len(sources.captions), 256)])
@@ -254,13 +381,19 @@ def train_demo(data_root: str | Path, out: str | Path, config: TrainConfig | Non
         task = progress.add_task("training demo encoder", total=config.steps, completed=step,
                                  stats="")
         while step < config.steps:
-            rows, concepts, labels = sample_batch(sources, config, rng)
+            sample = sample_family_batch if family else sample_batch
+            rows, concepts, labels = sample(sources, config, rng)
             pixels = preprocess_images(sources.images[rows], config.image_size)
             pixels = random_shift(pixels, config.max_shift, generator)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            loss, stats = trainee(pixels, text_features[torch.from_numpy(concepts)],
-                                  torch.from_numpy(labels), config.style_weight)
+            if family:
+                loss, stats = trainee.family_forward(
+                    pixels, text_features, torch.from_numpy(concepts),
+                    torch.from_numpy(labels), config.style_weight, config.supcon_temperature)
+            else:
+                loss, stats = trainee(pixels, text_features[torch.from_numpy(concepts)],
+                                      torch.from_numpy(labels), config.style_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -281,8 +414,12 @@ def train_demo(data_root: str | Path, out: str | Path, config: TrainConfig | Non
     state_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     summary = {"out": str(out), "dim": config.dim, "image_size": config.image_size,
-               "steps": config.steps, "sources": sources.names,
-               "train_images": int(sources.n), "train_concepts": len(sources.captions),
+               "steps": config.steps,
+               "sources": sources.names if not family else
+               sources.names[:len(sources.names) - config.family_size]
+               + [f"{config.family_size} procedural styles (seed {config.family_seed})"],
+               "train_images": int(len(sources.images) if family else sources.n),
+               "train_concepts": len(sources.captions),
                "final_train_stats": mean if recent else {},
                "prep_seconds": round(prep_seconds, 1), "seconds": round(seconds, 1),
                "settings": config.to_dict()}

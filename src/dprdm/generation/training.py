@@ -94,6 +94,12 @@ class TrainConfig:
     sigma_max: float = 0.1
     cond_dropout: float = 0.1
     augment_copies: int = 1  # augmented copies of every public image per style augmentation
+    # issue 18: a procedural family of public styles instead of the 7 augmentations
+    public_splits: tuple[str, ...] = ()  # demo-root split folders to train on (): every public
+    family_size: int = 0  # > 0: sources = the real styles + this many procedural styles
+    family_seed: int = 12345
+    family_images_per_source: int = 64
+    init_from: str = ""  # a pipeline folder whose weights initialise the stage's model
     prediction_type: str = "v_prediction"
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
     extra: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +116,10 @@ class TrainConfig:
             raise InvalidParameterError(f"lr must be > 0, got {config.lr}")
         if config.decay_start < 0 or (config.decay_start > 0 and config.decay_start >= config.steps):
             raise InvalidParameterError("decay_start must be 0 or below --steps")
+        config.public_splits = tuple(str(p) for p in config.public_splits)
+        if config.family_size < 0 or config.family_images_per_source <= config.neighbours:
+            raise InvalidParameterError("family_size must be >= 0 and family_images_per_source "
+                                        "above neighbours")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         return config
@@ -129,14 +139,16 @@ class PublicImages:
 
 
 def load_public(data: str | Path, size: int, data_is_public: bool = False,
-                caption_column: str | None = None) -> PublicImages:
+                caption_column: str | None = None,
+                splits: tuple[str, ...] = ()) -> PublicImages:
     """The PUBLIC images under `data`, never anything else.
 
     `data` is a demo root (``data/manifest.json``, written by the tool that built the demo, names
-    each split's role; only splits whose role is ``public`` are read) or one folder with a
-    captions file (its ``style`` column, else the folder name, is the source). Nothing can tell a
-    plain folder's images apart from private ones, so a folder is refused unless the user
-    acknowledged it as public (`data_is_public`, ``--data-is-public``).
+    each split's role; only splits whose role is ``public`` are read: all of them, or the folders
+    named in `splits`, each of which must be public) or one folder with a captions file (its
+    ``style`` column, else the folder name, is the source). Nothing can tell a plain folder's
+    images apart from private ones, so a folder is refused unless the user acknowledged it as
+    public (`data_is_public`, ``--data-is-public``).
     """
     from dprdm.data import load_folder
     from dprdm.provenance import require_public_folder
@@ -144,8 +156,13 @@ def load_public(data: str | Path, size: int, data_is_public: bool = False,
     root = Path(data)
     manifest = root / "data" / "manifest.json"
     if manifest.is_file():
-        splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
-        folders = [root / s["path"] for s in splits.values() if s.get("role") == "public"]
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["splits"].values()
+        public = [s["path"] for s in entries if s.get("role") == "public"]
+        for name in splits:
+            if name not in public:
+                raise InvalidParameterError(
+                    f"{name} is not a public split of {manifest} (public: {', '.join(public)})")
+        folders = [root / p for p in (splits or public)]
         if not folders:
             raise InvalidParameterError(f"{manifest} names no public split")
     elif root.is_dir():
@@ -333,11 +350,14 @@ def run_loop(config: TrainConfig, model: torch.nn.Module,
 def train_autoencoder(config: TrainConfig) -> dict[str, Any]:
     config = config.resolved()
     torch.set_num_threads(config.threads)
-    public = load_public(config.data, config.size, config.data_is_public, config.caption_column)
+    public = load_public(config.data, config.size, config.data_is_public, config.caption_column,
+                         config.public_splits)
     images = to_tensor(public.images)
-    augmentations = list(style_augmentations().values())
+    augmentations = (family_augmentations(config) if config.family_size
+                     else list(style_augmentations().values()))
     torch.manual_seed(config.seed)  # the initial weights depend on the seed only
     model = Autoencoder(sample_size=config.size, **config.extra.get("autoencoder", {}))
+    initialise_from(model, config, "autoencoder")
     _stderr.print(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters, {len(images)} public images, {len(augmentations)} augmentations")
     # the preview grid: 16 public images and 16 augmented ones (one augmentation per pair)
@@ -432,6 +452,57 @@ def load_training_encoder(name: str) -> Any:
     return load_encoder(name)
 
 
+def family_augmentations(config: TrainConfig
+                         ) -> list[Callable[[np.ndarray, np.random.Generator], np.ndarray]]:
+    """The procedural family's recipes as augmentations (the autoencoder learns to draw them)."""
+    from dprdm.data.style_family import apply_recipe, style_family
+
+    return [lambda images, rng, recipe=recipe: apply_recipe(images, recipe)
+            for recipe in style_family(config.family_size, config.family_seed)]
+
+
+def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> None:
+    """Load ``config.init_from/<part>`` weights into `model` (fine-tuning), when set."""
+    if not config.init_from:
+        return
+    from safetensors.torch import load_file
+
+    weights = Path(config.init_from) / part / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise InvalidParameterError(f"--init-from: {weights} not found")
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    model.load_state_dict(state)
+    _stderr.print(f"{part}: initialised from {weights}")
+
+
+def family_sources(config: TrainConfig) -> tuple[np.ndarray, list[str], list[str]]:
+    """(pixels at ``config.size``, captions, source names): every public style as it is plus
+    ``family_size`` procedural styles, recipe j drawn on ``family_images_per_source`` images of
+    one public style. Recipes are drawn at 64 px, then resized like every image file is."""
+    from dprdm.data.images import decode_image
+    from dprdm.data.style_family import apply_recipe, style_family
+
+    drawn = 64
+    public = load_public(config.data, drawn, config.data_is_public, config.caption_column,
+                         config.public_splits)
+    base_sources = np.array(public.sources)
+    styles = sorted(set(public.sources))
+    members = [np.flatnonzero(base_sources == style) for style in styles]
+    blocks, captions, sources = [public.images], list(public.captions), list(public.sources)
+    rng = np.random.default_rng(config.seed)
+    for j, recipe in enumerate(style_family(config.family_size, config.family_seed)):
+        base = j % len(styles)
+        rows = rng.choice(members[base], size=min(config.family_images_per_source,
+                                                  len(members[base])), replace=False)
+        blocks.append(apply_recipe(public.images[rows], recipe))
+        captions += [public.captions[i] for i in rows]
+        sources += [f"{styles[base]}+recipe{j}"] * len(rows)
+    pixels = np.concatenate(blocks)
+    if config.size != drawn:
+        pixels = np.stack([decode_image(p, config.size) for p in pixels])
+    return pixels, captions, sources
+
+
 def style_augmentations() -> dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]]:
     """The generic style augmentations of :mod:`dprdm.data.styles` ({} while it is absent)."""
     try:
@@ -492,12 +563,16 @@ def same_source_neighbours(queries: np.ndarray, keys: np.ndarray, sources: np.nd
 
 def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> ConditionBank:
     """Public images (+ augmented sources) -> latents, embeddings and neighbour lists."""
-    public = load_public(config.data, config.size, config.data_is_public, config.caption_column)
-    augmentations = style_augmentations()
+    family = config.family_size > 0
+    public = None if family else load_public(config.data, config.size, config.data_is_public,
+                                             config.caption_column, config.public_splits)
+    augmentations = {} if family else style_augmentations()
     key = {"data": str(Path(config.data).resolve()), "size": config.size,
            "encoder": config.encoder, "augmentations": sorted(augmentations),
            "augment_copies": config.augment_copies, "neighbours": config.neighbours,
-           "seed": config.seed, "n_public": len(public.images),
+           "seed": config.seed, "n_public": None if family else len(public.images),
+           "public_splits": list(config.public_splits), "family": [
+               config.family_size, config.family_seed, config.family_images_per_source],
            "autoencoder": _fingerprint(autoencoder)}
     cache = Path(config.out) / "cache" / "denoiser.pt"
     if cache.is_file():
@@ -505,13 +580,17 @@ def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> Condi
         if bank.key == key:
             return bank
         _stderr.print("cache settings changed: recomputing the condition bank")
-    images, captions, sources = [public.images], list(public.captions), list(public.sources)
+    if family:
+        pixels, captions, sources = family_sources(config)
+        images = [pixels]
+    else:
+        images, captions, sources = [public.images], list(public.captions), list(public.sources)
     rng = np.random.default_rng(config.seed)
-    base_sources = np.array(public.sources)
+    base_sources = np.array(sources)
     for name, augment in augmentations.items():
         for copy_index in range(config.augment_copies):
             for style in sorted(set(public.sources)):
-                members = np.flatnonzero(base_sources == style)
+                members = np.flatnonzero(base_sources[:len(public.images)] == style)
                 images.append(augment(public.images[members], rng))
                 captions += [public.captions[i] for i in members]
                 suffix = f"#{copy_index}" if config.augment_copies > 1 else ""
@@ -602,6 +681,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
                            latent_channels=autoencoder.config.latent_channels,
                            latent_size=config.size // autoencoder.downsample_factor,
                            **config.extra.get("denoiser", {}))
+    initialise_from(model, config, "denoiser")
     _stderr.print(f"denoiser: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters, {len(bank.sources)} training images, "
                   f"cond_dim {bank.image_embeddings.shape[1]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -516,3 +517,16 @@ def test_train_demo_family_mode_draws_styles_per_source(tmp_path):
     assert load_encoder(tmp_path / "f").dim == 8
     with pytest.raises(InvalidParameterError):
         training.TrainConfig(family_size=5, batch_size=6, sources_per_batch=4)
+
+    # fine-tuning starts from the given weights (a vanishing learning rate keeps them)
+    from safetensors.torch import load_file
+    tuned = dataclasses.replace(config, steps=1, lr=1e-12, init_from=str(tmp_path / "f"))
+    training.train_demo(root, tmp_path / "g", tuned, show_progress=False)
+    before, after = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("f", "g"))
+    weights = [k for k in before if "running_" not in k and "num_batches" not in k]
+    assert len(weights) > 4  # (batch-norm statistics move with any forward pass in training)
+    for key in weights:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0)
+    with pytest.raises(InvalidParameterError, match="architecture"):
+        training.train_demo(root, tmp_path / "h", dataclasses.replace(tuned, dim=16),
+                            show_progress=False)

@@ -202,6 +202,11 @@ def train_demo(
     p_original: float = typer.Option(0.5, "--p-original", min=0.0, max=1.0,
                                      help="Share of batch items (family mode: of batch styles) "
                                           "drawn from the real styles as they are."),
+    init_from: Path | None = typer.Option(
+        None, "--init-from", help="Start from this demo encoder's weights (fine-tuning), e.g. "
+        "src/dprdm/weights/demo-encoder."),
+    warmup_steps: int = typer.Option(50, "--warmup-steps", min=0),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
@@ -222,7 +227,8 @@ def train_demo(
                              public_splits=tuple(p.strip() for p in public_splits.split(",")
                                                  if p.strip()),
                              family_size=family_size, sources_per_batch=sources_per_batch,
-                             p_original=p_original)
+                             p_original=p_original, lr=lr, warmup_steps=warmup_steps,
+                             init_from=str(init_from) if init_from else "")
         summary = run(data, out, config, show_progress=not as_json, resume=resume)
         stats = summary.pop("final_train_stats")
         summary.pop("settings")

@@ -79,6 +79,7 @@ class TrainConfig:
     family_images_per_source: int = 64
     sources_per_batch: int = 64
     supcon_temperature: float = 0.1
+    init_from: str = ""  # an encoder directory whose weights start the run (fine-tuning)
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -348,6 +349,13 @@ def train_demo(data_root: str | Path, out: str | Path, config: TrainConfig | Non
     family = config.family_size > 0
     sources = (load_family_sources if family else load_sources)(data_root, config)
     trainee = Trainee(config, 1 if family else len(sources.names))
+    if config.init_from:
+        start = DemoEncoder.from_pretrained(config.init_from)
+        if start.config.to_dict() != config.model_config().to_dict():
+            raise InvalidParameterError(
+                f"--init-from {config.init_from}: its architecture {start.config.to_dict()} "
+                f"differs from the configured {config.model_config().to_dict()}")
+        trainee.encoder.load_state_dict(start.state_dict())
     with torch.no_grad():
         text_features = torch.cat([trainee.encoder.sentence_features(sources.captions[i:i + 256])
                                    for i in range(0, len(sources.captions), 256)])

@@ -18,6 +18,15 @@ any style, except where a realistic retrieval pool needs everything:
   concept among the 10 holdout images nearest to the noisy aggregate) and ``openmoji_top10``
   (fraction of its 10 nearest images in the mixed pool of ``style_knn`` that are OpenMoji).
   No accounting here: S is a plain noise level, not a privacy claim.
+* ``validation_style_knn`` (when ``data/emojione`` exists; issue 18's validation domain, a real
+  public style no shipped network trains on) -- the same as ``style_knn`` with EmojiOne as the
+  target: each held-out-concept EmojiOne image's 10 nearest in the pool twemoji + google +
+  (fluent) + EmojiOne (other concepts); and ``probe_validation``, EmojiOne vs the other public
+  styles (held-out concepts).
+* ``unseen_recipe_knn`` -- fine style: 40 procedural styles of :mod:`dprdm.data.style_family`
+  drawn with a seed no training uses, each on 20 held-out-concept Twemoji images; for each
+  image, the fraction of its 10 nearest (among the other 799) drawn in the SAME style. Chance
+  19/799.
 """
 
 from __future__ import annotations
@@ -128,7 +137,55 @@ def evaluate_encoder(encoder: Encoder, data_root: str | Path, *, seed: int = 0,
             "concept_top10": concept,
             "openmoji_top10": style_knn(released, pool, is_openmoji),
             "noise_norm": float(sigma * np.sqrt(encoder.dim))}
+    result.update(validation_measures(encoder, root, data, concepts, held_out, seed, progress))
     return result
+
+
+UNSEEN_RECIPE_SEED = 987654  # no training run uses it (training families: seed 12345)
+
+
+def validation_measures(encoder: Encoder, root: Path, data: dict, concepts: dict,
+                        held_out: set[str], seed: int, progress: bool) -> dict:
+    """``validation_style_knn``, ``probe_validation`` and ``unseen_recipe_knn`` (docstring)."""
+    from dprdm.data.style_family import apply_recipe, style_family
+
+    out: dict = {}
+    twemoji = data["twemoji"].images[[c in held_out for c in concepts["twemoji"]]]
+    rng = np.random.default_rng(seed)
+    styled, labels = [], []
+    for j, recipe in enumerate(style_family(40, UNSEEN_RECIPE_SEED)):
+        rows = rng.choice(len(twemoji), size=min(20, len(twemoji)), replace=False)
+        styled.append(apply_recipe(twemoji[rows], recipe))
+        labels += [j] * len(rows)
+    emb = encoder.encode_images(np.concatenate(styled), progress=progress)
+    labels_array = np.array(labels)
+    scores = emb @ emb.T
+    np.fill_diagonal(scores, -np.inf)
+    nearest = np.argsort(-scores, axis=1, kind="stable")[:, :KNN]
+    out["unseen_recipe_knn"] = {
+        "same_style_fraction_top10": float((labels_array[nearest] == labels_array[:, None]).mean()),
+        "chance": float((len(rows) - 1) / (len(labels) - 1))}
+
+    if not (root / "data" / "emojione").is_dir():
+        return out
+    pool_names = [n for n in ("twemoji", "google", "fluent") if (root / "data" / n).is_dir()]
+    folders = {name: data[name] if name in data else
+               load_folder(root / "data" / name, DATA_SIZE, show_progress=progress)
+               for name in pool_names + ["emojione"]}
+    emb_of = {name: encoder.encode_images(f.images, progress=progress)
+              for name, f in folders.items()}
+    unseen = {name: np.isin([row["concept"] for row in f.extra], list(held_out))
+              for name, f in folders.items()}
+    others = [emb_of[name] for name in pool_names]
+    target_emb, unseen_target = emb_of["emojione"], unseen["emojione"]
+    pool = np.concatenate(others + [target_emb[~unseen_target]])
+    is_target = np.arange(len(pool)) >= sum(len(o) for o in others)
+    out["validation_style_knn"] = {
+        "emojione_fraction_top10": style_knn(target_emb[unseen_target], pool, is_target),
+        "chance": float(is_target.mean()), "pool": pool_names + ["emojione"]}
+    public_unseen = np.concatenate([emb_of[n][unseen[n]] for n in pool_names])
+    out["probe_validation"] = linear_probe(target_emb[unseen_target], public_unseen, seed)
+    return out
 
 
 def flatten(result: dict) -> dict[str, object]:

@@ -334,9 +334,12 @@ def main() -> None:
     parser.add_argument("--qs", default=None, help="comma-separated q (default 0.01,0.001)")
     parser.add_argument("--noise-only", action="store_true",
                         help="time only the noise: old float path vs grid + discrete Gaussian")
+    parser.add_argument("--noise-dims", default="64,256,512",
+                        help="comma-separated d for --noise-only")
     args = parser.parse_args()
     if args.noise_only:
-        rows = bench_noise([64, 256, 512], [1, 100], k=10, repeats=max(3, args.queries // 20))
+        rows = bench_noise([int(d) for d in args.noise_dims.split(",")], [1, 100], k=10,
+                           repeats=max(3, args.queries // 20))
         table = Table(title="release noise only, ms (median per call)")
         for column in ("d", "batch", "method", "ms/call", "ms/query", "CPU us/coord",
                        "vs before", "load"):
@@ -346,7 +349,7 @@ def main() -> None:
                           f"{row['median_ms_per_call']:.2f}", f"{row['median_ms_per_query']:.3f}",
                           f"{row['cpu_us_per_coordinate']:.1f}",
                           f"{row['speedup_vs_before']:.2f}x", f"{row['load_average_1min']:.1f}")
-        console.print(table)
+        Console(width=max(console.width, 120)).print(table)  # too wide to wrap legibly
         write_results(args.out, rows, console)
         return
     ns, ks, qs = ([1_000_000], [10], [0.01]) if args.quick else (

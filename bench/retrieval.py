@@ -27,8 +27,10 @@ process the open (IVFPartition.open) and the release of the same 100 queries.
     python bench/retrieval.py --ns 5000000 --out bench/results/retrieval-5e6.json
 
 --noise-only times the release's noise alone (no retrieval), side by side in one process: the old
-float path (float32(a + sigma * Box-Muller from os.urandom)) against the grid path (round to the
-grid + OpenDP's exact discrete Gaussian), for one query and for a 64-query batch.
+float path (float32(a + sigma * Box-Muller from os.urandom)), the grid path as it was (OpenDP's
+exact discrete Gaussian at the float scale sigma / gamma, one call per batch), the integer scale
+ceil(sigma / gamma) alone, and the release as it is now (integer scale, the batch split over the
+noise thread pool), for one query and for a 100-query batch.
 The full runs time whole releases (retrieval + noise) with the grid path.
 
     python bench/retrieval.py --noise-only --out bench/results/release-noise.json
@@ -55,8 +57,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval, SqliteLedger
-from dprdm.privacy.noise import DiscreteGaussian, noise_grid, release_on_grid
+from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval
+from dprdm.privacy.noise import DiscreteGaussian, grid_units, noise_grid, release_on_grid
 from dprdm.privacy.randomness import SystemRandomness
 from dprdm.retrieval import (EmbeddingIndex, FaissFlatSearcher, FaissIVFSearcher, IVFPartition,
                              build_index, train_public_quantizer)
@@ -113,15 +115,18 @@ def cli_environment() -> dict[str, str]:
 
 
 def cli_prepare_ledger(index_dir: Path) -> None:
-    """A ledger with room for every timed call (the CLI refuses to release without one)."""
-    SqliteLedger.create(index_dir, epsilon=1e6, delta=1e-6)
+    """A ledger with room for every timed call and the timed mechanism pinned (the CLI refuses
+    to release without one), made by the real `dprdm budget init`."""
+    run_timed([sys.executable, "-m", "dprdm", "budget", "init", str(index_dir),
+               "--epsilon", "1000", "--delta", "1e-6", "--k", str(CLI_K), "--q", str(CLI_Q),
+               "--sigma", str(SIGMA), "--json"])
 
 
 def cli_retrieve_command(index_dir: Path, queries: Path, out: Path, nprobe: int) -> list[str]:
-    """The `dprdm retrieve` command line timed by --cli (the one place to adapt its options)."""
+    """The `dprdm retrieve` command line timed by --cli (the one place to adapt its options);
+    the mechanism is the one pinned by cli_prepare_ledger."""
     return [sys.executable, "-m", "dprdm", "retrieve", str(index_dir), "--query-emb", str(queries),
-            "--k", str(CLI_K), "--q", str(CLI_Q), "--sigma", str(SIGMA), "--out", str(out),
-            "--strategy", "ivf-subsample", "--nprobe", str(nprobe), "--json"]
+            "--out", str(out), "--strategy", "ivf-subsample", "--nprobe", str(nprobe), "--json"]
 
 
 def run_timed(command: list[str]) -> float:
@@ -257,31 +262,58 @@ def float_noise_release(aggregates: np.ndarray, sigma: float) -> np.ndarray:
     return np.ascontiguousarray(aggregates + noise, dtype=np.float32)
 
 
+def release_before(aggregates: np.ndarray, sigma: float, gamma: float,
+                   sampler: DiscreteGaussian) -> np.ndarray:
+    """The grid release as it was before the integer scale: OpenDP asked for the float scale
+    sigma / gamma (e.g. 6553.6, an exact rational with a 2^-40 denominator), one call per batch
+    (`sampler` built with threads=1)."""
+    units = grid_units(aggregates, gamma)
+    return (units + sampler.integers(sigma / gamma, units.shape)).astype(np.float64) * gamma
+
+
 def bench_noise(dims: list[int], batches: list[int], k: int, repeats: int) -> list[dict]:
-    """Noise-only latency, old float path vs the grid path, per call (one call per batch)."""
+    """Noise-only latency per call (one call per batch): the old float path, the grid path as it
+    was (float scale, one OpenDP call), with the integer scale alone, and as released now
+    (integer scale, batch split over the thread pool). Methods alternate within each repeat, so
+    load from other jobs hits them alike."""
     rows = []
-    sampler = DiscreteGaussian()
+    one_thread, pooled = DiscreteGaussian(threads=1), DiscreteGaussian()
+    console.print(f"  noise threads: {pooled.threads}")
     for d in dims:
         gamma = noise_grid(SIGMA, k, d)
         for batch in batches:
             aggregates = np.random.default_rng(0).uniform(-0.1, 0.1, size=(batch, d))
             methods = {
-                "float-noise (old)": lambda a=aggregates: float_noise_release(a, SIGMA),
-                "grid + opendp discrete gaussian": lambda a=aggregates: release_on_grid(
-                    a, SIGMA, gamma, sampler),
+                "float-noise (old, off-grid)": lambda a=aggregates: float_noise_release(a, SIGMA),
+                "grid, float scale, 1 call (before)": lambda a=aggregates: release_before(
+                    a, SIGMA, gamma, one_thread),
+                "grid, integer scale, 1 thread": lambda a=aggregates: release_on_grid(
+                    a, SIGMA, gamma, one_thread),
+                "grid, integer scale, threads (now)": lambda a=aggregates: release_on_grid(
+                    a, SIGMA, gamma, pooled),
             }
-            for name, call in methods.items():
-                call()  # warm-up (OpenDP builds its measurement for this size once)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
+            times: dict[str, list[float]] = {name: [] for name in methods}
+            cpu: dict[str, list[float]] = {name: [] for name in methods}
+            for call in methods.values():
+                call()  # warm-up (OpenDP builds its measurements for these sizes once)
+            for _ in range(repeats if batch > 1 else 10 * repeats):
+                for name, call in methods.items():
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     call()
-                    times.append((time.perf_counter() - start) * 1e3)
-                median = float(np.median(times))
+                    times[name].append((time.perf_counter() - start) * 1e3)
+                    cpu[name].append((time.process_time() - start_cpu) * 1e3)  # all threads
+            before = float(np.median(times["grid, float scale, 1 call (before)"]))
+            for name in methods:
+                median, median_cpu = float(np.median(times[name])), float(np.median(cpu[name]))
                 rows.append({"d": d, "k": k, "sigma": SIGMA, "grid": gamma, "batch": batch,
                              "method": name, "median_ms_per_call": round(median, 3),
-                             "median_ms_per_query": round(median / batch, 3)})
-                console.print(f"  d={d} batch={batch} {name}: {median:.2f} ms per call")
+                             "median_ms_per_query": round(median / batch, 3),
+                             "cpu_us_per_coordinate": round(1e3 * median_cpu / (batch * d), 2),
+                             "speedup_vs_before": round(before / median, 2),
+                             "threads": pooled.threads if name.endswith("(now)") else 1,
+                             "load_average_1min": round(os.getloadavg()[0], 2)})
+                console.print(f"  d={d} batch={batch} {name}: {median:.2f} ms per call, "
+                              f"{rows[-1]['cpu_us_per_coordinate']} us CPU per coordinate")
     return rows
 
 
@@ -302,16 +334,22 @@ def main() -> None:
     parser.add_argument("--qs", default=None, help="comma-separated q (default 0.01,0.001)")
     parser.add_argument("--noise-only", action="store_true",
                         help="time only the noise: old float path vs grid + discrete Gaussian")
+    parser.add_argument("--noise-dims", default="64,256,512",
+                        help="comma-separated d for --noise-only")
     args = parser.parse_args()
     if args.noise_only:
-        rows = bench_noise([64, 512, 1280], [1, 64], k=10, repeats=max(5, args.queries // 10))
+        rows = bench_noise([int(d) for d in args.noise_dims.split(",")], [1, 100], k=10,
+                           repeats=max(3, args.queries // 20))
         table = Table(title="release noise only, ms (median per call)")
-        for column in ("d", "batch", "method", "ms/call", "ms/query"):
-            table.add_column(column, justify="right")
+        for column in ("d", "batch", "method", "ms/call", "ms/query", "CPU us/coord",
+                       "vs before", "load"):
+            table.add_column(column, justify="right", no_wrap=column == "method")
         for row in rows:
             table.add_row(str(row["d"]), str(row["batch"]), row["method"],
-                          f"{row['median_ms_per_call']:.2f}", f"{row['median_ms_per_query']:.3f}")
-        console.print(table)
+                          f"{row['median_ms_per_call']:.2f}", f"{row['median_ms_per_query']:.3f}",
+                          f"{row['cpu_us_per_coordinate']:.1f}",
+                          f"{row['speedup_vs_before']:.2f}x", f"{row['load_average_1min']:.1f}")
+        Console(width=max(console.width, 120)).print(table)  # too wide to wrap legibly
         write_results(args.out, rows, console)
         return
     ns, ks, qs = ([1_000_000], [10], [0.01]) if args.quick else (

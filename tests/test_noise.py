@@ -1,7 +1,9 @@
 """The noise on a grid: the grid's two bounds, exact grid outputs, the discrete Gaussian's
 variance, and that the low bits of the aggregate can no longer reach the output."""
 
+import ctypes
 import math
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -9,10 +11,11 @@ import pytest
 
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import ArrayVectors, InMemoryLedger, MechanismParams, PrivateRetrieval
-from dprdm.privacy.noise import (ARITHMETIC_SHARE, GRID_STEPS_PER_SIGMA, OPENDP_SAMPLER,
-                                 SENSITIVITY_SLACK, DiscreteGaussian,
-                                 RoundedGaussianFromGenerator, grid_units, noise_grid,
-                                 release_on_grid)
+from dprdm.privacy import noise as noise_module
+from dprdm.privacy.noise import (ARITHMETIC_SHARE, GRID_STEPS_PER_SIGMA, MIN_CHUNK_COORDINATES,
+                                 OPENDP_SAMPLER, SENSITIVITY_SLACK, DiscreteGaussian,
+                                 RoundedGaussianFromGenerator, chunk_sizes, grid_units,
+                                 noise_grid, noise_scale, release_on_grid)
 
 
 def _settings(count, seed=0):
@@ -72,6 +75,112 @@ def test_released_noise_has_variance_sigma_squared_through_the_mechanism():
     # 48,000 draws: relative std error of the variance 0.65 %.
     assert abs(noise.var() / sigma**2 - 1) < 0.04
     assert np.all(np.abs(noise.mean(axis=0)) < 5 * sigma / math.sqrt(queries))
+
+
+@pytest.mark.parametrize("sigma,k,dim", _settings(300, seed=1))
+def test_the_sampled_scale_is_the_smallest_integer_at_least_the_nominal_one(sigma, k, dim):
+    gamma = noise_grid(sigma, k, dim)
+    scale = noise_scale(sigma, gamma)
+    nominal = Fraction(sigma) / Fraction(gamma)  # exact
+    assert isinstance(scale, int) and scale - 1 < nominal <= scale
+    assert scale >= GRID_STEPS_PER_SIGMA
+    # The noise multiplier really applied, over the grid-inflated sensitivity, is at least the
+    # one the accountant composes (for mechanisms it supports): rounding the scale up never
+    # lowers the noise.
+    try:
+        accounted = MechanismParams(sigma, 1.0, k).accounted_noise_multiplier
+    except InvalidParameterError:
+        return  # outside the accountant's supported range: no such mechanism can be built
+    slack = 1 + Fraction(SENSITIVITY_SLACK)
+    applied = Fraction(scale) * Fraction(gamma) / (Fraction(2, k) * slack)
+    assert applied >= Fraction(accounted) * (1 - Fraction(1, 10**12))  # float division's error
+
+
+class RecordingNoise:
+    """Zero noise, remembering the scale it was asked for."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.scales = []
+
+    def integers(self, scale, shape):
+        self.scales.append(scale)
+        return np.zeros(shape, dtype=np.int64)
+
+
+def test_the_release_asks_the_sampler_for_the_integer_scale():
+    sigma, gamma = 0.05, noise_grid(0.05, 10, 512)  # sigma / gamma = 6553.6
+    recording = RecordingNoise()
+    release_on_grid(np.zeros((2, 512)), sigma, gamma, recording)
+    assert recording.scales == [6554.0]
+
+
+def test_chunk_sizes_split_large_batches_only():
+    assert chunk_sizes(64, 2) == [64]
+    assert chunk_sizes(2 * MIN_CHUNK_COORDINATES - 1, 8) == [2 * MIN_CHUNK_COORDINATES - 1]
+    assert chunk_sizes(512, 2) == [256, 256]
+    assert chunk_sizes(1001, 3) == [334, 334, 333]
+    assert chunk_sizes(51_200, 1) == [51_200]
+    for count, threads in [(1, 4), (5000, 7), (129, 2), (100_000, 16)]:
+        sizes = chunk_sizes(count, threads)
+        assert sum(sizes) == count and len(sizes) <= threads
+        assert max(sizes) - min(sizes) <= 1
+        assert len(sizes) == 1 or min(sizes) >= MIN_CHUNK_COORDINATES
+
+
+def test_a_batch_is_drawn_in_chunks_on_several_threads(monkeypatch):
+    # OpenDP is loaded with ctypes.CDLL (not PyDLL): its calls release the GIL, so the chunks'
+    # threads really sample in parallel.
+    from opendp import _lib as opendp_library
+
+    assert type(opendp_library.lib) is ctypes.CDLL
+    calls = []
+    real_draw = noise_module._draw
+
+    def recording_draw(measurement, count):
+        calls.append((threading.get_ident(), count))
+        return real_draw(measurement, count)
+
+    monkeypatch.setattr(noise_module, "_draw", recording_draw)
+    draws = DiscreteGaussian(threads=2).integers(1000.0, (4, 256))
+    assert draws.shape == (4, 256) and draws.dtype == np.int64
+    assert sorted(count for _, count in calls) == [512, 512]
+    assert len({thread for thread, _ in calls}) == 2
+
+
+def _discrete_gaussian_bins(scale, bins):
+    """Integer bin edges with nearly equal mass under N_Z(0, scale^2) and their exact-enough
+    probabilities (the pmf summed over +-12 scale; the tails beyond weigh < 1e-30)."""
+    reach = int(12 * scale)
+    support = np.arange(-reach, reach + 1)
+    pmf = np.exp(-0.5 * (support / scale) ** 2)
+    pmf /= pmf.sum()
+    cdf = np.cumsum(pmf)
+    edges = support[np.searchsorted(cdf, np.arange(1, bins) / bins)]  # right-closed bins
+    probabilities = np.diff(np.concatenate([[0.0], cdf[edges + reach], [1.0]]))
+    return edges, probabilities
+
+
+def test_a_batch_split_over_threads_is_the_discrete_gaussian():
+    scale, count, threads = 1000.0, 24_000, 4
+    draws = DiscreteGaussian(threads=threads).integers(scale, (count,))
+    sizes = chunk_sizes(count, threads)
+    assert sizes == [6000] * 4
+    edges, probabilities = _discrete_gaussian_bins(scale, 20)
+    observed = np.bincount(np.searchsorted(edges, draws, side="left"), minlength=20)
+    expected = count * probabilities
+    chi_square = float(((observed - expected) ** 2 / expected).sum())
+    # 19 degrees of freedom: P(chi2 > 60) ~ 3e-6.
+    assert chi_square < 60, (chi_square, observed.tolist())
+    chunks = np.split(draws, np.cumsum(sizes)[:-1])
+    for i, chunk in enumerate(chunks):
+        # Each chunk alone (6,000 draws): variance within 10 % (5.5 standard errors).
+        assert abs(chunk.var() / scale**2 - 1) < 0.10
+        for other in chunks[i + 1:]:
+            # Independent chunks: no chunk repeats another, correlation within 5.4 std errors.
+            assert not np.array_equal(chunk, other)
+            assert abs(np.corrcoef(chunk, other)[0, 1]) < 0.07
 
 
 class ChosenNoise:

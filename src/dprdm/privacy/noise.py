@@ -2,7 +2,8 @@
 
 Owns how a pre-noise aggregate a (float64, per coordinate |a| <= 1) becomes a released vector:
 
-    r = gamma * (round(a / gamma) + Y),   Y ~ discrete Gaussian N_Z(0, (sigma / gamma)^2 I)
+    r = gamma * (round(a / gamma) + Y),   Y ~ discrete Gaussian N_Z(0, s^2 I),
+    s = ceil(sigma / gamma)
 
 * :func:`noise_grid` -- the grid gamma: the largest power of two with gamma <= sigma / 1000 and
   gamma * sqrt(d) <= (1 - ARITHMETIC_SHARE) * SENSITIVITY_SLACK * 2 / k. Rounding moves the
@@ -10,11 +11,17 @@ Owns how a pre-noise aggregate a (float64, per coordinate |a| <= 1) becomes a re
   2/k + gamma * sqrt(d) < (2/k) * (1 + SENSITIVITY_SLACK): the sensitivity the accountant uses
   (``MechanismParams.accounted_noise_multiplier``). The last ARITHMETIC_SHARE of the slack covers
   the float64 rounding of the clamp and the sum that produce a (relative error < 1e-13).
+* :func:`noise_scale` -- the integer scale s = ceil(sigma / gamma) the sampler is asked for:
+  at least the nominal sigma / gamma (so at least the noise the accountant assumes, never
+  less: s >= 1000 makes the excess < 0.1 %), and an integer, which OpenDP samples ~13 % faster
+  than the 2^-40-denominator rational a float like 6553.6 becomes.
 * :class:`DiscreteGaussian` -- the production sampler: OpenDP's exact discrete Gaussian
   (Canonne, Kamath, Steinke 2020) over int64 vectors. OpenDP draws its random bits with
   OpenSSL's ``RAND_bytes`` (the wheel is built with OpenDP's ``use-openssl`` feature): NIST
   SP 800-90A CTR-DRBG, seeded and reseeded by OpenSSL from the OS (getrandom). OpenDP exposes
-  no seed, so nothing a user types can reach it.
+  no seed, so nothing a user types can reach it. A large batch is split into chunks drawn by
+  OpenDP calls on a small thread pool: the calls go through ``ctypes.CDLL``, which releases the
+  GIL, and each chunk is i.i.d. N_Z(0, s^2) per coordinate, so the concatenation is too.
 * :class:`RoundedGaussianFromGenerator` -- NOT exact, NOT for production: the rounded Gaussian
   round(N(0, s^2)) from a caller's generator (a seeded ``numpy.random.Generator``), for research
   code that needs reproducible runs. Same grid, same output type; its distribution is the
@@ -32,6 +39,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Protocol
 
@@ -49,6 +59,10 @@ ARITHMETIC_SHARE = 0.01
 # clamped aggregate has |a_j| <= 1, so |round(a_j / gamma)| <= 2^48, and the noise std <= 2^44.
 MIN_GRID_EXPONENT = -48
 MAX_NOISE_SCALE = 2.0**44
+
+# A batch is split across threads only into chunks of at least this many coordinates: one OpenDP
+# call costs ~0.3-0.5 ms of Python (GIL held) besides ~22 us per coordinate (GIL released).
+MIN_CHUNK_COORDINATES = 128
 
 OPENDP_SAMPLER = "opendp-discrete-gaussian"
 RESEARCH_SAMPLER = "rounded-float-gaussian-from-generator (NOT exact; research only)"
@@ -89,6 +103,22 @@ def noise_grid(sigma: float, k: int, dim: int) -> float:
     return gamma
 
 
+def noise_scale(sigma: float, gamma: float) -> int:
+    """The sampler's scale in grid steps: ceil(sigma / gamma), an integer >= the nominal
+    sigma / gamma (exact: gamma is a power of two, so sigma / gamma is the float sigma with its
+    exponent shifted). Rounding UP only adds noise: the accountant's noise multiplier, computed
+    from the nominal sigma, stays a lower bound of the true one (docs/privacy.md)."""
+    return math.ceil(sigma / gamma)
+
+
+def available_threads() -> int:
+    """Cores this process may run on (the sampler's default thread count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class IntegerNoise(Protocol):
     """Draws an int64 array of the given shape, each value noise of scale (std parameter)
     `scale`; a (B, d) shape is one noise vector per released row."""
@@ -108,29 +138,67 @@ def _opendp():
     return dp
 
 
-@functools.lru_cache(maxsize=16)
-def _opendp_gaussian(scale: float, count: int):
+@functools.lru_cache(maxsize=64)
+def _opendp_gaussian(scale: float, count: int, slot: int = 0):
+    """OpenDP's measurement for `count` coordinates at `scale`; one object per thread slot, so
+    no measurement is ever invoked by two chunks of one batch at once."""
     dp = _opendp()
     return dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T="i64"), size=count),
                               dp.l2_distance(T="i64"), scale=scale)
 
 
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid that created it, pool)
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """One process-wide pool, created on first use and again after a fork (a forked child
+    inherits the pool object but none of its threads)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=available_threads(),
+                                                     thread_name_prefix="dprdm-noise"))
+        return _POOL[1]
+
+
+def chunk_sizes(count: int, threads: int) -> list[int]:
+    """How a batch of `count` coordinates is split: at most `threads` chunks, none smaller than
+    MIN_CHUNK_COORDINATES (one chunk when count is small), sizes differing by at most 1."""
+    parts = max(1, min(threads, count // MIN_CHUNK_COORDINATES))
+    base, extra = divmod(count, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
+
 class DiscreteGaussian:
     """OpenDP's exact discrete Gaussian N_Z(0, scale^2) per coordinate, from a CSPRNG seeded by
-    the OS (see the module docstring). One OpenDP call per batch amortises its overhead."""
+    the OS (see the module docstring). A batch is drawn by one OpenDP call per chunk, the chunks
+    (:func:`chunk_sizes`) on up to `threads` threads (default: the cores available)."""
 
     name = OPENDP_SAMPLER
 
-    def __init__(self) -> None:
+    def __init__(self, *, threads: int | None = None) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise InvalidParameterError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = threads or available_threads()
         _opendp()  # pay the import when the mechanism is built, not inside a release
 
     def integers(self, scale: float, shape: tuple[int, ...]) -> np.ndarray:
         shape = tuple(int(n) for n in np.atleast_1d(shape))
         count = math.prod(shape)
-        measurement = _opendp_gaussian(float(scale), count)
-        drawn = np.fromiter(measurement(np.zeros(count, dtype=np.int64)), dtype=np.int64,
-                            count=count)
-        return drawn.reshape(shape)
+        sizes = chunk_sizes(count, self.threads)
+        # Built here, in the calling thread, one measurement per chunk slot.
+        draws = [functools.partial(_draw, _opendp_gaussian(float(scale), size, slot), size)
+                 for slot, size in enumerate(sizes)]
+        futures = [_thread_pool().submit(draw) for draw in draws[1:]]
+        chunks = [draws[0]()] + [future.result() for future in futures]
+        return np.concatenate(chunks).reshape(shape)
+
+
+def _draw(measurement, count: int) -> np.ndarray:
+    """`count` independent draws of one OpenDP measurement (noise added to zeros)."""
+    return np.fromiter(measurement(np.zeros(count, dtype=np.int64)), dtype=np.int64, count=count)
 
 
 class RoundedGaussianFromGenerator:
@@ -157,10 +225,12 @@ def grid_units(aggregates: np.ndarray, gamma: float) -> np.ndarray:
 
 def release_on_grid(aggregates: np.ndarray, sigma: float, gamma: float,
                     sampler: IntegerNoise) -> np.ndarray:
-    """gamma * (round(a / gamma) + Y) as a fresh float64 array, Y from `sampler` at scale
-    sigma / gamma (exact: gamma is a power of two). One sampler call for the whole batch."""
+    """gamma * (round(a / gamma) + Y) as a fresh float64 array, Y from `sampler` at the integer
+    scale :func:`noise_scale` (exact: gamma is a power of two). One sampler call for the whole
+    batch."""
     units = grid_units(aggregates, gamma)
-    noise = np.asarray(sampler.integers(sigma / gamma, units.shape), dtype=np.int64)
+    scale = float(noise_scale(sigma, gamma))  # an integer below 2^45: exact as a float
+    noise = np.asarray(sampler.integers(scale, units.shape), dtype=np.int64)
     if noise.shape != units.shape:
         raise RuntimeError("the noise sampler returned the wrong number of values")
     return (units + noise).astype(np.float64) * gamma

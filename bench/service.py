@@ -2,6 +2,7 @@
 
     python bench/service.py --out bench/results/service.json
     python bench/service.py --requests 80 --concurrency 8 --workers 2 --steps 25
+    python bench/service.py --table-before-after --requests 16 --steps 10
 
 It builds a synthetic private index (random unit vectors, ``--records``) with a fresh ledger in
 a temporary directory, the demo's mechanism (k=40, q=0.1, sigma calibrated so that 1,000 queries
@@ -16,6 +17,14 @@ time computing the budget figures a response carries. Beside it, in this process
 ledger: ``charge()`` alone, and the accountant (PLD) for a new ledger state, which every DP
 request pays (the RetrievalAugmentedGenerator's report and the response's figures).
 Numbers on a shared machine move with its load; the table prints the load average too.
+
+The ledger starts at ``--start`` queries (default 100) already charged. With
+``--table-before-after`` the whole server bench runs twice in this process, side by side, on
+two fresh indexes with the same settings: "before" = a server whose ledger has NO epsilon table
+(the bench-only switch ``bench/no_epsilon_table/sitecustomize.py``: every figure a fresh PLD + RDP
+for the exact count), "after" = the shipped server, its epsilon table filled before the load (what
+``serve`` does in a background thread at start; filled here first so that the background fill does
+not compete with the load for the CPU).
 
     python bench/service.py --figures-only --states 60 --out bench/results/service-figures.json
 
@@ -68,15 +77,24 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def start_server(index: Path, flags: list[str], log: Path,
-                 port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`python -m dprdm serve --index INDEX FLAGS` in its own process group; (process, url)."""
+NO_TABLE_DIR = Path(__file__).resolve().parent / "no_epsilon_table"
+
+
+def start_server(index: Path, flags: list[str], log: Path, port: int | None = None,
+                 epsilon_table: bool = True) -> tuple[subprocess.Popen, str]:
+    """`python -m dprdm serve --index INDEX FLAGS` in its own process group; (process, url).
+    `epsilon_table` False: the bench-only "before" server (see NO_TABLE_DIR)."""
     port = port or free_port()
     command = [sys.executable, "-m", "dprdm", "serve", "--index", str(index),
                "--port", str(port), "--json", *flags]
+    env = dict(os.environ)
+    if not epsilon_table:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NO_TABLE_DIR),
+                                                          env.get("PYTHONPATH")]))
+        env["DPRDM_BENCH_NO_EPSILON_TABLE"] = "1"
     with open(log, "ab") as err:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -180,55 +198,29 @@ def figures_before_after(params: MechanismParams, start: int, states: int,
             "overstatement_max_pct": round(100 * max(over), 2)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=40, help="per mode")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("-n", type=int, default=1, help="images per request")
-    parser.add_argument("--records", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--figures-only", action="store_true",
-                        help="only the budget figures, before/after the epsilon table")
-    parser.add_argument("--start", type=int, default=100)
-    parser.add_argument("--states", type=int, default=60)
-    parser.add_argument("--warm", action="store_true",
-                        help="fill the epsilon table first (as the service does at start)")
-    args = parser.parse_args()
-
-    sigma = accounting.calibrate_sigma(EPSILON, Q, K, QUERIES, DELTA)
-    params = MechanismParams(sigma, Q, K)
-    if args.figures_only:
-        figures = figures_before_after(params, args.start, args.states, args.warm)
-        table = Table(title=f"budget figures per new ledger state ({args.states} states from "
-                            f"{args.start} queries; k={K}, q={Q}, 1,000 queries in eps {EPSILON})")
-        for column in ("before: PLD+RDP ms", "after: table ms (mean / p50)", "ratio",
-                       "max over-statement"):
-            table.add_column(column, justify="right")
-        table.add_row(f"{figures['before_mean_ms']:.1f}",
-                      f"{figures['after_mean_ms']:.2f} / {figures['after_p50_ms']:.2f}",
-                      f"{figures['speedup']:.0f}x", f"{figures['overstatement_max_pct']:.2f} %")
-        console.print(table)
-        write_results(args.out, {"figures": figures, "settings": {"k": K, "q": Q,
-                                                                  "sigma": sigma}}, console)
-        return
-    result = {"machine": {"cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
-              "settings": {"records": args.records, "k": K, "q": Q, "sigma": sigma, "lam": LAM,
-                           "epsilon": EPSILON, "delta": DELTA, "steps": args.steps, "n": args.n,
-                           "workers": args.workers, "concurrency": args.concurrency}}
+def serve_run(args, params: MechanismParams, epsilon_table: bool = True) -> dict:
+    """Start a server on a fresh index, load it per mode, read the ledger's cost from /metrics.
+    `epsilon_table` False: the "before" server (bench-only switch, see NO_TABLE_DIR); True: the
+    shipped one, its table filled before the load (as ``serve`` fills it at start)."""
+    result: dict = {"epsilon_table": epsilon_table}
     with tempfile.TemporaryDirectory() as tmp:
         index = Path(tmp) / "private"
         rng = np.random.default_rng(0)
         build_index(rng.standard_normal((args.records, 64)).astype(np.float32), index)
         init_budget(index, EPSILON, DELTA, params, LAM)
         token, _ = KeyStore(index).create("bench")
+        if args.start:  # a ledger that has already served --start queries (a fresh PLD per new
+            SqliteLedger(index).charge(params, args.start, caller="bench")  # state costs more)
+        if epsilon_table:  # what serve's background thread does at start, done before the load
+            tic = time.perf_counter()
+            result["table_points"] = SqliteLedger(index).warm_epsilon_table()
+            result["table_fill_s"] = round(time.perf_counter() - tic, 1)
         console.print(f"starting the server ({args.workers} worker(s)) ...")
         tic = time.perf_counter()
-        flags = ["--k", str(K), "--q", str(Q), "--sigma", repr(sigma), "--lam", str(LAM),
+        flags = ["--k", str(K), "--q", str(Q), "--sigma", repr(params.sigma), "--lam", str(LAM),
                  "--workers", str(args.workers), "--allow-public-only"]
-        process, url = start_server(index, flags, Path(tmp) / "server.log")
+        process, url = start_server(index, flags, Path(tmp) / "server.log",
+                                    epsilon_table=epsilon_table)
         result["startup_s"] = round(time.perf_counter() - tic, 1)
         try:
             body = {"n": args.n, "steps": args.steps, "seed": 0}
@@ -256,6 +248,86 @@ def main() -> None:
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
+    return result
+
+
+def print_before_after(result: dict, args) -> None:
+    table = Table(title=f"dprdm serve before/after the epsilon table: {args.workers} worker(s), "
+                        f"{args.concurrency} clients, {args.requests} requests per mode, "
+                        f"steps={args.steps}, n={args.n}")
+    # The PLD of the "before" server is paid inside the generation call (the report's figures),
+    # so its /v1/budget-figures metric sees cached values: DP minus public-only p50 is the cost.
+    for column in ("server", "mode", "requests/s", "p50 ms", "p95 ms", "ok",
+                   "DP - public p50 ms", "charge ms"):
+        table.add_column(column, justify="left" if column in ("server", "mode") else "right")
+    for key, name in (("before_no_table", "before: no table"), ("after_table", "after: table")):
+        run = result[key]
+        for mode, row in run["modes"].items():
+            served = run["ledger_in_server"]
+            table.add_row(name, mode, f"{row['requests_per_s']:.2f}", f"{row['p50_ms']:.0f}",
+                          f"{row['p95_ms']:.0f}", f"{row['ok']}/{row['requests']}",
+                          f"{served['dp_minus_public_p50_ms']:.0f}" if mode == "dp" else "",
+                          f"{served['charge_mean_ms']:.1f}" if mode == "dp" else "")
+    console.print(table)
+    after = result["after_table"]
+    console.print(f"table filled before the load: {after['table_points']} points in "
+                  f"{after['table_fill_s']} s; load average (1 min) before/after: "
+                  f"{result['machine']['load_average_1m']:.2f} / "
+                  f"{result['machine']['load_average_1m_after']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=40, help="per mode")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("-n", type=int, default=1, help="images per request")
+    parser.add_argument("--records", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--figures-only", action="store_true",
+                        help="only the budget figures, before/after the epsilon table")
+    parser.add_argument("--start", type=int, default=100,
+                        help="queries charged before the load (the server bench's ledger state; "
+                             "--figures-only: the first state)")
+    parser.add_argument("--states", type=int, default=60)
+    parser.add_argument("--table-before-after", action="store_true",
+                        help="the server bench twice, side by side: without the epsilon table "
+                             "(bench-only switch) and with it")
+    parser.add_argument("--warm", action="store_true",
+                        help="fill the epsilon table first (as the service does at start)")
+    args = parser.parse_args()
+
+    sigma = accounting.calibrate_sigma(EPSILON, Q, K, QUERIES, DELTA)
+    params = MechanismParams(sigma, Q, K)
+    if args.figures_only:
+        figures = figures_before_after(params, args.start, args.states, args.warm)
+        table = Table(title=f"budget figures per new ledger state ({args.states} states from "
+                            f"{args.start} queries; k={K}, q={Q}, 1,000 queries in eps {EPSILON})")
+        for column in ("before: PLD+RDP ms", "after: table ms (mean / p50)", "ratio",
+                       "max over-statement"):
+            table.add_column(column, justify="right")
+        table.add_row(f"{figures['before_mean_ms']:.1f}",
+                      f"{figures['after_mean_ms']:.2f} / {figures['after_p50_ms']:.2f}",
+                      f"{figures['speedup']:.0f}x", f"{figures['overstatement_max_pct']:.2f} %")
+        console.print(table)
+        write_results(args.out, {"figures": figures, "settings": {"k": K, "q": Q,
+                                                                  "sigma": sigma}}, console)
+        return
+    result = {"machine": {"cpu": platform.processor() or platform.machine(),
+                          "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
+              "settings": {"records": args.records, "k": K, "q": Q, "sigma": sigma, "lam": LAM,
+                           "epsilon": EPSILON, "delta": DELTA, "steps": args.steps, "n": args.n,
+                           "workers": args.workers, "concurrency": args.concurrency,
+                           "requests_per_mode": args.requests, "queries_before_load": args.start}}
+    if args.table_before_after:
+        result["before_no_table"] = serve_run(args, params, epsilon_table=False)
+        result["after_table"] = serve_run(args, params, epsilon_table=True)
+        result["machine"]["load_average_1m_after"] = os.getloadavg()[0]
+        print_before_after(result, args)
+        write_results(args.out, result, console)
+        return
+    result.update(serve_run(args, params))
     result["ledger_alone"] = ledger_alone(params, 100)
     result["machine"]["load_average_1m_after"] = os.getloadavg()[0]
 

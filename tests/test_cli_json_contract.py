@@ -135,3 +135,65 @@ def test_an_unwritable_destination_is_an_io_error_not_a_traceback(monkeypatch, c
                         monkeypatch, capsys)
     error = json.loads(stdout.strip())
     assert code == 2 and error["error"] in {"io_error", "invalid_parameter", "index_error"}
+
+
+# ---- --ray-address: every command that takes it ---------------------------------------------
+RAY_PRIVATE = "must be private to the operator"
+
+
+def _ray_calls(tmp) -> dict[str, list[str]]:
+    """Per command taking --ray-address, a refused use of it: on an index that is not sharded,
+    `local` with several service workers, or `local` for detached actors."""
+    import numpy as np
+
+    from dprdm.privacy import MechanismParams, init_budget
+    from dprdm.retrieval import build_index
+    from dprdm.retrieval.shards import shard_index
+
+    plain, sharded = tmp / "plain", tmp / "sharded"
+    build_index(np.random.default_rng(0).standard_normal((40, 64)), plain)
+    shard_index(plain, sharded, 2)
+    for index in (plain, sharded):
+        init_budget(index, 1.0, 1e-5, MechanismParams(1.0, 0.5, 4))
+    np.save(tmp / "q.npy", np.ones((1, 64)))
+    out, local = str(tmp / "out"), ["--ray-address", "local"]
+    return {
+        "retrieve": ["retrieve", str(plain), "--query-emb", str(tmp / "q.npy"), "--out",
+                     str(tmp / "r.npy"), *local],
+        "generate": ["generate", "red apple", "--index", str(plain), "--out", out, *local],
+        "serve": ["serve", "--index", str(sharded), "--workers", "2", *local],
+        "eval": ["eval", "--index", str(plain), "--holdout", str(tmp / "none"), "--out", out,
+                 *local],
+        "index serve-shards": ["index", "serve-shards", str(sharded), *local],
+    }
+
+
+def _ray_option(command_name):
+    command = typer.main.get_command(app)
+    for part in command_name.split():
+        command = command.commands[part]
+    return next((p for p in command.params if "--ray-address" in p.opts), None)
+
+
+def test_every_ray_address_option_is_tested_and_says_the_ray_network_must_be_private(tmp_path):
+    taking = {name for name in _commands(typer.main.get_command(app)) if _ray_option(name)}
+    assert taking == set(_ray_calls(tmp_path))
+    for name in taking:
+        assert RAY_PRIVATE in " ".join(_ray_option(name).help.split()), name
+
+
+@pytest.mark.parametrize("command", ["retrieve", "generate", "serve", "eval",
+                                     "index serve-shards"])
+def test_a_refused_ray_address_is_one_json_error_and_charges_nothing(command, tmp_path,
+                                                                     monkeypatch, capsys):
+    from dprdm.privacy import SqliteLedger
+
+    argv = _ray_calls(tmp_path)[command]
+    code, stdout = _run([*argv, "--json"], monkeypatch, capsys)
+    error = json.loads(stdout.strip())
+    assert code == 2 and error["error"] == "invalid_parameter", error
+    assert ("sharded index" in error["message"] or "--workers" in error["message"]
+            or "running cluster" in error["message"]), error
+    for index in ("plain", "sharded"):
+        assert SqliteLedger(tmp_path / index).summary().queries == 0
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.npy").exists()

@@ -160,6 +160,16 @@ def test_at_q_below_one_neighbour_sets_follow_the_naive_mask(indexes, strategy):
         assert abs(np.mean(first == r) - q * (1 - q) ** r) < 0.025  # 5 sd
 
 
+def test_the_non_private_reference_over_shards_is_the_single_node_neighbour_mean(indexes):
+    from dprdm.rdm import neighbour_mean, sharded_neighbour_mean
+
+    index, split = indexes
+    text = queries(32, seed=7)
+    for k in (1, 4, 25):  # 25: more than a shard holds
+        assert np.array_equal(sharded_neighbour_mean(LocalShards(split), text, k),
+                              neighbour_mean(index, text, k))
+
+
 # ---- refusals and faults ------------------------------------------------------------------------
 
 def test_bad_strategy_or_nprobe_is_refused_before_anything_is_charged(indexes, tmp_path):

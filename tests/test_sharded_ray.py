@@ -143,3 +143,139 @@ def test_serve_shards_then_retrieve_with_ray_address_auto(cluster, tmp_path):
         "queries"] == 4
     for i in range(SHARDS):
         ray.kill(ray.get_actor(sharded_ray.actor_name(split, i)), no_restart=True)
+
+
+def _bound_sharded_index(root, n=300, dim=DIM, shards=SHARDS, ids_prefix="record-"):
+    """A float16 index split into `shards` shards, with a ledger bound to the sharded copy."""
+    from dprdm.privacy import init_budget
+
+    vectors = np.random.default_rng(3).standard_normal((n, dim))
+    build_index(vectors, root / "plain", dtype="float16",
+                ids=[f"{ids_prefix}{i:04d}" for i in range(n)])
+    split = shard_index(root / "plain", root / "sharded", shards)
+    init_budget(split.path, 2.0, 1e-5, MechanismParams(2.0, 0.5, 5), 0.8)
+    return split
+
+
+def test_a_tampered_shard_file_on_a_node_is_refused_at_actor_start_and_nothing_is_charged(
+        cluster, tmp_path):
+    from dprdm.errors import LedgerBindingError
+    from dprdm.privacy import open_private_index
+    from dprdm.privacy.sharded import shard_backend
+
+    split = _bound_sharded_index(tmp_path)
+    # the coordinator opens and verifies ITS copy; the node's copy is then altered (the same
+    # path stands in for a shard file on another machine): one byte, size and mtime kept
+    index, ledger = open_private_index(split.path)
+    path = split.shards[1].path / "embeddings.npy"
+    original, stat = path.read_bytes(), os.stat(path)
+    tampered = bytearray(original)
+    tampered[-7] ^= 0x40
+    path.write_bytes(bytes(tampered))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(LedgerBindingError, match="shard 1 refuses to serve it") as refused:
+        shard_backend(index, "local")
+    assert "sampled blocks differ" in str(refused.value)
+    assert ledger.summary().queries == 0  # refused before any charge
+    # the same bytes under a new mtime: the full SHA-256 is recomputed, matches, and it serves
+    path.write_bytes(original)
+    shards = shard_backend(index, "local")
+    facts = ray.get([actor.describe.remote() for actor in shards.actors])
+    assert [fact["verified"] for fact in facts] == ["sampled", "full"]
+    mechanism = ShardedPrivateRetrieval(shards, ledger.mechanism, ledger)
+    assert mechanism.release(queries(2)).shape == (2, DIM) and ledger.summary().queries == 2
+    # before `budget init` there is no sampled fingerprint: the full SHA-256 of shards.json
+    unbound = shard_index(tmp_path / "plain", tmp_path / "unbound", SHARDS)
+    path = unbound.shards[0].path / "embeddings.npy"
+    path.write_bytes(path.read_bytes()[:-2] + b"\0\0")
+    with pytest.raises(LedgerBindingError, match="shard 0 refuses.*SHA-256 differs"):
+        shard_backend(unbound, "local")
+
+
+def test_serve_with_ray_shards_answers_dp_requests_and_a_killed_actor_is_a_503(
+        cluster, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from _service_support import DIM as SERVICE_DIM
+    from _service_support import SETTINGS, free_port, models
+    from dprdm.privacy import SqliteLedger
+    from dprdm.service.app import create_app
+    from dprdm.service.config import build_config
+    from dprdm.service.engine import GenerationEngine
+    from dprdm.service.keys import KeyStore
+
+    split = _bound_sharded_index(tmp_path, dim=SERVICE_DIM, ids_prefix="private-record-")
+    ledger = SqliteLedger(split.path)
+    port = free_port()
+    config = build_config({"index_dir": split.path, "ray_address": "local", "port": port,
+                           "default_steps": 2})
+    assert config.ray_address == "local" and config.settings == SETTINGS
+    encoder, pipeline = models()
+    engine = GenerationEngine(config, encoder=encoder, pipeline=pipeline)
+    actors = engine.rag.mechanism._shards.actors  # the service's shards are Ray actors
+    assert len(actors) == SHARDS
+    client = TestClient(create_app(config, engine=engine), base_url=f"http://127.0.0.1:{port}")
+    token, _ = KeyStore(split.path).create("alice")
+
+    def generate():
+        return client.post("/v1/generate", json={"prompt": "red apple", "n": 1, "steps": 2},
+                           headers={"Authorization": f"Bearer {token}"})
+
+    response = generate()
+    assert response.status_code == 200, response.text
+    assert response.json()["queries_spent"] == ledger.summary().queries == 1
+    assert "private-record-" not in response.text
+    # an actor killed and restarted by Ray: every request is charged; each answer is a 200 or a
+    # 503 shard_unavailable with Retry-After, never a partial release; it serves again
+    ray.kill(actors[0], no_restart=False)
+    sent, deadline = 1, time.monotonic() + 90
+    while True:
+        response, sent = generate(), sent + 1
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503 and response.json()["error"] == "shard_unavailable"
+        assert time.monotonic() < deadline, "the shard actor did not come back"
+        time.sleep(0.5)
+    assert ledger.summary().queries == sent
+    # an actor that stays dead: 503 with Retry-After, no images, the charge stands
+    ray.kill(actors[1], no_restart=True)
+    response = generate()
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "5"
+    body = response.json()
+    assert body["error"] == "shard_unavailable" and "shard 1" in body["message"]
+    assert "images" not in body and "private-record-" not in response.text
+    assert ledger.summary().queries == sent + 1
+
+
+def test_eval_runs_on_a_sharded_index_through_ray(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from dprdm.cli import app
+    from dprdm.encoders import load_encoder
+    from dprdm.privacy import SqliteLedger, init_budget
+
+    encoder = load_encoder("demo")
+    images = np.random.default_rng(0).integers(0, 256, size=(40, 32, 32, 3), dtype=np.uint8)
+    build_index(encoder.encode_images(images), tmp_path / "plain")
+    split = shard_index(tmp_path / "plain", tmp_path / "sharded", SHARDS)
+    init_budget(split.path, 3.0, 1e-6, MechanismParams(sigma=0.5, q=0.5, k=4), lam=0.7)
+    holdout = tmp_path / "holdout"
+    holdout.mkdir()
+    from PIL import Image
+
+    with (holdout / "captions.jsonl").open("w") as f:
+        for i, caption in enumerate(["grinning face", "red apple", "cat face", "house",
+                                     "rocket", "sun", "red heart", "ghost"]):
+            Image.fromarray(images[i]).save(holdout / f"{i}.png")
+            f.write(json.dumps({"file": f"{i}.png", "caption": caption}) + "\n")
+    result = CliRunner().invoke(app, [
+        "eval", "--index", str(split.path), "--holdout", str(holdout), "--out",
+        str(tmp_path / "report"), "--epsilons", "8", "--queries", "100", "--steps", "2",
+        "--guidance", "1", "--ray-address", "local", "--json"])
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.stdout)["runs"]
+    assert [r["setting"] for r in runs] == ["public-only", "dp", "non-private"]
+    assert runs[1]["queries_charged"] == 8 and runs[1]["private"] is True
+    assert all(np.isfinite(r["fid"]) for r in runs)
+    assert SqliteLedger(split.path).summary().queries == 0  # experiments: in-memory ledgers

@@ -90,6 +90,26 @@ def neighbour_mean(index: EmbeddingIndex, queries: np.ndarray, k: int) -> np.nda
     return means.astype(np.float32)
 
 
+def sharded_neighbour_mean(shards, queries: np.ndarray, k: int) -> np.ndarray:
+    """:func:`neighbour_mean` over a sharded PRIVATE index (`shards`: a
+    :class:`~dprdm.privacy.sharded.ShardBackend`), with NO privacy: the evaluation's non-private
+    upper reference. Every shard returns its exact local top-k (a q = 1 "subsample" is the whole
+    shard); the merge keeps the k best by the canonical score, ties by global row."""
+    from dprdm.privacy.mechanism import normalise_queries
+    from dprdm.retrieval.search import canonical_top_rows
+
+    queries = normalise_queries(queries, shards.dim)
+    answers = shards.neighbours(queries, MechanismParams(1.0, 1.0, k), "subsample", 1)
+    means = np.zeros((len(queries), shards.dim), dtype=np.float64)
+    for i, query in enumerate(queries):
+        rows = np.concatenate([answer[i][0] for answer in answers]).astype(np.int64)
+        vectors = np.concatenate([answer[i][1] for answer in answers]).astype(np.float32)
+        top = np.sort(canonical_top_rows(query, rows, vectors, k))
+        order = {row: j for j, row in enumerate(rows.tolist())}
+        means[i] = vectors[[order[row] for row in top.tolist()]].sum(axis=0) / k
+    return means.astype(np.float32)
+
+
 @dataclass
 class GenerationResult:
     images: np.ndarray  # (prompts, n, H, W, 3) uint8
@@ -109,7 +129,7 @@ class RetrievalAugmentedGenerator:
                  private_index: EmbeddingIndex | None = None,
                  ledger: SqliteLedger | None = None, settings: MechanismSettings | None = None,
                  public_index: EmbeddingIndex | None = None, strategy: str = "subsample",
-                 ray_address: str | None = None) -> None:
+                 ray_address: str | None = None, shards=None) -> None:
         if backend is None:
             if encoder is None or pipeline is None:
                 raise InvalidParameterError("give a generator backend, or an encoder and a "
@@ -134,10 +154,11 @@ class RetrievalAugmentedGenerator:
             if isinstance(private_index, ShardedIndex):  # same mechanism, shards (maybe on Ray)
                 from dprdm.privacy.sharded import ShardedPrivateRetrieval, shard_backend
 
-                self.mechanism = ShardedPrivateRetrieval(
-                    shard_backend(private_index, ray_address), settings.params, ledger,
-                    strategy=strategy)
-            elif ray_address is not None:
+                if shards is None:  # else: a ShardBackend already started (eval reuses one)
+                    shards = shard_backend(private_index, ray_address)
+                self.mechanism = ShardedPrivateRetrieval(shards, settings.params, ledger,
+                                                         strategy=strategy)
+            elif ray_address is not None or shards is not None:
                 raise InvalidParameterError("--ray-address needs a sharded index "
                                             "(dprdm index shard)")
             else:

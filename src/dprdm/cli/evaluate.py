@@ -8,8 +8,8 @@ import typer
 
 from dprdm import demo_layout
 from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
-from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit,
-                              progress_callback, run_command)
+from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, RAY_PRIVATE_NETWORK, cli_errors,
+                              console, emit, progress_callback, run_command)
 from dprdm.errors import InvalidParameterError, NotFoundError
 
 QUICK_SAMPLES, QUICK_STEPS, QUICK_KID_SUBSETS = 24, 20, 20
@@ -85,6 +85,12 @@ def evaluate(
                                     f"{QUICK_STEPS} steps: a smoke test in minutes."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     ledger_url: str = LEDGER_OPTION,
+    ray_address: str = typer.Option(
+        None, "--ray-address",
+        help="A sharded --index only: run its shards as Ray actors for the DP and non-private "
+             "runs ('local': an in-process Ray; 'auto' / host:port: the actors `dprdm index "
+             "serve-shards` started). Without it a sharded index runs in this process. "
+             + RAY_PRIVATE_NETWORK),
     synthetic: Path = typer.Option(None, "--synthetic",
                                    help="Score a `dprdm synthesize` job folder against --holdout "
                                         "(generates and charges nothing)."),
@@ -119,6 +125,7 @@ def evaluate(
         from dprdm.privacy.ledger import LEDGER_FILENAME
         from dprdm.rdm import MechanismSettings
         from dprdm.retrieval import EmbeddingIndex
+        from dprdm.retrieval.shards import ShardedIndex, open_index
 
         index_dir, holdout_dir, public_dir = index, holdout, public_index
         if demo:
@@ -132,7 +139,10 @@ def evaluate(
         if out.exists() and not out.is_dir():
             raise InvalidParameterError(f"{out} exists and is not a directory")
         saved, ledger_delta = None, None
-        EmbeddingIndex.open(index_dir)  # a clear error for a missing or broken index
+        private = open_index(index_dir)  # a clear error for a missing or broken index
+        sharded = isinstance(private, ShardedIndex)
+        if ray_address is not None and not sharded:
+            raise InvalidParameterError("--ray-address needs a sharded index (dprdm index shard)")
         if (binding_of(index_dir) is not None or (Path(index_dir) / LEDGER_FILENAME).exists()
                 or ledger_url is not None):
             # The production ledger, verified, read only: never charged (experiments use
@@ -153,13 +163,17 @@ def evaluate(
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
         backend = choice.load_backend()
-        private = EmbeddingIndex.open(index_dir)
         public = EmbeddingIndex.open(public_dir) if public_dir is not None else None
         for opened, what in ((private, "private"), (public, "public")):
             if opened is not None:  # refused before any experiment ledger is charged
                 backend.space.check_index(opened.path, opened.dim, what,
                                           require_record=backend.name != "demo")
         held = load_folder(holdout_dir, output_size(backend), show_progress=False)
+        shards = None
+        if sharded:  # the shards (here, or Ray actors that check their files) start once
+            from dprdm.privacy.sharded import shard_backend
+
+            shards = shard_backend(private, ray_address)
         # The demo's classifiers know emoji only: their scores are shown on the demo data alone.
         on_demo_data = demo or _same_dir(index_dir, demo_layout.private_index_dir())
         classifiers = (EvalClassifiers.from_pretrained(classifiers_dir or CLASSIFIERS_DIR)
@@ -171,7 +185,8 @@ def evaluate(
             private, public, classifiers,
             extractor=inception_extractor(inception) if inception is not None else None,
             progress_for=lambda label: progress_callback(f"generating: {label}",
-                                                         enabled=not as_json))
+                                                         enabled=not as_json),
+            private_shards=shards)
         files = write_report(result, out)
         return {"runs": result.runs, "reference": result.notes["reference"], "files": files,
                 "feature_space": result.notes["feature_space"],

@@ -9,7 +9,8 @@ import typer
 
 from dprdm import demo_layout
 from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
-from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, console, run_command
+from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, RAY_PRIVATE_NETWORK, console,
+                              run_command)
 from dprdm.conditioning import check_lam
 from dprdm.errors import InvalidParameterError
 from dprdm.files import write_bytes_atomically
@@ -36,8 +37,7 @@ def generate(
     ray_address: str = typer.Option(
         None, "--ray-address",
         help="A sharded --index only: its shards as Ray actors ('local', or 'auto' / host:port "
-             "for those `dprdm index serve-shards` started). Ray has no per-user "
-             "authentication (CVE-2023-48022): keep its network private (docs/scaling.md)."),
+             "for those `dprdm index serve-shards` started). " + RAY_PRIVATE_NETWORK),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print what the call would charge (epsilon before/after, "
                                       "queries left); charge, generate and write nothing."),

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from dprdm.cli.output import JSON_OPTION, progress_callback, run_command
+from dprdm.cli.output import JSON_OPTION, RAY_PRIVATE_NETWORK, progress_callback, run_command
 from dprdm.errors import DprdmError, InvalidParameterError
 from dprdm.privacy.ledger import LEDGER_FILENAME, SqliteLedger
 from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
@@ -285,8 +285,10 @@ SERVE_SHARDS_HELP = (
     "named, so that `dprdm retrieve DIR --ray-address ADDRESS` finds them. Shard i's actor needs "
     "one unit of the custom resource dprdm_shard_i (start the nodes with e.g. `ray start "
     "--address HEAD --resources '{\"dprdm_shard_0\": 1}'`) unless --no-shard-resources. The "
-    "actors read the shard files from the same path on their node. Stop them with ray.kill (or "
-    "by stopping the cluster).\n\n" + RAY_SECURITY + "\n\n"
+    "actors read the shard files from the same path on their node; each checks its file against "
+    "the fingerprint in shards.json (size, sampled blocks, and the full SHA-256 when the mtime "
+    "differs or with --full-hash) and refuses to serve a file that does not match. Stop them "
+    "with ray.kill (or by stopping the cluster).\n\n" + RAY_SECURITY + "\n\n"
     "Example: dprdm index serve-shards private_index_4 --ray-address auto"
 )
 
@@ -295,10 +297,15 @@ SERVE_SHARDS_HELP = (
 def serve_shards(
     directory: Path = typer.Argument(..., metavar="DIR", help="A sharded index (shards.json)."),
     ray_address: str = typer.Option(
-        ..., "--ray-address", help="The cluster: 'auto' or host:port / ray://host:port."),
+        ..., "--ray-address",
+        help="The cluster: 'auto' or host:port / ray://host:port. " + RAY_PRIVATE_NETWORK),
     shard_resources: bool = typer.Option(
         True, "--shard-resources/--no-shard-resources",
         help="Pin shard i to nodes offering the custom resource dprdm_shard_i."),
+    full_hash: bool = typer.Option(
+        False, "--full-hash",
+        help="Each actor recomputes its shard file's full SHA-256 (default: size and sampled "
+             "blocks, the full hash only when the file's mtime differs from the recorded one)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     def compute() -> dict[str, Any]:
@@ -319,7 +326,8 @@ def serve_shards(
                 raise InvalidParameterError(
                     f"the cluster offers no {', '.join(missing)}: start nodes with `ray start "
                     "--resources` naming them, or pass --no-shard-resources")
-        shards = sharded_ray.RayShards.start(sharded, detached=True, use_resources=shard_resources)
+        shards = sharded_ray.RayShards.start(sharded, detached=True, use_resources=shard_resources,
+                                             full_hash=full_hash)
         return {"index": str(directory), "actors": [sharded_ray.actor_name(sharded, s.number)
                                                     for s in sharded.shards],
                 "namespace": sharded_ray.NAMESPACE, "shards": len(shards.actors)}

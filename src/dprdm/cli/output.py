@@ -24,6 +24,11 @@ LEDGER_OPTION = typer.Option(
     help="A postgresql:// URL of the index's ledger (shared by several replicas; no password in "
          "it: use PGPASSWORD, ~/.pgpass or a libpq service). Default: the one the index "
          "manifest names, else ledger.sqlite in the index directory.")
+RAY_PRIVATE_NETWORK = (
+    "SECURITY: Ray has no per-user authentication (CVE-2023-48022 'ShadowRay'): whoever reaches "
+    "the cluster can read raw private embeddings from a shard actor, bypassing the ledger. The "
+    "Ray network must be private to the operator (private bind addresses, Ray ports firewalled, "
+    "no dashboard); see docs/scaling.md.")
 JSON_OPTION = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
 
 

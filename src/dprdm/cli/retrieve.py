@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, err_console, run_command
+from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, RAY_PRIVATE_NETWORK, err_console,
+                              run_command)
 from dprdm.conditioning import check_lam, interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.files import check_writable_destination, save_npy_atomically
@@ -42,8 +43,7 @@ def retrieve(
         help="A sharded index (`dprdm index shard`) only: run its shards as Ray actors -- 'local' "
              "(an in-process Ray), or 'auto' / host:port for the actors `dprdm index "
              "serve-shards` started on a cluster. Without it a sharded index runs in this "
-             "process. Ray has no per-user authentication (CVE-2023-48022): the Ray network "
-             "must be private to the operator (docs/scaling.md).",
+             "process. " + RAY_PRIVATE_NETWORK,
     ),
     dry_run: bool = typer.Option(False, "--dry-run",
                                  help="Print what the call would charge (epsilon before/after, "

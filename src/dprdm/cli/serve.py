@@ -14,7 +14,8 @@ import typer
 
 from dprdm import demo_layout
 from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
-from dprdm.cli.output import JSON_OPTION, LEDGER_OPTION, cli_errors, console, emit
+from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, RAY_PRIVATE_NETWORK, cli_errors,
+                              console, emit)
 from dprdm.errors import InvalidParameterError
 from dprdm.service.guard import HostPolicy, bracketed
 
@@ -63,6 +64,12 @@ def serve(
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
                                    "load their scripts from a CDN); off by default."),
     ledger_url: str = LEDGER_OPTION,
+    ray_address: str = typer.Option(
+        None, "--ray-address",
+        help="A sharded --index only: run its shards as Ray actors ('local': an in-process Ray, "
+             "one worker only; 'auto' / host:port: the actors `dprdm index serve-shards` "
+             "started). Without it a sharded index runs in each worker process. A shard that is "
+             "down answers 503 shard_unavailable with Retry-After. " + RAY_PRIVATE_NETWORK),
     choice=GENERATOR_CHOICE,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -89,7 +96,8 @@ def serve(
             index_dir = index_dir or demo_layout.require(demo_layout.private_index_dir())
             if public_dir is None and demo_layout.public_index_dir().exists():
                 public_dir = demo_layout.public_index_dir()
-        options = dict(index_dir=index_dir, ledger_url=ledger_url, public_index_dir=public_dir, k=k, q=q, sigma=sigma,
+        options = dict(index_dir=index_dir, ledger_url=ledger_url, ray_address=ray_address,
+                       public_index_dir=public_dir, k=k, q=q, sigma=sigma,
                        lam=lam, host=host, port=port, workers=workers,
                        allow_public_only=allow_public_only, keyless_local=keyless_local,
                        max_images=max_images, max_steps=max_steps, default_steps=default_steps,
@@ -124,6 +132,7 @@ def serve(
         "workers": config.workers,
         "index": str(config.index_dir),
         "ledger": figures.pop("ledger"),
+        "ray_address": config.ray_address,
         "mechanism": {"sigma": config.settings.sigma, "q": config.settings.q,
                       "k": config.settings.k, "lam": config.settings.lam},
         "budget": figures,

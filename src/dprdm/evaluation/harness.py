@@ -37,7 +37,8 @@ import numpy as np
 from dprdm.conditioning import interpolate
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import InMemoryLedger, MechanismParams, accounting
-from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator, neighbour_mean
+from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, neighbour_mean,
+                       sharded_neighbour_mean)
 from dprdm.retrieval import EmbeddingIndex
 
 PROMPT_BATCH = 32  # prompts generated (and charged) per call; one diffusion seed per batch
@@ -180,11 +181,14 @@ def _batches(n: int) -> list[slice]:
 
 
 def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encoder, pipeline,
-                     private_index: EmbeddingIndex, public_index: EmbeddingIndex | None,
-                     progress: Progress | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                     private_index, public_index: EmbeddingIndex | None,
+                     progress: Progress | None = None,
+                     private_shards=None) -> tuple[np.ndarray, dict[str, Any]]:
     """``plan.repeats`` images for every prompt under one setting (repeat-major), and what the
     run spent. Every DP image is a release of its own, charged like any other. `pipeline` is a
-    generator backend (then `encoder` is unused) or the demo pipeline of `encoder`."""
+    generator backend (then `encoder` is unused) or the demo pipeline of `encoder`.
+    `private_index` is an EmbeddingIndex, or a ShardedIndex whose shards `private_shards` (a
+    started :class:`~dprdm.privacy.sharded.ShardBackend`, in this process or on Ray) serve."""
     backend = as_backend(encoder, pipeline)
     generator = _Generator(backend, plan)
     text = backend.embed_prompts(prompts)
@@ -202,8 +206,9 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                 conditions = interpolate(neighbour_mean(public_index, text[part], plan.k),
                                          text[part], plan.lam)
         elif setting.name == "non-private":
-            conditions = interpolate(neighbour_mean(private_index, text[part], plan.k),
-                                     text[part], plan.lam)
+            mean = (neighbour_mean(private_index, text[part], plan.k) if private_shards is None
+                    else sharded_neighbour_mean(private_shards, text[part], plan.k))
+            conditions = interpolate(mean, text[part], plan.lam)
         else:
             mechanism = MechanismSettings(setting.sigma, plan.q, plan.k, plan.lam)
             conditions_parts, i = [], part.start
@@ -212,7 +217,8 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                     ledgers.append(InMemoryLedger(setting.epsilon, plan.delta))
                     rag = RetrievalAugmentedGenerator(backend=backend,
                                                       private_index=private_index,
-                                                      ledger=ledgers[-1], settings=mechanism)
+                                                      ledger=ledgers[-1], settings=mechanism,
+                                                      shards=private_shards)
                     used_in_ledger = 0
                 take = min(part.stop - i, setting.queries - used_in_ledger)
                 conditions_parts.append(rag.conditions(prompts[i:i + take], public_only=False,
@@ -343,13 +349,15 @@ def feature_space(extractor) -> str:
 
 
 def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
-                   private_index: EmbeddingIndex, public_index: EmbeddingIndex | None,
+                   private_index, public_index: EmbeddingIndex | None,
                    classifiers=None, extractor=None,
-                   progress_for: Callable[[str], Any] | None = None) -> EvalResult:
+                   progress_for: Callable[[str], Any] | None = None,
+                   private_shards=None) -> EvalResult:
     """Generate and score every setting of `plan`. `progress_for(label)` returns a context
     manager yielding a `(done, total)` callback (or None), e.g. ``cli.output.progress_callback``.
     `pipeline` is any generator backend (`encoder` None: the backend's own towers embed prompts
-    and images) or the demo pipeline of `encoder`.
+    and images) or the demo pipeline of `encoder`. `private_index` may be sharded: its shards
+    run in this process, or in the ShardBackend `private_shards` given (e.g. Ray actors).
 
     `classifiers` (the emoji demo's concept and style networks) are for the demo data only; with
     None the report holds the distribution metrics and the text-image alignment alone, in the
@@ -367,6 +375,12 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
         if index is not None:  # before any experiment ledger is charged
             backend.space.check_index(index.path, index.dim, what,
                                       require_record=backend.name != "demo")
+    from dprdm.retrieval.shards import ShardedIndex
+
+    if isinstance(private_index, ShardedIndex) and private_shards is None:
+        from dprdm.privacy.sharded import shard_backend
+
+        private_shards = shard_backend(private_index, None)  # every shard in this process
     held_out = choose_prompts(held_out, plan.samples, plan.seed)
     if len(held_out.captions) < 2:
         raise InvalidParameterError("the held-out set needs at least 2 captioned images")
@@ -382,7 +396,8 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
         context = progress_for(setting.label) if progress_for else nullcontext(None)
         with context as progress:
             generated, spent = generate_setting(setting, held_out.captions, plan, encoder,
-                                                backend, private_index, public_index, progress)
+                                                backend, private_index, public_index, progress,
+                                                private_shards)
         seconds = time.perf_counter() - started
         images[setting.label] = generated
         row: dict[str, Any] = {

@@ -227,6 +227,41 @@ def verify_embeddings(index_dir: Path, binding: dict[str, Any], files: list[str]
     return {"files": results}
 
 
+def shard_fingerprints(sharded: ShardedIndex) -> list[dict[str, Any]]:
+    """Per shard, what its embeddings file must match before a shard actor serves it (on a node
+    whose copy the coordinator never hashed): the fingerprint the ledger binding recorded in
+    ``shards.json`` (size, mtime, sampled and full SHA-256), or, before ``budget init``, the full
+    SHA-256 that ``index shard`` recorded there (then recomputed in full)."""
+    binding = binding_of(sharded.path)
+    recorded = dict(_bound_files(binding)) if binding is not None else {}
+    prints = []
+    for info in sharded.shards:
+        entry = recorded.get(f"{info.path.name}/{EMBEDDINGS_FILE}")
+        if entry is None:
+            prints.append({"sha256": info.embeddings_sha256})
+            continue
+        if entry["sha256"] != info.embeddings_sha256:
+            raise _changed(info.path / EMBEDDINGS_FILE, f"its ledger binding and "
+                           f"{SHARDS_MANIFEST_FILE} record different SHA-256s")
+        prints.append({key: entry[key] for key in ("size", "mtime_ns", "sha256",
+                                                   "sampled_sha256")})
+    return prints
+
+
+def check_shard_file(path: Path, expected: dict[str, Any], *, full: bool = False) -> str:
+    """Raise LedgerBindingError unless the embeddings file at `path` matches `expected` (one
+    entry of :func:`shard_fingerprints`); return what was hashed: "sampled" (size and sampled
+    blocks, the full SHA-256 only when the mtime differs, as on open) or "full"."""
+    if "sampled_sha256" not in expected:  # no binding yet: only the full hash is recorded
+        if full_sha256(path) != expected["sha256"]:
+            raise LedgerBindingError(
+                f"{path} does not match {SHARDS_MANIFEST_FILE} (SHA-256 differs): refused, this "
+                "shard is not served. Copy the shard again from the coordinator's index.")
+        return "full"
+    result = _verify_file(path, expected, full, None)
+    return "full" if result["sha256"] == "ok" else "sampled"
+
+
 # -- the two entry points --------------------------------------------------------------------------
 def _ledger_location(index_dir: Path, binding: dict[str, Any] | None,
                      ledger: str | None) -> str | None:

@@ -72,20 +72,33 @@ class ShardNeighbours:
     """
 
     def __init__(self, shard_dir: str | os.PathLike[str], offset: int,
-                 embeddings_sha256: str | None = None) -> None:
-        from dprdm.retrieval.store import EmbeddingIndex
+                 embeddings_sha256: str | None = None, fingerprint: dict[str, Any] | None = None,
+                 *, full_hash: bool = False) -> None:
+        """`fingerprint` (:func:`dprdm.privacy.binding.shard_fingerprints`): the shard's
+        embeddings file is checked against it HERE, where the file is read -- on a Ray node, a
+        copy the coordinator never hashed -- and a mismatch raises LedgerBindingError (the shard
+        is not served). `full_hash` recomputes the full SHA-256 even when the mtime matches."""
+        from dprdm.privacy.binding import check_shard_file
+        from dprdm.retrieval.store import EMBEDDINGS_FILE, EmbeddingIndex
 
         self._index = EmbeddingIndex.open(shard_dir)
         if embeddings_sha256 is not None and self._index.embeddings_sha256 != embeddings_sha256:
             raise DprdmError(f"{shard_dir} is not the shard the coordinator expects")
+        self._verified = None
+        if fingerprint is not None:
+            if fingerprint["sha256"] != embeddings_sha256:
+                raise DprdmError("the fingerprint is not the expected shard's")
+            self._verified = check_shard_file(Path(shard_dir) / EMBEDDINGS_FILE, fingerprint,
+                                              full=full_hash)
         self._offset = int(offset)
         self._partition: Any = None
 
     def describe(self) -> dict[str, Any]:
-        """Public facts only: where the shard sits in the global row numbering."""
+        """Public facts only: where the shard sits in the global row numbering, and how its file
+        was checked ("sampled", "full", or None when no fingerprint was given)."""
         return {"path": str(Path(self._index.path).resolve()), "offset": self._offset,
                 "n": self._index.n, "dim": self._index.dim,
-                "embeddings_sha256": self._index.embeddings_sha256}
+                "embeddings_sha256": self._index.embeddings_sha256, "verified": self._verified}
 
     def _candidate_sets(self, nprobe: int) -> Any:
         from dprdm.retrieval.partition import IVFPartition
@@ -128,10 +141,12 @@ class LocalShards:
     """Every shard of a sharded index in this process (single-node commands on a sharded index)."""
 
     def __init__(self, sharded: Any) -> None:  # a dprdm.retrieval.shards.ShardedIndex
+        from dprdm.privacy.binding import shard_fingerprints
+
         self.n, self.dim, self.nlist = sharded.n, sharded.dim, sharded.nlist
         self.offsets = [s.offset for s in sharded.shards] + [sharded.n]
-        self._shards = [ShardNeighbours(s.path, s.offset, s.embeddings_sha256)
-                        for s in sharded.shards]
+        self._shards = [ShardNeighbours(s.path, s.offset, s.embeddings_sha256, fingerprint)
+                        for s, fingerprint in zip(sharded.shards, shard_fingerprints(sharded))]
 
     def neighbours(self, queries: np.ndarray, params: MechanismParams, strategy: Strategy,
                    nprobe: int) -> list[ShardAnswer]:

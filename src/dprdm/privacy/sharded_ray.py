@@ -2,7 +2,10 @@
 level; :func:`dprdm.privacy.sharded.shard_backend` loads it on demand).
 
 * :class:`ShardActor` wraps :class:`~dprdm.privacy.sharded.ShardNeighbours`: it memory-maps one
-  shard index and has exactly two methods, ``describe`` (public facts: offset, n, dim, SHA-256)
+  shard index, after checking the shard's embeddings file ON ITS NODE against the fingerprint in
+  the sharded manifest (size, sampled blocks, full SHA-256 when the mtime differs; a mismatch
+  leaves it refusing, and ``start`` / ``connect`` raise naming the shard, before anything is
+  charged), and has exactly two methods, ``describe`` (public facts: offset, n, dim, SHA-256)
   and ``neighbours`` (the local top-k rows and vectors for the coordinator). No other method
   returns vectors. Ray restarts a dead actor (``max_restarts``); a call in flight when it dies is
   NOT retried (``max_task_retries=0``): the release fails, see below.
@@ -29,12 +32,15 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from dprdm.errors import DprdmError, InvalidParameterError
+from dprdm.errors import (DprdmError, EmbeddingIndexError, InvalidParameterError,
+                          LedgerBindingError)
 from dprdm.privacy.accounting import MechanismParams
 from dprdm.privacy.sharded import ShardAnswer, ShardNeighbours, ShardUnavailableError
 
 NAMESPACE = "dprdm"
 MAX_RESTARTS = 10
+# why an actor refused to open its shard, as the coordinator raises it
+REFUSALS = {"LedgerBindingError": LedgerBindingError, "EmbeddingIndexError": EmbeddingIndexError}
 
 
 def init_ray(address: str, *, num_cpus: int | None = None,
@@ -71,14 +77,28 @@ def resource_name(number: int) -> str:
 class ShardActor:
     """One shard, memory-mapped in a Ray worker; only ``neighbours`` returns vectors."""
 
-    def __init__(self, shard_dir: str, offset: int, embeddings_sha256: str) -> None:
-        self._shard = ShardNeighbours(shard_dir, offset, embeddings_sha256)
+    def __init__(self, shard_dir: str, offset: int, embeddings_sha256: str,
+                 fingerprint: dict[str, Any] | None = None, full_hash: bool = False) -> None:
+        # The shard file on THIS node is checked against the manifest's fingerprint; a mismatch
+        # (or a missing shard) leaves the actor up but refusing, so that `describe` can tell the
+        # coordinator why (a raising constructor would only surface as "actor died").
+        self._shard: ShardNeighbours | None = None
+        self._refusal: dict[str, str] | None = None
+        try:
+            self._shard = ShardNeighbours(shard_dir, offset, embeddings_sha256, fingerprint,
+                                          full_hash=full_hash)
+        except DprdmError as error:  # messages name the file and the check: public facts
+            self._refusal = {"error": type(error).__name__, "message": str(error)}
 
     def describe(self) -> dict[str, Any]:
+        if self._shard is None:
+            return {"refused": self._refusal}
         return self._shard.describe()
 
     def neighbours(self, queries: np.ndarray, params: MechanismParams, strategy: str,
                    nprobe: int) -> ShardAnswer:
+        if self._shard is None:
+            raise DprdmError("this shard actor refused to open its shard; see describe()")
         return self._shard.neighbours(queries, params, strategy, nprobe)  # type: ignore[arg-type]
 
 
@@ -96,13 +116,18 @@ class RayShards:
     @classmethod
     def start(cls, sharded: Any, *, detached: bool = False, use_resources: bool = False,
               max_restarts: int = MAX_RESTARTS, num_cpus: float = 0,
-              timeout_s: float = 60.0) -> RayShards:
-        """Create one actor per shard and wait until each has opened its shard.
+              timeout_s: float = 60.0, full_hash: bool = False) -> RayShards:
+        """Create one actor per shard and wait until each has opened its shard and checked its
+        file against the manifest's fingerprint (:func:`~dprdm.privacy.binding.shard_fingerprints`;
+        `full_hash`: the full SHA-256 even when the file's mtime matches).
 
         `detached`: named actors that outlive this process (``serve-shards``); `use_resources`:
         each needs one unit of ``dprdm_shard_<i>`` (start nodes with ``ray start --resources``)."""
+        from dprdm.privacy.binding import shard_fingerprints
+
+        fingerprints = shard_fingerprints(sharded)
         actors = []
-        for info in sharded.shards:
+        for info, fingerprint in zip(sharded.shards, fingerprints):
             options: dict[str, Any] = {"max_restarts": max_restarts, "max_task_retries": 0,
                                        "num_cpus": num_cpus}
             if detached:
@@ -111,9 +136,18 @@ class RayShards:
             if use_resources:
                 options["resources"] = {resource_name(info.number): 1}
             actors.append(ShardActor.options(**options).remote(
-                str(info.path.resolve()), info.offset, info.embeddings_sha256))
+                str(info.path.resolve()), info.offset, info.embeddings_sha256, fingerprint,
+                full_hash))
         shards = cls(sharded, actors, timeout_s=timeout_s)
-        shards._check(sharded)
+        try:
+            shards._check(sharded)
+        except DprdmError:  # a refusing actor must not linger (get_if_exists would reuse it)
+            for actor in actors:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except (RayError, ValueError):
+                    pass
+            raise
         return shards
 
     @classmethod
@@ -133,9 +167,17 @@ class RayShards:
         return shards
 
     def _check(self, sharded: Any) -> None:
-        """Every actor is up and serves the shard the manifest names (public facts only)."""
+        """Every actor is up, checked its shard file against the manifest's fingerprint, and
+        serves the shard the manifest names (public facts only)."""
         facts = self._gather([actor.describe.remote() for actor in self.actors])
         for info, fact in zip(sharded.shards, facts):
+            if fact.get("refused"):
+                error = REFUSALS.get(fact["refused"]["error"], DprdmError)
+                raise error(f"the actor for shard {info.number} refuses to serve it: "
+                            f"{fact['refused']['message']}")
+            if fact.get("verified") not in ("sampled", "full"):
+                raise DprdmError(f"the actor for shard {info.number} did not check its shard "
+                                 "file (started by an older dprdm?): stop it and start it again")
             if (fact["offset"], fact["n"], fact["embeddings_sha256"]) != (
                     info.offset, info.n, info.embeddings_sha256):
                 raise DprdmError(f"the actor for shard {info.number} serves other rows than "

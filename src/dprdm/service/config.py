@@ -11,7 +11,8 @@ after looking at earlier outputs) are a choice made with private information tha
 composition does not cover. The mix lam (post-processing, free) defaults to the ledger's.
 
 ``allowed_hosts`` (``--allowed-host``) and ``docs`` (``--docs``) belong to the HTTP front door:
-see :mod:`dprdm.service.guard` for the Host/Origin policy.
+see :mod:`dprdm.service.guard` for the Host/Origin policy. ``ray_address`` (``--ray-address``)
+runs a sharded index's shards as Ray actors (docs/scaling.md); without it they run in-process.
 
 The config travels to uvicorn worker processes as JSON in ``DPRDM_SERVICE_CONFIG``.
 """
@@ -41,6 +42,8 @@ class ServiceConfig:
     index_dir: Path
     settings: MechanismSettings
     ledger_url: str | None = None  # a postgresql:// ledger shared by replicas (default: SQLite)
+    # a sharded index only: its shards on Ray ("local", "auto", host:port); None: in-process
+    ray_address: str | None = None
     public_index_dir: Path | None = None
     # the generator (dprdm.generation.backends.GeneratorChoice; `dprdm serve --generator ...`)
     generator: str = "demo"
@@ -82,12 +85,29 @@ class ServiceConfig:
         _whole("max_body_bytes", self.max_body_bytes, 1024, 1 << 20)
         if self.torch_threads is not None:
             _whole("torch_threads", self.torch_threads, 1, 256)
+        self._check_ray_address()
         if self.keyless_local and self.host not in LOOPBACK_HOSTS:
             raise InvalidParameterError(
                 "keyless local mode only listens on a loopback address (127.0.0.1, localhost, "
                 f"::1), not {self.host}: every client would spend the budget without a key"
             )
         self._check_allowed_hosts()
+
+    def _check_ray_address(self) -> None:
+        from dprdm.retrieval.shards import is_sharded
+
+        address = self.ray_address
+        if address is None:
+            return
+        if not isinstance(address, str) or not address.strip():
+            raise InvalidParameterError("ray_address must be 'local', 'auto' or a cluster address")
+        if not is_sharded(self.index_dir):
+            raise InvalidParameterError("--ray-address needs a sharded index (dprdm index shard)")
+        if address == "local" and self.workers > 1:
+            raise InvalidParameterError(
+                "--ray-address local starts a Ray of its own in every worker: with --workers > 1 "
+                "start the shard actors once on a cluster (`dprdm index serve-shards`) and give "
+                "its address")
 
     def _check_allowed_hosts(self) -> None:
         from dprdm.service.guard import ANY_HOST, WILDCARD_BINDS, split_host

@@ -100,6 +100,7 @@ class GenerationEngine:
             settings=config.settings,
             public_index=(EmbeddingIndex.open(config.public_index_dir)
                           if config.public_index_dir is not None else None),
+            ray_address=config.ray_address,  # a sharded index: its shards on Ray
         )
         self._lock = threading.Lock()
 

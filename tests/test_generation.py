@@ -319,3 +319,25 @@ def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
         train_denoiser(TrainConfig(stage="denoiser", steps=1, encoder="stand-in",
                                    init_from=str(tmp_path / "nowhere"),
                                    extra={"denoiser": TINY_DENOISER}, **common))
+
+
+def test_a_wider_latent_starts_as_the_narrower_autoencoder(tmp_path):
+    from dprdm.generation.training import initialise_from
+
+    torch.manual_seed(0)
+    narrow = Autoencoder(**TINY_AE)
+    narrow.save_pretrained(tmp_path / "run" / "autoencoder")
+    wide = Autoencoder(**{**TINY_AE, "latent_channels": 8})
+    initialise_from(wide, TrainConfig(stage="autoencoder", steps=1,
+                                      init_from=str(tmp_path / "run")), "autoencoder")
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean_n, logvar_n = narrow.encode(x)
+        mean_w, logvar_w = wide.encode(x)
+        torch.testing.assert_close(mean_w[:, :4], mean_n)
+        torch.testing.assert_close(logvar_w[:, :4], logvar_n)
+        torch.testing.assert_close(wide.decode(mean_w), narrow.decode(mean_n))
+    narrower = Autoencoder(**{**TINY_AE, "latent_channels": 2})
+    with pytest.raises(InvalidParameterError, match="wider"):
+        initialise_from(narrower, TrainConfig(stage="autoencoder", steps=1,
+                                              init_from=str(tmp_path / "run")), "autoencoder")

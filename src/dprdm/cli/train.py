@@ -61,6 +61,10 @@ def train(
     init_from: Path | None = typer.Option(
         None, "--init-from", help="A pipeline folder (e.g. the shipped demo generator) whose "
         "weights for this stage initialise the model (fine-tuning)."),
+    latent_channels: int = typer.Option(
+        0, "--latent-channels", min=0, help="Autoencoder stage: latent channels (0: the model's "
+        "default, 4). With --init-from a narrower autoencoder, the latent is widened and starts "
+        "as the old one."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
     seed: int = typer.Option(0, "--seed"),
     save_every_minutes: float = typer.Option(5.0, "--save-every-minutes", min=0.1),
@@ -82,7 +86,9 @@ def train(
                                                  if p.strip()),
                              family_size=family_size,
                              family_images_per_source=family_images_per_source,
-                             init_from=str(init_from) if init_from else "")
+                             init_from=str(init_from) if init_from else "",
+                             extra={"autoencoder": {"latent_channels": latent_channels}}
+                             if latent_channels else {})
         config = config.resolved()
         return (train_autoencoder if config.stage == "autoencoder" else train_denoiser)(config)
 

@@ -471,8 +471,45 @@ def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> N
     if not weights.is_file():
         raise InvalidParameterError(f"--init-from: {weights} not found")
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    own = model.state_dict()
+    if state.keys() != own.keys():
+        raise InvalidParameterError(f"--init-from: {weights} holds another architecture")
+    widened = [name for name in own if state[name].shape != own[name].shape]
+    if widened and part == "autoencoder":
+        state = widen_latent(state, model)
+    elif widened:
+        raise InvalidParameterError(f"--init-from: {weights} differs in shape at {widened[:3]}")
     model.load_state_dict(state)
-    _stderr.print(f"{part}: initialised from {weights}")
+    note = f" (latent widened: {len(widened)} tensors)" if widened else ""
+    _stderr.print(f"{part}: initialised from {weights}{note}")
+
+
+def widen_latent(state: dict[str, torch.Tensor], model: Autoencoder) -> dict[str, torch.Tensor]:
+    """An autoencoder's weights for MORE latent channels, starting as the narrower model: the
+    encoder's old mean / log-variance output channels keep their weights, the new ones start
+    from the fresh model's (random) weights; the decoder reads the new channels through zeros.
+    So the widened model initially reconstructs exactly as the old one did."""
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    old_c = state["decoder.0.weight"].shape[1] if "decoder.0.weight" in state else None
+    new_c = int(model.config.latent_channels)
+    if old_c is None or old_c >= new_c:
+        raise InvalidParameterError("--init-from: only a wider latent can start from a narrower")
+    out = dict(state)
+    for name, value in state.items():
+        target = own[name]
+        if value.shape == target.shape:
+            continue
+        if value.shape[0] == 2 * old_c and target.shape[0] == 2 * new_c:  # encoder output conv
+            target[:old_c] = value[:old_c]  # means
+            target[new_c:new_c + old_c] = value[old_c:]  # log-variances
+        elif value.ndim == 4 and value.shape[1] == old_c and target.shape[1] == new_c:
+            target.zero_()  # decoder input conv: new channels read through zeros
+            target[:, :old_c] = value
+        else:
+            raise InvalidParameterError(f"--init-from: cannot widen {name} {tuple(value.shape)} "
+                                        f"-> {tuple(target.shape)}")
+        out[name] = target
+    return out
 
 
 def family_sources(config: TrainConfig) -> tuple[np.ndarray, list[str], list[str]]:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dprdm.data.emoji import DEMO_PUBLIC_SPLITS
 from dprdm.data.styles import STYLE_AUGMENTATIONS
 from dprdm.errors import InvalidParameterError
 from dprdm.evaluation.classifiers import (IMAGE_SIZE, ClassifierConfig, ConvNet, EvalClassifiers,
@@ -90,8 +91,10 @@ class Split:
     style: str
 
 
-def load_splits(data: str | Path, roles: Sequence[str]) -> dict[str, Split]:
-    """The demo splits whose manifest role is in `roles`, at 32 px (``load_folder``'s resize)."""
+def load_splits(data: str | Path, roles: Sequence[str],
+                names: Sequence[str] | None = None) -> dict[str, Split]:
+    """The demo splits whose manifest role is in `roles` (and, given `names`, whose name is
+    one of them), at 32 px (``load_folder``'s resize)."""
     from dprdm.data import load_folder
 
     root = Path(data)
@@ -101,7 +104,7 @@ def load_splits(data: str | Path, roles: Sequence[str]) -> dict[str, Split]:
     splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
     out = {}
     for name, entry in splits.items():
-        if entry.get("role") not in roles:
+        if entry.get("role") not in roles or (names is not None and name not in names):
             continue
         dataset = load_folder(root / entry["path"], IMAGE_SIZE, show_progress=False)
         out[name] = Split(dataset.images, list(dataset.captions),
@@ -416,7 +419,7 @@ def run(settings: Settings) -> dict:
                                     f"{settings.only!r}")
     torch.set_num_threads(settings.threads)
     t0 = time.perf_counter()
-    public = load_splits(settings.data, ["public"])
+    public = load_splits(settings.data, ["public"], DEMO_PUBLIC_SPLITS)  # the yardsticks' data
     evaluation = load_splits(settings.data, ["evaluation"])
     private = load_splits(settings.data, ["private"])
     if set(public) != {"twemoji", "google"} or not evaluation or not private:

@@ -35,7 +35,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,7 +129,8 @@ class PublicImages:
 
 
 def load_public(data: str | Path, size: int, data_is_public: bool = False,
-                caption_column: str | None = None) -> PublicImages:
+                caption_column: str | None = None,
+                splits: Sequence[str] | None = None) -> PublicImages:
     """The PUBLIC images under `data`, never anything else.
 
     `data` is a demo root (``data/manifest.json``, written by the tool that built the demo, names
@@ -137,15 +138,30 @@ def load_public(data: str | Path, size: int, data_is_public: bool = False,
     captions file (its ``style`` column, else the folder name, is the source). Nothing can tell a
     plain folder's images apart from private ones, so a folder is refused unless the user
     acknowledged it as public (`data_is_public`, ``--data-is-public``).
+
+    In a demo root, `splits` names the public splits to read (each must be there, role
+    ``public``); by default those of :data:`dprdm.data.emoji.DEMO_PUBLIC_SPLITS` (Twemoji +
+    Noto) that the manifest lists, so that public splits added later (Fluent, EmojiOne) change
+    nothing until named.
     """
     from dprdm.data import load_folder
+    from dprdm.data.emoji import DEMO_PUBLIC_SPLITS
     from dprdm.provenance import require_public_folder
 
     root = Path(data)
     manifest = root / "data" / "manifest.json"
     if manifest.is_file():
-        splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
-        folders = [root / s["path"] for s in splits.values() if s.get("role") == "public"]
+        listed = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
+        public = {name: s for name, s in listed.items() if s.get("role") == "public"}
+        if splits is None:
+            names = [name for name in DEMO_PUBLIC_SPLITS if name in public]
+        else:
+            names = list(splits)
+            missing = [name for name in names if name not in public]
+            if missing:
+                raise InvalidParameterError(f"{manifest} lists no public split {missing} "
+                                            f"(public splits: {', '.join(public) or 'none'})")
+        folders = [root / public[name]["path"] for name in names]
         if not folders:
             raise InvalidParameterError(f"{manifest} names no public split")
     elif root.is_dir():

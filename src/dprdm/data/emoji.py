@@ -4,8 +4,9 @@ Owns turning five npm packages into folders that :func:`dprdm.data.loaders.load_
 
 * public  ``data/twemoji/``   -- Twemoji 64 px PNGs from ``emoji-datasource-twitter`` (CC-BY 4.0)
 * public  ``data/google/``    -- Noto Emoji 64 px PNGs from ``emoji-datasource-google`` (Apache-2.0)
-* public  ``data/fluent/``    -- Microsoft Fluent Emoji "flat" SVGs from ``@lobehub/fluent-emoji-flat``
-  (MIT), rasterised and cropped like OpenMoji (their 32-unit viewBox leaves ~6 % blank per side)
+* public  ``data/fluent/``    -- Microsoft Fluent Emoji "flat" SVGs from
+  ``@lobehub/fluent-emoji-flat`` (MIT), rasterised and cropped like OpenMoji (their 32-unit
+  viewBox leaves ~6 % blank per side)
 * public  ``data/emojione/``  -- EmojiOne 2.x 64 px PNGs from ``emojione`` (artwork CC BY 4.0)
 * private ``data/openmoji_private/`` and evaluation ``holdout/`` -- OpenMoji colour SVGs from
   ``openmoji`` (CC-BY-SA 4.0), rasterised with cairosvg, cropped to their visible pixels, padded to

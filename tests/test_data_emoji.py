@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from dprdm.data import emoji
-from dprdm.data.emoji import (concept_key, datasource_records, dedupe_images, has_skin_tone,
-                              openmoji_names, openmoji_records, rasterize_svg, render_openmoji,
-                              split_concepts)
+from dprdm.data.emoji import (code_point_files, concept_key, datasource_records, dedupe_images,
+                              has_skin_tone, joined_records, openmoji_names, openmoji_records,
+                              rasterize_svg, render_fluent, render_openmoji, split_concepts)
 from dprdm.data.loaders import load_folder
 from dprdm.errors import InvalidParameterError
 
@@ -145,25 +145,138 @@ def test_written_split_reads_back_with_load_folder(tmp_path: Path) -> None:
     assert np.array_equal(data.images, np.stack(images))
 
 
+def _fake_splits(root: Path, names, size: int = 8, seed: int = 0) -> dict:
+    """One-image folders for `names` and their manifest entries (as a finished run writes)."""
+    splits = {}
+    for i, name in enumerate(names):
+        folder, style, role = emoji.SPLITS[name]
+        record = emoji.EmojiRecord(f"1F60{i}", "c", "Objects", Path("x"))
+        emoji._write_split(root / folder, style.name, [record],
+                           [np.full((size, size, 3), i, dtype=np.uint8)])
+        splits[name] = {"path": folder, "role": role, "count": 1,
+                        "made_from": emoji.made_from(name, size, seed, emoji.HOLDOUT_FRACTION)}
+    return splits
+
+
+def _no_install(prefix: Path, needed=None) -> dict[str, str]:
+    raise AssertionError("npm must not run when the manifest matches")
+
+
 def test_prepare_reuses_a_matching_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
-    config = emoji._config(8, 0, emoji.HOLDOUT_FRACTION)
-    splits = {}
-    for name, (folder, style, role) in emoji.SPLITS.items():
-        record = emoji.EmojiRecord(f"1F60{len(splits)}", "c", "Objects", Path("x"))
-        emoji._write_split(tmp_path / folder, style.name, [record],
-                           [np.zeros((8, 8, 3), dtype=np.uint8)])
-        splits[name] = {"count": 1}
-    manifest = {"config": config, "splits": splits}
+    splits = _fake_splits(tmp_path, emoji.SPLITS)
+    manifest = {"config": emoji._config(8, 0, emoji.HOLDOUT_FRACTION), "splits": splits}
     (tmp_path / emoji.MANIFEST).write_text(json.dumps(manifest))
-
-    def no_install(prefix: Path) -> dict[str, str]:
-        raise AssertionError("npm must not run when the manifest matches")
-
-    monkeypatch.setattr(emoji, "install_packages", no_install)
+    monkeypatch.setattr(emoji, "install_packages", _no_install)
     result = emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False)
     assert result["reused"] is True
-    # a different seed no longer matches, so preparation would start over (and install)
+    # a different seed no longer matches the OpenMoji splits, so they would be redone
     with pytest.raises(AssertionError, match="npm must not run"):
         emoji.prepare_demo_data(tmp_path, size=8, seed=1, show_progress=False)
+    # ... and are first taken out of the manifest; the public splits stay listed, untouched
+    listed = json.loads((tmp_path / emoji.MANIFEST).read_text())["splits"]
+    assert set(listed) == set(emoji.SPLITS) - set(emoji.OPENMOJI_SPLITS)
     Image.open(tmp_path / "holdout" / "1f603.png").verify()
+    # asking only for the public splits needs nothing new
+    again = emoji.prepare_demo_data(tmp_path, size=8, seed=1, show_progress=False,
+                                    splits=["twemoji", "fluent"])
+    assert again["reused"] is True
+
+
+def test_prepare_keeps_an_older_manifests_splits_and_adds_only_the_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A format-1 manifest (one config, four splits, no per-split record) is reused as it is;
+    a re-run prepares only Fluent and EmojiOne and never rewrites the old folders."""
+    splits = _fake_splits(tmp_path, emoji.DEMO_SPLITS)
+    for entry in splits.values():
+        del entry["made_from"]
+    packages = {k: v for k, v in emoji.NPM_PACKAGES.items()
+                if k in ("emoji-datasource-twitter", "emoji-datasource-google", "openmoji")}
+    legacy = {"format_version": 1, "size": 8, "seed": 0,
+              "holdout_fraction": emoji.HOLDOUT_FRACTION, "packages": packages,
+              "openmoji_pad_fraction": emoji.OPENMOJI_PAD_FRACTION}
+    (tmp_path / emoji.MANIFEST).write_text(json.dumps({"config": legacy, "splits": splits}))
+    monkeypatch.setattr(emoji, "install_packages", _no_install)
+    assert emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False,
+                                   splits=emoji.DEMO_SPLITS)["reused"] is True
+
+    # the two new styles, as tiny package trees (no npm)
+    modules = tmp_path / "npm" / "node_modules"
+    (modules / "openmoji" / "data").mkdir(parents=True)
+    (modules / "openmoji" / "data" / "openmoji.json").write_text(json.dumps(OPENMOJI_ENTRIES))
+    (modules / "emoji-datasource-twitter").mkdir(parents=True)
+    (modules / "emoji-datasource-twitter" / "emoji.json").write_text(
+        json.dumps(DATASOURCE_ENTRIES))
+    fluent = modules / "@lobehub" / "fluent-emoji-flat" / "assets"
+    fluent.mkdir(parents=True)
+    for name in ("1f600.svg", "2764-fe0f.svg", "1f44b-1f3fd.svg"):
+        (fluent / name).write_text(TINY_SVG)
+    emojione = modules / "emojione" / "assets" / "png"
+    emojione.mkdir(parents=True)
+    for i, name in enumerate(("1f600.png", "1f9ea.png", "1f1e9-1f1ea.png")):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(emojione / name)
+    installs = []
+    monkeypatch.setattr(emoji, "install_packages",
+                        lambda prefix, needed=None: installs.append(set(needed)))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("data/twemoji/*")}
+    if not __import__("importlib").util.find_spec("cairosvg"):
+        pytest.skip("cairosvg absent")
+    result = emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False)
+    assert result["reused"] is False
+    assert installs == [{"openmoji", "emoji-datasource-twitter", "@lobehub/fluent-emoji-flat",
+                         "emojione"}]
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("data/twemoji/*")}
+    manifest = json.loads((tmp_path / emoji.MANIFEST).read_text())
+    assert manifest["config"]["format_version"] == emoji.FORMAT_VERSION
+    assert set(manifest["splits"]) == set(emoji.SPLITS)
+    assert manifest["splits"]["twemoji"]["made_from"] == emoji.made_from(
+        "twemoji", 8, 0, emoji.HOLDOUT_FRACTION)
+    assert manifest["licences"]["emojione"]["licence"] == "CC-BY-4.0"
+    assert manifest["licences"]["fluent"]["licence"] == "MIT"
+    # Fluent: 1F600 and 2764 (the skin-tone file is not in the list); the two SVGs render alike,
+    # so the second is a duplicate image
+    assert manifest["splits"]["fluent"]["count"] == 1
+    assert manifest["dropped"]["fluent"]["not_in_list"] == 1
+    assert manifest["dropped"]["fluent"]["duplicate_image"] == 1
+    data = load_folder(tmp_path / "data" / "emojione", 8)
+    assert [e["concept"] for e in data.extra] == ["1F600", "1F9EA"]  # the flag is left out
+    assert data.captions == ["grinning face", "test tube"]
+    assert {e["style"] for e in data.extra} == {"emojione"}
+    assert manifest["dropped"]["emojione"]["no_image"] == 2  # 1F44B and 2764
+    # everything is reused now
+    monkeypatch.setattr(emoji, "install_packages", _no_install)
+    assert emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False)["reused"]
+
+
+def test_code_point_files_and_joined_records() -> None:
+    files = code_point_files([Path("a/0023-20e3.svg"), Path("a/0023-fe0f-20e3.svg"),
+                              Path("a/1f600.svg"), Path("a/README.md"), Path("a/logo.svg"),
+                              Path("a/1F44B-1F3FD.svg")])
+    assert files == {"0023-20E3": Path("a/0023-fe0f-20e3.svg"), "1F600": Path("a/1f600.svg"),
+                     "1F44B-1F3FD": Path("a/1F44B-1F3FD.svg")}
+    entries = DATASOURCE_ENTRIES + [{"unified": "0023-FE0F-20E3", "name": "HASH KEY",
+                                     "category": "Symbols", "image": "x.png", "sort_order": 0}]
+    dropped = emoji._new_dropped()
+    records = joined_records(entries, files, openmoji_names(OPENMOJI_ENTRIES), dropped)
+    assert [(r.concept, r.caption, r.category) for r in records] == [
+        ("0023-20E3", "hash key", "Symbols"), ("1F600", "grinning face", "Smileys & Emotion")]
+    assert records[0].source == Path("a/0023-fe0f-20e3.svg")
+    assert dropped["no_image"] == 3  # waving hand, red heart, test tube
+    assert dropped["not_in_list"] == 1  # the skin-tone file
+
+
+def test_fluent_is_cropped_to_its_drawing(tmp_path: Path) -> None:
+    pytest.importorskip("cairosvg")
+    svg = ('<svg viewBox="0 0 32 32" xmlns="http://www.w3.org/2000/svg">'
+           '<rect x="4" y="4" width="24" height="24" fill="#0000FF"/></svg>')
+    out = render_fluent(svg.encode(), 32)
+    assert out.shape == (32, 32, 3)
+    rows = np.flatnonzero((out < 240).any(axis=(1, 2)))
+    # 24/32 of the side uncropped; cropped and padded 3 % per side it fills ~94 %
+    assert rows.min() <= 2 and rows.max() >= 29
+
+
+def test_unknown_splits_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidParameterError, match="unknown splits"):
+        emoji.prepare_demo_data(tmp_path, size=8, splits=["symbola"])
+    assert not (tmp_path / emoji.MANIFEST).exists()

@@ -226,6 +226,27 @@ def test_training_data_must_be_declared_public(tmp_path):
     assert "--data-is-public" in json.loads(result.stdout.splitlines()[-1])["message"]
 
 
+def test_load_public_reads_the_demo_public_splits_unless_others_are_named(tmp_path):
+    """Public splits added to the demo later (Fluent, EmojiOne) are read only when named."""
+    from dprdm.generation.training import load_public
+
+    root = tmp_path / "demo"
+    (root / "data").mkdir(parents=True)
+    for name, n in (("twemoji", 3), ("fluent", 5), ("openmoji_private", 4)):
+        _tiny_folder(root / "data", n_per_style=n).rename(root / "data" / name)
+    (root / "data" / "manifest.json").write_text(json.dumps({"splits": {
+        "twemoji": {"path": "data/twemoji", "role": "public"},
+        "fluent": {"path": "data/fluent", "role": "public"},
+        "openmoji_private": {"path": "data/openmoji_private", "role": "private"}}}))
+    assert len(load_public(root, 16).images) == 6  # Twemoji only (Noto absent here)
+    assert len(load_public(root, 16, splits=["fluent", "twemoji"]).images) == 16
+    assert len(load_public(root, 16, splits=["data/fluent"]).images) == 10  # or by folder
+    with pytest.raises(InvalidParameterError, match="not a public split"):
+        load_public(root, 16, splits=["openmoji_private"])
+    with pytest.raises(InvalidParameterError, match="not a public split"):
+        load_public(root, 16, splits=["emojione"])
+
+
 def test_training_refuses_an_unbounded_run():
     with pytest.raises(InvalidParameterError):
         TrainConfig(stage="denoiser").resolved()

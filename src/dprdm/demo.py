@@ -107,7 +107,7 @@ def held_out_prompts(n: int) -> list[str]:
 
 
 def main() -> None:
-    from dprdm.data.emoji import prepare_demo_data
+    from dprdm.data.emoji import DEMO_SPLITS, prepare_demo_data
     from dprdm.encoders import load_encoder
     from dprdm.generation import RetrievalDiffusionPipeline
     from dprdm.generation.pipeline import DEFAULT_DIR
@@ -118,7 +118,7 @@ def main() -> None:
     started = time.perf_counter()
     console.rule("[bold]dprdm demo")
     root = demo_layout.demo_root()
-    prepare_demo_data(root)
+    prepare_demo_data(root, splits=DEMO_SPLITS)
     encoder = load_encoder("demo")
     prepare_indexes(encoder)
 

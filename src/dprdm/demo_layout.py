@@ -5,6 +5,8 @@
   public/    the public (Twemoji + Noto) index, no ledger
   holdout/   held-out OpenMoji images + captions.jsonl (the evaluation reference set)
   data/      the prepared emoji styles;  npm/  the npm packages they came from
+  validation/  the validation domain (Noto held out; ``dprdm eval --demo --validation``,
+             :mod:`dprdm.validation`): private/ (index + ledger), holdout/, public/
 """
 
 from __future__ import annotations
@@ -29,6 +31,25 @@ def public_index_dir() -> Path:
 
 def holdout_dir() -> Path:
     return demo_root() / "holdout"
+
+
+def validation_dir(root: Path | None = None) -> Path:
+    return (root if root is not None else demo_root()) / "validation"
+
+
+def validation_private_index_dir(root: Path | None = None) -> Path:
+    """The validation domain's private index: Noto images of non-held-out concepts + ledger."""
+    return validation_dir(root) / "private"
+
+
+def validation_holdout_dir(root: Path | None = None) -> Path:
+    """Noto images of the OpenMoji held-out concepts + captions.jsonl (prompts, reference)."""
+    return validation_dir(root) / "holdout"
+
+
+def validation_public_index_dir(root: Path | None = None) -> Path:
+    """The validation domain's public index: Twemoji + Fluent + EmojiOne (no Noto)."""
+    return validation_dir(root) / "public"
 
 
 def require(path: Path) -> Path:

@@ -9,7 +9,7 @@ import typer
 from dprdm import demo_layout
 from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
 from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, RAY_PRIVATE_NETWORK, cli_errors,
-                              console, emit, progress_callback, run_command)
+                              console, emit, err_console, progress_callback, run_command)
 from dprdm.errors import InvalidParameterError, NotFoundError
 
 QUICK_SAMPLES, QUICK_STEPS, QUICK_KID_SUBSETS = 24, 20, 20
@@ -84,6 +84,11 @@ def evaluate(
                                help=f"{QUICK_SAMPLES} prompts, eps 10, 1000 queries, "
                                     f"{QUICK_STEPS} steps: a smoke test in minutes."),
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
+    validation: bool = typer.Option(
+        False, "--validation",
+        help="With --demo: the validation domain instead of OpenMoji (Noto held out: its "
+             "index, held-out set and a public index without it, built when missing or when the "
+             "encoder changed), scored with the Noto judge."),
     ledger_url: str = LEDGER_OPTION,
     ray_address: str = typer.Option(
         None, "--ray-address",
@@ -103,6 +108,9 @@ def evaluate(
     default feature space; an index from another tower is refused before anything is charged.
 
     Example: dprdm eval --demo --out eval-report/ --epsilons 1,5,10 --queries 100,1000
+
+    Choosing recipes: dprdm eval --demo --validation --out val-report/ (Noto as the private
+    domain, docs/evaluation.md "Validation domain").
     """
 
     if synthetic is not None:
@@ -128,6 +136,27 @@ def evaluate(
         from dprdm.retrieval.shards import ShardedIndex, open_index
 
         index_dir, holdout_dir, public_dir = index, holdout, public_index
+        backend, domain = None, None
+        if validation:
+            if not demo:
+                raise InvalidParameterError("--validation is the demo's validation domain: "
+                                            "give --demo with it")
+            if index or holdout or public_index:
+                raise InvalidParameterError("--validation picks its own indexes and held-out "
+                                            "set: leave out --index, --holdout, --public-index")
+            from dprdm.validation import VALIDATION_STYLE, prepare_validation
+
+            backend = choice.load_backend()
+            built = prepare_validation(
+                backend, say=lambda line: err_console.print(f"[dim]{line}[/]"))
+            index_dir, holdout_dir = Path(built["private"]), Path(built["holdout"])
+            public_dir = Path(built["public"])
+            domain = (f"Validation domain: {VALIDATION_STYLE} held out as the private style "
+                      f"({built['n_private']} images in the private index, "
+                      f"{built['n_holdout']} held-out images of the OpenMoji held-out concepts "
+                      f"as prompts and reference; public index: {built['n_public']} Twemoji + "
+                      f"Fluent + EmojiOne images). Not OpenMoji: choose recipes here, report on "
+                      f"OpenMoji.")
         if demo:
             index_dir = index_dir or demo_layout.require(demo_layout.private_index_dir())
             holdout_dir = holdout_dir or demo_layout.require(demo_layout.holdout_dir())
@@ -162,7 +191,7 @@ def evaluate(
             samples=QUICK_SAMPLES if quick and samples is None else samples,
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
-        backend = choice.load_backend()
+        backend = backend or choice.load_backend()
         public = EmbeddingIndex.open(public_dir) if public_dir is not None else None
         for opened, what in ((private, "private"), (public, "public")):
             if opened is not None:  # refused before any experiment ledger is charged
@@ -178,6 +207,10 @@ def evaluate(
         on_demo_data = demo or _same_dir(index_dir, demo_layout.private_index_dir())
         classifiers = (EvalClassifiers.from_pretrained(classifiers_dir or CLASSIFIERS_DIR)
                        if on_demo_data or classifiers_dir is not None else None)
+        if validation:  # the concept network stays; the style columns are the Noto judge's
+            from dprdm.evaluation.judge import JudgedClassifiers, StyleJudge
+
+            classifiers = JudgedClassifiers(classifiers, StyleJudge.from_pretrained())
         demo_parts = backend.name == "demo"  # the demo keeps its encoder (alignment, features)
         result = run_evaluation(
             plan, HeldOut(held.images, list(held.captions)),
@@ -186,11 +219,12 @@ def evaluate(
             extractor=inception_extractor(inception) if inception is not None else None,
             progress_for=lambda label: progress_callback(f"generating: {label}",
                                                          enabled=not as_json),
-            private_shards=shards)
+            private_shards=shards, domain=domain)
         files = write_report(result, out)
         return {"runs": result.runs, "reference": result.notes["reference"], "files": files,
                 "feature_space": result.notes["feature_space"],
                 "demo_metrics": result.notes["demo_metrics"],
+                "style_target": result.notes["style_target"], "domain": domain,
                 "experiment_ledger": "in-memory; the index's own ledger was not charged",
                 "warning": result.notes["warning"],
                 "report_warning": PRIVATE_REPORT_WARNING}
@@ -202,12 +236,13 @@ def evaluate(
         return
     from rich.table import Table
 
-    from dprdm.evaluation.report import cell, present_columns
+    from dprdm.evaluation.report import cell, present_columns, retarget_columns
 
-    columns = present_columns(result["runs"], [
+    columns = present_columns(result["runs"], retarget_columns([
         ("label", "setting"), ("sigma", "sigma"), ("fid", "FID"), ("kid", "KID x1e3"),
         ("kid_vs_public_only", "KID - public-only (paired)"), ("concept_top10", "top-10"),
-        ("openmoji_like", "OpenMoji-like"), ("alignment", "align.")])
+        ("openmoji_like", "OpenMoji-like"), ("openmoji_like_strict", "OpenMoji-like (strict)"),
+        ("alignment", "align.")], result["style_target"]))
     table = Table(title="dprdm eval (lower FID/KID is better; all columns in results.md)")
     for _, title in columns:
         table.add_column(title, justify="right")
@@ -216,6 +251,8 @@ def evaluate(
     console.print(table)
     for name, path in result["files"].items():
         console.print(f"{name}: {path}")
+    if result["domain"]:
+        console.print(f"[bold]{result['domain']}[/]")
     console.print(f"FID/KID/PRDC in the feature space of {result['feature_space']}.")
     console.print(f"[yellow]{result['warning']}[/]")
     console.print(f"[bold yellow]{result['report_warning']}[/]")

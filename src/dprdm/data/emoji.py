@@ -1,13 +1,25 @@
-"""The offline emoji demo domains: two public styles and one "private" style.
+"""The offline emoji demo domains: four public styles and one "private" style.
 
-Owns turning three npm packages into folders that :func:`dprdm.data.loaders.load_folder` reads:
+Owns turning five npm packages into folders that :func:`dprdm.data.loaders.load_folder` reads:
 
 * public  ``data/twemoji/``   -- Twemoji 64 px PNGs from ``emoji-datasource-twitter`` (CC-BY 4.0)
 * public  ``data/google/``    -- Noto Emoji 64 px PNGs from ``emoji-datasource-google`` (Apache-2.0)
+* public  ``data/fluent/``    -- Microsoft Fluent Emoji "flat" SVGs from
+  ``@lobehub/fluent-emoji-flat`` (MIT), rasterised and cropped like OpenMoji (their 32-unit
+  viewBox leaves ~6 % blank per side)
+* public  ``data/emojione/``  -- EmojiOne 2.x 64 px PNGs from ``emojione`` (artwork CC BY 4.0)
 * private ``data/openmoji_private/`` and evaluation ``holdout/`` -- OpenMoji colour SVGs from
   ``openmoji`` (CC-BY-SA 4.0), rasterised with cairosvg, cropped to their visible pixels, padded to
   a square with a small margin (the public PNGs are near full-bleed), and split BY CONCEPT with a
   fixed seed into ~85 % private retrieval set and ~15 % held-out evaluation set.
+
+Fluent and EmojiOne files are named by code points; they are joined to emoji-datasource's
+(Twemoji's) list of emoji by concept, which gives them the same filtering, categories and captions
+as the other public styles (files of concepts not in that list, skin tones among them, are left
+out and counted).
+
+The demo's own models and public index use :data:`DEMO_PUBLIC_SPLITS` (Twemoji + Noto) only; the
+other public splits are there for training data that names them explicitly.
 
 Every style drops skin-tone variants, the Flags and Component categories (OpenMoji also its
 non-Unicode "extras" groups), and exact duplicate images (by hash of the final pixels, first in
@@ -16,10 +28,12 @@ emoji order wins). A record's concept is its code point sequence without U+FE0F 
 used for the public styles too when the concept exists in OpenMoji, else the Unicode name in lower
 case). Each folder holds ``CONCEPT.png`` files (RGB on white, ``size`` px) and ``captions.jsonl``
 rows ``{file, caption, concept, category, style}``; ``data/manifest.json`` records counts, package
-versions and licences, and a re-run whose manifest matches reuses the existing output.
+versions, licences and what each split was made from. The manifest lists complete splits only; a
+re-run reuses every split whose record matches and prepares only what is missing or stale (an
+older manifest's splits are reused as they are when their settings match).
 
 Only npm downloads anything (``npm install`` of the versions pinned in :data:`NPM_PACKAGES`).
-Run ``python -m dprdm.data.emoji ROOT [--size N] [--seed S]`` to prepare by hand.
+Run ``python -m dprdm.data.emoji ROOT [--size N] [--seed S] [--splits A,B]`` to prepare by hand.
 """
 
 from __future__ import annotations
@@ -49,10 +63,15 @@ NPM_PACKAGES: dict[str, str] = {
     "emoji-datasource-twitter": "16.0.0",
     "emoji-datasource-google": "16.0.0",
     "openmoji": "17.0.0",
+    "@lobehub/fluent-emoji-flat": "1.1.0",
+    "emojione": "2.2.7",
 }
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-split records ("made_from"), Fluent and EmojiOne
 HOLDOUT_FRACTION = 0.15
 OPENMOJI_PAD_FRACTION = 0.03  # margin per side, as a fraction of the content's longer side
+# Fluent's flat SVGs leave ~6 % of the side blank on each edge (median over the set); cropped
+# and padded like OpenMoji they are framed like the near full-bleed Twemoji / Noto PNGs.
+FLUENT_PAD_FRACTION = 0.03
 MIN_RENDER_SIZE = 256  # SVGs are rendered at max(4 * size, this) and then downscaled
 
 SKIN_TONE_MODIFIERS = frozenset({"1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF"})
@@ -84,7 +103,7 @@ class Style:
     role: str  # "public" or "private"
     licence: str
     attribution: str
-    image_dir: str = ""  # inside the package, for the PNG styles
+    image_dir: str = ""  # inside the package: the PNG (or, for Fluent, SVG) files
 
 
 TWEMOJI = Style(
@@ -104,7 +123,21 @@ OPENMOJI = Style(
     "All emojis designed by OpenMoji (openmoji.org), the open-source emoji and icon project. "
     "License: CC BY-SA 4.0. The rasterised PNGs are adaptations under the same licence.",
 )
-PUBLIC_STYLES = (TWEMOJI, GOOGLE)
+FLUENT = Style(
+    "fluent", "@lobehub/fluent-emoji-flat", "public", "MIT",
+    "Fluent Emoji (flat) (c) Microsoft Corporation, MIT License (microsoft/fluentui-emoji), "
+    "as packaged by LobeHub (@lobehub/fluent-emoji-flat, MIT).",
+    "assets",
+)
+EMOJIONE = Style(
+    "emojione", "emojione", "public", "CC-BY-4.0",
+    "Emoji artwork provided by EmojiOne (emojione 2.2.7), licensed under CC BY 4.0 "
+    "(https://creativecommons.org/licenses/by/4.0/); EmojiOne code MIT.",
+    "assets/png",
+)
+PUBLIC_STYLES = (TWEMOJI, GOOGLE)  # the emoji-datasource styles (their own emoji.json)
+JOINED_STYLES = (FLUENT, EMOJIONE)  # files named by code points, joined to Twemoji's list
+INDEX_STYLE = TWEMOJI  # whose emoji.json lists the emoji (concepts, categories) for the joins
 
 # Output layout under ROOT: split name -> (folder, style, role).
 SPLITS: dict[str, tuple[str, Style, str]] = {
@@ -112,7 +145,15 @@ SPLITS: dict[str, tuple[str, Style, str]] = {
     "google": ("data/google", GOOGLE, "public"),
     "openmoji_private": ("data/openmoji_private", OPENMOJI, "private"),
     "holdout": ("holdout", OPENMOJI, "evaluation"),
+    "fluent": ("data/fluent", FLUENT, "public"),
+    "emojione": ("data/emojione", EMOJIONE, "public"),
 }
+# The public splits the demo's shipped models were trained on and its public index holds.
+# Readers of "public" splits default to these (name others explicitly).
+DEMO_PUBLIC_SPLITS = ("twemoji", "google")
+# What `make demo` prepares (the rest: ``python -m dprdm.data.emoji ROOT``).
+DEMO_SPLITS = ("twemoji", "google", "openmoji_private", "holdout")
+OPENMOJI_SPLITS = ("openmoji_private", "holdout")  # rendered and split together
 MANIFEST = "data/manifest.json"
 CAPTIONS = "captions.jsonl"
 
@@ -175,6 +216,46 @@ def datasource_records(entries: Iterable[dict[str, Any]], image_dir: Path,
         seen.add(concept)
         caption = names.get(concept) or str(entry.get("name") or "").strip().lower()
         records.append(EmojiRecord(concept, caption, category, image_dir / entry["image"]))
+    return records
+
+
+def code_point_files(paths: Iterable[Path]) -> dict[str, Path]:
+    """concept -> file for files named by code points (``0023-fe0f-20e3.svg``, ``1f600.png``).
+
+    Names that are not code point sequences are ignored. When several files share a concept
+    (with and without U+FE0F), the one with the most code points (the fully qualified form)
+    wins, then the first in name order."""
+    chosen: dict[str, tuple[int, str, Path]] = {}
+    for path in paths:
+        stem = path.name.split(".")[0]
+        points = codepoints(stem)
+        if not points or not all(_is_hex(cp) for cp in points):
+            continue
+        key = concept_key(stem)
+        rank = (-len(points), path.name, path)
+        if key not in chosen or rank[:2] < chosen[key][:2]:
+            chosen[key] = rank
+    return {key: rank[2] for key, rank in chosen.items()}
+
+
+def _is_hex(text: str) -> bool:
+    return 1 <= len(text) <= 6 and all(c in "0123456789ABCDEF" for c in text)
+
+
+def joined_records(entries: Iterable[dict[str, Any]], files: dict[str, Path],
+                   names: dict[str, str], dropped: dict[str, int]) -> list[EmojiRecord]:
+    """Records of a style whose `files` (concept -> file) are joined to emoji-datasource's list.
+
+    The list's filtering, order, categories and captions are those of
+    :func:`datasource_records`; its concepts without a file count as ``no_image``, files whose
+    concept is not in the filtered list (skin tones, flags, components, emoji the list lacks) as
+    ``not_in_list``."""
+    listed = datasource_records(entries, Path(), names, dropped)
+    records = [EmojiRecord(r.concept, r.caption, r.category, files[r.concept])
+               for r in listed if r.concept in files]
+    dropped["no_image"] = dropped.get("no_image", 0) + len(listed) - len(records)
+    dropped["not_in_list"] = dropped.get("not_in_list", 0) + len(
+        set(files) - {r.concept for r in listed})
     return records
 
 
@@ -279,6 +360,11 @@ def render_openmoji(svg: bytes | str | Path, size: int,
     return decode_image(crop_to_alpha(rgba, pad_fraction), size)
 
 
+def render_fluent(svg: bytes | str | Path, size: int) -> np.ndarray:
+    """Fluent Emoji flat SVG -> ``uint8 (size, size, 3)``, cropped and padded like OpenMoji."""
+    return render_openmoji(svg, size, FLUENT_PAD_FRACTION)
+
+
 # ---------------------------------------------------------------------------------------------
 # npm
 
@@ -287,10 +373,11 @@ def npm_dir(root: Path) -> Path:
     return root / "npm"
 
 
-def installed_versions(prefix: Path) -> dict[str, str | None]:
-    """Version of each pinned package under ``prefix/node_modules`` (None where absent)."""
+def installed_versions(prefix: Path,
+                       names: Iterable[str] | None = None) -> dict[str, str | None]:
+    """Version of each pinned package (or of `names`) under ``prefix/node_modules``."""
     versions: dict[str, str | None] = {}
-    for name in NPM_PACKAGES:
+    for name in (NPM_PACKAGES if names is None else names):
         package_json = prefix / "node_modules" / name / "package.json"
         try:
             versions[name] = json.loads(package_json.read_text(encoding="utf-8")).get("version")
@@ -299,10 +386,13 @@ def installed_versions(prefix: Path) -> dict[str, str | None]:
     return versions
 
 
-def install_packages(prefix: Path) -> dict[str, str]:
-    """``npm install`` the pinned packages under `prefix` unless they are already there."""
-    if installed_versions(prefix) == NPM_PACKAGES:
-        return dict(NPM_PACKAGES)
+def install_packages(prefix: Path, needed: Iterable[str] | None = None) -> dict[str, str]:
+    """``npm install`` the pinned packages under `prefix` unless the `needed` ones (default:
+    all) are already there. Every pinned package is named in the install, so npm keeps (never
+    prunes) the ones installed before."""
+    needed = list(NPM_PACKAGES if needed is None else needed)
+    if installed_versions(prefix, needed) == {name: NPM_PACKAGES[name] for name in needed}:
+        return {name: NPM_PACKAGES[name] for name in needed}
     npm = shutil.which("npm")
     if npm is None:
         raise DprdmError("npm is not on PATH; it is needed once to fetch the emoji packages")
@@ -325,9 +415,45 @@ def install_packages(prefix: Path) -> dict[str, str]:
 
 
 def _config(size: int, seed: int, holdout_fraction: float) -> dict[str, Any]:
+    """The settings of a run (recorded in the manifest; each split also records its own)."""
     return {"format_version": FORMAT_VERSION, "size": size, "seed": seed,
             "holdout_fraction": holdout_fraction, "packages": dict(NPM_PACKAGES),
-            "openmoji_pad_fraction": OPENMOJI_PAD_FRACTION}
+            "openmoji_pad_fraction": OPENMOJI_PAD_FRACTION,
+            "fluent_pad_fraction": FLUENT_PAD_FRACTION}
+
+
+def made_from(name: str, size: int, seed: int, holdout_fraction: float,
+              packages: dict[str, str] | None = None,
+              openmoji_pad_fraction: float = OPENMOJI_PAD_FRACTION) -> dict[str, Any]:
+    """What split `name` is made from: a re-run reuses the split while this is unchanged."""
+    packages = NPM_PACKAGES if packages is None else packages
+    style = SPLITS[name][1]
+    out: dict[str, Any] = {"size": size, "package": style.package,
+                           "version": packages.get(style.package),
+                           "captions_from": f"openmoji@{packages.get(OPENMOJI.package)}"}
+    if style in JOINED_STYLES:
+        out["list_from"] = f"{INDEX_STYLE.package}@{packages.get(INDEX_STYLE.package)}"
+    if style is FLUENT:
+        out["pad_fraction"] = FLUENT_PAD_FRACTION
+    if style is OPENMOJI:
+        out.update(seed=seed, holdout_fraction=holdout_fraction,
+                   pad_fraction=openmoji_pad_fraction)
+    return out
+
+
+def _recorded_made_from(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A manifest's record of what split `name` was made from (format 1: from its config)."""
+    entry = manifest.get("splits", {}).get(name) or {}
+    config = manifest.get("config") or {}
+    if "made_from" in entry:
+        return entry["made_from"]
+    if config.get("format_version") == 1:  # one config for the whole (then four-split) run
+        try:
+            return made_from(name, config["size"], config["seed"], config["holdout_fraction"],
+                             config["packages"], config["openmoji_pad_fraction"])
+        except (KeyError, TypeError):
+            return None
+    return None
 
 
 def _count_lines(path: Path) -> int:
@@ -335,22 +461,35 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def _reusable(root: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The existing manifest when it matches `config` and every split folder is complete."""
+def _read_manifest(root: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("config") != config:
-        return None
-    for name, (folder, _, _) in SPLITS.items():
-        captions = root / folder / CAPTIONS
-        expected = manifest.get("splits", {}).get(name, {}).get("count")
-        if not captions.is_file() or _count_lines(captions) != expected:
-            return None
-        if sum(1 for _ in (root / folder).glob("*.png")) != expected:
-            return None
+        return {}
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        return {}
+    if (manifest.get("config") or {}).get("format_version", 0) > FORMAT_VERSION:
+        return {}
     return manifest
+
+
+def _reusable(root: Path, manifest: dict[str, Any],
+              wanted: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The manifest's split entries (with ``made_from``) that match `wanted` and whose folder is
+    complete (as many PNGs and captions rows as the manifest counted)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in manifest.get("splits", {}).items():
+        if name not in SPLITS or _recorded_made_from(manifest, name) != wanted[name]:
+            continue
+        folder = root / SPLITS[name][0]
+        captions = folder / CAPTIONS
+        expected = entry.get("count")
+        if not captions.is_file() or _count_lines(captions) != expected:
+            continue
+        if sum(1 for _ in folder.glob("*.png")) != expected:
+            continue
+        out[name] = {**entry, "made_from": wanted[name]}
+    return out
 
 
 def _render_all(records: Sequence[EmojiRecord], render: Callable[[Path], np.ndarray],
@@ -399,72 +538,137 @@ def _new_dropped() -> dict[str, int]:
             "unreadable": 0, "duplicate_image": 0}
 
 
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically: readers see the old one or the new one, never a part."""
+    from dprdm.files import write_bytes_atomically
+
+    (root / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _check_split_names(splits: Iterable[str] | None) -> tuple[str, ...]:
+    if splits is None:
+        return tuple(SPLITS)
+    names = tuple(dict.fromkeys(splits))
+    unknown = [name for name in names if name not in SPLITS]
+    if unknown or not names:
+        raise InvalidParameterError(f"unknown splits {unknown or names}; choose from "
+                                    f"{', '.join(SPLITS)}")
+    if set(OPENMOJI_SPLITS) & set(names):  # made together from one split of the concepts
+        names = tuple(dict.fromkeys(names + OPENMOJI_SPLITS))
+    return names
+
+
+def _packages_needed(names: Iterable[str]) -> set[str]:
+    needed = {OPENMOJI.package}  # its names are every style's captions
+    for name in names:
+        style = SPLITS[name][1]
+        needed.add(style.package)
+        if style in JOINED_STYLES:
+            needed.add(INDEX_STYLE.package)
+    return needed
+
+
 def prepare_demo_data(root: Path, size: int = 64, seed: int = 0, *,
                       holdout_fraction: float = HOLDOUT_FRACTION, force: bool = False,
-                      show_progress: bool = True) -> dict[str, Any]:
+                      show_progress: bool = True,
+                      splits: Iterable[str] | None = None) -> dict[str, Any]:
     """Install the emoji packages under ``root/npm`` and write the demo domains under `root`.
 
-    Returns the manifest (also written to ``root/data/manifest.json``); its ``"reused"`` key is
-    True when a matching earlier run was found and nothing was redone (`force` redoes it).
+    `splits` names the splits wanted (default: all of :data:`SPLITS`; ``make demo`` asks for
+    :data:`DEMO_SPLITS`). A split the manifest records as made from the same settings and
+    packages, with a complete folder, is reused as it is; only the others are prepared (`force`
+    redoes the wanted ones). Returns the manifest (also written to ``root/data/manifest.json``,
+    listing every complete split, wanted or not); its ``"reused"`` key is True when nothing was
+    redone. The manifest is rewritten after each split, and a split about to be rewritten is
+    first taken out of it, so it never lists a split that is not complete.
     """
     size = check_size(size)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InvalidParameterError(f"seed must be a non-negative whole number, got {seed!r}")
+    names = _check_split_names(splits)
     root = Path(root)
     config = _config(size, seed, holdout_fraction)
-    if not force:
-        existing = _reusable(root, config)
-        if existing is not None:
-            return {**existing, "reused": True}
-    started = time.monotonic()
-    (root / MANIFEST).unlink(missing_ok=True)  # the manifest is written last: it marks completion
-    prefix = npm_dir(root)
-    versions = install_packages(prefix)
-    modules = prefix / "node_modules"
+    wanted = {name: made_from(name, size, seed, holdout_fraction) for name in SPLITS}
+    old = _read_manifest(root)
+    reusable = _reusable(root, old, wanted)
+    todo = [name for name in names if force or name not in reusable]
+    if set(OPENMOJI_SPLITS) & set(todo):
+        todo = list(dict.fromkeys(todo + list(OPENMOJI_SPLITS)))
+    if not todo:
+        return {**old, "reused": True}
 
+    started = time.monotonic()
+    kept = {name: entry for name, entry in reusable.items() if name not in todo}
+    kept_styles = {SPLITS[name][1].name for name in kept}
+    manifest: dict[str, Any] = {
+        "config": config,
+        "packages": {},
+        "splits": kept,
+        "dropped": {k: v for k, v in (old.get("dropped") or {}).items() if k in kept_styles},
+        "licences": {},
+        "seconds": 0.0,
+        "created_utc": "",
+    }
+
+    def save() -> None:
+        styles = {SPLITS[name][1] for name in manifest["splits"]}
+        manifest["packages"] = {s.package: NPM_PACKAGES[s.package]
+                                for s in sorted(styles, key=lambda s: s.name)}
+        manifest["licences"] = {s.name: {"licence": s.licence, "package": s.package,
+                                         "attribution": s.attribution}
+                                for s in sorted(styles, key=lambda s: s.name)}
+        manifest["seconds"] = round(time.monotonic() - started, 1)
+        manifest["created_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _write_manifest(root, manifest)
+
+    save()  # the splits about to be rewritten are no longer listed
+    prefix = npm_dir(root)
+    install_packages(prefix, _packages_needed(todo))
+    modules = prefix / "node_modules"
     openmoji_entries = json.loads(
         (modules / "openmoji" / "data" / "openmoji.json").read_text(encoding="utf-8"))
-    names = openmoji_names(openmoji_entries)
-    splits: dict[str, dict[str, Any]] = {}
-    dropped: dict[str, dict[str, int]] = {}
+    names_of = openmoji_names(openmoji_entries)
 
-    for style in PUBLIC_STYLES:
-        package = modules / style.package
-        entries = json.loads((package / "emoji.json").read_text(encoding="utf-8"))
-        dropped[style.name] = _new_dropped()
-        records = datasource_records(entries, package / style.image_dir, names, dropped[style.name])
-        kept, images = _render_all(records, lambda p: decode_image(p, size),
-                                   f"{style.name:>9} PNG", show_progress, dropped[style.name])
-        folder, _, role = SPLITS[style.name]
-        count = _write_split(root / folder, style.name, kept, images)
-        splits[style.name] = _split_entry(folder, style, role, count)
-
-    dropped[OPENMOJI.name] = _new_dropped()
-    records = openmoji_records(openmoji_entries, modules / "openmoji" / "color" / "svg",
-                               dropped[OPENMOJI.name])
-    kept, images = _render_all(records, lambda p: render_openmoji(p, size),
-                               " openmoji SVG", show_progress, dropped[OPENMOJI.name])
-    private, holdout = split_concepts((r.concept for r in kept), holdout_fraction, seed)
-    for name, concepts in (("openmoji_private", set(private)), ("holdout", set(holdout))):
+    def finish(name: str, kept_records: Sequence[EmojiRecord], images: Sequence[np.ndarray]):
         folder, style, role = SPLITS[name]
-        chosen = [i for i, record in enumerate(kept) if record.concept in concepts]
-        count = _write_split(root / folder, style.name, [kept[i] for i in chosen],
-                             [images[i] for i in chosen])
-        splits[name] = _split_entry(folder, style, role, count)
+        count = _write_split(root / folder, style.name, kept_records, images)
+        manifest["splits"][name] = {**_split_entry(folder, style, role, count),
+                                    "made_from": wanted[name]}
+        save()
 
-    manifest = {
-        "config": config,
-        "packages": versions,
-        "splits": splits,
-        "dropped": dropped,
-        "licences": {s.name: {"licence": s.licence, "package": s.package,
-                              "attribution": s.attribution}
-                     for s in (*PUBLIC_STYLES, OPENMOJI)},
-        "seconds": round(time.monotonic() - started, 1),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (root / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    for style in (*PUBLIC_STYLES, *JOINED_STYLES):
+        if style.name not in todo:
+            continue
+        package = modules / style.package
+        dropped = manifest["dropped"][style.name] = _new_dropped()
+        if style in PUBLIC_STYLES:
+            entries = json.loads((package / "emoji.json").read_text(encoding="utf-8"))
+            records = datasource_records(entries, package / style.image_dir, names_of, dropped)
+        else:
+            entries = json.loads((modules / INDEX_STYLE.package / "emoji.json"
+                                  ).read_text(encoding="utf-8"))
+            suffix = "*.svg" if style is FLUENT else "*.png"
+            files = code_point_files(sorted((package / style.image_dir).glob(suffix)))
+            records = joined_records(entries, files, names_of, dropped)
+        render = ((lambda p: render_fluent(p, size)) if style is FLUENT
+                  else (lambda p: decode_image(p, size)))
+        kind = "SVG" if style is FLUENT else "PNG"
+        kept_records, images = _render_all(records, render, f"{style.name:>9} {kind}",
+                                           show_progress, dropped)
+        finish(style.name, kept_records, images)
+
+    if set(OPENMOJI_SPLITS) & set(todo):
+        dropped = manifest["dropped"][OPENMOJI.name] = _new_dropped()
+        records = openmoji_records(openmoji_entries, modules / "openmoji" / "color" / "svg",
+                                   dropped)
+        kept_records, images = _render_all(records, lambda p: render_openmoji(p, size),
+                                           " openmoji SVG", show_progress, dropped)
+        private, holdout = split_concepts((r.concept for r in kept_records), holdout_fraction,
+                                          seed)
+        for name, concepts in (("openmoji_private", set(private)), ("holdout", set(holdout))):
+            chosen = [i for i, record in enumerate(kept_records) if record.concept in concepts]
+            finish(name, [kept_records[i] for i in chosen], [images[i] for i in chosen])
     return {**manifest, "reused": False}
 
 
@@ -475,7 +679,7 @@ def _split_entry(folder: str, style: Style, role: str, count: int) -> dict[str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dprdm.data.emoji ROOT [--size N] [--seed S] [--force]``."""
+    """``python -m dprdm.data.emoji ROOT [--size N] [--seed S] [--force] [--splits A,B]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m dprdm.data.emoji",
@@ -484,9 +688,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="redo even if the manifest matches")
+    parser.add_argument("--splits", default="",
+                        help=f"comma-separated splits (default: all: {','.join(SPLITS)})")
     args = parser.parse_args(argv)
+    wanted = [part.strip() for part in args.splits.split(",") if part.strip()] or None
     try:
-        manifest = prepare_demo_data(args.root, args.size, args.seed, force=args.force)
+        manifest = prepare_demo_data(args.root, args.size, args.seed, force=args.force,
+                                     splits=wanted)
     except DprdmError as error:
         _stderr.print(f"[bold red]error:[/] {error}")
         return 2

@@ -267,11 +267,23 @@ def score(images: np.ndarray, held_out: HeldOut, classifiers, encoder, extractor
     row.update({key: concepts[key] for key in ("concept_top1", "concept_top10", "category_acc")})
     row["n_concepts_scored"] = concepts["n"]
     style = style_scores(images, classifiers)
-    row.update({"openmoji_like": style["openmoji_like"],
-                "openmoji_probability_mean": style["openmoji_probability_mean"],
-                "openmoji_like_strict": style["openmoji_like_strict"],
-                "openmoji_probability_mean_strict": style["openmoji_probability_mean_strict"]})
+    row.update({key: style.get(key) for key in STYLE_KEYS})
     return row
+
+
+STYLE_KEYS = ("openmoji_like", "openmoji_probability_mean", "openmoji_like_strict",
+              "openmoji_probability_mean_strict")
+DEFAULT_STYLE_TARGET = "OpenMoji"
+
+
+def style_target(classifiers) -> str:
+    """The style the classifiers' style networks recognise (OpenMoji, or a judge's target)."""
+    return str(getattr(classifiers, "style_target", DEFAULT_STYLE_TARGET))
+
+
+def retarget_key(key: str, target: str) -> str:
+    """``openmoji_like_strict`` -> ``noto_like_strict`` for a judge of another style."""
+    return key.replace("openmoji", target.lower()) if target != DEFAULT_STYLE_TARGET else key
 
 
 # FID / KID are also read in the style networks' feature spaces: "style" (OpenMoji vs the raw
@@ -335,10 +347,7 @@ def real_reference_row(held_out: HeldOut, classifiers, encoder) -> dict[str, Any
     style = style_scores(held_out.images, classifiers)
     return {"setting": "real held-out", "concept_top1": concepts["concept_top1"],
             "concept_top10": concepts["concept_top10"], "category_acc": concepts["category_acc"],
-            "openmoji_like": style["openmoji_like"],
-            "openmoji_probability_mean": style["openmoji_probability_mean"],
-            "openmoji_like_strict": style["openmoji_like_strict"],
-            "openmoji_probability_mean_strict": style["openmoji_probability_mean_strict"],
+            **{key: style.get(key) for key in STYLE_KEYS},
             "alignment": align["alignment"], "alignment_mismatched": align["alignment_mismatched"]}
 
 
@@ -352,7 +361,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                    private_index, public_index: EmbeddingIndex | None,
                    classifiers=None, extractor=None,
                    progress_for: Callable[[str], Any] | None = None,
-                   private_shards=None) -> EvalResult:
+                   private_shards=None, domain: str | None = None) -> EvalResult:
     """Generate and score every setting of `plan`. `progress_for(label)` returns a context
     manager yielding a `(done, total)` callback (or None), e.g. ``cli.output.progress_callback``.
     `pipeline` is any generator backend (`encoder` None: the backend's own towers embed prompts
@@ -361,7 +370,11 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
 
     `classifiers` (the emoji demo's concept and style networks) are for the demo data only; with
     None the report holds the distribution metrics and the text-image alignment alone, in the
-    feature space of `extractor` (default: the encoder's image tower).
+    feature space of `extractor` (default: the encoder's image tower). Classifiers whose style
+    judge recognises another style than OpenMoji (``style_target``, e.g. the validation
+    domain's Noto judge) give their style keys that style's name (``noto_like_strict``).
+    `domain` is a sentence for the report saying which domain this is (e.g. the validation
+    domain).
     """
     from contextlib import nullcontext
 
@@ -418,8 +431,14 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
         row.update(spent)
         runs.append(row)
     compare_with_public_only(runs, images, held_out, extractor, plan)
+    reference = real_reference_row(held_out, classifiers, encoder)
+    target = style_target(classifiers)
+    runs = [{retarget_key(key, target): value for key, value in row.items()} for row in runs]
+    reference = {retarget_key(key, target): value for key, value in reference.items()}
     notes = {
-        "reference": real_reference_row(held_out, classifiers, encoder),
+        "reference": reference,
+        "style_target": target if classifiers is not None else None,
+        "domain": domain,
         "feature_space": feature_space(extractor),
         "demo_metrics": classifiers is not None,
         "plan": asdict(plan),

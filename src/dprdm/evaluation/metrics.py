@@ -284,6 +284,9 @@ def concept_scores(images: np.ndarray, captions: list[str], classifiers: Any) ->
                   "category_acc": float(np.mean(category == cat_targets))}
 
 
+STYLE_NETWORKS = (("", "public-styles"), ("_strict", "public-and-augmentations"))
+
+
 def style_scores(images: np.ndarray, classifiers: Any, threshold: float = 0.5) -> dict:
     """Share of images each style network calls OpenMoji (P >= threshold), and the mean P.
 
@@ -296,7 +299,8 @@ def style_scores(images: np.ndarray, classifiers: Any, threshold: float = 0.5) -
     if not 0.0 < threshold < 1.0:
         raise InvalidParameterError(f"threshold must be in (0, 1), got {threshold}")
     out: dict[str, Any] = {"n": len(images)}
-    for suffix, against in (("", "public-styles"), ("_strict", "public-and-augmentations")):
+    # a validation judge (dprdm.evaluation.judge) has the strict network only
+    for suffix, against in getattr(classifiers, "style_networks", STYLE_NETWORKS):
         p = np.asarray(classifiers.openmoji_probability(images, against=against),
                        dtype=np.float64)
         empty = len(p) == 0

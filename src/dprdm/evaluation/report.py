@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dprdm.evaluation.harness import EvalResult
+from dprdm.evaluation.harness import DEFAULT_STYLE_TARGET, EvalResult, retarget_key
 from dprdm.files import write_bytes_atomically
 from dprdm.image_files import image_grid, png_bytes
 
@@ -53,6 +53,15 @@ TABLE_COLUMNS = [
     ("alignment", "align."),
 ]
 SAMPLE_ROWS = 16
+
+
+def retarget_columns(columns, target: str | None):
+    """Column keys and titles for a style judge of `target` (``OpenMoji-like (strict)`` ->
+    ``Noto-like (strict)``, key ``openmoji_like_strict`` -> ``noto_like_strict``)."""
+    if not target or target == DEFAULT_STYLE_TARGET:
+        return list(columns)
+    return [(retarget_key(c[0], target), c[1].replace("OpenMoji", target))
+            if isinstance(c, tuple) else retarget_key(c, target) for c in columns]
 
 
 def cell(key: str, row: dict[str, Any]) -> str:
@@ -87,8 +96,8 @@ def present_columns(rows: list[dict[str, Any]],
             if key == "setting" or any(row.get(key) is not None for row in rows)]
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    columns = present_columns(rows)
+def markdown_table(rows: list[dict[str, Any]], target: str | None = None) -> str:
+    columns = present_columns(rows, retarget_columns(TABLE_COLUMNS, target))
     header = "| " + " | ".join(title for _, title in columns) + " |"
     rule = "| " + " | ".join("---" for _ in columns) + " |"
     lines = [header, rule]
@@ -97,33 +106,37 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def csv_text(rows: list[dict[str, Any]]) -> str:
+def csv_text(rows: list[dict[str, Any]], target: str | None = None) -> str:
+    columns = retarget_columns(CSV_COLUMNS, target)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({key: ("" if row.get(key) is None else row.get(key))
-                         for key in CSV_COLUMNS})
+                         for key in columns})
     return buffer.getvalue()
 
 
 def results_markdown(result: EvalResult) -> str:
     plan = result.notes["plan"]
     reference = result.notes["reference"]
+    target = result.notes.get("style_target")
     real_row = dict(reference, setting="real held-out images")
+    judged = bool(target) and target != DEFAULT_STYLE_TARGET
     lines = [
         "# dprdm eval",
         "",
+        *([f"**{result.notes['domain']}**", ""] if result.notes.get("domain") else []),
         f"{len(result.held_out.captions)} prompts = captions of held-out private images (the "
         f"reference set of FID/KID/PRDC); {_per_prompt(plan.get('repeats', 1))} per prompt and "
         f"setting, the same diffusion seeds in every setting; guidance {plan['guidance']}, "
         f"{plan['steps']} sampler steps.",
         "",
-        markdown_table(result.runs),
+        markdown_table(result.runs, target),
         "",
         "Real held-out images, scored by the same classifiers and encoder:",
         "",
-        markdown_table([real_row]),
+        markdown_table([real_row], target),
         "",
         f"* FID/KID/PRDC: measured in the feature space of "
         f"{result.notes.get('feature_space', 'the evaluation feature extractor')} (see "
@@ -135,7 +148,13 @@ def results_markdown(result: EvalResult) -> str:
         "all their repeats, for both settings); 'closer than public-only' = the share of "
         "resamples in which the setting is the closer one. This is the test for 'better than "
         "public-only': the two settings' own KID stds overstate the uncertainty of a difference.",
-        *(["* FID/KID style and strict: the same metrics in the feature spaces of the two "
+        *([f"* {target}-like (strict) and FID/KID strict: the {target} style judge "
+           f"(dprdm/weights/validation-judge: {target} against every public collection a "
+           "generator may train on, as it is, through the style augmentations and through a "
+           "family of procedural styles), its share of images with P >= 0.5 and the metrics in "
+           "its feature space. There is no non-strict counterpart (no 'FID style' column)."]
+          if judged else
+          ["* FID/KID style and strict: the same metrics in the feature spaces of the two "
            "OpenMoji style networks (style: OpenMoji vs the raw public styles; strict: vs the "
            "public styles and their augmentations). They see the look that the concept network "
            "is trained to ignore; they are specific to the emoji demo."]
@@ -252,9 +271,11 @@ def write_report(result: EvalResult, out: str | Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(out, 0o700)
     files = {
-        "runs.csv": csv_text(result.runs).encode(),
+        "runs.csv": csv_text(result.runs, result.notes.get("style_target")).encode(),
         "runs.json": (json.dumps({"runs": result.runs, "reference": result.notes["reference"],
-                                  "plan": result.notes["plan"]}, indent=1,
+                                  "plan": result.notes["plan"],
+                                  "style_target": result.notes.get("style_target"),
+                                  "domain": result.notes.get("domain")}, indent=1,
                                  default=_json_default) + "\n").encode(),
         "results.md": results_markdown(result).encode(),
         "fid_kid_vs_epsilon.png": plot_png(result.runs),

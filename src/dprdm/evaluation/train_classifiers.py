@@ -29,6 +29,12 @@ Five short runs, one CPU thread, fixed seed (the same command gives the same wei
 ``--only style_public`` trains only (4) and measures it, loading the concept and strict style
 networks unchanged from ``--out`` (and adding to the ``training.json`` there).
 
+``--target noto`` trains none of the above but the validation domain's style judge
+(:mod:`dprdm.evaluation.judge`, written to ``dprdm/weights/validation-judge`` when ``--out`` is
+left at its default): the strict network's recipe with Noto as the target, against Twemoji,
+Fluent and EmojiOne as they are, through the augmentations and through
+``style_family(400, seed=12345)`` recipes (:func:`run_judge`).
+
 Every batch goes through light geometric jitter (scale 0.85-1.1, +-2 px shift, +-8 degrees,
 white fill) and colour jitter (fill intensity +-15 %). The measured numbers are printed and
 saved as ``OUT/training.json`` next to the weights.
@@ -49,6 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dprdm.data.emoji import DEMO_PUBLIC_SPLITS
+from dprdm.data.style_family import StyleRecipe, apply_recipe, style_family
 from dprdm.data.styles import STYLE_AUGMENTATIONS
 from dprdm.errors import InvalidParameterError
 from dprdm.evaluation.classifiers import (IMAGE_SIZE, ClassifierConfig, ConvNet, EvalClassifiers,
@@ -75,6 +83,14 @@ class Settings:
     threads: int = 1
     log_every: int = 50
     only: str = ""  # "" = train everything; "style_public" = only that network (rest from out)
+    # "openmoji": the yardsticks above; "noto": only the validation domain's style judge
+    # (Noto vs Twemoji + Fluent + EmojiOne, raw, augmented and through a style family)
+    target: str = "openmoji"
+    judge_steps: int = 1000
+    family_size: int = 400
+    family_seed: int = 12345
+    family_share: float = 1 / 3  # share of the judge's negatives drawn in a family recipe
+    raw_share: float = 1 / 3  # ... kept as they are (the rest: raw or an augmentation, 1/8 each)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +106,10 @@ class Split:
     style: str
 
 
-def load_splits(data: str | Path, roles: Sequence[str]) -> dict[str, Split]:
-    """The demo splits whose manifest role is in `roles`, at 32 px (``load_folder``'s resize)."""
+def load_splits(data: str | Path, roles: Sequence[str],
+                names: Sequence[str] | None = None) -> dict[str, Split]:
+    """The demo splits whose manifest role is in `roles` (and, given `names`, whose name is
+    one of them), at 32 px (``load_folder``'s resize)."""
     from dprdm.data import load_folder
 
     root = Path(data)
@@ -101,7 +119,7 @@ def load_splits(data: str | Path, roles: Sequence[str]) -> dict[str, Split]:
     splits = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
     out = {}
     for name, entry in splits.items():
-        if entry.get("role") not in roles:
+        if entry.get("role") not in roles or (names is not None and name not in names):
             continue
         dataset = load_folder(root / entry["path"], IMAGE_SIZE, show_progress=False)
         out[name] = Split(dataset.images, list(dataset.captions),
@@ -238,28 +256,48 @@ def concept_loss(settings: Settings):
     return loss
 
 
-def style_batches(openmoji: np.ndarray, public: np.ndarray,
+def style_batches(target: np.ndarray, public: np.ndarray,
                   reconstructions: tuple[np.ndarray, np.ndarray] | None,
-                  augmentations: bool = True):
-    """Half OpenMoji (label 1), half public (label 0), in equal shares of every public source.
+                  augmentations: bool = True, recipes: Sequence[StyleRecipe] = (),
+                  family_share: float = 0.0, raw_share: float = 0.0,
+                  public_weights: np.ndarray | None = None):
+    """Half `target` style (label 1: OpenMoji for the yardsticks), half public (label 0), in
+    equal shares of every public source.
 
     Public: as it is, or through one of the style augmentations (each source 1/8 of the
     negatives); with ``augmentations=False`` (the public-styles network) always as it is.
     With `reconstructions` = (OpenMoji, public) images passed through the generator's
     autoencoder, a quarter of the positives and a ninth of the negatives are such
-    reconstructions, so decoder blur is a cue for neither class.
+    reconstructions, so decoder blur is a cue for neither class. With `recipes` (a style
+    family), a `family_share` of the negatives are drawn each in a random recipe instead, a
+    further `raw_share` kept as they are, the rest shared as above. `public_weights` (summing
+    to 1) draws the public images unevenly, e.g. so that every public collection is an equal
+    share whatever its size. Without recipes and
+    weights the random draws are exactly those of the shipped yardsticks' training.
     """
     names = list(STYLE_AUGMENTATIONS)
 
+    def draw_public(rng: np.random.Generator, count: int) -> np.ndarray:
+        if public_weights is None:
+            return public[rng.integers(0, len(public), count)].copy()
+        return public[rng.choice(len(public), size=count, p=public_weights)].copy()
+
     def batch(n: int, rng: np.random.Generator, generator: torch.Generator):
         n_pos = n // 2
-        pos = openmoji[rng.integers(0, len(openmoji), n_pos)]
-        neg = public[rng.integers(0, len(public), n - n_pos)].copy()
+        pos = target[rng.integers(0, len(target), n_pos)]
+        neg = draw_public(rng, n - n_pos)
         if not augmentations:
             x = to_tensor(np.concatenate([pos, neg]))
             return x, {"openmoji": torch.cat([torch.ones(n_pos), torch.zeros(n - n_pos)])}
         kinds = len(names) + 1 + (1 if reconstructions is not None else 0)
         which = rng.integers(0, kinds, len(neg))
+        if recipes:
+            u = rng.random(len(neg))
+            which[(u >= family_share) & (u < family_share + raw_share)] = len(names)  # raw
+            in_family = np.flatnonzero(u < family_share)
+            which[in_family] = -1  # neither raw nor augmented: a family recipe
+            for i, r in zip(in_family, rng.integers(0, len(recipes), len(in_family))):
+                neg[i] = apply_recipe(neg[i:i + 1], recipes[int(r)])[0]
         for a, name in enumerate(names):
             members = np.flatnonzero(which == a)
             if len(members):
@@ -277,9 +315,10 @@ def style_batches(openmoji: np.ndarray, public: np.ndarray,
 
 
 def style_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
-    logits = out["openmoji"][:, 0]
-    loss = F.binary_cross_entropy_with_logits(logits, targets["openmoji"])
-    acc = ((logits > 0).float() == targets["openmoji"]).float().mean()
+    """Binary cross-entropy of a one-logit network (its only head, whatever its name)."""
+    (logits,), (labels,) = [v[:, 0] for v in out.values()], list(targets.values())
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    acc = ((logits > 0).float() == labels).float().mean()
     return loss, {"loss": loss.item(), "acc": acc.item()}
 
 
@@ -410,13 +449,159 @@ def run_style_public_only(settings: Settings, holdout: Split, openmoji: Split,
     return record
 
 
+# target -> (its split, its name in reports, the splits it is judged against: what a generator
+# may be trained on while that style is held out)
+JUDGE_TARGETS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "noto": ("google", "Noto", ("twemoji", "fluent", "emojione")),
+}
+
+
+def family_styled(images: np.ndarray, recipes: Sequence[StyleRecipe], seed: int) -> np.ndarray:
+    """Each image drawn in a random recipe of `recipes` (a fixed evaluation set for a seed)."""
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    for i, r in enumerate(rng.integers(0, len(recipes), len(images))):
+        out[i] = apply_recipe(images[i:i + 1], recipes[int(r)])[0]
+    return out
+
+
+def judge_report(judge, target_test: Split, negatives_test: dict[str, Split],
+                 recipes: Sequence[StyleRecipe], seed: int,
+                 openmoji_holdout: Split | None = None) -> dict:
+    """A judge on held-out concepts: recall on the target's images, specificity on every
+    negative collection as it is, through each augmentation and through family recipes."""
+    p_target = judge.probability(target_test.images)
+    raw = {name: judge.probability(split.images) for name, split in negatives_test.items()}
+    all_negatives = np.concatenate([split.images for split in negatives_test.values()])
+    augmented = {name: judge.probability(x)
+                 for name, x in augment_all(all_negatives, seed + 1).items()}
+    p_family = judge.probability(family_styled(all_negatives, recipes, seed + 2))
+    p_raw = np.concatenate(list(raw.values()))
+    recall = rate(p_target, True)
+    out = {
+        "target": judge.target, "n_target": len(p_target), "n_negatives": len(p_raw),
+        "recall_target": recall,
+        "specificity_raw": {name: rate(p, False) for name, p in raw.items()},
+        "specificity_raw_all": rate(p_raw, False),
+        "specificity_per_augmentation": {k: rate(v, False) for k, v in augmented.items()},
+        "specificity_augmented_all": rate(np.concatenate(list(augmented.values())), False),
+        "specificity_family": rate(p_family, False),
+        "accuracy_target_vs_raw": float((np.sum(p_target >= 0.5) + np.sum(p_raw < 0.5))
+                                        / (len(p_target) + len(p_raw))),
+        "balanced_accuracy_raw": 0.5 * (recall + rate(p_raw, False)),
+        "mean_p_target": {"target": float(p_target.mean()), "raw": float(p_raw.mean()),
+                          "family": float(p_family.mean())},
+        "target_through_family_called_target": rate(
+            judge.probability(family_styled(target_test.images, recipes, seed + 3)), True),
+    }
+    if openmoji_holdout is not None:
+        out["openmoji_holdout_called_target"] = rate(judge.probability(openmoji_holdout.images),
+                                                     True)
+    return out
+
+
+def run_judge(settings: Settings, t0: float) -> dict:
+    """Train and measure the style judge of ``settings.target`` (``--target noto``)."""
+    from dprdm.evaluation.classifiers import DEFAULT_DIR as CLASSIFIERS_DIR
+    from dprdm.evaluation.judge import HEAD, VALIDATION_JUDGE_DIR, StyleJudge
+
+    if settings.target not in JUDGE_TARGETS:
+        raise InvalidParameterError(f"--target must be 'openmoji' or one of "
+                                    f"{', '.join(JUDGE_TARGETS)}, got {settings.target!r}")
+    out = Path(settings.out)
+    if out.resolve() == CLASSIFIERS_DIR.resolve():  # the default --out: never the yardsticks'
+        out = VALIDATION_JUDGE_DIR
+    if (out / "config.json").is_file() and "dprdm-style-judge" not in (
+            out / "config.json").read_text(encoding="utf-8"):
+        raise InvalidParameterError(f"{out} holds other weights than a style judge")
+    split_name, label, against = JUDGE_TARGETS[settings.target]
+    splits = load_splits(settings.data, ["public"], (split_name, *against))
+    missing = [name for name in (split_name, *against) if name not in splits]
+    if missing:
+        raise InvalidParameterError(f"the demo data under {settings.data} lacks {missing}: "
+                                    f"prepare it with `python -m dprdm.data.emoji "
+                                    f"{settings.data}`")
+    evaluation = load_splits(settings.data, ["evaluation"])
+    if not evaluation:
+        raise InvalidParameterError(f"no held-out split under {settings.data}")
+    openmoji_holdout = concat(list(evaluation.values()))
+    held = set(openmoji_holdout.concepts)  # the held-out concepts stay out of training
+
+    def split(part: Split) -> tuple[Split, Split]:
+        inside = np.array([c in held for c in part.concepts])
+        return subset(part, ~inside), subset(part, inside)
+
+    target_train, target_test = split(splits[split_name])
+    negatives = {name: split(splits[name]) for name in against}
+    public_train = concat([negatives[name][0] for name in against])
+    # every negative collection an equal share, whatever its size
+    weights = np.concatenate([np.full(len(negatives[name][0].images),
+                                      1.0 / (len(against) * len(negatives[name][0].images)))
+                              for name in against])
+    recipes = style_family(settings.family_size, settings.family_seed)
+    print(f"judge {label}: {len(target_train.images)} {split_name} images vs "
+          f"{', '.join(f'{n} {len(negatives[n][0].images)}' for n in against)} "
+          f"(+ 7 augmentations, {len(recipes)} family recipes); held out: "
+          f"{len(target_test.images)} vs {sum(len(negatives[n][1].images) for n in against)}",
+          file=sys.stderr)
+    torch.manual_seed(settings.seed + 5)
+    net = ConvNet(ClassifierConfig().style_channels, {HEAD: 1})
+    batches = style_batches(target_train.images, public_train.images, None, recipes=recipes,
+                            family_share=settings.family_share,
+                            raw_share=settings.raw_share, public_weights=weights)
+
+    def relabelled(n: int, rng: np.random.Generator, generator: torch.Generator):
+        x, targets = batches(n, rng, generator)
+        return x, {HEAD: targets["openmoji"]}
+
+    seconds = train_network(net, relabelled, style_loss, settings.judge_steps, settings,
+                            f"judge {label}", settings.seed + 5)
+    judge = StyleJudge(label, ClassifierConfig().style_channels, net,
+                       against=[f"{name} (raw, 7 augmentations, {len(recipes)} family recipes)"
+                                for name in against])
+    record: dict = {
+        "settings": asdict(settings), "target": label, "target_split": split_name,
+        "against": list(against),
+        "train": {"n_target": len(target_train.images),
+                  **{f"n_{name}": len(negatives[name][0].images) for name in against},
+                  "family": {"size": settings.family_size, "seed": settings.family_seed,
+                             "share_of_negatives": settings.family_share},
+                  "raw_share_of_negatives": settings.raw_share + (
+                      1 - settings.family_share - settings.raw_share) / 8},
+        "seconds": {"train": round(seconds, 1)},
+    }
+    negatives_test = {name: negatives[name][1] for name in against}
+    record["judge"] = judge_report(judge, target_test, negatives_test, recipes, settings.seed,
+                                   openmoji_holdout)
+    print("judge:", json.dumps(record["judge"]), file=sys.stderr)
+    public_test = concat(list(negatives_test.values()))
+    rec_public = autoencoder_reconstructions(public_test.images)
+    rec_target = autoencoder_reconstructions(target_test.images)
+    record["judge_on_reconstructions"] = {
+        "public_reconstructions_called_target": rate(judge.probability(rec_public), True),
+        "target_reconstructions_called_target": rate(judge.probability(rec_target), True),
+        "n_public": len(rec_public), "n_target": len(rec_target)}
+    print("judge on autoencoder reconstructions:",
+          json.dumps(record["judge_on_reconstructions"]), file=sys.stderr)
+    record["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    judge.save_pretrained(out, record=record)
+    reloaded = StyleJudge.from_pretrained(out)  # what ships is float16
+    record["reloaded_float16_recall"] = rate(reloaded.probability(target_test.images), True)
+    judge.save_pretrained(out, record=record)
+    print(f"saved to {out} ({record['seconds']['total']:.0f}s in all)", file=sys.stderr)
+    return record
+
+
 def run(settings: Settings) -> dict:
+    if settings.target != "openmoji":
+        torch.set_num_threads(settings.threads)
+        return run_judge(settings, time.perf_counter())
     if settings.only not in ("", "style_public"):
         raise InvalidParameterError(f"--only must be 'style_public' or empty, got "
                                     f"{settings.only!r}")
     torch.set_num_threads(settings.threads)
     t0 = time.perf_counter()
-    public = load_splits(settings.data, ["public"])
+    public = load_splits(settings.data, ["public"], DEMO_PUBLIC_SPLITS)  # the yardsticks' data
     evaluation = load_splits(settings.data, ["evaluation"])
     private = load_splits(settings.data, ["private"])
     if set(public) != {"twemoji", "google"} or not evaluation or not private:
@@ -541,8 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = run(Settings(**vars(args)))
     print(json.dumps({k: record.get(k) for k in ("concept", "style", "style_on_reconstructions",
                                                  "style_public",
-                                                 "style_public_on_reconstructions", "seconds")},
-                     indent=2))
+                                                 "style_public_on_reconstructions", "judge",
+                                                 "judge_on_reconstructions", "seconds")
+                      if k in record}, indent=2))
     return 0
 
 

@@ -35,7 +35,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,29 +140,39 @@ class PublicImages:
 
 def load_public(data: str | Path, size: int, data_is_public: bool = False,
                 caption_column: str | None = None,
-                splits: tuple[str, ...] = ()) -> PublicImages:
+                splits: Sequence[str] | None = None) -> PublicImages:
     """The PUBLIC images under `data`, never anything else.
 
     `data` is a demo root (``data/manifest.json``, written by the tool that built the demo, names
-    each split's role; only splits whose role is ``public`` are read: all of them, or the folders
-    named in `splits`, each of which must be public) or one folder with a captions file (its
-    ``style`` column, else the folder name, is the source). Nothing can tell a plain folder's
-    images apart from private ones, so a folder is refused unless the user acknowledged it as
-    public (`data_is_public`, ``--data-is-public``).
+    each split's role; only splits whose role is ``public`` are read) or one folder with a
+    captions file (its ``style`` column, else the folder name, is the source). Nothing can tell a
+    plain folder's images apart from private ones, so a folder is refused unless the user
+    acknowledged it as public (`data_is_public`, ``--data-is-public``).
+
+    In a demo root, `splits` names the public splits to read, by name (``twemoji``) or folder
+    (``data/twemoji``), each of which must be public in the manifest; by default (None or empty)
+    those of :data:`dprdm.data.emoji.DEMO_PUBLIC_SPLITS` (Twemoji + Noto) that the manifest
+    lists, so that public splits added later (Fluent, EmojiOne) change nothing until named.
     """
     from dprdm.data import load_folder
+    from dprdm.data.emoji import DEMO_PUBLIC_SPLITS
     from dprdm.provenance import require_public_folder
 
     root = Path(data)
     manifest = root / "data" / "manifest.json"
     if manifest.is_file():
-        entries = json.loads(manifest.read_text(encoding="utf-8"))["splits"].values()
-        public = [s["path"] for s in entries if s.get("role") == "public"]
-        for name in splits:
-            if name not in public:
-                raise InvalidParameterError(
-                    f"{name} is not a public split of {manifest} (public: {', '.join(public)})")
-        folders = [root / p for p in (splits or public)]
+        listed = json.loads(manifest.read_text(encoding="utf-8"))["splits"]
+        public = {name: s for name, s in listed.items() if s.get("role") == "public"}
+        by_path = {s["path"]: name for name, s in public.items()}
+        if not splits:
+            names = [name for name in DEMO_PUBLIC_SPLITS if name in public]
+        else:
+            names = [by_path.get(name, name) for name in splits]
+            missing = [name for name in names if name not in public]
+            if missing:
+                raise InvalidParameterError(f"{missing} is not a public split of {manifest} "
+                                            f"(public splits: {', '.join(public) or 'none'})")
+        folders = [root / public[name]["path"] for name in names]
         if not folders:
             raise InvalidParameterError(f"{manifest} names no public split")
     elif root.is_dir():

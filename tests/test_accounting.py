@@ -324,3 +324,16 @@ def test_small_noise_searches_locate_on_the_proxy_and_stay_exact(monkeypatch):
     assert accounting.epsilon_for(MechanismParams(params.sigma, q_max, k), t_max, delta) <= target
     assert accounting.epsilon_for(
         MechanismParams(params.sigma, q_max * (1 + 1e-4), k), t_max, delta) > target
+
+
+def test_a_proxy_that_disagrees_with_the_enforced_figure_is_dropped(monkeypatch):
+    # Where the coarse grid's rounding adds up (many releases), the proxy can be off by a factor;
+    # the search then starts again on epsilon_for alone. PROXY_TRUST = 0 forces that path.
+    monkeypatch.setattr(accounting, "PROXY_TRUST", 0.0)
+    params = MechanismParams(0.1, 0.1, 10)  # z = 0.5: the proxy would be used
+    accounting._max_queries.cache_clear()
+    t_max = accounting.max_queries(params, 8.0, 1e-5)
+    assert accounting._max_queries.cache_info().misses == 2  # with the proxy, then without
+    assert accounting.epsilon_for(params, t_max, 1e-5) <= 8.0
+    assert accounting.epsilon_for(params, t_max + 1, 1e-5) > 8.0
+    accounting._max_queries.cache_clear()

@@ -437,6 +437,10 @@ def _boundary(cost: Callable[[float], float], target: float, fit: float, fail: f
 #   until it does. The answer is decided on epsilon() alone: the proxy only says where to look.
 PROXY_COARSENING = 64
 PROXY_MIN_POINTS = 256
+# The coarse figure must agree with the enforced one at the located answer to this relative
+# precision, else the search is redone on the enforced figure alone (z = 1, q = 1e-3, 4e4
+# releases: the coarse grid's rounding adds up to 4x the enforced epsilon at z = 2.8).
+PROXY_TRUST = 1e-3
 CALIBRATION_REL_TOL = 1e-4
 
 
@@ -455,6 +459,10 @@ def _coarse_proxy_resolves(params: MechanismParams, target: float) -> bool:
     one = _subsampled_gaussian_pld(params.accounted_noise_multiplier, params.q, interval)
     # pylint: disable=protected-access  # dp_accounting is pinned (==0.6.0)
     return interval < 1.0 and one._pmf_remove.size >= PROXY_MIN_POINTS
+
+
+def _proxy_agrees(enforced: float, proxy: float) -> bool:
+    return proxy > 0.0 and abs(enforced / proxy - 1.0) <= PROXY_TRUST
 
 
 def _proxy_epsilon_for(params: MechanismParams, queries: int, delta: float, target: float,
@@ -523,7 +531,11 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
     (see _proxy_epsilon_for) brackets and locates the answer from there; _settle decides it on
     epsilon(). Searched within NOISE_MULTIPLIER_RANGE."""
     epsilon_target, delta = check_epsilon(epsilon_target), check_delta(delta)
-    queries = check_queries(queries)
+    return _calibrate_sigma(epsilon_target, q, k, check_queries(queries), delta, True)
+
+
+def _calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta: float,
+                     allow_coarse: bool) -> float:
     shape = MechanismParams(1.0, q, k)
     z_low, z_high = NOISE_MULTIPLIER_RANGE
 
@@ -556,7 +568,7 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
         z_fits = z_low
         if rdp_cost(z_low) > epsilon_target:
             z_fits = _boundary(rdp_cost, epsilon_target, z_high, z_low, rel_tol=0.02)
-    coarse = _coarse_proxy_resolves(params(z_fits), epsilon_target)  # z_fits >= the answer
+    coarse = allow_coarse and _coarse_proxy_resolves(params(z_fits), epsilon_target)
     while z_fits < z_high and proxy(z_fits) > epsilon_target:  # RDP and PLD disagree: step up
         z_fits = min(z_high, z_fits * 1.05)
     z_fails = z_fits * proxy(z_fits) / epsilon_target
@@ -565,7 +577,12 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
     located = z_low
     if z_fails > z_low or proxy(z_low) > epsilon_target:
         located = _boundary(proxy, epsilon_target, z_fits, max(z_fails, z_low),
-                            rel_tol=CALIBRATION_REL_TOL / 10)
+                            rel_tol=CALIBRATION_REL_TOL / (10 if coarse else 1))
+        if not coarse:  # located on epsilon() itself: that is the answer
+            return params(located).sigma
+    if coarse and not _proxy_agrees(cost(located), proxy(located)):
+        return _calibrate_sigma(epsilon_target, q, k, queries, delta, False)
+
     def reaim(z: float, enforced: float) -> float:
         aimed = _settle(proxy, epsilon_target * proxy(z) / enforced, z, z_high, z_low,
                         rel_tol=CALIBRATION_REL_TOL / 10)
@@ -583,11 +600,12 @@ def max_queries(params: MechanismParams, epsilon_target: float, delta: float) ->
     then means "at least that many"); 0 if not even one fits."""
     if not isinstance(params, MechanismParams):
         raise InvalidParameterError("params must be a MechanismParams")
-    return _max_queries(params, check_epsilon(epsilon_target), check_delta(delta))
+    return _max_queries(params, check_epsilon(epsilon_target), check_delta(delta), True)
 
 
 @functools.lru_cache(maxsize=1024)
-def _max_queries(params: MechanismParams, epsilon_target: float, delta: float) -> int:
+def _max_queries(params: MechanismParams, epsilon_target: float, delta: float,
+                 allow_coarse: bool) -> int:
     """RDP (memoised per-order curve: microseconds per T) proves the cap or gives T_rdp, which
     fits; an extrapolation epsilon ~ sqrt(T) from there on the proxy overshoots the answer;
     _boundary locates it on the proxy, and _settle decides it on epsilon_for() itself: T fits,
@@ -596,7 +614,7 @@ def _max_queries(params: MechanismParams, epsilon_target: float, delta: float) -
     def cost(t: float) -> float:
         return epsilon_for(params, int(t), delta)
 
-    coarse = _coarse_proxy_resolves(params, epsilon_target)
+    coarse = allow_coarse and _coarse_proxy_resolves(params, epsilon_target)
 
     def proxy(t: float) -> float:
         return _proxy_epsilon_for(params, int(t), delta, epsilon_target, coarse)
@@ -626,6 +644,9 @@ def _max_queries(params: MechanismParams, epsilon_target: float, delta: float) -
         fit = guess
     located = cap if fail == cap and proxy(cap) <= epsilon_target else int(
         _boundary(proxy, epsilon_target, fit, fail, tol=1, integer=True))
+    if coarse and not _proxy_agrees(cost(located), proxy(located)):
+        return _max_queries(params, epsilon_target, delta, False)
+
     def reaim(t: float, enforced: float) -> float:
         aimed = _settle(proxy, epsilon_target * proxy(t) / enforced, t, 1, cap, tol=1,
                         integer=True)
@@ -641,7 +662,11 @@ def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta
     under epsilon(): q fits, q * (1 + 1e-4) does not (or q = 1); searched within [Q_MIN, 1].
     Same stages as calibrate_sigma (epsilon grows at most linearly in q)."""
     epsilon_target, delta = check_epsilon(epsilon_target), check_delta(delta)
-    queries = check_queries(queries)
+    return _calibrate_q(epsilon_target, sigma, k, check_queries(queries), delta, True)
+
+
+def _calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta: float,
+                 allow_coarse: bool) -> float:
     base = MechanismParams(sigma, 1.0, k)
 
     def params(q: float) -> MechanismParams:
@@ -650,7 +675,7 @@ def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta
     def cost(q: float) -> float:
         return epsilon_for(params(q), queries, delta)
 
-    coarse = _coarse_proxy_resolves(params(Q_MIN), epsilon_target)
+    coarse = allow_coarse and _coarse_proxy_resolves(params(Q_MIN), epsilon_target)
 
     def proxy(q: float) -> float:
         return _proxy_epsilon_for(params(q), queries, delta, epsilon_target, coarse)
@@ -673,7 +698,7 @@ def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta
         q_fits = 1.0
         if rdp_cost(1.0) > epsilon_target:
             q_fits = _boundary(rdp_cost, epsilon_target, Q_MIN, 1.0, rel_tol=0.02)
-    coarse = _coarse_proxy_resolves(params(q_fits), epsilon_target)  # q_fits <= the answer
+    coarse = allow_coarse and _coarse_proxy_resolves(params(q_fits), epsilon_target)
     while q_fits > Q_MIN and proxy(q_fits) > epsilon_target:  # RDP and PLD disagree: step down
         q_fits = max(Q_MIN, q_fits / 1.05)
     located = 1.0
@@ -682,9 +707,14 @@ def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta
             proxy(q_fits), epsilon_target / 1024)))
         if proxy(guess) > epsilon_target:
             located = _boundary(proxy, epsilon_target, q_fits, guess,
-                                rel_tol=CALIBRATION_REL_TOL / 10)
+                                rel_tol=CALIBRATION_REL_TOL / (10 if coarse else 1))
+            if not coarse:  # located on epsilon() itself: that is the answer
+                return located
             break
         q_fits = guess
+    if coarse and not _proxy_agrees(cost(located), proxy(located)):
+        return _calibrate_q(epsilon_target, sigma, k, queries, delta, False)
+
     def reaim(q: float, enforced: float) -> float:
         aimed = _settle(proxy, epsilon_target * proxy(q) / enforced, q, Q_MIN, 1.0,
                         rel_tol=CALIBRATION_REL_TOL / 10)

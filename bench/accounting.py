@@ -27,6 +27,7 @@ Times exclude the CLI's start (python + imports), measured once and printed at t
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -71,12 +72,15 @@ def clear_caches(module: ModuleType) -> None:
             value.cache_clear()
 
 
-def timed(module: ModuleType, call: Callable[[], Any], limit: float | None) -> tuple[Any, float]:
-    """(result, seconds) of a cold call; result is "timeout" or "refused: ..." when it fails."""
+def timed(module: ModuleType, call: Callable[[], Any],
+          limit: float | None) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process) of a cold call; result is "timeout" or
+    "refused: ..." when it fails. On a shared, loaded machine the CPU time is the steadier
+    figure (it is what an idle core would take, near enough)."""
     clear_caches(module)
     if limit:
         signal.setitimer(signal.ITIMER_REAL, limit)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         result = call()
     except Timeout:
@@ -87,7 +91,7 @@ def timed(module: ModuleType, call: Callable[[], Any], limit: float | None) -> t
         result = f"refused: {type(error).__name__}: {error}"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_cell(z: float, q: float, epsilon: float, delta: float, k: int,
@@ -99,8 +103,10 @@ def run_cell(z: float, q: float, epsilon: float, delta: float, k: int,
         if module is None:
             continue
         params = module.MechanismParams(sigma, q, k)
-        t_max, seconds = timed(module, lambda: module.max_queries(params, epsilon, delta), lim)
+        t_max, seconds, cpu = timed(module, lambda: module.max_queries(params, epsilon, delta),
+                                    lim)
         row[f"max_queries_{name}"], row[f"max_queries_s_{name}"] = t_max, seconds
+        row[f"max_queries_cpu_{name}"] = cpu
         if name == "new":
             queries = min(max(int(t_max), 1), new.MAX_QUERIES_SEARCHED)
             row["queries"] = queries
@@ -114,8 +120,9 @@ def run_cell(z: float, q: float, epsilon: float, delta: float, k: int,
             ("epsilon", lambda: (module.epsilon_for(params, queries, delta),
                                  module.epsilon_rdp([(params, queries)], delta)[0])),
         ):
-            result, seconds = timed(module, call, lim)
+            result, seconds, cpu = timed(module, call, lim)
             row[f"{label}_{name}"], row[f"{label}_s_{name}"] = result, seconds
+            row[f"{label}_cpu_{name}"] = cpu
         if name == "new":
             row["calibration_ok"] = calibration_ok(row, queries)
     return row
@@ -157,7 +164,7 @@ def fmt(row: dict, label: str, name: str, limit: float | None) -> str:
         return f">{limit:g}"
     if isinstance(result, str):
         return "refused"
-    return f"{row[f'{label}_s_{name}']:.2f}"
+    return f"{row[f'{label}_s_{name}']:.1f} ({row[f'{label}_cpu_{name}']:.1f})"
 
 
 def main() -> None:
@@ -192,7 +199,7 @@ def main() -> None:
         write_results(args.out, {"rows": rows}, console)  # long runs keep their rows
 
     name = "none" if baseline is None else args.baseline
-    table = Table(title=f"accountant, seconds per cold call: {name} -> new")
+    table = Table(title=f"accountant, seconds per cold call, wall (CPU): {name} -> new")
     for column in ("z", "q", "eps", "delta", "k", "T_max", "ok", "cal ok", "max_queries",
                    "calibrate_sigma", "calibrate_q", "epsilon"):
         table.add_column(column, justify="right")
@@ -205,11 +212,17 @@ def main() -> None:
             cells_out.append(f"{fmt(row, label, 'baseline', limit)} -> {fmt(row, label, 'new', limit)}")
         table.add_row(*cells_out)
     console.print(table)
-    worst = max(row[f"{label}_s_new"] for row in rows
-                for label in ("max_queries", "calibrate_sigma", "calibrate_q", "epsilon"))
+    labels = ("max_queries", "calibrate_sigma", "calibrate_q", "epsilon")
+    worst = max(row[f"{label}_s_new"] for row in rows for label in labels)
+    worst_cpu = max(row[f"{label}_cpu_new"] for row in rows for label in labels)
     start = cli_start_seconds()
-    console.print(f"slowest new call: {worst:.2f} s; CLI start (python + imports): {start:.2f} s")
-    write_results(args.out, {"rows": rows, "slowest_new_s": worst, "cli_start_s": start,
+    load = os.getloadavg()[0]
+    console.print(f"slowest new call: {worst:.2f} s wall, {worst_cpu:.2f} s CPU; CLI start "
+                  f"(python + imports): {start:.2f} s; load average {load:.1f} on "
+                  f"{os.cpu_count()} cores")
+    write_results(args.out, {"rows": rows, "slowest_new_s": worst, "slowest_new_cpu_s": worst_cpu,
+                             "load_average_1min": load, "cpus": os.cpu_count(),
+                             "cli_start_s": start,
                              "baseline": name, "baseline_limit_s": limit}, console)
 
 

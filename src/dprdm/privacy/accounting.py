@@ -9,8 +9,10 @@ Owns the translation from "what was released" to "how much privacy it cost":
   estimate, add/remove-one adjacency (or the RDP bound, where that is the smaller upper bound).
   :func:`epsilon_rdp` -- an RDP figure reported beside it.
 * :func:`calibrate_sigma`, :func:`max_queries`, :func:`calibrate_q` -- the inverses: searches
-  bracketed by the cheap RDP bound and settled on :func:`epsilon` itself, so their answer never
-  overshoots the figure the ledger enforces.
+  bracketed by the cheap RDP bound, located on a coarse-grid PLD where the enforced one is slow
+  to build (small noise multipliers), and settled on :func:`epsilon` itself, so their answer
+  never overshoots the figure the ledger enforces (max_queries: T fits, T + 1 does not;
+  calibrations: to a relative CALIBRATION_REL_TOL = 1e-4).
 * the supported parameter ranges (NOISE_MULTIPLIER_BOUNDS, Q_MIN, K_MAX, MAX_QUERIES,
   EPSILON_MAX, DELTA_MIN), refused with InvalidParameterError outside.
 
@@ -577,7 +579,7 @@ def _calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delt
     located = z_low
     if z_fails > z_low or proxy(z_low) > epsilon_target:
         located = _boundary(proxy, epsilon_target, z_fits, max(z_fails, z_low),
-                            rel_tol=CALIBRATION_REL_TOL / (10 if coarse else 1))
+                            rel_tol=CALIBRATION_REL_TOL / (4 if coarse else 1))
         if not coarse:  # located on epsilon() itself: that is the answer
             return params(located).sigma
     if coarse and not _proxy_agrees(cost(located), proxy(located)):
@@ -585,7 +587,7 @@ def _calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delt
 
     def reaim(z: float, enforced: float) -> float:
         aimed = _settle(proxy, epsilon_target * proxy(z) / enforced, z, z_high, z_low,
-                        rel_tol=CALIBRATION_REL_TOL / 10)
+                        rel_tol=CALIBRATION_REL_TOL / 4)
         return z if aimed is None else aimed
 
     z = _settle(cost, epsilon_target, located, z_high, z_low, rel_tol=CALIBRATION_REL_TOL,
@@ -707,7 +709,7 @@ def _calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delt
             proxy(q_fits), epsilon_target / 1024)))
         if proxy(guess) > epsilon_target:
             located = _boundary(proxy, epsilon_target, q_fits, guess,
-                                rel_tol=CALIBRATION_REL_TOL / (10 if coarse else 1))
+                                rel_tol=CALIBRATION_REL_TOL / (4 if coarse else 1))
             if not coarse:  # located on epsilon() itself: that is the answer
                 return located
             break
@@ -717,7 +719,7 @@ def _calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delt
 
     def reaim(q: float, enforced: float) -> float:
         aimed = _settle(proxy, epsilon_target * proxy(q) / enforced, q, Q_MIN, 1.0,
-                        rel_tol=CALIBRATION_REL_TOL / 10)
+                        rel_tol=CALIBRATION_REL_TOL / 4)
         return q if aimed is None else aimed
 
     q = _settle(cost, epsilon_target, located, Q_MIN, 1.0, rel_tol=CALIBRATION_REL_TOL,

@@ -188,7 +188,7 @@ def test_rdp_from_memoised_curves_matches_the_stock_accountant():
     assert accounting.epsilon_rdp(groups, 1e-6) == (pytest.approx(eps, rel=1e-12), order)
 
 
-def test_enforced_epsilon_is_the_smaller_upper_bound():
+def test_enforced_epsilon_is_the_smaller_upper_bound(monkeypatch):
     params = MechanismParams(0.2, 0.01, 18)
     eps_rdp = accounting.epsilon_rdp([(params, 1000)], 1e-7)[0]
     assert accounting.epsilon_for(params, 1000, 1e-7) < eps_rdp  # PLD, the tighter, here
@@ -197,6 +197,13 @@ def test_enforced_epsilon_is_the_smaller_upper_bound():
     assert accounting.epsilon_for(huge, 10**12, 1e-5) == pytest.approx(
         accounting.epsilon_rdp([(huge, 10**12)], 1e-5)[0])
     assert accounting.max_queries(huge, 1.0, 1e-5) == accounting.MAX_QUERIES_SEARCHED
+    # Past PLD_MAX_RELEASES = 1e7 the PLD is not even built (z = 100, q = 1e-3, 3e7 releases:
+    # PLD 0.55, RDP 0.20, and 3 s per PLD evaluation).
+    many = MechanismParams(20.0, 1e-3, 10)
+    count = 3 * 10**7
+    monkeypatch.setattr(accounting, "_pld_epsilon", lambda *args: pytest.fail("PLD built"))
+    assert accounting.epsilon_for(many, count, 1e-5) == (
+        accounting.epsilon_rdp([(many, count)], 1e-5)[0])
 
 
 @pytest.mark.parametrize(
@@ -207,6 +214,7 @@ def test_enforced_epsilon_is_the_smaller_upper_bound():
         (1e6, 1.0, 0.1, 1e-10, 1),      # largest supported z, smallest epsilon and delta
         (0.3, 1.0, 100.0, 1e-3, 10),    # smallest z of the goal grid, largest epsilon and delta
         (0.3, 0.1, 100.0, 1e-10, 100),
+        (100.0, 1e-3, 1.0, 1e-5, 10),   # T ~ 6e8: RDP alone (a PLD evaluation took 70 s there)
     ],
 )
 def test_max_queries_is_the_exact_boundary_across_the_grid(z, q, epsilon, delta, k):

@@ -8,12 +8,18 @@ For each noise multiplier z = sigma * k / 2 and sampling rate q (at one epsilon,
 * calibrate_q(epsilon, sigma, k, T, delta)     -> q
 * epsilon_for + epsilon_rdp (params, T, delta) -> what `dprdm privacy epsilon` computes
 each with every cache cleared first (a cold process), new = dprdm.privacy.accounting, baseline =
-bench/accounting_baseline.py (the module before issue 13 item 6, verbatim), side by side in one
-process. A baseline call that runs past --baseline-limit seconds is stopped and shown as ">N".
-The new max_queries is checked on the spot: epsilon_for(T) <= epsilon < epsilon_for(T + 1).
+one of (--baseline)
+* previous: bench/accounting_previous.py, the module before the searches were located on a
+  coarse proxy (commit 808b24d, verbatim; the default), or
+* original: bench/accounting_baseline.py, the module before issue 13 item 6 (verbatim),
+side by side in one process. A baseline call that runs past --baseline-limit seconds is stopped
+and shown as ">N". The new answers are checked on the spot against epsilon_for itself:
+max_queries T fits and T + 1 does not ("ok"); the calibrated sigma fits and sigma * (1 - 1e-4)
+does not, the calibrated q fits and q * (1 + 1e-4) does not (or q = 1) ("cal ok").
 
     python bench/accounting.py --quick --out bench/results/accounting-quick.json
     python bench/accounting.py --out bench/results/accounting.json      # full grid + corners
+    python bench/accounting.py --baseline original --baseline-limit 15   # against the oldest
 
 Times exclude the CLI's start (python + imports), measured once and printed at the end.
 """
@@ -21,6 +27,7 @@ Times exclude the CLI's start (python + imports), measured once and printed at t
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -33,7 +40,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-import accounting_baseline as baseline  # bench/accounting_baseline.py: the old module
+import accounting_baseline as original  # bench/accounting_baseline.py: before issue 13 item 6
+import accounting_previous as previous  # bench/accounting_previous.py: before the proxy searches
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import accounting as new
 from results_file import write_results  # bench/results_file.py
@@ -64,12 +72,15 @@ def clear_caches(module: ModuleType) -> None:
             value.cache_clear()
 
 
-def timed(module: ModuleType, call: Callable[[], Any], limit: float | None) -> tuple[Any, float]:
-    """(result, seconds) of a cold call; result is "timeout" or "refused: ..." when it fails."""
+def timed(module: ModuleType, call: Callable[[], Any],
+          limit: float | None) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process) of a cold call; result is "timeout" or
+    "refused: ..." when it fails. On a shared, loaded machine the CPU time is the steadier
+    figure (it is what an idle core would take, near enough)."""
     clear_caches(module)
     if limit:
         signal.setitimer(signal.ITIMER_REAL, limit)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     try:
         result = call()
     except Timeout:
@@ -80,11 +91,11 @@ def timed(module: ModuleType, call: Callable[[], Any], limit: float | None) -> t
         result = f"refused: {type(error).__name__}: {error}"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_cell(z: float, q: float, epsilon: float, delta: float, k: int,
-             limit: float | None) -> dict:
+             baseline: ModuleType | None, limit: float | None) -> dict:
     sigma = 2.0 * z / k
     row: dict[str, Any] = {"z": z, "q": q, "epsilon": epsilon, "delta": delta, "k": k,
                            "sigma": sigma}
@@ -92,8 +103,10 @@ def run_cell(z: float, q: float, epsilon: float, delta: float, k: int,
         if module is None:
             continue
         params = module.MechanismParams(sigma, q, k)
-        t_max, seconds = timed(module, lambda: module.max_queries(params, epsilon, delta), lim)
+        t_max, seconds, cpu = timed(module, lambda: module.max_queries(params, epsilon, delta),
+                                    lim)
         row[f"max_queries_{name}"], row[f"max_queries_s_{name}"] = t_max, seconds
+        row[f"max_queries_cpu_{name}"] = cpu
         if name == "new":
             queries = min(max(int(t_max), 1), new.MAX_QUERIES_SEARCHED)
             row["queries"] = queries
@@ -107,9 +120,31 @@ def run_cell(z: float, q: float, epsilon: float, delta: float, k: int,
             ("epsilon", lambda: (module.epsilon_for(params, queries, delta),
                                  module.epsilon_rdp([(params, queries)], delta)[0])),
         ):
-            result, seconds = timed(module, call, lim)
+            result, seconds, cpu = timed(module, call, lim)
             row[f"{label}_{name}"], row[f"{label}_s_{name}"] = result, seconds
+            row[f"{label}_cpu_{name}"] = cpu
+        if name == "new":
+            row["calibration_ok"] = calibration_ok(row, queries)
     return row
+
+
+def calibration_ok(row: dict, queries: int) -> bool | None:
+    """The new calibrations against epsilon_for itself: the answer fits, one tolerance step
+    towards less privacy does not (None where a calibration was refused)."""
+    tol = new.CALIBRATION_REL_TOL
+    eps, delta, q, k, sigma = row["epsilon"], row["delta"], row["q"], row["k"], row["sigma"]
+
+    def cost(s: float, qq: float) -> float:
+        return new.epsilon_for(new.MechanismParams(s, qq, k), queries, delta)
+
+    s_new, q_new = row["calibrate_sigma_new"], row["calibrate_q_new"]
+    if isinstance(s_new, str) or isinstance(q_new, str):
+        return None
+    z_low = new.NOISE_MULTIPLIER_RANGE[0] * 2.0 / k
+    sigma_ok = cost(s_new, q) <= eps and (s_new <= z_low * (1 + tol)
+                                          or cost(s_new * (1 - tol), q) > eps)
+    q_ok = cost(sigma, q_new) <= eps and (q_new == 1.0 or cost(sigma, q_new * (1 + tol)) > eps)
+    return sigma_ok and q_ok
 
 
 def cli_start_seconds() -> float:
@@ -129,7 +164,7 @@ def fmt(row: dict, label: str, name: str, limit: float | None) -> str:
         return f">{limit:g}"
     if isinstance(result, str):
         return "refused"
-    return f"{row[f'{label}_s_{name}']:.2f}"
+    return f"{row[f'{label}_s_{name}']:.1f} ({row[f'{label}_cpu_{name}']:.1f})"
 
 
 def main() -> None:
@@ -141,11 +176,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--baseline-limit", type=float, default=30.0,
                         help="seconds before a baseline call is stopped")
+    parser.add_argument("--baseline", choices=("previous", "original"), default="previous",
+                        help="previous: before the proxy searches; original: before item 6")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    global baseline
-    if args.no_baseline:
-        baseline = None  # type: ignore[assignment]
+    baseline = None if args.no_baseline else {"previous": previous,
+                                              "original": original}[args.baseline]
     limit = args.baseline_limit
     signal.signal(signal.SIGALRM, _alarm)
 
@@ -157,29 +193,37 @@ def main() -> None:
                   for z in CORNER_ZS for q in CORNER_QS]
     rows = []
     for cell in cells:
-        rows.append(run_cell(*cell, limit=limit))
+        rows.append(run_cell(*cell, baseline=baseline, limit=limit))
         console.print(f"z={cell[0]:g} q={cell[1]:g} eps={cell[2]:g} delta={cell[3]:g} "
                       f"k={cell[4]}: T_max={rows[-1]['max_queries_new']}")
         write_results(args.out, {"rows": rows}, console)  # long runs keep their rows
 
-    table = Table(title="accountant, seconds per cold call: baseline -> new")
-    for column in ("z", "q", "eps", "delta", "k", "T_max", "ok", "max_queries", "calibrate_sigma",
-                   "calibrate_q", "epsilon"):
+    name = "none" if baseline is None else args.baseline
+    table = Table(title=f"accountant, seconds per cold call, wall (CPU): {name} -> new")
+    for column in ("z", "q", "eps", "delta", "k", "T_max", "ok", "cal ok", "max_queries",
+                   "calibrate_sigma", "calibrate_q", "epsilon"):
         table.add_column(column, justify="right")
     for row in rows:
         cells_out = [f"{row['z']:g}", f"{row['q']:g}", f"{row['epsilon']:g}",
                      f"{row['delta']:g}", str(row["k"]), str(row["max_queries_new"]),
-                     {True: "yes", False: "NO"}.get(row.get("boundary_ok"), "-")]
+                     {True: "yes", False: "NO"}.get(row.get("boundary_ok"), "-"),
+                     {True: "yes", False: "NO"}.get(row.get("calibration_ok"), "-")]
         for label in ("max_queries", "calibrate_sigma", "calibrate_q", "epsilon"):
             cells_out.append(f"{fmt(row, label, 'baseline', limit)} -> {fmt(row, label, 'new', limit)}")
         table.add_row(*cells_out)
     console.print(table)
-    worst = max(row[f"{label}_s_new"] for row in rows
-                for label in ("max_queries", "calibrate_sigma", "calibrate_q", "epsilon"))
+    labels = ("max_queries", "calibrate_sigma", "calibrate_q", "epsilon")
+    worst = max(row[f"{label}_s_new"] for row in rows for label in labels)
+    worst_cpu = max(row[f"{label}_cpu_new"] for row in rows for label in labels)
     start = cli_start_seconds()
-    console.print(f"slowest new call: {worst:.2f} s; CLI start (python + imports): {start:.2f} s")
-    write_results(args.out, {"rows": rows, "slowest_new_s": worst, "cli_start_s": start,
-                             "baseline_limit_s": limit}, console)
+    load = os.getloadavg()[0]
+    console.print(f"slowest new call: {worst:.2f} s wall, {worst_cpu:.2f} s CPU; CLI start "
+                  f"(python + imports): {start:.2f} s; load average {load:.1f} on "
+                  f"{os.cpu_count()} cores")
+    write_results(args.out, {"rows": rows, "slowest_new_s": worst, "slowest_new_cpu_s": worst_cpu,
+                             "load_average_1min": load, "cpus": os.cpu_count(),
+                             "cli_start_s": start,
+                             "baseline": name, "baseline_limit_s": limit}, console)
 
 
 if __name__ == "__main__":

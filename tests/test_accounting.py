@@ -188,7 +188,7 @@ def test_rdp_from_memoised_curves_matches_the_stock_accountant():
     assert accounting.epsilon_rdp(groups, 1e-6) == (pytest.approx(eps, rel=1e-12), order)
 
 
-def test_enforced_epsilon_is_the_smaller_upper_bound():
+def test_enforced_epsilon_is_the_smaller_upper_bound(monkeypatch):
     params = MechanismParams(0.2, 0.01, 18)
     eps_rdp = accounting.epsilon_rdp([(params, 1000)], 1e-7)[0]
     assert accounting.epsilon_for(params, 1000, 1e-7) < eps_rdp  # PLD, the tighter, here
@@ -197,6 +197,13 @@ def test_enforced_epsilon_is_the_smaller_upper_bound():
     assert accounting.epsilon_for(huge, 10**12, 1e-5) == pytest.approx(
         accounting.epsilon_rdp([(huge, 10**12)], 1e-5)[0])
     assert accounting.max_queries(huge, 1.0, 1e-5) == accounting.MAX_QUERIES_SEARCHED
+    # Past PLD_MAX_RELEASES = 1e7 the PLD is not even built (z = 100, q = 1e-3, 3e7 releases:
+    # PLD 0.55, RDP 0.20, and 3 s per PLD evaluation).
+    many = MechanismParams(20.0, 1e-3, 10)
+    count = 3 * 10**7
+    monkeypatch.setattr(accounting, "_pld_epsilon", lambda *args: pytest.fail("PLD built"))
+    assert accounting.epsilon_for(many, count, 1e-5) == (
+        accounting.epsilon_rdp([(many, count)], 1e-5)[0])
 
 
 @pytest.mark.parametrize(
@@ -207,6 +214,7 @@ def test_enforced_epsilon_is_the_smaller_upper_bound():
         (1e6, 1.0, 0.1, 1e-10, 1),      # largest supported z, smallest epsilon and delta
         (0.3, 1.0, 100.0, 1e-3, 10),    # smallest z of the goal grid, largest epsilon and delta
         (0.3, 0.1, 100.0, 1e-10, 100),
+        (100.0, 1e-3, 1.0, 1e-5, 10),   # T ~ 6e8: RDP alone (a PLD evaluation took 70 s there)
     ],
 )
 def test_max_queries_is_the_exact_boundary_across_the_grid(z, q, epsilon, delta, k):
@@ -260,3 +268,80 @@ def test_budgets_and_counts_outside_the_supported_range_are_refused():
     MechanismParams(2e-4, accounting.Q_MIN, 1)
     MechanismParams(2e6 / accounting.K_MAX, 1.0, accounting.K_MAX)
     assert accounting.epsilon_for(params, accounting.MAX_QUERIES, 1e-12) > 0
+
+
+# --- the searches: located on a coarse proxy, decided on the enforced figure ----------------
+
+
+def test_settle_decides_on_the_enforced_cost_wherever_the_proxy_pointed():
+    calls = []
+
+    def cost(t):  # boundary at T = 10,000 for a target of 1
+        calls.append(t)
+        return math.sqrt(t) / 100
+
+    for start in (1, 9_990, 10_000, 10_001, 50_000, 10**9):
+        assert accounting._settle(cost, 1.0, start, 1, 10**12, tol=1, integer=True) == 10_000
+    calls.clear()  # a proxy that pointed at the boundary costs two evaluations
+    assert accounting._settle(cost, 1.0, 10_000, 1, 10**12, tol=1, integer=True) == 10_000
+    assert set(calls) == {10_000, 10_001}  # (_boundary re-reads both ends: cached in use)
+    # Continuous and decreasing (like sigma): the answer fits, one tolerance step down fails.
+    for start in (0.2, 0.9999, 1.37, 900.0):
+        z = accounting._settle(lambda z: 1 / z, 1.0, start, 1000.0, 0.1, rel_tol=1e-4)
+        assert 1 / z <= 1.0 < 1 / (z * (1 - 1e-4))
+    # The ends of the range: all fit -> the last point; none fits -> None, after trying `first`.
+    assert accounting._settle(lambda t: 0.0, 1.0, 5, 1, 100, tol=1, integer=True) == 100
+    calls.clear()
+    assert accounting._settle(lambda t: calls.append(t) or 2.0, 1.0, 5, 1, 100, tol=1,
+                              integer=True) is None
+    assert calls[-1] == 1
+
+
+def test_small_noise_searches_locate_on_the_proxy_and_stay_exact(monkeypatch):
+    # The proxy serves small noise multipliers, where one enforced PLD build takes seconds
+    # (z = 0.3, q = 1e-6, epsilon 1: 6e4 grid points; bench/accounting.py checks the answers
+    # there). Here the cheapest such case (z = 0.5, q = 0.1, epsilon 8: 2.4e4 points): the
+    # searches build only a few enforced one-release PLDs, and their answers are exact on
+    # epsilon_for.
+    k, q, target, delta = 10, 0.1, 8.0, 1e-5
+    params = MechanismParams(2 * 0.5 / k, q, k)
+    proxy_interval = accounting.PROXY_COARSENING * accounting._pld_interval(target)
+    built = set()
+    stock = accounting._subsampled_gaussian_pld
+
+    def counting(z, q, interval):
+        if interval < proxy_interval:
+            built.add((z, q, interval))
+        return stock(z, q, interval)
+
+    monkeypatch.setattr(accounting, "_subsampled_gaussian_pld", counting)
+    assert accounting._coarse_proxy_resolves(params, target)  # the coarse proxy is in use
+    built.clear()
+    t_max = accounting.max_queries(params, target, delta)
+    assert len(built) == 1  # one enforced build, shared by every T tried (before: 2)
+    assert accounting.epsilon_for(params, t_max, delta) <= target
+    assert accounting.epsilon_for(params, t_max + 1, delta) > target
+    built.clear()
+    sigma = accounting.calibrate_sigma(target, q, k, t_max, delta)
+    assert len(built) <= 3  # z near the answer, and z = 1000 (range check) (before: 6)
+    assert accounting.epsilon_for(MechanismParams(sigma, q, k), t_max, delta) <= target
+    assert accounting.epsilon_for(MechanismParams(sigma * (1 - 1e-4), q, k), t_max, delta) > target
+    built.clear()
+    q_max = accounting.calibrate_q(target, params.sigma, k, t_max, delta)
+    assert len(built) <= 4  # (before: 12)
+    assert accounting.epsilon_for(MechanismParams(params.sigma, q_max, k), t_max, delta) <= target
+    assert accounting.epsilon_for(
+        MechanismParams(params.sigma, q_max * (1 + 1e-4), k), t_max, delta) > target
+
+
+def test_a_proxy_that_disagrees_with_the_enforced_figure_is_dropped(monkeypatch):
+    # Where the coarse grid's rounding adds up (many releases), the proxy can be off by a factor;
+    # the search then starts again on epsilon_for alone. PROXY_TRUST = 0 forces that path.
+    monkeypatch.setattr(accounting, "PROXY_TRUST", 0.0)
+    params = MechanismParams(0.1, 0.1, 10)  # z = 0.5: the proxy would be used
+    accounting._max_queries.cache_clear()
+    t_max = accounting.max_queries(params, 8.0, 1e-5)
+    assert accounting._max_queries.cache_info().misses == 2  # with the proxy, then without
+    assert accounting.epsilon_for(params, t_max, 1e-5) <= 8.0
+    assert accounting.epsilon_for(params, t_max + 1, 1e-5) > 8.0
+    accounting._max_queries.cache_clear()

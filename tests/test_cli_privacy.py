@@ -38,6 +38,8 @@ def test_privacy_calibrate_and_max_queries_are_consistent():
     _, calibrated = run_json("privacy", "calibrate", "--epsilon", "1", "--q", "0.01", "--k", "18",
                              "--queries", "1000", "--delta", "1e-7")
     sigma = calibrated["sigma"]
+    assert calibrated["relative_tolerance"] == accounting.CALIBRATION_REL_TOL
+    assert calibrated["epsilon"] <= 1.0
     _, budget = run_json("privacy", "max-queries", "--sigma", str(sigma), "--q", "0.01",
                          "--k", "18", "--epsilon", "1", "--delta", "1e-7")
     assert budget["queries"] >= 1000

@@ -64,7 +64,7 @@ def calibrate(
     delta: float = DELTA,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Smallest sigma so that QUERIES releases stay within EPSILON.
+    """Smallest sigma so that QUERIES releases stay within EPSILON (to a relative 1e-4).
 
     Example: dprdm privacy calibrate --epsilon 10 --q 0.01 --k 20 --queries 1000 --delta 1e-5
     """
@@ -74,6 +74,8 @@ def calibrate(
         result = {"sigma": sigma}
         result.update(_describe(accounting.MechanismParams(sigma, q, k), queries, delta))
         result["epsilon_target"] = epsilon
+        # sigma fits; sigma * (1 - relative_tolerance) does not (both on the enforced epsilon)
+        result["relative_tolerance"] = accounting.CALIBRATION_REL_TOL
         return result
 
     run_command(as_json, "calibrated mechanism", compute)

@@ -9,8 +9,10 @@ Owns the translation from "what was released" to "how much privacy it cost":
   estimate, add/remove-one adjacency (or the RDP bound, where that is the smaller upper bound).
   :func:`epsilon_rdp` -- an RDP figure reported beside it.
 * :func:`calibrate_sigma`, :func:`max_queries`, :func:`calibrate_q` -- the inverses: searches
-  bracketed by the cheap RDP bound and settled on :func:`epsilon` itself, so their answer never
-  overshoots the figure the ledger enforces.
+  bracketed by the cheap RDP bound, located on a coarse-grid PLD where the enforced one is slow
+  to build (small noise multipliers), and settled on :func:`epsilon` itself, so their answer
+  never overshoots the figure the ledger enforces (max_queries: T fits, T + 1 does not;
+  calibrations: to a relative CALIBRATION_REL_TOL = 1e-4).
 * the supported parameter ranges (NOISE_MULTIPLIER_BOUNDS, Q_MIN, K_MAX, MAX_QUERIES,
   EPSILON_MAX, DELTA_MIN), refused with InvalidParameterError outside.
 
@@ -75,9 +77,10 @@ DELTA_MIN = 1e-12  # smallest delta: the PLD truncates tails of mass 1e-15
 # Above this epsilon (RDP bound) no PLD is built: the RDP bound is reported as the enforced figure.
 RDP_ONLY_ABOVE = 1000.0
 # Above this many releases neither: the PLD's pessimistic rounding, which grows with the number of
-# compositions, makes it looser than RDP there (z = 1000, q = 1e-6, 1e12 releases: PLD 62 vs RDP
-# 0.004) and slow (minutes).
-PLD_MAX_RELEASES = 10**9
+# compositions, makes it looser than RDP there and slow (z = 100, q = 1e-3: 3e7 releases PLD
+# 0.55 vs RDP 0.20, 3 s; 1e8: 1.06 vs 0.38, 11 s; 6e8: 2.9 vs 1.0, 70 s; z = 1000, q = 0.1: 3e7
+# releases PLD 2.94 vs RDP 2.40; at 1e7, 1.3070 vs 1.3099, the last point where the PLD won).
+PLD_MAX_RELEASES = 10**7
 
 
 def _finite_number(name: str, value: object) -> float:
@@ -421,14 +424,121 @@ def _boundary(cost: Callable[[float], float], target: float, fit: float, fail: f
     return fit
 
 
-def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta: float) -> float:
-    """Smallest sigma (to a relative 1e-5) whose `queries` releases fit under epsilon() itself.
+# -- the searches: located on a cheap proxy, settled on the enforced figure ----------------------
+# A PLD evaluation costs one build of the one-release PLD (a Python loop in dp_accounting over its
+# grid points: ~15 us each, 6e4 points = ~1 s at z = 0.3) plus one composition. The calibrations
+# need a new build per candidate, max_queries one build and a composition per candidate. So the
+# searches first LOCATE the answer on a proxy and only then SETTLE it on epsilon() itself:
+# * the proxy is the same pessimistic PLD on a grid PROXY_COARSENING times coarser than the one
+#   epsilon() uses near the target (1/64 of the points or fewer), where that still resolves the
+#   one-release privacy loss (>= PROXY_MIN_POINTS grid points: small noise multipliers, where the
+#   builds are slow and the coarse figure is within ~1e-4 of the enforced one); elsewhere (few
+#   points: builds are cheap, and a coarse grid's rounding would add up over many compositions)
+#   the proxy is epsilon() itself;
+# * settling evaluates epsilon() at the proxy's answer and one tolerance step beyond it, which
+#   usually brackets the boundary at once (2 enforced evaluations), and steps on (x4 per step)
+#   until it does. The answer is decided on epsilon() alone: the proxy only says where to look.
+PROXY_COARSENING = 64
+PROXY_MIN_POINTS = 256
+# The coarse figure must agree with the enforced one at the located answer to this relative
+# precision, else the search is redone on the enforced figure alone (z = 1, q = 1e-3, 4e4
+# releases: the coarse grid's rounding adds up to 4x the enforced epsilon at z = 2.8).
+PROXY_TRUST = 1e-3
+CALIBRATION_REL_TOL = 1e-4
 
-    The RDP bound (cheap, looser; RDP >= PLD) calibrates a noise multiplier to 2 %, which fits;
-    one guess below it (epsilon ~ 1/z) brackets the answer, and _boundary closes the bracket on
-    the enforced PLD epsilon. Searched within NOISE_MULTIPLIER_RANGE."""
+
+@functools.lru_cache(maxsize=4096)
+def _coarse_epsilon(params: MechanismParams, queries: int, delta: float, interval: float) -> float:
+    return _pld_epsilon(_accounting_event(((params, queries),)), delta, interval)
+
+
+def _coarse_proxy_resolves(params: MechanismParams, target: float) -> bool:
+    """Does the coarse grid still resolve the one-release privacy loss of `params` (>=
+    PROXY_MIN_POINTS points)? Decided once per search, at a reference point from the RDP stage
+    (the builds near the answer are at least as large), so that a search does not mix figures."""
+    if params.q == 1.0:
+        return False  # folded into one Gaussian: cheap to build at any grid
+    interval = min(1.0, PROXY_COARSENING * _pld_interval(target))
+    one = _subsampled_gaussian_pld(params.accounted_noise_multiplier, params.q, interval)
+    # pylint: disable=protected-access  # dp_accounting is pinned (==0.6.0)
+    return interval < 1.0 and one._pmf_remove.size >= PROXY_MIN_POINTS
+
+
+def _proxy_agrees(enforced: float, proxy: float) -> bool:
+    return proxy > 0.0 and abs(enforced / proxy - 1.0) <= PROXY_TRUST
+
+
+def _proxy_epsilon_for(params: MechanismParams, queries: int, delta: float, target: float,
+                       coarse: bool) -> float:
+    """Where to look: the coarse-grid PLD epsilon if `coarse` (see _coarse_proxy_resolves), else
+    epsilon_for() itself. Never decides an answer (see _settle)."""
+    if not coarse or params.q == 1.0 or queries > PLD_MAX_RELEASES:
+        return epsilon_for(params, queries, delta)  # (past PLD_MAX_RELEASES: RDP only, cheap)
+    interval = min(1.0, PROXY_COARSENING * _pld_interval(target))
+    return _coarse_epsilon(params, queries, delta, interval)
+
+
+def _settle(cost: Callable[[float], float], target: float, start: float, first: float,
+            last: float, *, tol: float = 0.0, rel_tol: float = 0.0, integer: bool = False,
+            reaim: Callable[[float, float], float] | None = None) -> float | None:
+    """The boundary of `cost` (the ENFORCED figure) near `start`, the proxy's answer, within the
+    range [first, last] ordered from fitting to failing (T: 1 .. cap; z: z_high .. z_low).
+
+    Evaluates `start` and a point one tolerance width beyond it. If they do not bracket the
+    boundary, `reaim(x, cost(x))` (at most twice) moves the start to where the proxy, rescaled by
+    the ratio of the two figures seen at x, puts the boundary; after that it steps on from the
+    last point by 4x the previous step (clamped to the range). The bracket is closed by
+    _boundary: the result fits, and a point within tol + rel_tol * x of it (towards `last`) does
+    not. If `last` fits, it is returned; if `first` fails, None.
+    """
+    toward_last = 1.0 if last > first else -1.0
+    low, high = min(first, last), max(first, last)
+
+    def step(x: float, widths: float) -> float:
+        # 0.999: the bracket of the first step is within the width despite float rounding
+        y = x + widths * (tol + rel_tol * abs(x)) * (1.0 if integer else 0.999)
+        return min(max(float(round(y)) if integer else y, low), high)
+
+    reaims = 0 if reaim is None else 2
+    fit: float | None = None
+    fail: float | None = None
+    x = start
+    widths = 1.0
+    while True:
+        if cost(x) <= target:
+            fit = x if fit is None or (x - fit) * toward_last > 0 else fit
+        else:
+            fail = x if fail is None or (fail - x) * toward_last > 0 else fail
+        if fit is not None and fail is not None:
+            return _boundary(cost, target, fit, fail, tol=tol, rel_tol=rel_tol, integer=integer)
+        if reaims and widths == 4.0:  # the first pair did not bracket: ask the proxy again
+            reaims -= 1
+            aimed = reaim(x, cost(x))  # type: ignore[misc]
+            if aimed != x and low <= aimed <= high:
+                fit = fail = None
+                x, widths = aimed, 1.0
+                continue
+        nxt = step(fit, toward_last * widths) if fit is not None else step(
+            fail, -toward_last * widths)  # type: ignore[arg-type]
+        if nxt == x:
+            return fit  # `last` fits (fit is x), or `first` fails (fit is None)
+        x = nxt
+        widths *= 4
+
+
+def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta: float) -> float:
+    """Smallest sigma (to a relative CALIBRATION_REL_TOL) whose `queries` releases fit under
+    epsilon() itself: the returned sigma fits, sigma * (1 - 1e-4) does not.
+
+    The RDP bound (cheap, looser; RDP >= PLD) calibrates a noise multiplier to 2 %; the proxy
+    (see _proxy_epsilon_for) brackets and locates the answer from there; _settle decides it on
+    epsilon(). Searched within NOISE_MULTIPLIER_RANGE."""
     epsilon_target, delta = check_epsilon(epsilon_target), check_delta(delta)
-    queries = check_queries(queries)
+    return _calibrate_sigma(epsilon_target, q, k, check_queries(queries), delta, True)
+
+
+def _calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta: float,
+                     allow_coarse: bool) -> float:
     shape = MechanismParams(1.0, q, k)
     z_low, z_high = NOISE_MULTIPLIER_RANGE
 
@@ -438,31 +548,54 @@ def calibrate_sigma(epsilon_target: float, q: float, k: int, queries: int, delta
     def cost(z: float) -> float:
         return epsilon_for(params(z), queries, delta)
 
+    coarse = False
+
+    def proxy(z: float) -> float:
+        return _proxy_epsilon_for(params(z), queries, delta, epsilon_target, coarse)
+
     def rdp_cost(z: float) -> float:
         return _rdp_epsilon_for(params(z), queries, delta)
 
+    def unreachable() -> InvalidParameterError:
+        return InvalidParameterError(
+            f"no sigma reaches epsilon={epsilon_target} for {queries} queries (q={shape.q}, "
+            f"k={shape.k}, delta={delta}): even noise multiplier {z_high} "
+            f"(sigma={params(z_high).sigma:.4g}) costs more; allow fewer queries, a smaller "
+            "q or a larger budget"
+        )
+
+    if cost(z_high) > epsilon_target:  # z = 1000: a cheap build
+        raise unreachable()
     z_fits = z_high
     if rdp_cost(z_high) <= epsilon_target:
         z_fits = z_low
         if rdp_cost(z_low) > epsilon_target:
             z_fits = _boundary(rdp_cost, epsilon_target, z_high, z_low, rel_tol=0.02)
-    while cost(z_fits) > epsilon_target:  # RDP and PLD disagree at the edge: step up
-        if z_fits >= z_high:
-            raise InvalidParameterError(
-                f"no sigma reaches epsilon={epsilon_target} for {queries} queries (q={shape.q}, "
-                f"k={shape.k}, delta={delta}): even noise multiplier {z_high} "
-                f"(sigma={params(z_high).sigma:.4g}) costs more; allow fewer queries, a smaller "
-                "q or a larger budget"
-            )
+    coarse = allow_coarse and _coarse_proxy_resolves(params(z_fits), epsilon_target)
+    while z_fits < z_high and proxy(z_fits) > epsilon_target:  # RDP and PLD disagree: step up
         z_fits = min(z_high, z_fits * 1.05)
-    z_fails = z_fits * cost(z_fits) / epsilon_target
-    while z_fails > z_low and cost(z_fails) <= epsilon_target:
+    z_fails = z_fits * proxy(z_fits) / epsilon_target
+    while z_fails > z_low and proxy(z_fails) <= epsilon_target:
         z_fits, z_fails = z_fails, z_fails / 2
-    if z_fails <= z_low:
-        if cost(z_low) <= epsilon_target:
-            return params(z_low).sigma  # every supported sigma fits; the smallest is the answer
-        z_fails = z_low
-    return params(_boundary(cost, epsilon_target, z_fits, z_fails, rel_tol=1e-5)).sigma
+    located = z_low
+    if z_fails > z_low or proxy(z_low) > epsilon_target:
+        located = _boundary(proxy, epsilon_target, z_fits, max(z_fails, z_low),
+                            rel_tol=CALIBRATION_REL_TOL / (4 if coarse else 1))
+        if not coarse:  # located on epsilon() itself: that is the answer
+            return params(located).sigma
+    if coarse and not _proxy_agrees(cost(located), proxy(located)):
+        return _calibrate_sigma(epsilon_target, q, k, queries, delta, False)
+
+    def reaim(z: float, enforced: float) -> float:
+        aimed = _settle(proxy, epsilon_target * proxy(z) / enforced, z, z_high, z_low,
+                        rel_tol=CALIBRATION_REL_TOL / 4)
+        return z if aimed is None else aimed
+
+    z = _settle(cost, epsilon_target, located, z_high, z_low, rel_tol=CALIBRATION_REL_TOL,
+                reaim=reaim if coarse else None)
+    if z is None:
+        raise unreachable()
+    return params(z).sigma
 
 
 def max_queries(params: MechanismParams, epsilon_target: float, delta: float) -> int:
@@ -470,50 +603,73 @@ def max_queries(params: MechanismParams, epsilon_target: float, delta: float) ->
     then means "at least that many"); 0 if not even one fits."""
     if not isinstance(params, MechanismParams):
         raise InvalidParameterError("params must be a MechanismParams")
-    return _max_queries(params, check_epsilon(epsilon_target), check_delta(delta))
+    return _max_queries(params, check_epsilon(epsilon_target), check_delta(delta), True)
 
 
 @functools.lru_cache(maxsize=1024)
-def _max_queries(params: MechanismParams, epsilon_target: float, delta: float) -> int:
-    """Three stages, all on the ledger's own figure epsilon_for() except the first bracket:
-    RDP (memoised per-order curve: microseconds per T) proves the cap or gives T_rdp, which fits;
-    an extrapolation epsilon ~ sqrt(T) from there overshoots the answer; _boundary closes the
-    bracket [T_rdp, overshoot] in a handful of PLD evaluations, each sharing one PLD build."""
+def _max_queries(params: MechanismParams, epsilon_target: float, delta: float,
+                 allow_coarse: bool) -> int:
+    """RDP (memoised per-order curve: microseconds per T) proves the cap or gives T_rdp, which
+    fits; an extrapolation epsilon ~ sqrt(T) from there on the proxy overshoots the answer;
+    _boundary locates it on the proxy, and _settle decides it on epsilon_for() itself: T fits,
+    T + 1 does not."""
 
     def cost(t: float) -> float:
         return epsilon_for(params, int(t), delta)
+
+    coarse = allow_coarse and _coarse_proxy_resolves(params, epsilon_target)
+
+    def proxy(t: float) -> float:
+        return _proxy_epsilon_for(params, int(t), delta, epsilon_target, coarse)
 
     def rdp_cost(t: float) -> float:
         return _rdp_epsilon_for(params, int(t), delta)
 
     cap = MAX_QUERIES_SEARCHED
-    if cost(1) > epsilon_target:
-        return 0
+    if rdp_cost(1) > epsilon_target and proxy(1) > epsilon_target and cost(1) > epsilon_target:
+        return 0  # (the proxy only spares a slow build)
     if rdp_cost(cap) <= epsilon_target:
         return cap  # RDP proves the cap (and is what epsilon() reports that far out)
     fit = 1
     if rdp_cost(1) <= epsilon_target:
         fit = int(_boundary(rdp_cost, epsilon_target, 1, cap, tol=1, integer=True))
-        if cost(fit) > epsilon_target:  # RDP and PLD grids disagree at the edge
+        if proxy(fit) > epsilon_target:  # RDP and PLD grids disagree at the edge
             fit = 1
     fail = cap
     while True:  # overshoot by extrapolating epsilon ~ sqrt(T) (the slowest growth), <= 1000x
-        ratio = epsilon_target / max(cost(fit), epsilon_target / 32)
+        ratio = epsilon_target / max(proxy(fit), epsilon_target / 32)
         guess = min(cap, max(fit + 1, math.ceil(fit * ratio**2)))
-        if cost(guess) > epsilon_target:
+        if proxy(guess) > epsilon_target:
             fail = guess
             break
         if guess == cap:
-            return cap
+            break
         fit = guess
-    return int(_boundary(cost, epsilon_target, fit, fail, tol=1, integer=True))
+    located = cap if fail == cap and proxy(cap) <= epsilon_target else int(
+        _boundary(proxy, epsilon_target, fit, fail, tol=1, integer=True))
+    if coarse and not _proxy_agrees(cost(located), proxy(located)):
+        return _max_queries(params, epsilon_target, delta, False)
+
+    def reaim(t: float, enforced: float) -> float:
+        aimed = _settle(proxy, epsilon_target * proxy(t) / enforced, t, 1, cap, tol=1,
+                        integer=True)
+        return t if aimed is None else aimed
+
+    t_max = _settle(cost, epsilon_target, located, 1, cap, tol=1, integer=True,
+                    reaim=reaim if coarse else None)
+    return 0 if t_max is None else int(t_max)
 
 
 def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta: float) -> float:
-    """Largest sampling rate q (to a relative 1e-5) whose `queries` releases fit under
-    epsilon(); searched within [Q_MIN, 1]. Same stages as calibrate_sigma (epsilon ~ q)."""
+    """Largest sampling rate q (to a relative CALIBRATION_REL_TOL) whose `queries` releases fit
+    under epsilon(): q fits, q * (1 + 1e-4) does not (or q = 1); searched within [Q_MIN, 1].
+    Same stages as calibrate_sigma (epsilon grows at most linearly in q)."""
     epsilon_target, delta = check_epsilon(epsilon_target), check_delta(delta)
-    queries = check_queries(queries)
+    return _calibrate_q(epsilon_target, sigma, k, check_queries(queries), delta, True)
+
+
+def _calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta: float,
+                 allow_coarse: bool) -> float:
     base = MechanismParams(sigma, 1.0, k)
 
     def params(q: float) -> MechanismParams:
@@ -522,27 +678,53 @@ def calibrate_q(epsilon_target: float, sigma: float, k: int, queries: int, delta
     def cost(q: float) -> float:
         return epsilon_for(params(q), queries, delta)
 
+    coarse = allow_coarse and _coarse_proxy_resolves(params(Q_MIN), epsilon_target)
+
+    def proxy(q: float) -> float:
+        return _proxy_epsilon_for(params(q), queries, delta, epsilon_target, coarse)
+
     def rdp_cost(q: float) -> float:
         return _rdp_epsilon_for(params(q), queries, delta)
 
+    def unreachable() -> InvalidParameterError:
+        return InvalidParameterError(
+            f"no q reaches epsilon={epsilon_target} for {queries} queries "
+            f"(sigma={base.sigma}, k={base.k}, delta={delta}); the smallest supported q is "
+            f"{Q_MIN:g}"
+        )
+
+    if (rdp_cost(Q_MIN) > epsilon_target and proxy(Q_MIN) > epsilon_target
+            and cost(Q_MIN) > epsilon_target):  # (the proxy only spares a slow build)
+        raise unreachable()
     q_fits = Q_MIN
     if rdp_cost(Q_MIN) <= epsilon_target:
         q_fits = 1.0
         if rdp_cost(1.0) > epsilon_target:
             q_fits = _boundary(rdp_cost, epsilon_target, Q_MIN, 1.0, rel_tol=0.02)
-    while cost(q_fits) > epsilon_target:  # RDP and PLD disagree at the edge: step down
-        if q_fits <= Q_MIN:
-            raise InvalidParameterError(
-                f"no q reaches epsilon={epsilon_target} for {queries} queries "
-                f"(sigma={base.sigma}, k={base.k}, delta={delta}); the smallest supported q is "
-                f"{Q_MIN:g}"
-            )
+    coarse = allow_coarse and _coarse_proxy_resolves(params(q_fits), epsilon_target)
+    while q_fits > Q_MIN and proxy(q_fits) > epsilon_target:  # RDP and PLD disagree: step down
         q_fits = max(Q_MIN, q_fits / 1.05)
-    while True:  # overshoot: epsilon grows at most linearly in q
-        if q_fits >= 1.0:
-            return 1.0
+    located = 1.0
+    while q_fits < 1.0:  # overshoot: epsilon grows at most linearly in q
         guess = min(1.0, max(q_fits * 1.01, q_fits * epsilon_target / max(
-            cost(q_fits), epsilon_target / 1024)))
-        if cost(guess) > epsilon_target:
-            return _boundary(cost, epsilon_target, q_fits, guess, rel_tol=1e-5)
+            proxy(q_fits), epsilon_target / 1024)))
+        if proxy(guess) > epsilon_target:
+            located = _boundary(proxy, epsilon_target, q_fits, guess,
+                                rel_tol=CALIBRATION_REL_TOL / (4 if coarse else 1))
+            if not coarse:  # located on epsilon() itself: that is the answer
+                return located
+            break
         q_fits = guess
+    if coarse and not _proxy_agrees(cost(located), proxy(located)):
+        return _calibrate_q(epsilon_target, sigma, k, queries, delta, False)
+
+    def reaim(q: float, enforced: float) -> float:
+        aimed = _settle(proxy, epsilon_target * proxy(q) / enforced, q, Q_MIN, 1.0,
+                        rel_tol=CALIBRATION_REL_TOL / 4)
+        return q if aimed is None else aimed
+
+    q = _settle(cost, epsilon_target, located, Q_MIN, 1.0, rel_tol=CALIBRATION_REL_TOL,
+                reaim=reaim if coarse else None)
+    if q is None:
+        raise unreachable()
+    return q

@@ -362,3 +362,24 @@ def test_a_wider_latent_starts_as_the_narrower_autoencoder(tmp_path):
     with pytest.raises(InvalidParameterError, match="wider"):
         initialise_from(narrower, TrainConfig(stage="autoencoder", steps=1,
                                               init_from=str(tmp_path / "run")), "autoencoder")
+
+
+def test_a_denoiser_widened_to_a_wider_latent_predicts_the_old_channels_as_before(tmp_path):
+    from dprdm.generation.training import initialise_from
+
+    torch.manual_seed(0)
+    narrow = LatentDenoiser(cond_dim=12, **TINY_DENOISER)
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    narrow.save_pretrained(tmp_path / "run" / "denoiser")
+    wide = LatentDenoiser(cond_dim=12, latent_channels=8, **TINY_DENOISER)
+    initialise_from(wide, TrainConfig(stage="denoiser", steps=1,
+                                      init_from=str(tmp_path / "run")), "denoiser")
+    z4 = torch.randn(2, 4, 8, 8)
+    z8 = torch.cat([z4, torch.randn(2, 4, 8, 8)], dim=1)  # the new channels are not read
+    c, t = torch.randn(2, 12), torch.tensor([10, 500])
+    with torch.no_grad():
+        old, new = narrow(z4, t, c), wide(z8, t, c)
+    torch.testing.assert_close(new[:, :4], old)
+    assert torch.count_nonzero(new[:, 4:]) == 0

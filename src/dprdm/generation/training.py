@@ -487,6 +487,8 @@ def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> N
     widened = [name for name in own if state[name].shape != own[name].shape]
     if widened and part == "autoencoder":
         state = widen_latent(state, model)
+    elif widened and set(widened) <= {"conv_in.weight", "conv_out.weight", "conv_out.bias"}:
+        state = widen_denoiser_latent(state, model)
     elif widened:
         raise InvalidParameterError(f"--init-from: {weights} differs in shape at {widened[:3]}")
     model.load_state_dict(state)
@@ -519,6 +521,28 @@ def widen_latent(state: dict[str, torch.Tensor], model: Autoencoder) -> dict[str
             raise InvalidParameterError(f"--init-from: cannot widen {name} {tuple(value.shape)} "
                                         f"-> {tuple(target.shape)}")
         out[name] = target
+    return out
+
+
+def widen_denoiser_latent(state: dict[str, torch.Tensor], model: LatentDenoiser
+                          ) -> dict[str, torch.Tensor]:
+    """A denoiser's weights for a wider latent (see :func:`widen_latent`): the input conv reads
+    the old latent channels with the old weights and the new ones through zeros (the condition
+    map's channels, which follow the latent's, keep theirs); the output conv predicts the old
+    channels as before and the new ones from zero-initialised weights (as a fresh model does)."""
+    out = dict(state)
+    old_c = state["conv_out.weight"].shape[0]
+    new_c = int(model.config.latent_channels)
+    if old_c >= new_c:
+        raise InvalidParameterError("--init-from: only a wider latent can start from a narrower")
+    conv_in = torch.zeros_like(model.state_dict()["conv_in.weight"])
+    conv_in[:, :old_c] = state["conv_in.weight"][:, :old_c]
+    conv_in[:, new_c:] = state["conv_in.weight"][:, old_c:]
+    conv_out = torch.zeros_like(model.state_dict()["conv_out.weight"])
+    conv_out[:old_c] = state["conv_out.weight"]
+    bias = torch.zeros(new_c)
+    bias[:old_c] = state["conv_out.bias"]
+    out.update({"conv_in.weight": conv_in, "conv_out.weight": conv_out, "conv_out.bias": bias})
     return out
 
 

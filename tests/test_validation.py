@@ -1,9 +1,9 @@
-"""The validation domain (Noto held out) and its style judge, on tiny fixtures (no npm).
+"""The validation domain (EmojiOne held out) and its style judge, on tiny fixtures (no npm).
 
 * ``dprdm eval --demo --validation`` builds the validation indexes and held-out set from a fake
-  demo root, scores with the Noto judge under its own labels, and rebuilds an index embedded
+  demo root, scores with the EmojiOne judge under its own labels, and rebuilds an index embedded
   with another image tower;
-* the judge's training (``train_classifiers --target noto``) for a few steps on synthetic
+* the judge's training (``train_classifiers --target emojione``) for a few steps on synthetic
   images: what it writes, that it reloads, and that the family recipes reach its negatives.
 """
 
@@ -24,6 +24,7 @@ from dprdm.data.style_family import StyleRecipe
 CAPTIONS = ["grinning face", "red apple", "cat face", "house", "rocket", "sun", "red heart",
             "ghost", "dog face", "tree", "star", "moon", "car", "fish", "bird", "cake"]
 HELD = 8  # the first HELD concepts are the OpenMoji held-out ones
+EMOJIONE_LACKS = 3  # a held-out concept EmojiOne has no image of (as for post-Unicode-9 ones)
 COLOURS = {"twemoji": (220, 60, 60), "google": (60, 160, 60), "fluent": (60, 60, 220),
            "emojione": (200, 160, 40), "openmoji": (120, 40, 160)}
 
@@ -37,7 +38,8 @@ def _fake_demo(root: Path, size: int = 64) -> None:
     rng = np.random.default_rng(0)
     splits = {}
     for name, (folder, style, role) in emoji.SPLITS.items():
-        indices = {"holdout": range(HELD), "openmoji_private": range(HELD, len(CAPTIONS))
+        indices = {"holdout": range(HELD), "openmoji_private": range(HELD, len(CAPTIONS)),
+                   "emojione": [i for i in range(len(CAPTIONS)) if i != EMOJIONE_LACKS]
                    }.get(name, range(len(CAPTIONS)))
         (root / folder).mkdir(parents=True)
         rows = []
@@ -70,7 +72,8 @@ def demo_root(tmp_path, monkeypatch):
     return root
 
 
-def test_eval_validation_builds_the_domain_and_scores_with_the_noto_judge(demo_root, tmp_path):
+def test_eval_validation_builds_the_domain_and_scores_with_the_emojione_judge(demo_root,
+                                                                             tmp_path):
     from dprdm.cli import app
     from dprdm.privacy import SqliteLedger
     from dprdm.retrieval import EmbeddingIndex
@@ -81,31 +84,36 @@ def test_eval_validation_builds_the_domain_and_scores_with_the_noto_judge(demo_r
                                       "--guidance", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["style_target"] == "Noto" and "Validation domain" in data["domain"]
+    assert data["style_target"] == "EmojiOne" and "Validation domain" in data["domain"]
+    assert "EmojiOne held out" in data["domain"] and "Twemoji + Noto + Fluent" in data["domain"]
     for run in data["runs"]:
-        assert 0.0 <= run["noto_like_strict"] <= 1.0 and np.isfinite(run["kid_strict"])
+        assert 0.0 <= run["emojione_like_strict"] <= 1.0 and np.isfinite(run["kid_strict"])
         assert not any(key.startswith("openmoji") for key in run), run.keys()
         assert "fid_style" not in run  # the judge has no non-strict counterpart
-    assert "noto_like_strict" in data["reference"]
+    assert "emojione_like_strict" in data["reference"]
     markdown = (out / "results.md").read_text()
-    assert "Noto-like (strict)" in markdown and "OpenMoji-like" not in markdown
+    assert "EmojiOne-like (strict)" in markdown and "OpenMoji-like" not in markdown
     assert "Validation domain" in markdown
     with (out / "runs.csv").open() as f:
         header = next(csv.reader(f))
-    assert "noto_like_strict" in header and "openmoji_like_strict" not in header
+    assert "emojione_like_strict" in header and "openmoji_like_strict" not in header
 
     validation = demo_root / "validation"
     held = [json.loads(line) for line in (validation / "holdout" / "captions.jsonl").open()]
-    # the held-out set: Noto images of the OpenMoji held-out concepts, copied as they are
-    assert [r["concept"] for r in held] == [_concept(i) for i in range(HELD)]
-    assert {r["style"] for r in held} == {"google"}
+    # the held-out set: EmojiOne images of the OpenMoji held-out concepts that EmojiOne draws
+    # (it stops at Unicode 9: the fake lacks one), copied as they are
+    assert [r["concept"] for r in held] == [_concept(i) for i in range(HELD)
+                                            if i != EMOJIONE_LACKS]
+    assert {r["style"] for r in held} == {"emojione"}
     assert (validation / "holdout" / held[0]["file"]).read_bytes() == (
-        demo_root / "data" / "google" / held[0]["file"]).read_bytes()
+        demo_root / "data" / "emojione" / held[0]["file"]).read_bytes()
     private = EmbeddingIndex.open(validation / "private")
     assert {m["concept"] for m in private.metadata} == {_concept(i) for i in
                                                         range(HELD, len(CAPTIONS))}
+    assert {m["style"] for m in private.metadata} == {"emojione"}
     public = EmbeddingIndex.open(validation / "public")
-    assert {m["style"] for m in public.metadata} == {"twemoji", "fluent", "emojione"}
+    # everything a generator may train on while EmojiOne is held out; no EmojiOne, no OpenMoji
+    assert {m["style"] for m in public.metadata} == {"twemoji", "google", "fluent"}
     # the mechanism is pinned like the demo's own; eval never charged the index's ledger
     ledger = SqliteLedger(validation / "private")
     assert ledger.summary().queries == 0
@@ -125,7 +133,7 @@ def test_validation_indexes_are_reused_and_rebuilt_when_the_encoder_changes(demo
     backend = DemoBackend(load_encoder("demo"), Pipeline())
     said: list[str] = []
     first = prepare_validation(backend, say=said.append)
-    assert first["n_private"] == len(CAPTIONS) - HELD and first["n_holdout"] == HELD
+    assert first["n_private"] == len(CAPTIONS) - HELD and first["n_holdout"] == HELD - 1
     assert first["n_public"] == 3 * len(CAPTIONS)
     assert len(said) == 3  # held-out set, private index, public index
     said.clear()
@@ -139,6 +147,33 @@ def test_validation_indexes_are_reused_and_rebuilt_when_the_encoder_changes(demo
     assert len(said) == 2 and "another image tower" in said[0] and "new ledger" in said[0]
     assert json.loads((private / "conditioning_space.json").read_text())["fingerprint"] == (
         backend.space.fingerprint)
+
+
+def test_a_domain_built_for_another_held_out_style_is_rebuilt(demo_root, monkeypatch):
+    from dprdm import validation
+    from dprdm.encoders import load_encoder
+    from dprdm.generation.backends.demo import DemoBackend
+    from dprdm.retrieval import EmbeddingIndex
+
+    class Pipeline:
+        cond_dim = 64
+
+    backend = DemoBackend(load_encoder("demo"), Pipeline())
+    with monkeypatch.context() as old:  # the domain as it was built when Noto was held out
+        old.setattr(validation, "VALIDATION_SPLIT", "google")
+        old.setattr(validation, "VALIDATION_PUBLIC_SPLITS", ("twemoji", "fluent", "emojione"))
+        validation.prepare_validation(backend, say=lambda line: None)
+    said: list[str] = []
+    built = validation.prepare_validation(backend, say=said.append)
+    assert len(said) == 5, said  # held-out set written; both indexes deleted, then built
+    assert any("private" in line and "google" in line and "new ledger" in line for line in said)
+    assert any("public" in line and "emojione" in line for line in said)
+    assert {m["style"] for m in EmbeddingIndex.open(Path(built["private"])).metadata} == {
+        "emojione"}
+    assert {m["style"] for m in EmbeddingIndex.open(Path(built["public"])).metadata} == {
+        "twemoji", "google", "fluent"}
+    held = [json.loads(line) for line in Path(built["holdout"], "captions.jsonl").open()]
+    assert {r["style"] for r in held} == {"emojione"}
 
 
 def test_validation_needs_the_demo_flag(demo_root, tmp_path):
@@ -178,12 +213,13 @@ def test_a_tiny_judge_trains_saves_and_reloads(demo_root, tmp_path):
     from dprdm.evaluation.train_classifiers import Settings, run
 
     out = tmp_path / "judge"
-    record = run(Settings(data=str(demo_root), out=str(out), target="noto", judge_steps=3,
+    record = run(Settings(data=str(demo_root), out=str(out), target="emojione", judge_steps=3,
                           batch_size=16, warmup_steps=1, family_size=5, log_every=1))
-    assert record["target"] == "Noto" and record["against"] == ["twemoji", "fluent", "emojione"]
+    assert record["target"] == "EmojiOne" and record["against"] == ["twemoji", "google",
+                                                                    "fluent"]
     assert record["train"]["n_target"] == len(CAPTIONS) - HELD  # held-out concepts left out
     report = record["judge"]
-    assert report["n_target"] == HELD and report["n_negatives"] == 3 * HELD
+    assert report["n_target"] == HELD - 1 and report["n_negatives"] == 3 * HELD
     for key in ("recall_target", "specificity_raw_all", "specificity_family",
                 "specificity_augmented_all"):
         assert 0.0 <= report[key] <= 1.0
@@ -191,7 +227,7 @@ def test_a_tiny_judge_trains_saves_and_reloads(demo_root, tmp_path):
         "outline", "flat", "thick_stroke", "line_art", "greyscale", "hue_shift", "soft"}
     assert sum(f.stat().st_size for f in out.iterdir()) < 2_000_000
     judge = StyleJudge.from_pretrained(out)
-    assert judge.target == "Noto" and json.loads((out / "training.json").read_text())["judge"]
+    assert judge.target == "EmojiOne" and json.loads((out / "training.json").read_text())["judge"]
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     p = judge.probability(images)
     assert p.shape == (5,) and np.all((p > 0) & (p < 1))
@@ -204,3 +240,21 @@ def test_a_tiny_judge_trains_saves_and_reloads(demo_root, tmp_path):
     assert "openmoji_like" not in scores
     assert scores["openmoji_probability_mean_strict"] == pytest.approx(float(p.mean()), abs=1e-6)
     assert judged.concepts == judged.base.concepts
+
+
+def test_the_shipped_judge_and_the_validation_domain_agree():
+    from dprdm.errors import InvalidParameterError
+    from dprdm.evaluation.judge import StyleJudge
+    from dprdm.evaluation.train_classifiers import JUDGE_TARGETS, Settings, run
+    from dprdm.validation import VALIDATION_PUBLIC_SPLITS, VALIDATION_SPLIT, VALIDATION_STYLE
+
+    # the judge `eval --validation` scores with recognises the held-out style and was trained
+    # against exactly the public collections a generator may train on while it is held out
+    judge = StyleJudge.from_pretrained()
+    assert judge.target == VALIDATION_STYLE == "EmojiOne"
+    assert [entry.split(" ")[0] for entry in judge.against] == list(VALIDATION_PUBLIC_SPLITS)
+    assert JUDGE_TARGETS["emojione"] == (VALIDATION_SPLIT, VALIDATION_STYLE,
+                                         VALIDATION_PUBLIC_SPLITS)
+    # Noto is a training style now (every shipped network saw it): no judge of it
+    with pytest.raises(InvalidParameterError, match="emojione"):
+        run(Settings(target="noto"))

@@ -5,7 +5,7 @@
   public/    the public (Twemoji + Noto) index, no ledger
   holdout/   held-out OpenMoji images + captions.jsonl (the evaluation reference set)
   data/      the prepared emoji styles;  npm/  the npm packages they came from
-  validation/  the validation domain (Noto held out; ``dprdm eval --demo --validation``,
+  validation/  the validation domain (EmojiOne held out; ``dprdm eval --demo --validation``,
              :mod:`dprdm.validation`): private/ (index + ledger), holdout/, public/
 """
 
@@ -38,17 +38,17 @@ def validation_dir(root: Path | None = None) -> Path:
 
 
 def validation_private_index_dir(root: Path | None = None) -> Path:
-    """The validation domain's private index: Noto images of non-held-out concepts + ledger."""
+    """The validation domain's private index: EmojiOne images of other concepts + ledger."""
     return validation_dir(root) / "private"
 
 
 def validation_holdout_dir(root: Path | None = None) -> Path:
-    """Noto images of the OpenMoji held-out concepts + captions.jsonl (prompts, reference)."""
+    """EmojiOne images of the OpenMoji held-out concepts + captions.jsonl (prompts, ref.)."""
     return validation_dir(root) / "holdout"
 
 
 def validation_public_index_dir(root: Path | None = None) -> Path:
-    """The validation domain's public index: Twemoji + Fluent + EmojiOne (no Noto)."""
+    """The validation domain's public index: Twemoji + Noto + Fluent (no EmojiOne)."""
     return validation_dir(root) / "public"
 
 

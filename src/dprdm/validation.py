@@ -1,17 +1,19 @@
-"""The validation domain: Noto held out of training and treated as "private" while iterating.
+"""The validation domain: EmojiOne held out of training and treated as "private" while iterating.
 
 Recipes (generator, encoder, augmentations, guidance, lam) are chosen on a domain that is not
-the demo's private OpenMoji: Noto ("google"), which the generator and encoder are not trained
-on. Owns building, under ``.dprdm-demo/validation/`` (:mod:`dprdm.demo_layout`):
+the demo's private OpenMoji: EmojiOne 2 (``emojione``), a real public style that no shipped
+network (demo encoder, generator, the fine-tunes made from them) has been trained on. Noto
+cannot serve: every shipped network starts from weights trained on it. Owns building, under
+``.dprdm-demo/validation/`` (:mod:`dprdm.demo_layout`):
 
-* ``private/`` -- a private index + ledger of the Noto images whose concept is NOT one of the
-  OpenMoji held-out concepts, embedded with the image tower that ``dprdm eval`` uses, the
+* ``private/`` -- a private index + ledger of the EmojiOne images whose concept is NOT one of
+  the OpenMoji held-out concepts, embedded with the image tower that ``dprdm eval`` uses, the
   mechanism pinned as the demo's own private index pins it (:mod:`dprdm.demo`);
-* ``holdout/`` -- the Noto images OF the OpenMoji held-out concepts + ``captions.jsonl`` (the
-  prompts and the reference set), laid out like ``.dprdm-demo/holdout``;
-* ``public/``  -- the public index of the validation domain: Twemoji + Fluent + EmojiOne (the
-  public collections a generator may train on while Noto is held out), no ledger. The demo's
-  own public index holds Noto, the very images held out here, so it cannot serve.
+* ``holdout/`` -- the EmojiOne images OF the OpenMoji held-out concepts + ``captions.jsonl``
+  (the prompts and the reference set), laid out like ``.dprdm-demo/holdout``. EmojiOne 2 stops
+  at Unicode 9, so only the held-out concepts it draws are there (163 of the 243);
+* ``public/``  -- the public index of the validation domain: Twemoji + Noto + Fluent (the
+  public collections a generator may train on while EmojiOne is held out), no ledger.
 
 Both indexes record the image tower they were embedded with (``conditioning_space.json``); when
 the tower changes (a retrained demo encoder) they are deleted and rebuilt, and this says so: a
@@ -33,9 +35,10 @@ import numpy as np
 from dprdm import demo_layout
 from dprdm.errors import DprdmError, InvalidParameterError
 
-VALIDATION_SPLIT = "google"  # Noto
-VALIDATION_STYLE = "Noto"
-VALIDATION_PUBLIC_SPLITS = ("twemoji", "fluent", "emojione")
+VALIDATION_SPLIT = "emojione"  # EmojiOne 2: seen by no shipped network
+VALIDATION_STYLE = "EmojiOne"
+VALIDATION_PUBLIC_SPLITS = ("twemoji", "google", "fluent")
+VALIDATION_PUBLIC_STYLES = "Twemoji + Noto + Fluent"  # VALIDATION_PUBLIC_SPLITS, for reports
 CAPTIONS = "captions.jsonl"
 IMAGE_SIZE = 64  # the size the demo embeds its indexes at
 
@@ -58,16 +61,17 @@ def _rows(folder: Path) -> list[dict[str, Any]]:
 
 
 def holdout_rows(root: Path) -> list[dict[str, Any]]:
-    """The Noto captions rows of the OpenMoji held-out concepts, in Noto's order."""
+    """The EmojiOne captions rows of the OpenMoji held-out concepts, in EmojiOne's order."""
     concepts = openmoji_holdout_concepts(root)
     return [row for row in _rows(root / "data" / VALIDATION_SPLIT) if row["concept"] in concepts]
 
 
 def write_holdout(root: Path, out: Path) -> int:
-    """Copy the held-out Noto images and their captions rows into `out` (all or nothing)."""
+    """Copy the held-out EmojiOne images and their captions rows into `out` (all or nothing)."""
     rows = holdout_rows(root)
     if not rows:
-        raise DprdmError("no Noto image of an OpenMoji held-out concept: is the demo data whole?")
+        raise DprdmError(f"no {VALIDATION_STYLE} image of an OpenMoji held-out concept: is the "
+                         "demo data whole?")
     source = root / "data" / VALIDATION_SPLIT
     staging = out.parent / f".{out.name}.partial"
     if staging.exists():
@@ -105,9 +109,10 @@ def _load(folders: Sequence[Path], keep: Callable[[dict[str, Any]], bool] | None
     return np.concatenate(images), ids, metadata
 
 
-def _stale(index_dir: Path, space, what: str, say: Say) -> bool:
-    """True (after deleting it) when the index at `index_dir` is missing, broken or embedded with
-    another image tower than `space`; False when it can be reused."""
+def _stale(index_dir: Path, space, what: str, styles: Sequence[str], say: Say) -> bool:
+    """True (after deleting it) when the index at `index_dir` is missing, broken, embedded with
+    another image tower than `space` or holds other styles than `styles` (an index built when
+    another style was the validation domain); False when it can be reused."""
     from dprdm.generation.backends.base import ConditioningSpace
     from dprdm.privacy import open_private_index
     from dprdm.privacy.binding import binding_of
@@ -117,9 +122,12 @@ def _stale(index_dir: Path, space, what: str, say: Say) -> bool:
         return True
     reason = None
     try:
-        EmbeddingIndex.open(index_dir)
+        held = {m.get("style") for m in EmbeddingIndex.open(index_dir).metadata or []}
         recorded = ConditioningSpace.load(index_dir)
-        if recorded is None or recorded.fingerprint != space.fingerprint:
+        if held != set(styles):
+            reason = (f"it holds the styles {', '.join(sorted(map(str, held))) or 'none'}, not "
+                      f"{', '.join(sorted(styles))}")
+        elif recorded is None or recorded.fingerprint != space.fingerprint:
             reason = (f"it was embedded with another image tower "
                       f"({recorded.family if recorded else 'unrecorded'}, fingerprint "
                       f"{recorded.fingerprint[:12] if recorded else '-'}) than the one "
@@ -166,7 +174,7 @@ def prepare_validation(backend, root: Path | None = None,
     from dprdm.retrieval import EmbeddingIndex
 
     root = Path(root) if root is not None else demo_layout.demo_root()
-    prepare_demo_data(root, splits=("google", "openmoji_private", "holdout",
+    prepare_demo_data(root, splits=(VALIDATION_SPLIT, "openmoji_private", "holdout",
                                     *VALIDATION_PUBLIC_SPLITS), show_progress=False)
     holdout_dir = demo_layout.validation_holdout_dir(root)
     private_dir = demo_layout.validation_private_index_dir(root)
@@ -174,17 +182,17 @@ def prepare_validation(backend, root: Path | None = None,
     holdout_dir.parent.mkdir(parents=True, exist_ok=True)
     if not _holdout_complete(root, holdout_dir):
         count = write_holdout(root, holdout_dir)
-        say(f"validation held-out set: wrote {holdout_dir} ({count} Noto images)")
+        say(f"validation held-out set: wrote {holdout_dir} ({count} {VALIDATION_STYLE} images)")
     held = openmoji_holdout_concepts(root)
     data = root / "data"
 
-    if _stale(private_dir, backend.space, "private", say):
+    if _stale(private_dir, backend.space, "private", (VALIDATION_SPLIT,), say):
         _build(private_dir, backend, [data / VALIDATION_SPLIT],
                lambda extra: extra.get("concept") not in held, "private", say)
         sigma = accounting.calibrate_sigma(EPSILON, DEMO_Q, DEMO_K, DEMO_QUERIES, DELTA)
         init_budget(private_dir, EPSILON, DELTA, MechanismParams(sigma, DEMO_Q, DEMO_K),
                     DEMO_LAM)
-    if _stale(public_dir, backend.space, "public", say):
+    if _stale(public_dir, backend.space, "public", VALIDATION_PUBLIC_SPLITS, say):
         _build(public_dir, backend, [data / name for name in VALIDATION_PUBLIC_SPLITS], None,
                "public", say)
     private, public = EmbeddingIndex.open(private_dir), EmbeddingIndex.open(public_dir)

@@ -86,9 +86,9 @@ def evaluate(
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     validation: bool = typer.Option(
         False, "--validation",
-        help="With --demo: the validation domain instead of OpenMoji (Noto held out: its "
+        help="With --demo: the validation domain instead of OpenMoji (EmojiOne held out: its "
              "index, held-out set and a public index without it, built when missing or when the "
-             "encoder changed), scored with the Noto judge."),
+             "encoder changed), scored with the EmojiOne judge."),
     ledger_url: str = LEDGER_OPTION,
     ray_address: str = typer.Option(
         None, "--ray-address",
@@ -109,7 +109,7 @@ def evaluate(
 
     Example: dprdm eval --demo --out eval-report/ --epsilons 1,5,10 --queries 100,1000
 
-    Choosing recipes: dprdm eval --demo --validation --out val-report/ (Noto as the private
+    Choosing recipes: dprdm eval --demo --validation --out val-report/ (EmojiOne as the private
     domain, docs/evaluation.md "Validation domain").
     """
 
@@ -144,7 +144,8 @@ def evaluate(
             if index or holdout or public_index:
                 raise InvalidParameterError("--validation picks its own indexes and held-out "
                                             "set: leave out --index, --holdout, --public-index")
-            from dprdm.validation import VALIDATION_STYLE, prepare_validation
+            from dprdm.validation import (VALIDATION_PUBLIC_STYLES, VALIDATION_STYLE,
+                                          prepare_validation)
 
             backend = choice.load_backend()
             built = prepare_validation(
@@ -154,9 +155,9 @@ def evaluate(
             domain = (f"Validation domain: {VALIDATION_STYLE} held out as the private style "
                       f"({built['n_private']} images in the private index, "
                       f"{built['n_holdout']} held-out images of the OpenMoji held-out concepts "
-                      f"as prompts and reference; public index: {built['n_public']} Twemoji + "
-                      f"Fluent + EmojiOne images). Not OpenMoji: choose recipes here, report on "
-                      f"OpenMoji.")
+                      f"as prompts and reference; public index: {built['n_public']} "
+                      f"{VALIDATION_PUBLIC_STYLES} images). Not OpenMoji: choose recipes here, "
+                      f"report on OpenMoji.")
         if demo:
             index_dir = index_dir or demo_layout.require(demo_layout.private_index_dir())
             holdout_dir = holdout_dir or demo_layout.require(demo_layout.holdout_dir())
@@ -207,7 +208,7 @@ def evaluate(
         on_demo_data = demo or _same_dir(index_dir, demo_layout.private_index_dir())
         classifiers = (EvalClassifiers.from_pretrained(classifiers_dir or CLASSIFIERS_DIR)
                        if on_demo_data or classifiers_dir is not None else None)
-        if validation:  # the concept network stays; the style columns are the Noto judge's
+        if validation:  # the concept network stays; the style columns are the judge's
             from dprdm.evaluation.judge import JudgedClassifiers, StyleJudge
 
             classifiers = JudgedClassifiers(classifiers, StyleJudge.from_pretrained())

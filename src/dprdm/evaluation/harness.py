@@ -282,7 +282,7 @@ def style_target(classifiers) -> str:
 
 
 def retarget_key(key: str, target: str) -> str:
-    """``openmoji_like_strict`` -> ``noto_like_strict`` for a judge of another style."""
+    """``openmoji_like_strict`` -> ``emojione_like_strict`` for a judge of another style."""
     return key.replace("openmoji", target.lower()) if target != DEFAULT_STYLE_TARGET else key
 
 
@@ -372,7 +372,8 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
     None the report holds the distribution metrics and the text-image alignment alone, in the
     feature space of `extractor` (default: the encoder's image tower). Classifiers whose style
     judge recognises another style than OpenMoji (``style_target``, e.g. the validation
-    domain's Noto judge) give their style keys that style's name (``noto_like_strict``).
+    domain's EmojiOne judge) give their style keys that style's name
+    (``emojione_like_strict``).
     `domain` is a sentence for the report saying which domain this is (e.g. the validation
     domain).
     """

@@ -1,14 +1,14 @@
 """A style judge for a validation domain, and the evaluation classifiers that use it.
 
 Owns :class:`StyleJudge` -- one small style network (the strict OpenMoji network's architecture)
-that tells one TARGET style (the validation domain's: Noto) from everything a generator may be
-trained on -- and :class:`JudgedClassifiers`, the demo's concept network with such a judge in
+that tells one TARGET style (the validation domain's: EmojiOne) from everything a generator may
+be trained on -- and :class:`JudgedClassifiers`, the demo's concept network with such a judge in
 place of the OpenMoji style networks (what ``dprdm eval --demo --validation`` scores with).
 
 The shipped judge, ``dprdm/weights/validation-judge`` (trained by ``python -m
-dprdm.evaluation.train_classifiers --target noto``): Noto against Twemoji, Fluent and EmojiOne as
-they are, through the seven augmentations of :mod:`dprdm.data.styles` and through the recipes of
-:func:`dprdm.data.style_family.style_family`. A directory holds ``config.json`` (architecture,
+dprdm.evaluation.train_classifiers --target emojione``): EmojiOne against Twemoji, Noto and Fluent
+as they are, through the seven augmentations of :mod:`dprdm.data.styles` and through the recipes
+of :func:`dprdm.data.style_family.style_family`. A directory holds ``config.json`` (architecture,
 target, what it was trained against), ``model.safetensors`` (float16 on disk) and
 ``training.json`` (settings and measured accuracies).
 """
@@ -99,7 +99,7 @@ class StyleJudge:
         if not config_path.is_file() or not weights.is_file():
             raise ClassifierLoadError(
                 f"no style judge at {directory} (need {CONFIG_NAME} and {WEIGHTS_NAME}; train "
-                f"it with `python -m dprdm.evaluation.train_classifiers --target noto`)")
+                f"it with `python -m dprdm.evaluation.train_classifiers --target emojione`)")
         try:
             config = json.loads(config_path.read_text("utf-8"))
             if config.get("model_type") != MODEL_TYPE:

@@ -57,7 +57,7 @@ SAMPLE_ROWS = 16
 
 def retarget_columns(columns, target: str | None):
     """Column keys and titles for a style judge of `target` (``OpenMoji-like (strict)`` ->
-    ``Noto-like (strict)``, key ``openmoji_like_strict`` -> ``noto_like_strict``)."""
+    ``EmojiOne-like (strict)``, key ``openmoji_like_strict`` -> ``emojione_like_strict``)."""
     if not target or target == DEFAULT_STYLE_TARGET:
         return list(columns)
     return [(retarget_key(c[0], target), c[1].replace("OpenMoji", target))

@@ -29,10 +29,10 @@ Five short runs, one CPU thread, fixed seed (the same command gives the same wei
 ``--only style_public`` trains only (4) and measures it, loading the concept and strict style
 networks unchanged from ``--out`` (and adding to the ``training.json`` there).
 
-``--target noto`` trains none of the above but the validation domain's style judge
+``--target emojione`` trains none of the above but the validation domain's style judge
 (:mod:`dprdm.evaluation.judge`, written to ``dprdm/weights/validation-judge`` when ``--out`` is
-left at its default): the strict network's recipe with Noto as the target, against Twemoji,
-Fluent and EmojiOne as they are, through the augmentations and through
+left at its default): the strict network's recipe with EmojiOne as the target, against Twemoji,
+Noto and Fluent as they are, through the augmentations and through
 ``style_family(400, seed=12345)`` recipes (:func:`run_judge`).
 
 Every batch goes through light geometric jitter (scale 0.85-1.1, +-2 px shift, +-8 degrees,
@@ -83,8 +83,8 @@ class Settings:
     threads: int = 1
     log_every: int = 50
     only: str = ""  # "" = train everything; "style_public" = only that network (rest from out)
-    # "openmoji": the yardsticks above; "noto": only the validation domain's style judge
-    # (Noto vs Twemoji + Fluent + EmojiOne, raw, augmented and through a style family)
+    # "openmoji": the yardsticks above; "emojione": only the validation domain's style judge
+    # (EmojiOne vs Twemoji + Noto + Fluent, raw, augmented and through a style family)
     target: str = "openmoji"
     judge_steps: int = 1000
     family_size: int = 400
@@ -452,7 +452,7 @@ def run_style_public_only(settings: Settings, holdout: Split, openmoji: Split,
 # target -> (its split, its name in reports, the splits it is judged against: what a generator
 # may be trained on while that style is held out)
 JUDGE_TARGETS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "noto": ("google", "Noto", ("twemoji", "fluent", "emojione")),
+    "emojione": ("emojione", "EmojiOne", ("twemoji", "google", "fluent")),
 }
 
 
@@ -501,7 +501,7 @@ def judge_report(judge, target_test: Split, negatives_test: dict[str, Split],
 
 
 def run_judge(settings: Settings, t0: float) -> dict:
-    """Train and measure the style judge of ``settings.target`` (``--target noto``)."""
+    """Train and measure the style judge of ``settings.target`` (``--target emojione``)."""
     from dprdm.evaluation.classifiers import DEFAULT_DIR as CLASSIFIERS_DIR
     from dprdm.evaluation.judge import HEAD, VALIDATION_JUDGE_DIR, StyleJudge
 

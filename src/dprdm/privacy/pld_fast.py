@@ -39,7 +39,7 @@ import weakref
 from collections import OrderedDict
 
 import numpy as np
-from dp_accounting.pld import common, pld_pmf, privacy_loss_distribution, privacy_loss_mechanism
+from dp_accounting.pld import pld_pmf, privacy_loss_distribution, privacy_loss_mechanism
 from scipy import fft, special
 
 _ADD = privacy_loss_mechanism.AdjacencyType.ADD

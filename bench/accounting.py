@@ -9,14 +9,19 @@ For each noise multiplier z = sigma * k / 2 and sampling rate q (at one epsilon,
 * epsilon_for + epsilon_rdp (params, T, delta) -> what `dprdm privacy epsilon` computes
 each with every cache cleared first (a cold process), new = dprdm.privacy.accounting, baseline =
 one of (--baseline)
+* before-pld-fast: bench/accounting_before_pld_fast.py, the module before pld_fast.py (commit
+  b95ea24, verbatim: the same searches, dp_accounting's own PLD code; the default),
 * previous: bench/accounting_previous.py, the module before the searches were located on a
-  coarse proxy (commit 808b24d, verbatim; the default), or
+  coarse proxy (commit 808b24d, verbatim), or
 * original: bench/accounting_baseline.py, the module before issue 13 item 6 (verbatim),
 side by side in one process. A baseline call that runs past --baseline-limit seconds is stopped
 and shown as ">N". The new answers are checked on the spot against epsilon_for itself:
 max_queries T fits and T + 1 does not ("ok"); the calibrated sigma fits and sigma * (1 - 1e-4)
-does not, the calibrated q fits and q * (1 + 1e-4) does not (or q = 1) ("cal ok").
+does not, the calibrated q fits and q * (1 + 1e-4) does not (or q = 1) ("cal ok"); "= base": every
+new answer (T_max, sigma, q, epsilon and epsilon_rdp) == the baseline's (the before-pld-fast
+baseline must give "yes" everywhere: pld_fast changes no bit).
 
+    python bench/accounting.py --corner --baseline-limit 60   # the slowest corner only
     python bench/accounting.py --quick --out bench/results/accounting-quick.json
     python bench/accounting.py --out bench/results/accounting.json      # full grid + corners
     python bench/accounting.py --baseline original --baseline-limit 15   # against the oldest
@@ -41,9 +46,11 @@ from rich.console import Console
 from rich.table import Table
 
 import accounting_baseline as original  # bench/accounting_baseline.py: before issue 13 item 6
+import accounting_before_pld_fast as before_pld_fast  # bench/accounting_before_pld_fast.py
 import accounting_previous as previous  # bench/accounting_previous.py: before the proxy searches
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import accounting as new
+from dprdm.privacy import pld_fast
 from results_file import write_results  # bench/results_file.py
 
 console = Console()
@@ -56,6 +63,7 @@ QUICK_QS = (1e-6, 0.1, 1.0)
 CORNER_SETTINGS = ((0.1, 1e-10, 1), (100.0, 1e-3, 100), (0.1, 1e-3, 100), (100.0, 1e-10, 1))
 CORNER_ZS = (0.3, 1000.0)
 CORNER_QS = (1e-6, 1.0)
+SLOW_CORNER = (0.3, 1e-6, 0.1, 1e-3, 100)  # the slowest cell of the full run
 
 
 class Timeout(Exception):
@@ -70,6 +78,9 @@ def clear_caches(module: ModuleType) -> None:
     for value in vars(module).values():
         if callable(getattr(value, "cache_clear", None)):
             value.cache_clear()
+    if module is new:  # pld_fast's memoised tail bounds and FFTs (not its numpy check)
+        pld_fast._spectra.clear()
+        pld_fast._log_mgfs.clear()
 
 
 def timed(module: ModuleType, call: Callable[[], Any],
@@ -125,6 +136,13 @@ def run_cell(z: float, q: float, epsilon: float, delta: float, k: int,
             row[f"{label}_cpu_{name}"] = cpu
         if name == "new":
             row["calibration_ok"] = calibration_ok(row, queries)
+    if baseline is not None:  # identical answers (bit for bit against before-pld-fast)?
+        answers = ("max_queries", "calibrate_sigma", "calibrate_q", "epsilon")
+        if any(row[f"{label}_baseline"] == "timeout" for label in answers):
+            row["same_as_baseline"] = None
+        else:
+            row["same_as_baseline"] = all(row[f"{label}_new"] == row[f"{label}_baseline"]
+                                          for label in answers)
     return row
 
 
@@ -170,17 +188,22 @@ def fmt(row: dict, label: str, name: str, limit: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 x 3 grid, no corners")
+    parser.add_argument("--corner", action="store_true",
+                        help=f"only the slowest corner, z, q, epsilon, delta, k = {SLOW_CORNER}")
     parser.add_argument("--out", type=Path, default=Path("bench/results/accounting.json"))
     parser.add_argument("--epsilon", type=float, default=1.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--baseline-limit", type=float, default=30.0,
                         help="seconds before a baseline call is stopped")
-    parser.add_argument("--baseline", choices=("previous", "original"), default="previous",
-                        help="previous: before the proxy searches; original: before item 6")
+    parser.add_argument("--baseline", choices=("before-pld-fast", "previous", "original"),
+                        default="before-pld-fast",
+                        help="before-pld-fast: dp_accounting's own PLD code; previous: before "
+                             "the proxy searches; original: before item 6")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    baseline = None if args.no_baseline else {"previous": previous,
+    baseline = None if args.no_baseline else {"before-pld-fast": before_pld_fast,
+                                              "previous": previous,
                                               "original": original}[args.baseline]
     limit = args.baseline_limit
     signal.signal(signal.SIGALRM, _alarm)
@@ -188,7 +211,9 @@ def main() -> None:
     cells = [(z, q, args.epsilon, args.delta, args.k)
              for z in (QUICK_ZS if args.quick else FULL_ZS)
              for q in (QUICK_QS if args.quick else FULL_QS)]
-    if not args.quick:
+    if args.corner:
+        cells = [SLOW_CORNER]
+    elif not args.quick:
         cells += [(z, q, eps, delta, k) for eps, delta, k in CORNER_SETTINGS
                   for z in CORNER_ZS for q in CORNER_QS]
     rows = []
@@ -200,14 +225,15 @@ def main() -> None:
 
     name = "none" if baseline is None else args.baseline
     table = Table(title=f"accountant, seconds per cold call, wall (CPU): {name} -> new")
-    for column in ("z", "q", "eps", "delta", "k", "T_max", "ok", "cal ok", "max_queries",
+    for column in ("z", "q", "eps", "delta", "k", "T_max", "ok", "cal ok", "= base", "max_queries",
                    "calibrate_sigma", "calibrate_q", "epsilon"):
         table.add_column(column, justify="right")
     for row in rows:
         cells_out = [f"{row['z']:g}", f"{row['q']:g}", f"{row['epsilon']:g}",
                      f"{row['delta']:g}", str(row["k"]), str(row["max_queries_new"]),
                      {True: "yes", False: "NO"}.get(row.get("boundary_ok"), "-"),
-                     {True: "yes", False: "NO"}.get(row.get("calibration_ok"), "-")]
+                     {True: "yes", False: "NO"}.get(row.get("calibration_ok"), "-"),
+                     {True: "yes", False: "no"}.get(row.get("same_as_baseline"), "-")]
         for label in ("max_queries", "calibrate_sigma", "calibrate_q", "epsilon"):
             cells_out.append(f"{fmt(row, label, 'baseline', limit)} -> {fmt(row, label, 'new', limit)}")
         table.add_row(*cells_out)

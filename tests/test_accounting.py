@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event
 
@@ -345,3 +346,121 @@ def test_a_proxy_that_disagrees_with_the_enforced_figure_is_dropped(monkeypatch)
     assert accounting.epsilon_for(params, t_max, 1e-5) <= 8.0
     assert accounting.epsilon_for(params, t_max + 1, 1e-5) > 8.0
     accounting._max_queries.cache_clear()
+
+
+# --- pld_fast: the library's PLD steps without Python loops, bit for bit ---------------------
+
+
+def _same_pmf(ours, stock):
+    from dp_accounting.pld import pld_pmf
+
+    assert type(ours) is type(stock)
+    assert ours._infinity_mass == stock._infinity_mass
+    if isinstance(stock, pld_pmf.DensePLDPmf):
+        assert ours._lower_loss == stock._lower_loss
+        assert np.array_equal(ours._probs, stock._probs)
+    else:
+        assert ours._loss_probs == stock._loss_probs
+
+
+def _same_pld(ours, stock):
+    assert ours._symmetric == stock._symmetric
+    _same_pmf(ours._pmf_remove, stock._pmf_remove)
+    if not stock._symmetric:
+        _same_pmf(ours._pmf_add, stock._pmf_add)
+
+
+@pytest.mark.parametrize(
+    "z,q,interval",
+    [
+        (0.3, 1e-6, 1.6e-3),   # the small-noise corner (dense: 1.5e4 points per adjacency)
+        (0.5, 0.1, 1e-3),
+        (0.5, 0.999, 2e-3),    # q near 1: grid points near the subsampling bound log(1 - q)
+        (2.5, 0.1, 4e-4),
+        (1.0, 1.0, 1e-3),      # no subsampling (one symmetric PMF)
+        (50.0, 0.1, 1.6e-3),   # sparse (< 1000 points)
+        (1000.0, 1e-6, 1e-4),
+    ],
+)
+def test_fast_one_release_build_is_bit_for_bit_the_library(z, q, interval):
+    from dp_accounting.pld import privacy_loss_distribution
+
+    from dprdm.privacy import pld_fast
+
+    stock = privacy_loss_distribution.from_gaussian_mechanism(
+        z, value_discretization_interval=interval, sampling_prob=q,
+        neighboring_relation=accounting.ADJACENCY)
+    _same_pld(pld_fast.gaussian_pld(z, interval, q), stock)
+
+
+def test_reused_pld_and_fft_give_the_figure_of_a_fresh_stock_accountant():
+    # A search evaluates many T with one memoised one-release PLD, memoised tail bounds and a
+    # forward FFT shared by neighbouring T; every figure must equal a fresh stock accountant's.
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from dprdm.privacy import pld_fast
+
+    accounting._subsampled_gaussian_pld.cache_clear()
+    pld_fast._spectra.clear()
+    params = MechanismParams(2 * 0.4 / 10, 1e-3, 10)  # z = 0.4: a dense one-release PLD
+    interval = 2e-3
+    counts = (1, 300, 5000, 5001, 5003, 300)
+    ours = {}
+    for count in counts:  # reuses: the PLD always, tail bounds always, the FFT from 5001 on
+        event = params.event(count)
+        accountant = accounting._pld_accountant(interval).compose(event)
+        ours[count] = [accountant.get_epsilon(delta) for delta in (1e-3, 1e-6, 1e-10)]
+    assert accounting._subsampled_gaussian_pld.cache_info().misses == 1
+    fft_lengths = {key[1] for key in pld_fast._spectra}
+    assert len(pld_fast._spectra) < 2 * len(set(counts))  # (5000, 5001, 5003 share one FFT)
+    assert len(fft_lengths) >= 2
+    for count in counts:
+        stock = pld_privacy_accountant.PLDAccountant(
+            neighboring_relation=accounting.ADJACENCY, value_discretization_interval=interval
+        ).compose(params.event(count))
+        assert ours[count] == [stock.get_epsilon(delta) for delta in (1e-3, 1e-6, 1e-10)]
+        _same_pld(accounting._pld_accountant(interval).compose(params.event(count))._pld,
+                  stock._pld)
+
+
+def test_block_epsilon_for_delta_is_the_library_loop():
+    # Random dense PMFs (spanning several blocks, or a handful of points), every branch of the
+    # loop: infinite mass above delta, a stop inside a block, at its edge, never, and losses so
+    # large that exp(-loss) underflows.
+    from dp_accounting.pld import pld_pmf
+
+    from dprdm.privacy import pld_fast
+
+    rng = np.random.default_rng(7)
+    for size, lower, interval, infinity in ((20_000, -9_000, 1e-4, 1e-9), (3, 0, 0.5, 0.0),
+                                            (pld_fast._BLOCK + 1, -100, 1e-3, 1e-7),
+                                            (5_000, 1_000_000, 1e-3, 0.0),
+                                            (2_000, -1_000, 1e-2, 0.2)):
+        probs = rng.exponential(size=size)
+        probs *= (1 - infinity) / probs.sum()
+        pmf = pld_pmf.DensePLDPmf(interval, lower, probs, infinity, True)
+        for delta in (0.5, 0.1, 1e-3, 1e-6, 1e-9, 1e-12):
+            assert pld_fast.epsilon_for_delta_dense(pmf, delta) == pmf.get_epsilon_for_delta(
+                delta)
+
+
+def test_fast_paths_hand_over_to_the_library_where_numpy_rounds_differently(monkeypatch):
+    from dp_accounting.pld import pld_pmf, privacy_loss_distribution
+
+    from dprdm.privacy import pld_fast
+
+    assert isinstance(pld_fast.numpy_matches_scalar_math(), bool)
+    monkeypatch.setattr(pld_fast, "numpy_matches_scalar_math", lambda: False)
+    used = []
+    stock_build = privacy_loss_distribution.from_gaussian_mechanism
+    monkeypatch.setattr(privacy_loss_distribution, "from_gaussian_mechanism",
+                        lambda *a, **kw: used.append("build") or stock_build(*a, **kw))
+    stock_compose = pld_pmf.DensePLDPmf.self_compose
+    monkeypatch.setattr(pld_pmf.DensePLDPmf, "self_compose",
+                        lambda self, *a, **kw: used.append("compose") or stock_compose(
+                            self, *a, **kw))
+    pld = pld_fast.gaussian_pld(0.5, 1e-3, 0.1)
+    composed = pld_fast.self_compose_dense(pld._pmf_remove, 7)
+    assert used == ["build", "compose"]
+    assert pld_fast.epsilon_for_delta_dense(composed, 1e-5) == composed.get_epsilon_for_delta(
+        1e-5)

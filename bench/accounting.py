@@ -10,9 +10,7 @@ For each noise multiplier z = sigma * k / 2 and sampling rate q (at one epsilon,
 each with every cache cleared first (a cold process), new = dprdm.privacy.accounting, baseline =
 one of (--baseline)
 * before-pld-fast: bench/accounting_before_pld_fast.py, the module before pld_fast.py (commit
-  b95ea24, verbatim: the same searches, dp_accounting's own PLD code; the default),
-* previous: bench/accounting_previous.py, the module before the searches were located on a
-  coarse proxy (commit 808b24d, verbatim), or
+  b95ea24, verbatim: the same searches, dp_accounting's own PLD code; the default), or
 * original: bench/accounting_baseline.py, the module before issue 13 item 6 (verbatim),
 side by side in one process. A baseline call that runs past --baseline-limit seconds is stopped
 and shown as ">N". The new answers are checked on the spot against epsilon_for itself:
@@ -47,7 +45,6 @@ from rich.table import Table
 
 import accounting_baseline as original  # bench/accounting_baseline.py: before issue 13 item 6
 import accounting_before_pld_fast as before_pld_fast  # bench/accounting_before_pld_fast.py
-import accounting_previous as previous  # bench/accounting_previous.py: before the proxy searches
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import accounting as new
 from dprdm.privacy import pld_fast
@@ -196,14 +193,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--baseline-limit", type=float, default=30.0,
                         help="seconds before a baseline call is stopped")
-    parser.add_argument("--baseline", choices=("before-pld-fast", "previous", "original"),
+    parser.add_argument("--baseline", choices=("before-pld-fast", "original"),
                         default="before-pld-fast",
-                        help="before-pld-fast: dp_accounting's own PLD code; previous: before "
-                             "the proxy searches; original: before item 6")
+                        help="before-pld-fast: dp_accounting's own PLD code; original: before "
+                             "item 6")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     baseline = None if args.no_baseline else {"before-pld-fast": before_pld_fast,
-                                              "previous": previous,
                                               "original": original}[args.baseline]
     limit = args.baseline_limit
     signal.signal(signal.SIGALRM, _alarm)

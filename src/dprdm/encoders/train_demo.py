@@ -151,21 +151,32 @@ def _holdout_concepts(data_root: Path, config: TrainConfig) -> set[str]:
     return {row["concept"] for row in rows}
 
 
-def load_family_sources(data_root: Path, config: TrainConfig) -> FamilySources:
-    """The real public styles as they are + ``family_size`` procedural styles drawn on them."""
-    from dprdm.data.style_family import apply_recipe, style_family
-
+def _public_splits(data_root: Path, config: TrainConfig
+                   ) -> list[tuple[np.ndarray, list[str], list[str]]]:
+    """Per public split (config order): its images, concepts and captions, held-out concepts
+    dropped."""
     holdout = _holdout_concepts(data_root, config)
-    styles, concepts, captions = [], [], []
+    out = []
     for split in config.public_splits:
         directory = data_root / split
         if not directory.is_dir():
             raise InvalidParameterError(f"{directory} is missing; prepare the demo data first")
         data = load_folder(directory, DATA_SIZE, show_progress=False)
         keep = [i for i, row in enumerate(data.extra) if row.get("concept") not in holdout]
-        styles.append(data.images[keep])
-        concepts.append([data.extra[i]["concept"] for i in keep])
-        captions += [data.captions[i] for i in keep]
+        out.append((data.images[keep], [data.extra[i]["concept"] for i in keep],
+                    [data.captions[i] for i in keep]))
+    return out
+
+
+def load_family_sources(data_root: Path, config: TrainConfig) -> FamilySources:
+    """The real public styles as they are + ``family_size`` procedural styles drawn on them."""
+    from dprdm.data.style_family import apply_recipe, style_family
+
+    styles, concepts, captions = [], [], []
+    for images_of_split, concepts_of_split, captions_of_split in _public_splits(data_root, config):
+        styles.append(images_of_split)
+        concepts.append(concepts_of_split)
+        captions += captions_of_split
     concept_names = sorted({c for group in concepts for c in group})
     concept_id = {c: i for i, c in enumerate(concept_names)}
     caption_of = dict(zip((c for group in concepts for c in group), captions))
@@ -206,19 +217,14 @@ def sample_family_batch(sources: FamilySources, config: TrainConfig, rng: np.ran
 
 def load_sources(data_root: Path, config: TrainConfig) -> Sources:
     """Public images + their augmented copies; holdout concepts dropped if configured."""
-    holdout = _holdout_concepts(data_root, config)
-    images, concepts, captions, styles, names = [], [], [], [], []
-    for style_id, split in enumerate(config.public_splits):
-        directory = data_root / split
-        if not directory.is_dir():
-            raise InvalidParameterError(f"{directory} is missing; prepare the demo data first")
-        data = load_folder(directory, DATA_SIZE, show_progress=False)
-        keep = [i for i, row in enumerate(data.extra) if row.get("concept") not in holdout]
-        images.append(data.images[keep])
-        concepts += [data.extra[i]["concept"] for i in keep]
-        captions += [data.captions[i] for i in keep]
-        styles += [style_id] * len(keep)
-        names.append(Path(split).name)
+    images, concepts, captions, styles = [], [], [], []
+    for style_id, (images_of_split, concepts_of_split, captions_of_split) in enumerate(
+            _public_splits(data_root, config)):
+        images.append(images_of_split)
+        concepts += concepts_of_split
+        captions += captions_of_split
+        styles += [style_id] * len(concepts_of_split)
+    names = [Path(split).name for split in config.public_splits]
     public = np.concatenate(images)
     concept_names = sorted(set(concepts))
     concept_id = {c: i for i, c in enumerate(concept_names)}

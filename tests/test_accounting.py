@@ -464,3 +464,75 @@ def test_fast_paths_hand_over_to_the_library_where_numpy_rounds_differently(monk
     assert used == ["build", "compose"]
     assert pld_fast.epsilon_for_delta_dense(composed, 1e-5) == composed.get_epsilon_for_delta(
         1e-5)
+
+
+def test_fast_tail_bounds_are_scipys_logsumexp_bit_for_bit():
+    # The 40 log-MGFs of compute_self_convolve_bounds: real one-release PMFs (dense, with and
+    # without zero masses), and odd arrays (zeros at the ends, one or two points, -0.0 weights);
+    # all-zero or negative weights hand over to scipy itself.
+    from scipy import special
+
+    from dprdm.privacy import pld_fast
+
+    pld = pld_fast.gaussian_pld(0.3, 1.6e-3, 1e-6)
+    rng = np.random.default_rng(11)
+    arrays = [pld._pmf_remove._probs, pld._pmf_add._probs,
+              np.concatenate([[0.0, -0.0], rng.exponential(size=500), [0.0] * 7]),
+              np.array([0.25]), np.array([0.0, 1e-300]), np.array([0.7, 0.0]),
+              np.array([0.0, 0.0, 0.0]), np.array([0.5, -1e-3, 0.5]),
+              rng.exponential(size=3000) * (rng.uniform(size=3000) < 0.2)]
+    for probs in arrays:
+        orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / len(probs)
+        with np.errstate(all="ignore"):
+            stock = np.array([special.logsumexp(np.arange(len(probs)) * order, b=probs)
+                              for order in orders])
+            ours = np.array(pld_fast._log_mgfs_of(probs, orders))
+        assert np.array_equal(ours, stock, equal_nan=True)
+
+
+def _cold_caches():
+    from dprdm.privacy import pld_fast
+
+    for value in vars(accounting).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+    pld_fast._log_mgfs.clear()
+    pld_fast._spectra.clear()
+
+
+def test_a_dropped_proxy_calibration_gives_the_stock_arithmetics_answer(monkeypatch):
+    # The slowest corner (z = 0.3, q = 1e-6, epsilon 0.1, delta 1e-3, k 100: bench/accounting.py
+    # --corner) drops the proxy and redoes both calibrations on epsilon_for alone: ~10 enforced
+    # evaluations, whose tail bounds (pld_fast._log_mgfs_of) and RDP curves (memoised
+    # _log_comb) were sped up. The same path, cheaper (calibrate_sigma for one release at
+    # q = 0.1, epsilon 30: z = 0.19; PROXY_TRUST = 0 forces the drop): the answer must be that
+    # of scipy's logsumexp and the unmemoised _log_comb. (calibrate_q's drop at the corner
+    # itself: bench/accounting.py's "= base".)
+    from dp_accounting.rdp import rdp_privacy_accountant
+    from scipy import special
+
+    from dprdm.privacy import pld_fast
+
+    monkeypatch.setattr(accounting, "PROXY_TRUST", 0.0)
+    dropped = []
+    search = accounting._calibrate_sigma
+
+    def recording(*args):
+        dropped.append(args[-1])  # allow_coarse: False once the proxy is dropped
+        return search(*args)
+
+    monkeypatch.setattr(accounting, "_calibrate_sigma", recording)
+
+    def answer():
+        _cold_caches()
+        return accounting.calibrate_sigma(30.0, 0.1, 10, 1, 1e-5)
+
+    fast = answer()
+    assert dropped == [True, False]
+    assert hasattr(rdp_privacy_accountant._log_comb, "cache_info")
+    monkeypatch.setattr(rdp_privacy_accountant, "_log_comb",
+                        rdp_privacy_accountant._log_comb.__wrapped__)
+    monkeypatch.setattr(pld_fast, "_log_mgfs_of", lambda probs, orders: [
+        special.logsumexp(np.arange(len(probs)) * order, b=probs) for order in orders])
+    assert answer() == fast
+    _cold_caches()

@@ -15,7 +15,8 @@ Python loops over grid points and work repeated across a search:
   +-log(1 - q), or exactly 0) go through the library's scalar code itself.
 * :func:`self_compose_dense` = ``DensePLDPmf.self_compose`` (``common.self_convolve``). Its
   tail bounds (``compute_self_convolve_bounds``: 40 log-sum-exps over the whole PMF, ~0.5 s at
-  2.4e5 points, the same for every T) are memoised per PMF, and the PMF's forward FFT per
+  2.4e5 points, the same for every T) are computed with scipy's logsumexp arithmetic minus its
+  overhead (:func:`_log_mgfs_of`, 5x faster) and memoised per PMF, and the PMF's forward FFT per
   (PMF, FFT length): neighbouring T (the last steps of a search) share it.
 * :func:`epsilon_for_delta_dense` = ``DensePLDPmf.get_epsilon_for_delta``: the library's loop
   down the losses (running sums, one ``math.exp`` per point) in numpy blocks; running sums are
@@ -201,8 +202,7 @@ def _self_convolve_bounds(pmf: pld_pmf.DensePLDPmf, num_times: int) -> tuple[int
     with _lock:
         log_mgfs = _log_mgfs.get(pmf)
     if log_mgfs is None:
-        log_mgfs = [special.logsumexp(np.arange(len(input_list)) * order, b=input_list)
-                    for order in orders]
+        log_mgfs = _log_mgfs_of(input_list, orders)
         with _lock:
             _log_mgfs[pmf] = log_mgfs
     for order, log_mgf_value in zip(orders, log_mgfs):
@@ -214,6 +214,46 @@ def _self_convolve_bounds(pmf: pld_pmf.DensePLDPmf, num_times: int) -> tuple[int
         if order < 0:
             lower_bound = max(lower_bound, math.floor(bound))
     return lower_bound, upper_bound
+
+
+def _log_mgfs_of(probs: np.ndarray, orders: np.ndarray) -> list:
+    """``[special.logsumexp(np.arange(len(probs)) * order, b=probs) for order in orders]``, the
+    same floating-point operations on the same arrays (scipy 1.17.1's ``_logsumexp``: zero
+    weights' exponents set to -inf, the largest exponent a_max and its weight m taken out,
+    s = sum(b * exp(a - a_max)) / m, log1p(s) + log(m) + a_max), without what scipy does around
+    it for general inputs: a second direct sum for infinite results, masks and copies (5x less
+    time). Here the exponents i * order are strictly monotone in i (checked at the largest), so
+    a_max is the exponent of the first or last positive weight; a zero weight's term is then
+    0 * exp(finite) = 0, as 0 * exp(-inf) is in scipy. Anything else (a negative, infinite or
+    NaN weight, all weights zero, a non-finite result) goes to scipy itself."""
+    n = len(probs)
+    positive = np.flatnonzero(probs > 0)
+    if positive.size == 0 or not probs.min() >= 0 or not np.isfinite(probs).all():
+        return [special.logsumexp(np.arange(n) * order, b=probs) for order in orders]
+    indices = np.arange(n, dtype=np.float64)  # (np.arange(n) * order casts to float64 first)
+    terms = np.empty(n)
+    log_mgfs = []
+    for order in orders:
+        i_max = int(positive[-1] if order > 0 else positive[0])
+        a_max = indices[i_max] * order
+        neighbour = i_max - 1 if order > 0 else i_max + 1
+        if 0 <= neighbour < n and not indices[neighbour] * order < a_max:
+            log_mgfs.append(special.logsumexp(np.arange(n) * order, b=probs))  # a tie: scipy
+            continue
+        np.multiply(indices, order, out=terms)  # a
+        np.subtract(terms, a_max, out=terms)  # a - a_max
+        np.exp(terms, out=terms)
+        np.multiply(probs, terms, out=terms)  # b * exp(a - a_max)
+        terms[i_max] = 0.0  # scipy: a[i_max] = -inf
+        m = probs[i_max:i_max + 1]  # sum(b * (i == i_max)): that one weight
+        s = np.sum(terms, keepdims=True, dtype=terms.dtype)
+        s = np.where(s == 0, s, s / m)
+        out = np.log1p(s) + np.log(m) + a_max  # (s >= 0, m > 0: sign +1)
+        if not np.isfinite(out[0]):
+            log_mgfs.append(special.logsumexp(np.arange(n) * order, b=probs))
+            continue
+        log_mgfs.append(out[0])
+    return log_mgfs
 
 
 def _spectrum(pmf: pld_pmf.DensePLDPmf, fast_len: int) -> np.ndarray:

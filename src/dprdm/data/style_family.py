@@ -1,7 +1,8 @@
 """A procedural family of public drawing styles: thousands of distinct "sources" from a few real ones.
 
 Owns :class:`StyleRecipe` (the parameters of one style), :func:`sample_recipe` (draws one from wide
-ranges), :func:`style_family` (a fixed, seeded list of them) and :func:`apply_recipe`.
+ranges), :func:`style_family` (a fixed, seeded list of them), :func:`apply_recipe`, and
+:func:`family_sources` (the training sources both the demo encoder and the generator use).
 
 Why a family and not a handful of augmentations: a generator trained on 16 fixed sources learns to
 snap its condition to the nearest of them; trained on hundreds of sources that differ along every
@@ -33,6 +34,7 @@ Order of operations (each step optional, as the recipe says):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -230,3 +232,15 @@ def apply_recipe(images: np.ndarray, recipe: StyleRecipe) -> np.ndarray:
     if recipe.background != (255, 255, 255):
         out = np.where(drawn[..., None], out, np.array(recipe.background, np.uint8))
     return out.astype(np.uint8)
+
+
+def family_sources(styles: Sequence[np.ndarray], size: int, seed: int, per_source: int,
+                   rng: np.random.Generator) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Training sources: ``(j, base, rows, images)`` per recipe j of ``style_family(size,
+    seed)``, drawn on ``per_source`` distinct images (`rows`, positions in ``styles[base]``) of
+    the real style ``base = j % len(styles)``."""
+    for j, recipe in enumerate(style_family(size, seed)):
+        base = j % len(styles)
+        rows = rng.choice(len(styles[base]), size=min(per_source, len(styles[base])),
+                          replace=False)
+        yield j, base, rows, apply_recipe(styles[base][rows], recipe)

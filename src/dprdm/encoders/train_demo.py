@@ -170,7 +170,7 @@ def _public_splits(data_root: Path, config: TrainConfig
 
 def load_family_sources(data_root: Path, config: TrainConfig) -> FamilySources:
     """The real public styles as they are + ``family_size`` procedural styles drawn on them."""
-    from dprdm.data.style_family import apply_recipe, style_family
+    from dprdm.data.style_family import family_sources
 
     styles, concepts, captions = [], [], []
     for images_of_split, concepts_of_split, captions_of_split in _public_splits(data_root, config):
@@ -185,11 +185,9 @@ def load_family_sources(data_root: Path, config: TrainConfig) -> FamilySources:
     concept = [np.array([concept_id[c] for c in group]) for group in concepts]
     names = [Path(split).name for split in config.public_splits]
     rng = np.random.default_rng(config.seed)
-    for j, recipe in enumerate(style_family(config.family_size, config.family_seed)):
-        base = j % len(styles)
-        rows = rng.choice(len(styles[base]), size=min(config.family_images_per_source,
-                                                       len(styles[base])), replace=False)
-        images.append(apply_recipe(styles[base][rows], recipe))
+    for j, base, rows, styled in family_sources(styles, config.family_size, config.family_seed,
+                                                config.family_images_per_source, rng):
+        images.append(styled)
         source.append(np.full(len(rows), len(names)))
         concept.append(concept[base][rows])
         names.append(f"{names[base]}+recipe{j}")

@@ -550,8 +550,8 @@ def family_sources(config: TrainConfig) -> tuple[np.ndarray, list[str], list[str
     """(pixels at ``config.size``, captions, source names): every public style as it is plus
     ``family_size`` procedural styles, recipe j drawn on ``family_images_per_source`` images of
     one public style. Recipes are drawn at 64 px, then resized like every image file is."""
+    from dprdm.data import style_family
     from dprdm.data.images import decode_image
-    from dprdm.data.style_family import apply_recipe, style_family
 
     drawn = 64
     public = load_public(config.data, drawn, config.data_is_public, config.caption_column,
@@ -561,12 +561,11 @@ def family_sources(config: TrainConfig) -> tuple[np.ndarray, list[str], list[str
     members = [np.flatnonzero(base_sources == style) for style in styles]
     blocks, captions, sources = [public.images], list(public.captions), list(public.sources)
     rng = np.random.default_rng(config.seed)
-    for j, recipe in enumerate(style_family(config.family_size, config.family_seed)):
-        base = j % len(styles)
-        rows = rng.choice(members[base], size=min(config.family_images_per_source,
-                                                  len(members[base])), replace=False)
-        blocks.append(apply_recipe(public.images[rows], recipe))
-        captions += [public.captions[i] for i in rows]
+    for j, base, rows, styled in style_family.family_sources(
+            [public.images[m] for m in members], config.family_size, config.family_seed,
+            config.family_images_per_source, rng):
+        blocks.append(styled)
+        captions += [public.captions[i] for i in members[base][rows]]
         sources += [f"{styles[base]}+recipe{j}"] * len(rows)
     pixels = np.concatenate(blocks)
     if config.size != drawn:
@@ -653,20 +652,19 @@ def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> Condi
         _stderr.print("cache settings changed: recomputing the condition bank")
     if family:
         pixels, captions, sources = family_sources(config)
-        images = [pixels]
     else:
         images, captions, sources = [public.images], list(public.captions), list(public.sources)
-    rng = np.random.default_rng(config.seed)
-    base_sources = np.array(sources)
-    for name, augment in augmentations.items():
-        for copy_index in range(config.augment_copies):
-            for style in sorted(set(public.sources)):
-                members = np.flatnonzero(base_sources[:len(public.images)] == style)
-                images.append(augment(public.images[members], rng))
-                captions += [public.captions[i] for i in members]
-                suffix = f"#{copy_index}" if config.augment_copies > 1 else ""
-                sources += [f"{style}+{name}{suffix}"] * len(members)
-    pixels = np.concatenate(images)
+        rng = np.random.default_rng(config.seed)
+        base_sources = np.array(public.sources)
+        for name, augment in augmentations.items():
+            for copy_index in range(config.augment_copies):
+                for style in sorted(set(public.sources)):
+                    members = np.flatnonzero(base_sources == style)
+                    images.append(augment(public.images[members], rng))
+                    captions += [public.captions[i] for i in members]
+                    suffix = f"#{copy_index}" if config.augment_copies > 1 else ""
+                    sources += [f"{style}+{name}{suffix}"] * len(members)
+        pixels = np.concatenate(images)
     _stderr.print(f"condition bank: {len(pixels)} images in {len(set(sources))} sources")
 
     encoder = load_training_encoder(config.encoder)

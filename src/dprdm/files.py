@@ -1,11 +1,15 @@
 """Writing result files atomically: a reader sees the old file or the complete new one, never a
-half-written one, and a crash leaves no partial file behind under the final name."""
+half-written one, and a crash leaves no partial file behind under the final name; and the one way
+dprdm opens its SQLite databases (ledger, service keys): every commit synced to disk."""
 
 from __future__ import annotations
 
 import io
 import os
+import sqlite3
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +60,16 @@ def save_npy_atomically(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     write_bytes_atomically(path, buffer.getvalue())
+
+
+@contextmanager
+def durable_sqlite(path: Path, timeout_s: float) -> Iterator[sqlite3.Connection]:
+    """A connection in autocommit mode (transactions are explicit ``BEGIN``s) whose commits are
+    on disk when they return (``synchronous=FULL``), waiting up to `timeout_s` for a lock;
+    closed on exit."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=timeout_s)
+    try:
+        conn.execute("PRAGMA synchronous=FULL")
+        yield conn
+    finally:
+        conn.close()

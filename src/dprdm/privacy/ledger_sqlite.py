@@ -15,12 +15,12 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from dprdm.conditioning import check_lam
 from dprdm.errors import DprdmError, InvalidParameterError
-from dprdm.files import fsync_directory
+from dprdm.files import durable_sqlite, fsync_directory
 from dprdm.privacy import accounting
 from dprdm.privacy.accounting import MechanismParams
 from dprdm.privacy.filter import choose_order
@@ -162,14 +162,8 @@ class SqliteLedger(StoredLedger):
         return ledger
 
     # -- connections and transactions ------------------------------------------------------------
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_s)
-        try:
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return durable_sqlite(self.path, self._busy_timeout_s)
 
     @contextmanager
     def _read(self) -> Iterator[_Transaction]:

@@ -9,9 +9,10 @@ charge's own transaction: ``count`` is what this call charged and ``queries_tota
 total right after its own commit, whatever happened around it.
 
 Epsilon figures are the ledger's reported ones (its epsilon table, rounded up to a grid of counts,
-so a small call may show 0 and a later one the step). They are given for a ledger with one pinned mechanism (its epsilon is a function of the
-query count alone); after ``budget set-mechanism`` the ledger is accounted by an RDP filter and
-``dprdm budget show`` is the place to read its figures, so they are None here.
+so a small call may show 0 and a later one the step). They are given for a ledger with one pinned
+mechanism (its epsilon is a function of the query count alone); after ``budget set-mechanism``
+the ledger is accounted by an RDP filter and ``dprdm budget show`` is the place to read its
+figures, so they are None here.
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ import os
 import re
 import secrets
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dprdm.errors import InvalidParameterError, NotFoundError
+from dprdm.files import durable_sqlite
 
 KEYS_FILENAME = "service-keys.sqlite"
 TOKEN_PREFIX = "dprdm_"
@@ -84,14 +84,8 @@ class KeyStore:
                 " used INTEGER NOT NULL DEFAULT 0 CHECK (used >= 0))"
             )
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_s)
-        try:
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return durable_sqlite(self.path, self._busy_timeout_s)
 
     @staticmethod
     def _info(row: tuple) -> KeyInfo:

@@ -8,11 +8,10 @@ For each noise multiplier z = sigma * k / 2 and sampling rate q (at one epsilon,
 * calibrate_q(epsilon, sigma, k, T, delta)     -> q
 * epsilon_for + epsilon_rdp (params, T, delta) -> what `dprdm privacy epsilon` computes
 each with every cache cleared first (a cold process), new = dprdm.privacy.accounting, baseline =
-one of (--baseline)
-* before-pld-fast: bench/accounting_before_pld_fast.py, the module before pld_fast.py (commit
-  b95ea24, verbatim: the same searches, dp_accounting's own PLD code; the default), or
-* original: bench/accounting_baseline.py, the module before issue 13 item 6 (verbatim),
-side by side in one process. A baseline call that runs past --baseline-limit seconds is stopped
+bench/accounting_before_pld_fast.py, the module before pld_fast.py (commit b95ea24, verbatim: the
+same searches, dp_accounting's own PLD code), side by side in one process. (The module before
+issue 13 item 6 was the baseline until then; its figures are in docs/privacy.md, and
+`git show fa3e404:src/dprdm/privacy/accounting.py` is the code.) A baseline call that runs past --baseline-limit seconds is stopped
 and shown as ">N". The new answers are checked on the spot against epsilon_for itself:
 max_queries T fits and T + 1 does not ("ok"); the calibrated sigma fits and sigma * (1 - 1e-4)
 does not, the calibrated q fits and q * (1 + 1e-4) does not (or q = 1) ("cal ok"); "= base": every
@@ -22,7 +21,6 @@ baseline must give "yes" everywhere: pld_fast changes no bit).
     python bench/accounting.py --corner --baseline-limit 60   # the slowest corner only
     python bench/accounting.py --quick --out bench/results/accounting-quick.json
     python bench/accounting.py --out bench/results/accounting.json      # full grid + corners
-    python bench/accounting.py --baseline original --baseline-limit 15   # against the oldest
 
 Times exclude the CLI's start (python + imports), measured once and printed at the end.
 """
@@ -43,7 +41,6 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-import accounting_baseline as original  # bench/accounting_baseline.py: before issue 13 item 6
 import accounting_before_pld_fast as before_pld_fast  # bench/accounting_before_pld_fast.py
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import accounting as new
@@ -193,14 +190,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--baseline-limit", type=float, default=30.0,
                         help="seconds before a baseline call is stopped")
-    parser.add_argument("--baseline", choices=("before-pld-fast", "original"),
-                        default="before-pld-fast",
-                        help="before-pld-fast: dp_accounting's own PLD code; original: before "
-                             "item 6")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    baseline = None if args.no_baseline else {"before-pld-fast": before_pld_fast,
-                                              "original": original}[args.baseline]
+    baseline = None if args.no_baseline else before_pld_fast
     limit = args.baseline_limit
     signal.signal(signal.SIGALRM, _alarm)
 
@@ -219,7 +211,7 @@ def main() -> None:
                       f"k={cell[4]}: T_max={rows[-1]['max_queries_new']}")
         write_results(args.out, {"rows": rows}, console)  # long runs keep their rows
 
-    name = "none" if baseline is None else args.baseline
+    name = "none" if baseline is None else "before-pld-fast"
     table = Table(title=f"accountant, seconds per cold call, wall (CPU): {name} -> new")
     for column in ("z", "q", "eps", "delta", "k", "T_max", "ok", "cal ok", "= base", "max_queries",
                    "calibrate_sigma", "calibrate_q", "epsilon"):

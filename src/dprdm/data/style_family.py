@@ -157,7 +157,8 @@ def _shrink(images: np.ndarray, margin: float) -> np.ndarray:
 
 
 def _flat_fill(images: np.ndarray, n_colours: int) -> np.ndarray:
-    smooth = np.clip(np.rint(box_blur(images, 1)), 0, 255).astype(np.uint8)  # a light blur
+    radius = max(1, _px(1, images) // 2)  # a light blur: 1 px up to 64 px images
+    smooth = np.clip(np.rint(box_blur(images, radius)), 0, 255).astype(np.uint8)
     out = np.empty_like(images)
     for i, pixels in enumerate(smooth):
         quantised = Image.fromarray(pixels).quantize(

@@ -335,6 +335,35 @@ def test_small_noise_searches_locate_on_the_proxy_and_stay_exact(monkeypatch):
         MechanismParams(params.sigma, q_max * (1 + 1e-4), k), t_max, delta) > target
 
 
+def test_a_proxy_off_by_a_few_percent_is_rescaled_not_dropped(monkeypatch):
+    # The slowest corner of bench/accounting.py (z = 0.3, q = 1e-6, epsilon 0.1, delta 1e-3,
+    # k = 100): the coarse proxy is 4 % pessimistic at its answer (more than AIM_GAP, less than
+    # PROXY_TRUST). The search is not redone from the RDP bracket (~10 enforced evaluations of
+    # 0.5 s): _settle re-aims with the rescaled proxy and keeps the fitting start, so a few
+    # enforced evaluations bracket the boundary; the answer is exact on epsilon_for.
+    k, sigma, target, delta, queries = 100, 2 * 0.3 / 100, 0.1, 1e-3, 46953
+    searches, evaluated = [], []
+    search, enforced = accounting._calibrate_q, accounting.epsilon_for
+
+    def recording(*args):
+        searches.append(args[-1])  # allow_coarse
+        return search(*args)
+
+    def counting(params, count, d):
+        evaluated.append(params.q)
+        return enforced(params, count, d)
+
+    monkeypatch.setattr(accounting, "_calibrate_q", recording)
+    monkeypatch.setattr(accounting, "epsilon_for", counting)
+    q_max = accounting.calibrate_q(target, sigma, k, queries, delta)
+    monkeypatch.setattr(accounting, "epsilon_for", enforced)
+    assert searches == [True]  # the proxy was kept
+    assert len(set(evaluated)) <= 5  # (dropping it: 10)
+    assert accounting.epsilon_for(MechanismParams(sigma, q_max, k), queries, delta) <= target
+    assert accounting.epsilon_for(
+        MechanismParams(sigma, q_max * (1 + 1e-4), k), queries, delta) > target
+
+
 def test_a_proxy_that_disagrees_with_the_enforced_figure_is_dropped(monkeypatch):
     # Where the coarse grid's rounding adds up (many releases), the proxy can be off by a factor;
     # the search then starts again on epsilon_for alone. PROXY_TRUST = 0 forces that path.

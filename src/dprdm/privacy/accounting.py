@@ -484,8 +484,13 @@ PROXY_COARSENING = 64
 PROXY_MIN_POINTS = 256
 # The coarse figure must agree with the enforced one at the located answer to this relative
 # precision, else the search is redone on the enforced figure alone (z = 1, q = 1e-3, 4e4
-# releases: the coarse grid's rounding adds up to 4x the enforced epsilon at z = 2.8).
-PROXY_TRUST = 1e-3
+# releases: the coarse grid's rounding adds up to 4x the enforced epsilon at z = 2.8). Within it,
+# the proxy still says where to look once rescaled by the ratio of the two figures (see _settle;
+# z = 0.3, q = 1e-6, epsilon 0.1: the proxy is 4 % pessimistic at its answer).
+PROXY_TRUST = 0.1
+# _settle re-aims at once where the enforced figure at the start is further than this from the
+# target (relative); nearer, one tolerance step usually brackets the boundary.
+AIM_GAP = 1e-3
 CALIBRATION_REL_TOL = 1e-4
 
 
@@ -527,11 +532,13 @@ def _settle(cost: Callable[[float], float], target: float, start: float, first: 
     range [first, last] ordered from fitting to failing (T: 1 .. cap; z: z_high .. z_low).
 
     Evaluates `start` and a point one tolerance width beyond it. If they do not bracket the
-    boundary, `reaim(x, cost(x))` (at most twice) moves the start to where the proxy, rescaled by
-    the ratio of the two figures seen at x, puts the boundary; after that it steps on from the
-    last point by 4x the previous step (clamped to the range). The bracket is closed by
-    _boundary: the result fits, and a point within tol + rel_tol * x of it (towards `last`) does
-    not. If `last` fits, it is returned; if `first` fails, None.
+    boundary, or the enforced figure at `start` is further than AIM_GAP from the target,
+    `reaim(x, cost(x))` (at most twice) moves on to where the proxy, rescaled by the ratio of the
+    two figures seen at x, puts the boundary (the points already seen are kept: a fitting start
+    and a failing aim bracket the boundary); after that it steps on from the last point by 4x the
+    previous step (clamped to the range). The bracket is closed by _boundary: the result fits,
+    and a point within tol + rel_tol * x of it (towards `last`) does not. If `last` fits, it is
+    returned; if `first` fails, None.
     """
     toward_last = 1.0 if last > first else -1.0
     low, high = min(first, last), max(first, last)
@@ -547,17 +554,18 @@ def _settle(cost: Callable[[float], float], target: float, start: float, first: 
     x = start
     widths = 1.0
     while True:
-        if cost(x) <= target:
+        value = cost(x)
+        if value <= target:
             fit = x if fit is None or (x - fit) * toward_last > 0 else fit
         else:
             fail = x if fail is None or (fail - x) * toward_last > 0 else fail
         if fit is not None and fail is not None:
             return _boundary(cost, target, fit, fail, tol=tol, rel_tol=rel_tol, integer=integer)
-        if reaims and widths == 4.0:  # the first pair did not bracket: ask the proxy again
+        far = abs(value / target - 1.0) > AIM_GAP
+        if reaims and value > 0.0 and (widths == 4.0 or far):  # no bracket in sight: re-aim
             reaims -= 1
-            aimed = reaim(x, cost(x))  # type: ignore[misc]
+            aimed = reaim(x, value)  # type: ignore[misc]
             if aimed != x and low <= aimed <= high:
-                fit = fail = None
                 x, widths = aimed, 1.0
                 continue
         nxt = step(fit, toward_last * widths) if fit is not None else step(

@@ -530,13 +530,11 @@ def _cold_caches():
 
 
 def test_a_dropped_proxy_calibration_gives_the_stock_arithmetics_answer(monkeypatch):
-    # The slowest corner (z = 0.3, q = 1e-6, epsilon 0.1, delta 1e-3, k 100: bench/accounting.py
-    # --corner) drops the proxy and redoes both calibrations on epsilon_for alone: ~10 enforced
-    # evaluations, whose tail bounds (pld_fast._log_mgfs_of) and RDP curves (memoised
-    # _log_comb) were sped up. The same path, cheaper (calibrate_sigma for one release at
+    # A dropped proxy (off by more than PROXY_TRUST) redoes the calibration on epsilon_for alone:
+    # ~10 enforced evaluations, whose tail bounds (pld_fast._log_mgfs_of) and RDP curves
+    # (memoised _log_comb) were sped up. That path, cheaply (calibrate_sigma for one release at
     # q = 0.1, epsilon 30: z = 0.19; PROXY_TRUST = 0 forces the drop): the answer must be that
-    # of scipy's logsumexp and the unmemoised _log_comb. (calibrate_q's drop at the corner
-    # itself: bench/accounting.py's "= base".)
+    # of scipy's logsumexp and the unmemoised _log_comb.
     from dp_accounting.rdp import rdp_privacy_accountant
     from scipy import special
 

@@ -96,7 +96,7 @@ def test_a_shard_killed_mid_load_fails_the_release_keeps_the_charge_and_recovers
     assert ledger.summary().queries >= 503
 
 
-def test_a_late_shard_is_a_timeout_and_nothing_is_released(cluster):
+def test_a_late_shard_is_a_timeout_and_nothing_is_released(cluster, monkeypatch):
     from dprdm.privacy import sharded_ray
 
     _, split, shards = cluster
@@ -106,6 +106,12 @@ def test_a_late_shard_is_a_timeout_and_nothing_is_released(cluster):
     with pytest.raises(ShardUnavailableError, match="timed out"):
         mechanism.release(queries(64))
     assert ledger.summary().queries == 64
+    # Starting (the actors' check of their shard files) waits START_TIMEOUT_S, not the release
+    # timeout: a worker process's start alone can take a minute on a loaded machine.
+    impatient._check(split)
+    monkeypatch.setattr(sharded_ray, "START_TIMEOUT_S", 1e-6)
+    with pytest.raises(ShardUnavailableError, match="while starting.*nothing was charged"):
+        impatient._check(split)
 
 
 def test_the_shard_actor_exposes_only_describe_and_neighbours():

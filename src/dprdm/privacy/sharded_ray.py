@@ -11,7 +11,8 @@ level; :func:`dprdm.privacy.sharded.shard_backend` loads it on demand).
   NOT retried (``max_task_retries=0``): the release fails, see below.
 * :class:`RayShards` is the coordinator's handle on the S actors: ``start`` creates them (in an
   in-process Ray, or detached and named on a cluster for ``dprdm index serve-shards``),
-  ``connect`` finds the named actors on a cluster and checks that they serve this index.
+  ``connect`` finds the named actors on a cluster and checks that they serve this index (both
+  wait up to START_TIMEOUT_S for the actors to come up).
   ``neighbours`` asks all S actors at once and waits at most ``timeout_s``; a dead, restarting,
   failed or late actor raises :class:`~dprdm.privacy.sharded.ShardUnavailableError` -- never a
   partial answer.
@@ -39,6 +40,10 @@ from dprdm.privacy.sharded import ShardAnswer, ShardNeighbours, ShardUnavailable
 
 NAMESPACE = "dprdm"
 MAX_RESTARTS = 10
+# How long start/connect wait for every actor to come up and check its shard file (a new worker
+# process, dprdm's imports, the fingerprint -- a full SHA-256 where the mtime differs): longer
+# than a release's timeout (on a 2-core machine with a training job beside it, 57 s).
+START_TIMEOUT_S = 300.0
 # why an actor refused to open its shard, as the coordinator raises it
 REFUSALS = {"LedgerBindingError": LedgerBindingError, "EmbeddingIndexError": EmbeddingIndexError}
 
@@ -167,9 +172,10 @@ class RayShards:
         return shards
 
     def _check(self, sharded: Any) -> None:
-        """Every actor is up, checked its shard file against the manifest's fingerprint, and
-        serves the shard the manifest names (public facts only)."""
-        facts = self._gather([actor.describe.remote() for actor in self.actors])
+        """Every actor is up (within START_TIMEOUT_S), checked its shard file against the
+        manifest's fingerprint, and serves the shard the manifest names (public facts only)."""
+        facts = self._gather([actor.describe.remote() for actor in self.actors],
+                             timeout_s=max(self.timeout_s, START_TIMEOUT_S), starting=True)
         for info, fact in zip(sharded.shards, facts):
             if fact.get("refused"):
                 error = REFUSALS.get(fact["refused"]["error"], DprdmError)
@@ -183,9 +189,11 @@ class RayShards:
                 raise DprdmError(f"the actor for shard {info.number} serves other rows than "
                                  f"{sharded.path}")
 
-    def _gather(self, refs: list[Any]) -> list[Any]:
-        """All results, or ShardUnavailableError naming the first shard that failed or was late."""
-        deadline = time.monotonic() + self.timeout_s
+    def _gather(self, refs: list[Any], *, timeout_s: float | None = None,
+                starting: bool = False) -> list[Any]:
+        """All results, or ShardUnavailableError naming the first shard that failed or was late
+        (within `timeout_s`, default the release timeout)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         results = []
         for number, ref in enumerate(refs):
             try:
@@ -198,6 +206,10 @@ class RayShards:
                         pass
                 reason = ("timed out" if isinstance(error, GetTimeoutError)
                           else f"failed ({type(error).__name__})")  # no message: it may quote data
+                if starting:
+                    raise ShardUnavailableError(
+                        f"the actor for shard {number} {reason} while starting (opening and "
+                        "checking its shard file); nothing was charged") from None
                 raise ShardUnavailableError(
                     f"shard {number} {reason}; nothing was released and the budget charged for "
                     f"this batch stays spent. Ray restarts a dead shard actor; retry in about "

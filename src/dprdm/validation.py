@@ -33,12 +33,13 @@ from typing import Any
 import numpy as np
 
 from dprdm import demo_layout
+from dprdm.data.emoji import SPLITS
 from dprdm.errors import DprdmError, InvalidParameterError
 
 VALIDATION_SPLIT = "emojione"  # EmojiOne 2: seen by no shipped network
-VALIDATION_STYLE = "EmojiOne"
 VALIDATION_PUBLIC_SPLITS = ("twemoji", "google", "fluent")
-VALIDATION_PUBLIC_STYLES = "Twemoji + Noto + Fluent"  # VALIDATION_PUBLIC_SPLITS, for reports
+VALIDATION_STYLE = SPLITS[VALIDATION_SPLIT][1].title  # for reports: "EmojiOne"
+VALIDATION_PUBLIC_STYLES = " + ".join(SPLITS[s][1].title for s in VALIDATION_PUBLIC_SPLITS)
 CAPTIONS = "captions.jsonl"
 IMAGE_SIZE = 64  # the size the demo embeds its indexes at
 

@@ -99,6 +99,7 @@ class Style:
     """One emoji style: where its images live in its npm package, and its terms."""
 
     name: str
+    title: str  # as people name it (reports, docs)
     package: str
     role: str  # "public" or "private"
     licence: str
@@ -107,30 +108,30 @@ class Style:
 
 
 TWEMOJI = Style(
-    "twemoji", "emoji-datasource-twitter", "public", "CC-BY-4.0",
+    "twemoji", "Twemoji", "emoji-datasource-twitter", "public", "CC-BY-4.0",
     "Twemoji graphics (c) Twitter, Inc. and other contributors (jdecked/twemoji fork), "
     "CC-BY 4.0; emoji metadata from emoji-datasource (c) Cal Henderson, MIT.",
     "img/twitter/64",
 )
 GOOGLE = Style(
-    "google", "emoji-datasource-google", "public", "Apache-2.0",
+    "google", "Noto", "emoji-datasource-google", "public", "Apache-2.0",
     "Noto Emoji graphics (c) Google, Apache License 2.0; emoji metadata from emoji-datasource "
     "(c) Cal Henderson, MIT.",
     "img/google/64",
 )
 OPENMOJI = Style(
-    "openmoji", "openmoji", "private", "CC-BY-SA-4.0",
+    "openmoji", "OpenMoji", "openmoji", "private", "CC-BY-SA-4.0",
     "All emojis designed by OpenMoji (openmoji.org), the open-source emoji and icon project. "
     "License: CC BY-SA 4.0. The rasterised PNGs are adaptations under the same licence.",
 )
 FLUENT = Style(
-    "fluent", "@lobehub/fluent-emoji-flat", "public", "MIT",
+    "fluent", "Fluent", "@lobehub/fluent-emoji-flat", "public", "MIT",
     "Fluent Emoji (flat) (c) Microsoft Corporation, MIT License (microsoft/fluentui-emoji), "
     "as packaged by LobeHub (@lobehub/fluent-emoji-flat, MIT).",
     "assets",
 )
 EMOJIONE = Style(
-    "emojione", "emojione", "public", "CC-BY-4.0",
+    "emojione", "EmojiOne", "emojione", "public", "CC-BY-4.0",
     "Emoji artwork provided by EmojiOne (emojione 2.2.7), licensed under CC BY 4.0 "
     "(https://creativecommons.org/licenses/by/4.0/); EmojiOne code MIT.",
     "assets/png",

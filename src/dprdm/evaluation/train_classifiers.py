@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dprdm.data.emoji import DEMO_PUBLIC_SPLITS
+from dprdm.data.emoji import DEMO_PUBLIC_SPLITS, SPLITS
 from dprdm.data.style_family import StyleRecipe, apply_recipe, style_family
 from dprdm.data.styles import STYLE_AUGMENTATIONS
 from dprdm.errors import InvalidParameterError
@@ -452,7 +452,7 @@ def run_style_public_only(settings: Settings, holdout: Split, openmoji: Split,
 # target -> (its split, its name in reports, the splits it is judged against: what a generator
 # may be trained on while that style is held out)
 JUDGE_TARGETS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "emojione": ("emojione", "EmojiOne", ("twemoji", "google", "fluent")),
+    "emojione": ("emojione", SPLITS["emojione"][1].title, ("twemoji", "google", "fluent")),
 }
 
 

@@ -298,6 +298,20 @@ def test_settle_decides_on_the_enforced_cost_wherever_the_proxy_pointed():
     assert calls[-1] == 1
 
 
+def test_settle_re_aims_only_from_a_finite_positive_figure():
+    # The re-aim rescales the proxy by the enforced figure: an infinite (or zero) one would
+    # divide by it. Such points are stepped over instead, and the boundary is still exact.
+    seen = []
+
+    def reaim(x, value):
+        seen.append(value)
+        return x
+
+    cost = lambda t: math.inf if t > 50 else t / 100  # noqa: E731
+    assert accounting._settle(cost, 0.3, 60, 1, 100, tol=1, integer=True, reaim=reaim) == 30
+    assert seen and all(0 < value < math.inf for value in seen)
+
+
 def test_small_noise_searches_locate_on_the_proxy_and_stay_exact(monkeypatch):
     # The proxy serves small noise multipliers, where one enforced PLD build takes seconds
     # (z = 0.3, q = 1e-6, epsilon 1: 6e4 grid points; bench/accounting.py checks the answers

@@ -562,7 +562,7 @@ def _settle(cost: Callable[[float], float], target: float, start: float, first: 
         if fit is not None and fail is not None:
             return _boundary(cost, target, fit, fail, tol=tol, rel_tol=rel_tol, integer=integer)
         far = abs(value / target - 1.0) > AIM_GAP
-        if reaims and value > 0.0 and (widths == 4.0 or far):  # no bracket in sight: re-aim
+        if reaims and 0.0 < value < math.inf and (widths == 4.0 or far):  # no bracket: re-aim
             reaims -= 1
             aimed = reaim(x, value)  # type: ignore[misc]
             if aimed != x and low <= aimed <= high:

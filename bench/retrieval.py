@@ -27,10 +27,10 @@ process the open (IVFPartition.open) and the release of the same 100 queries.
     python bench/retrieval.py --ns 5000000 --out bench/results/retrieval-5e6.json
 
 --noise-only times the release's noise alone (no retrieval), side by side in one process: the old
-float path (float32(a + sigma * Box-Muller from os.urandom)), the grid path as it was (OpenDP's
-exact discrete Gaussian at the float scale sigma / gamma, one call per batch), the integer scale
-ceil(sigma / gamma) alone, and the release as it is now (integer scale, the batch split over the
-noise thread pool), for one query and for a 100-query batch.
+float path (float32(a + sigma * Box-Muller from os.urandom); not private, the floor), the grid
+release with OpenDP's exact discrete Gaussian (the batch split over the noise thread pool: the
+release before dprdm's own sampler), and with dprdm's exact sampler (privacy/discrete_gaussian.py)
+on one thread and as released now, for one query and for a 100-query batch.
 The full runs time whole releases (retrieval + noise) with the grid path.
 
     python bench/retrieval.py --noise-only --out bench/results/release-noise.json
@@ -58,7 +58,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dprdm.privacy import InMemoryLedger, MechanismParams, PrivateRetrieval
-from dprdm.privacy.noise import DiscreteGaussian, grid_units, noise_grid, release_on_grid
+from dprdm.privacy.noise import (DiscreteGaussian, OpenDPDiscreteGaussian, noise_grid,
+                                 release_on_grid)
 from dprdm.privacy.randomness import SystemRandomness
 from dprdm.retrieval import (EmbeddingIndex, FaissFlatSearcher, FaissIVFSearcher, IVFPartition,
                              build_index, train_public_quantizer)
@@ -262,35 +263,26 @@ def float_noise_release(aggregates: np.ndarray, sigma: float) -> np.ndarray:
     return np.ascontiguousarray(aggregates + noise, dtype=np.float32)
 
 
-def release_before(aggregates: np.ndarray, sigma: float, gamma: float,
-                   sampler: DiscreteGaussian) -> np.ndarray:
-    """The grid release as it was before the integer scale: OpenDP asked for the float scale
-    sigma / gamma (e.g. 6553.6, an exact rational with a 2^-40 denominator), one call per batch
-    (`sampler` built with threads=1)."""
-    units = grid_units(aggregates, gamma)
-    return (units + sampler.integers(sigma / gamma, units.shape)).astype(np.float64) * gamma
-
-
 def bench_noise(dims: list[int], batches: list[int], k: int, repeats: int) -> list[dict]:
-    """Noise-only latency per call (one call per batch): the old float path, the grid path as it
-    was (float scale, one OpenDP call), with the integer scale alone, and as released now
-    (integer scale, batch split over the thread pool). Methods alternate within each repeat, so
-    load from other jobs hits them alike."""
+    """Noise-only latency per call (one call per batch): the old float path, the grid release
+    with OpenDP's sampler (before), and with dprdm's exact sampler on one thread and as released
+    now. Methods alternate within each repeat, so load from other jobs hits them alike."""
     rows = []
-    one_thread, pooled = DiscreteGaussian(threads=1), DiscreteGaussian()
-    console.print(f"  noise threads: {pooled.threads}")
+    opendp, one_thread, now = OpenDPDiscreteGaussian(), DiscreteGaussian(threads=1), \
+        DiscreteGaussian()
+    console.print(f"  noise threads: {now.threads}")
     for d in dims:
         gamma = noise_grid(SIGMA, k, d)
         for batch in batches:
             aggregates = np.random.default_rng(0).uniform(-0.1, 0.1, size=(batch, d))
             methods = {
                 "float-noise (old, off-grid)": lambda a=aggregates: float_noise_release(a, SIGMA),
-                "grid, float scale, 1 call (before)": lambda a=aggregates: release_before(
+                "grid, OpenDP sampler, threads (before)": lambda a=aggregates: release_on_grid(
+                    a, SIGMA, gamma, opendp),
+                "grid, dprdm sampler, 1 thread": lambda a=aggregates: release_on_grid(
                     a, SIGMA, gamma, one_thread),
-                "grid, integer scale, 1 thread": lambda a=aggregates: release_on_grid(
-                    a, SIGMA, gamma, one_thread),
-                "grid, integer scale, threads (now)": lambda a=aggregates: release_on_grid(
-                    a, SIGMA, gamma, pooled),
+                "grid, dprdm sampler, threads (now)": lambda a=aggregates: release_on_grid(
+                    a, SIGMA, gamma, now),
             }
             times: dict[str, list[float]] = {name: [] for name in methods}
             cpu: dict[str, list[float]] = {name: [] for name in methods}
@@ -302,7 +294,7 @@ def bench_noise(dims: list[int], batches: list[int], k: int, repeats: int) -> li
                     call()
                     times[name].append((time.perf_counter() - start) * 1e3)
                     cpu[name].append((time.process_time() - start_cpu) * 1e3)  # all threads
-            before = float(np.median(times["grid, float scale, 1 call (before)"]))
+            before = float(np.median(times["grid, OpenDP sampler, threads (before)"]))
             for name in methods:
                 median, median_cpu = float(np.median(times[name])), float(np.median(cpu[name]))
                 rows.append({"d": d, "k": k, "sigma": SIGMA, "grid": gamma, "batch": batch,
@@ -310,7 +302,8 @@ def bench_noise(dims: list[int], batches: list[int], k: int, repeats: int) -> li
                              "median_ms_per_query": round(median / batch, 3),
                              "cpu_us_per_coordinate": round(1e3 * median_cpu / (batch * d), 2),
                              "speedup_vs_before": round(before / median, 2),
-                             "threads": pooled.threads if name.endswith("(now)") else 1,
+                             "threads": 1 if name.endswith("1 thread") or name.startswith(
+                                 "float") else now.threads,
                              "load_average_1min": round(os.getloadavg()[0], 2)})
                 console.print(f"  d={d} batch={batch} {name}: {median:.2f} ms per call, "
                               f"{rows[-1]['cpu_us_per_coordinate']} us CPU per coordinate")

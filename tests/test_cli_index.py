@@ -169,7 +169,7 @@ def test_human_output(tmp_path: Path, embeddings: Path) -> None:
 
 def test_info_reports_the_noise_of_the_pinned_mechanism(tmp_path: Path, embeddings: Path) -> None:
     from dprdm.privacy import MechanismParams, init_budget
-    from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
+    from dprdm.privacy.noise import EXACT_SAMPLER, noise_grid
 
     out = tmp_path / "idx"
     code, built = invoke_json("build", str(embeddings), "--out", str(out))
@@ -177,5 +177,5 @@ def test_info_reports_the_noise_of_the_pinned_mechanism(tmp_path: Path, embeddin
     init_budget(out, 10.0, 1e-5, MechanismParams(0.05, 0.01, 10))
     code, info = invoke_json("info", str(out))
     assert code == 0
-    assert info["noise"] == {"sampler": OPENDP_SAMPLER, "grid": noise_grid(0.05, 10, 8)}
+    assert info["noise"] == {"sampler": EXACT_SAMPLER, "grid": noise_grid(0.05, 10, 8)}
     assert info["noise"]["grid"] == 2.0**-15  # sigma / 1000 = 5e-5 binds (slack bound 7.0e-5)

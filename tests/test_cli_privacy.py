@@ -84,7 +84,7 @@ def test_budget_init_show_and_retrieve(private_index, tmp_path):
                            "epsilon_this_call", "epsilon_after_own_commit", "epsilon_spent",
                            "epsilon_remaining",
                            "queries_remaining"}
-    assert report["noise"] == {"sampler": "opendp-discrete-gaussian",
+    assert report["noise"] == {"sampler": "dprdm-discrete-gaussian",
                                "grid": noise_grid(0.5, 5, 16)}
 
     assert (report["sigma"], report["q"], report["k"]) == (1.0, 0.5, 5)  # the pinned mechanism

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dprdm.errors import BudgetExceededError, InvalidParameterError
 from dprdm.privacy import ArrayVectors, InMemoryLedger, MechanismParams, PrivateRetrieval
-from dprdm.privacy.noise import OPENDP_SAMPLER, RESEARCH_SAMPLER, noise_grid
+from dprdm.privacy.noise import EXACT_SAMPLER, RESEARCH_SAMPLER, noise_grid
 from dprdm.privacy.randomness import SystemRandomness
 
 BIG_BUDGET = dict(epsilon=1e6, delta=1e-5)
@@ -175,7 +175,7 @@ def test_noise_has_std_sigma_and_comes_from_os_entropy():
     sigma = 0.5
     mech = mechanism(vectors, sigma=sigma, q=1.0, k=1)
     assert isinstance(mech._rng, SystemRandomness)  # the subsample's coins
-    assert mech.noise_description() == {"sampler": OPENDP_SAMPLER,
+    assert mech.noise_description() == {"sampler": EXACT_SAMPLER,
                                         "grid": noise_grid(sigma, 1, 16)}
     query = vectors[:1]
     released = mech.release(np.repeat(query, 2000, axis=0))
@@ -196,7 +196,7 @@ def test_release_returns_only_a_fresh_float64_array_on_the_grid(seeded):
     assert released.base is None and released.flags.owndata
     assert not hasattr(released, "__dict__")
     noise = mech.noise_description()
-    assert noise["sampler"] == (RESEARCH_SAMPLER if seeded else OPENDP_SAMPLER)
+    assert noise["sampler"] == (RESEARCH_SAMPLER if seeded else EXACT_SAMPLER)
     units = released / noise["grid"]
     assert np.array_equal(units, np.round(units))
 

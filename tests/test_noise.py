@@ -12,7 +12,8 @@ import pytest
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import ArrayVectors, InMemoryLedger, MechanismParams, PrivateRetrieval
 from dprdm.privacy import noise as noise_module
-from dprdm.privacy.noise import (ARITHMETIC_SHARE, GRID_STEPS_PER_SIGMA, MIN_CHUNK_COORDINATES,
+from dprdm.privacy.noise import (ARITHMETIC_SHARE, EXACT_SAMPLER, GRID_STEPS_PER_SIGMA,
+                                 MIN_CHUNK_COORDINATES, MIN_CHUNK_COORDINATES_NUMPY,
                                  OPENDP_SAMPLER, SENSITIVITY_SLACK, DiscreteGaussian,
                                  RoundedGaussianFromGenerator, chunk_sizes, grid_units,
                                  noise_grid, noise_scale, release_on_grid)
@@ -54,7 +55,7 @@ def test_unsupported_grids_are_refused_before_anything_is_charged(sigma):
 
 
 def test_discrete_gaussian_has_variance_scale_squared_and_mean_zero():
-    scale, count = 1000.0, 60_000  # ~1.5 s of OpenDP draws
+    scale, count = 1000.0, 60_000
     draws = DiscreteGaussian().integers(scale, (count,))
     assert draws.dtype == np.int64 and draws.shape == (count,)
     # Relative std error of the variance is sqrt(2 / count) = 0.58 %: 3 % is over 5 of them.
@@ -68,7 +69,7 @@ def test_released_noise_has_variance_sigma_squared_through_the_mechanism():
     vectors = np.eye(d)[:1]
     mech = PrivateRetrieval(ArrayVectors(vectors), MechanismParams(sigma, 1.0, 1),
                             InMemoryLedger(epsilon=1e6, delta=1e-5))
-    assert mech.noise_description()["sampler"] == OPENDP_SAMPLER
+    assert mech.noise_description()["sampler"] == EXACT_SAMPLER
     released = mech.release(np.repeat(vectors, queries, axis=0))
     gamma = mech.noise_description()["grid"]
     noise = released - gamma * np.rint(vectors[0] / gamma)
@@ -129,24 +130,41 @@ def test_chunk_sizes_split_large_batches_only():
         assert len(sizes) == 1 or min(sizes) >= MIN_CHUNK_COORDINATES
 
 
+def _record_calls(monkeypatch, name):
+    calls = []
+    real = getattr(noise_module, name)
+
+    def recording(*args):
+        calls.append((threading.get_ident(), args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(noise_module, name, recording)
+    return calls
+
+
 def test_a_batch_is_drawn_in_chunks_on_several_threads(monkeypatch):
-    # OpenDP is loaded with ctypes.CDLL (not PyDLL): its calls release the GIL, so the chunks'
-    # threads really sample in parallel.
+    # Below 2^26 the numpy sampler, in chunks of at least 2^16 coordinates.
+    numpy_calls = _record_calls(monkeypatch, "discrete_gaussian")
+    opendp_calls = _record_calls(monkeypatch, "_draw_opendp")
+    draws = DiscreteGaussian(threads=2).integers(1000.0, (4, MIN_CHUNK_COORDINATES_NUMPY // 2))
+    assert draws.shape == (4, MIN_CHUNK_COORDINATES_NUMPY // 2) and draws.dtype == np.int64
+    assert sorted(count for _, count in numpy_calls) == [MIN_CHUNK_COORDINATES_NUMPY] * 2
+    assert len({thread for thread, _ in numpy_calls}) == 2 and not opendp_calls
+    DiscreteGaussian(threads=2).integers(1000.0, (100, 512))  # 51,200: one chunk, one thread
+    assert [count for _, count in numpy_calls[2:]] == [51_200]
+    # From 2^26 on, OpenDP, in chunks of at least 128. OpenDP is loaded with ctypes.CDLL (not
+    # PyDLL): its calls release the GIL, so the chunks' threads really sample in parallel.
     from opendp import _lib as opendp_library
 
     assert type(opendp_library.lib) is ctypes.CDLL
-    calls = []
-    real_draw = noise_module._draw
-
-    def recording_draw(measurement, count):
-        calls.append((threading.get_ident(), count))
-        return real_draw(measurement, count)
-
-    monkeypatch.setattr(noise_module, "_draw", recording_draw)
-    draws = DiscreteGaussian(threads=2).integers(1000.0, (4, 256))
-    assert draws.shape == (4, 256) and draws.dtype == np.int64
-    assert sorted(count for _, count in calls) == [512, 512]
-    assert len({thread for thread, _ in calls}) == 2
+    draws = DiscreteGaussian(threads=2).integers(2.0**27, (4, 256))
+    assert draws.shape == (4, 256) and len(numpy_calls) == 3
+    assert sorted(count for _, count in opendp_calls) == [512, 512]
+    assert len({thread for thread, _ in opendp_calls}) == 2
+    assert DiscreteGaussian.name_for(2.0**27) == OPENDP_SAMPLER
+    assert DiscreteGaussian.name_for(2.0**26 - 1) == EXACT_SAMPLER
+    with pytest.raises(InvalidParameterError):
+        DiscreteGaussian().integers(1000.5, (4,))
 
 
 def _discrete_gaussian_bins(scale, bins):
@@ -163,10 +181,11 @@ def _discrete_gaussian_bins(scale, bins):
 
 
 def test_a_batch_split_over_threads_is_the_discrete_gaussian():
-    scale, count, threads = 1000.0, 24_000, 4
+    scale, threads = 1000.0, 4
+    count = threads * MIN_CHUNK_COORDINATES_NUMPY
     draws = DiscreteGaussian(threads=threads).integers(scale, (count,))
-    sizes = chunk_sizes(count, threads)
-    assert sizes == [6000] * 4
+    sizes = chunk_sizes(count, threads, MIN_CHUNK_COORDINATES_NUMPY)
+    assert sizes == [MIN_CHUNK_COORDINATES_NUMPY] * 4
     edges, probabilities = _discrete_gaussian_bins(scale, 20)
     observed = np.bincount(np.searchsorted(edges, draws, side="left"), minlength=20)
     expected = count * probabilities
@@ -175,12 +194,12 @@ def test_a_batch_split_over_threads_is_the_discrete_gaussian():
     assert chi_square < 60, (chi_square, observed.tolist())
     chunks = np.split(draws, np.cumsum(sizes)[:-1])
     for i, chunk in enumerate(chunks):
-        # Each chunk alone (6,000 draws): variance within 10 % (5.5 standard errors).
-        assert abs(chunk.var() / scale**2 - 1) < 0.10
+        # Each chunk alone (65,536 draws): variance within 3 % (5.4 standard errors).
+        assert abs(chunk.var() / scale**2 - 1) < 0.03
         for other in chunks[i + 1:]:
             # Independent chunks: no chunk repeats another, correlation within 5.4 std errors.
             assert not np.array_equal(chunk, other)
-            assert abs(np.corrcoef(chunk, other)[0, 1]) < 0.07
+            assert abs(np.corrcoef(chunk, other)[0, 1]) < 0.021
 
 
 class ChosenNoise:

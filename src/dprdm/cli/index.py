@@ -11,7 +11,7 @@ import typer
 from dprdm.cli.output import JSON_OPTION, RAY_PRIVATE_NETWORK, progress_callback, run_command
 from dprdm.errors import DprdmError, InvalidParameterError
 from dprdm.privacy.ledger import LEDGER_FILENAME, SqliteLedger
-from dprdm.privacy.noise import OPENDP_SAMPLER, noise_grid
+from dprdm.privacy.noise import noise_grid, noise_scale, production_sampler
 from dprdm.retrieval import store
 from dprdm.retrieval.partition import IVFPartition
 from dprdm.retrieval.search import PublicQuantizer, train_public_quantizer
@@ -161,7 +161,8 @@ def _saved_mechanism_noise(directory: Path, dim: int) -> dict[str, Any] | None:
         params = SqliteLedger(directory).mechanism
     except DprdmError:  # not a readable ledger: `budget show` / `retrieve` say why
         return None
-    return {"sampler": OPENDP_SAMPLER, "grid": noise_grid(params.sigma, params.k, dim)}
+    grid = noise_grid(params.sigma, params.k, dim)
+    return {"sampler": production_sampler(noise_scale(params.sigma, grid)), "grid": grid}
 
 
 @app.command()

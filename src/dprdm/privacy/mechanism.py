@@ -13,7 +13,7 @@ query, with parameters (sigma, q, k):
    counts for at most 1) -- ALWAYS divided by k, zero-filled when the subsample holds fewer than
    k records, so one added/removed record moves a by at most 2/k;
 4. release r = gamma * (round(a / gamma) + Y), Y an exact discrete Gaussian with std sigma / gamma
-   on the power-of-two grid gamma (``noise.py``: OpenDP's sampler, from a CSPRNG seeded by the OS).
+   on the power-of-two grid gamma (``noise.py``: an exact sampler drawing from OS entropy).
 
 Before step 1, the ledger is charged for every query of the batch (``ledger.charge``), which
 raises -- with nothing spent -- if the budget cannot afford them. Only the noised aggregates are
@@ -43,7 +43,7 @@ import numpy as np
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy.accounting import MechanismParams
 from dprdm.privacy.noise import (DiscreteGaussian, IntegerNoise, RoundedGaussianFromGenerator,
-                                 noise_grid, release_on_grid)
+                                 noise_grid, noise_scale, release_on_grid)
 from dprdm.privacy.randomness import Randomness, SystemRandomness
 from dprdm.privacy.sampling import accepted_ranks, poisson_subsample
 from dprdm.retrieval.search import canonical_top_rows, exact_top_rows
@@ -170,8 +170,8 @@ class PrivateRetrieval:
 
     ``release(queries)`` is the only public way to use it and returns only noised aggregates.
     ``randomness`` is for research code that needs reproducible runs; the CLI and the service
-    never pass it, so the subsample comes from OS entropy and the noise from OpenDP's exact
-    discrete Gaussian. With ``randomness`` the noise is the NON-exact research sampler
+    never pass it, so the subsample and the exact discrete Gaussian noise both come from OS
+    entropy. With ``randomness`` the noise is the NON-exact research sampler
     (:class:`~dprdm.privacy.noise.RoundedGaussianFromGenerator`) on the same grid.
     """
 
@@ -218,7 +218,8 @@ class PrivateRetrieval:
 
     def noise_description(self) -> dict:
         """{"sampler": name, "grid": gamma}: how the noise is drawn (public: no data in it)."""
-        return {"sampler": self._noise.name, "grid": self._grid}
+        scale = noise_scale(self._params.sigma, self._grid)
+        return {"sampler": self._noise.name_for(scale), "grid": self._grid}
 
     def release(self, queries: np.ndarray, caller: str = "",
                 receipts: list | None = None) -> np.ndarray:

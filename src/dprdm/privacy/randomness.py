@@ -7,8 +7,9 @@ unless a research caller passes a ``numpy.random.Generator`` (same two methods) 
 experiment; the CLI and the service never do.
 
 The privacy NOISE does not come from here: floating-point Gaussian noise leaks the low bits of the
-aggregate (Mironov 2012), so the release draws an exact discrete Gaussian on a grid from OpenDP
-(``noise.py``). ``standard_normal`` stays for the audit's and tests' own use.
+aggregate (Mironov 2012), so the release draws an exact discrete Gaussian on a grid
+(``noise.py``, ``discrete_gaussian.py``: integer arithmetic on os.urandom bits).
+``standard_normal`` stays for the audit's and tests' own use.
 """
 
 from __future__ import annotations

@@ -187,6 +187,7 @@ def test_prepare_keeps_an_older_manifests_splits_and_adds_only_the_missing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A format-1 manifest (one config, four splits, no per-split record) is reused as it is;
     a re-run prepares only Fluent and EmojiOne and never rewrites the old folders."""
+    wanted = (*emoji.DEMO_SPLITS, "fluent", "emojione")  # the splits of format 2's first run
     splits = _fake_splits(tmp_path, emoji.DEMO_SPLITS)
     for entry in splits.values():
         del entry["made_from"]
@@ -221,14 +222,15 @@ def test_prepare_keeps_an_older_manifests_splits_and_adds_only_the_missing(
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("data/twemoji/*")}
     if not __import__("importlib").util.find_spec("cairosvg"):
         pytest.skip("cairosvg absent")
-    result = emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False)
+    result = emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False,
+                                     splits=wanted)
     assert result["reused"] is False
     assert installs == [{"openmoji", "emoji-datasource-twitter", "@lobehub/fluent-emoji-flat",
                          "emojione"}]
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("data/twemoji/*")}
     manifest = json.loads((tmp_path / emoji.MANIFEST).read_text())
     assert manifest["config"]["format_version"] == emoji.FORMAT_VERSION
-    assert set(manifest["splits"]) == set(emoji.SPLITS)
+    assert set(manifest["splits"]) == set(wanted)
     assert manifest["splits"]["twemoji"]["made_from"] == emoji.made_from(
         "twemoji", 8, 0, emoji.HOLDOUT_FRACTION)
     assert manifest["licences"]["emojione"]["licence"] == "CC-BY-4.0"
@@ -245,7 +247,8 @@ def test_prepare_keeps_an_older_manifests_splits_and_adds_only_the_missing(
     assert manifest["dropped"]["emojione"]["no_image"] == 2  # 1F44B and 2764
     # everything is reused now
     monkeypatch.setattr(emoji, "install_packages", _no_install)
-    assert emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False)["reused"]
+    assert emoji.prepare_demo_data(tmp_path, size=8, seed=0, show_progress=False,
+                                   splits=wanted)["reused"]
 
 
 def test_code_point_files_and_joined_records() -> None:

@@ -26,7 +26,8 @@ CAPTIONS = ["grinning face", "red apple", "cat face", "house", "rocket", "sun", 
 HELD = 8  # the first HELD concepts are the OpenMoji held-out ones
 EMOJIONE_LACKS = 3  # a held-out concept EmojiOne has no image of (as for post-Unicode-9 ones)
 COLOURS = {"twemoji": (220, 60, 60), "google": (60, 160, 60), "fluent": (60, 60, 220),
-           "emojione": (200, 160, 40), "openmoji": (120, 40, 160)}
+           "emojione": (200, 160, 40), "openmoji": (120, 40, 160), "fluent3d": (40, 180, 200),
+           "blob": (230, 120, 180)}
 
 
 def _concept(i: int) -> str:

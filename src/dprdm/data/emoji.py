@@ -1,6 +1,6 @@
-"""The offline emoji demo domains: four public styles and one "private" style.
+"""The offline emoji demo domains: six public styles and one "private" style.
 
-Owns turning five npm packages into folders that :func:`dprdm.data.loaders.load_folder` reads:
+Owns turning seven npm packages into folders that :func:`dprdm.data.loaders.load_folder` reads:
 
 * public  ``data/twemoji/``   -- Twemoji 64 px PNGs from ``emoji-datasource-twitter`` (CC-BY 4.0)
 * public  ``data/google/``    -- Noto Emoji 64 px PNGs from ``emoji-datasource-google`` (Apache-2.0)
@@ -8,15 +8,21 @@ Owns turning five npm packages into folders that :func:`dprdm.data.loaders.load_
   ``@lobehub/fluent-emoji-flat`` (MIT), rasterised and cropped like OpenMoji (their 32-unit
   viewBox leaves ~6 % blank per side)
 * public  ``data/emojione/``  -- EmojiOne 2.x 64 px PNGs from ``emojione`` (artwork CC BY 4.0)
+* public  ``data/fluent3d/``  -- Microsoft Fluent Emoji "3D" 256 px WebPs (with alpha) from
+  ``@lobehub/fluent-emoji-3d`` (MIT), cropped and padded like Fluent flat (same ~6 % margins)
+* public  ``data/blob/``      -- Google's "blob" emoji (Android 7.1 Nougat, the designs Blobmoji
+  continues; artwork Apache-2.0) as 64 px PNGs from ``emoji-datasource-google`` 3.0.0, installed
+  under the npm alias ``emoji-datasource-google-blob`` beside the current 16.0.0 (``@svgmoji/blob``
+  ships no artwork, only code that loads a sprite from a CDN)
 * private ``data/openmoji_private/`` and evaluation ``holdout/`` -- OpenMoji colour SVGs from
   ``openmoji`` (CC-BY-SA 4.0), rasterised with cairosvg, cropped to their visible pixels, padded to
   a square with a small margin (the public PNGs are near full-bleed), and split BY CONCEPT with a
   fixed seed into ~85 % private retrieval set and ~15 % held-out evaluation set.
 
-Fluent and EmojiOne files are named by code points; they are joined to emoji-datasource's
-(Twemoji's) list of emoji by concept, which gives them the same filtering, categories and captions
-as the other public styles (files of concepts not in that list, skin tones among them, are left
-out and counted).
+Fluent, Fluent 3D, EmojiOne and Blob files are named by code points; they are joined to
+emoji-datasource's (Twemoji's) list of emoji by concept, which gives them the same filtering,
+categories and captions as the other public styles (files of concepts not in that list, skin tones
+among them, are left out and counted).
 
 The demo's own models and public index use :data:`DEMO_PUBLIC_SPLITS` (Twemoji + Noto) only; the
 other public splits are there for training data that names them explicitly.
@@ -65,12 +71,20 @@ NPM_PACKAGES: dict[str, str] = {
     "openmoji": "17.0.0",
     "@lobehub/fluent-emoji-flat": "1.1.0",
     "emojione": "2.2.7",
+    "@lobehub/fluent-emoji-3d": "1.1.0",
+    "emoji-datasource-google-blob": "3.0.0",
 }
-FORMAT_VERSION = 2  # 2: per-split records ("made_from"), Fluent and EmojiOne
+# Pinned packages installed under another name (npm alias): name -> the registry's package.
+# emoji-datasource-google 3.0.0 holds the Android 7.1 "blob" images; 16.0.0 is installed too.
+NPM_ALIASES: dict[str, str] = {"emoji-datasource-google-blob": "emoji-datasource-google"}
+# 2: per-split records ("made_from"). New splits need no new format: a split is reused by its
+# own record, and a manifest's unknown splits are ignored by older code.
+FORMAT_VERSION = 2
 HOLDOUT_FRACTION = 0.15
 OPENMOJI_PAD_FRACTION = 0.03  # margin per side, as a fraction of the content's longer side
-# Fluent's flat SVGs leave ~6 % of the side blank on each edge (median over the set); cropped
-# and padded like OpenMoji they are framed like the near full-bleed Twemoji / Noto PNGs.
+# Fluent's flat SVGs leave ~6 % of the side blank on each edge (median over the set; the 3D
+# WebPs too: 16 of 256 px); cropped and padded like OpenMoji they are framed like the near
+# full-bleed Twemoji / Noto PNGs.
 FLUENT_PAD_FRACTION = 0.03
 MIN_RENDER_SIZE = 256  # SVGs are rendered at max(4 * size, this) and then downscaled
 
@@ -104,7 +118,8 @@ class Style:
     role: str  # "public" or "private"
     licence: str
     attribution: str
-    image_dir: str = ""  # inside the package: the PNG (or, for Fluent, SVG) files
+    image_dir: str = ""  # inside the package: the image files
+    image_type: str = "png"  # their extension (also the progress label)
 
 
 TWEMOJI = Style(
@@ -123,12 +138,13 @@ OPENMOJI = Style(
     "openmoji", "OpenMoji", "openmoji", "private", "CC-BY-SA-4.0",
     "All emojis designed by OpenMoji (openmoji.org), the open-source emoji and icon project. "
     "License: CC BY-SA 4.0. The rasterised PNGs are adaptations under the same licence.",
+    "color/svg", "svg",
 )
 FLUENT = Style(
     "fluent", "Fluent", "@lobehub/fluent-emoji-flat", "public", "MIT",
     "Fluent Emoji (flat) (c) Microsoft Corporation, MIT License (microsoft/fluentui-emoji), "
     "as packaged by LobeHub (@lobehub/fluent-emoji-flat, MIT).",
-    "assets",
+    "assets", "svg",
 )
 EMOJIONE = Style(
     "emojione", "EmojiOne", "emojione", "public", "CC-BY-4.0",
@@ -136,8 +152,23 @@ EMOJIONE = Style(
     "(https://creativecommons.org/licenses/by/4.0/); EmojiOne code MIT.",
     "assets/png",
 )
+FLUENT_3D = Style(
+    "fluent3d", "Fluent 3D", "@lobehub/fluent-emoji-3d", "public", "MIT",
+    "Fluent Emoji (3D) (c) Microsoft Corporation, MIT License (microsoft/fluentui-emoji), "
+    "as packaged by LobeHub (@lobehub/fluent-emoji-3d, MIT).",
+    "assets", "webp",
+)
+BLOB = Style(
+    "blob", "Blob", "emoji-datasource-google-blob", "public", "Apache-2.0",
+    "Android 7.1 (Nougat) \"blob\" emoji graphics (c) The Android Open Source Project / Google, "
+    "Apache License 2.0 (googlefonts/noto-emoji; continued as Blobmoji, c1710/blobmoji, "
+    "Apache-2.0), as packaged in emoji-datasource-google 3.0.0 (c) Cal Henderson, MIT, whose "
+    "README credits them to The Android Open Source Project (2b65d03 / 2017-04-10).",
+    "img/google/64",
+)
 PUBLIC_STYLES = (TWEMOJI, GOOGLE)  # the emoji-datasource styles (their own emoji.json)
-JOINED_STYLES = (FLUENT, EMOJIONE)  # files named by code points, joined to Twemoji's list
+# Files named by code points, joined to Twemoji's list by concept.
+JOINED_STYLES = (FLUENT, EMOJIONE, FLUENT_3D, BLOB)
 INDEX_STYLE = TWEMOJI  # whose emoji.json lists the emoji (concepts, categories) for the joins
 
 # Output layout under ROOT: split name -> (folder, style, role).
@@ -148,6 +179,8 @@ SPLITS: dict[str, tuple[str, Style, str]] = {
     "holdout": ("holdout", OPENMOJI, "evaluation"),
     "fluent": ("data/fluent", FLUENT, "public"),
     "emojione": ("data/emojione", EMOJIONE, "public"),
+    "fluent3d": ("data/fluent3d", FLUENT_3D, "public"),
+    "blob": ("data/blob", BLOB, "public"),
 }
 # The public splits the demo's shipped models were trained on and its public index holds.
 # Readers of "public" splits default to these (name others explicitly).
@@ -354,16 +387,43 @@ def rasterize_svg(svg: bytes | str | Path, render_size: int) -> np.ndarray:
         return np.asarray(image.convert("RGBA"), dtype=np.uint8).copy()
 
 
+def read_rgba(path: Path) -> np.ndarray:
+    """A raster image file (PNG, WebP, ...) -> its ``uint8 (H, W, 4)`` RGBA pixels."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGBA"), dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UnreadableImageError(f"cannot decode image: {error}") from None
+
+
+def render_cropped(rgba: np.ndarray, size: int, pad_fraction: float) -> np.ndarray:
+    """RGBA artwork -> ``uint8 (size, size, 3)``: crop to alpha, pad, put on white, resize."""
+    return decode_image(crop_to_alpha(rgba, pad_fraction), size)
+
+
 def render_openmoji(svg: bytes | str | Path, size: int,
                     pad_fraction: float = OPENMOJI_PAD_FRACTION) -> np.ndarray:
     """OpenMoji SVG -> ``uint8 (size, size, 3)``: rasterise, crop to alpha, pad, resize."""
-    rgba = rasterize_svg(svg, max(4 * size, MIN_RENDER_SIZE))
-    return decode_image(crop_to_alpha(rgba, pad_fraction), size)
+    return render_cropped(rasterize_svg(svg, max(4 * size, MIN_RENDER_SIZE)), size, pad_fraction)
 
 
 def render_fluent(svg: bytes | str | Path, size: int) -> np.ndarray:
     """Fluent Emoji flat SVG -> ``uint8 (size, size, 3)``, cropped and padded like OpenMoji."""
     return render_openmoji(svg, size, FLUENT_PAD_FRACTION)
+
+
+def render_fluent3d(path: Path, size: int) -> np.ndarray:
+    """Fluent Emoji 3D WebP (256 px, alpha) -> ``uint8 (size, size, 3)``, framed like flat."""
+    return render_cropped(read_rgba(path), size, FLUENT_PAD_FRACTION)
+
+
+def _renderer(style: Style, size: int) -> Callable[[Path], np.ndarray]:
+    """How one image file of a public style becomes its ``uint8 (size, size, 3)`` pixels."""
+    if style is FLUENT:
+        return lambda path: render_fluent(path, size)
+    if style is FLUENT_3D:
+        return lambda path: render_fluent3d(path, size)
+    return lambda path: decode_image(path, size)  # PNGs drawn near full-bleed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,27 +448,39 @@ def installed_versions(prefix: Path,
 
 
 def install_packages(prefix: Path, needed: Iterable[str] | None = None) -> dict[str, str]:
-    """``npm install`` the pinned packages under `prefix` unless the `needed` ones (default:
-    all) are already there. Every pinned package is named in the install, so npm keeps (never
-    prunes) the ones installed before."""
+    """``npm install`` the `needed` pinned packages (default: all) under `prefix` unless they
+    are already there. The pinned packages installed before are named in the install too, so npm
+    keeps (never prunes) them; the others are not downloaded (``make demo`` fetches only what
+    the demo's splits are made from)."""
     needed = list(NPM_PACKAGES if needed is None else needed)
-    if installed_versions(prefix, needed) == {name: NPM_PACKAGES[name] for name in needed}:
-        return {name: NPM_PACKAGES[name] for name in needed}
+    pinned = {name: NPM_PACKAGES[name] for name in needed}
+    if installed_versions(prefix, needed) == pinned:
+        return pinned
     npm = shutil.which("npm")
     if npm is None:
         raise DprdmError("npm is not on PATH; it is needed once to fetch the emoji packages")
     prefix.mkdir(parents=True, exist_ok=True)
-    specs = [f"{name}@{version}" for name, version in NPM_PACKAGES.items()]
+    keep = {name: version for name, version in installed_versions(prefix).items()
+            if version == NPM_PACKAGES[name]}
+    wanted = {name: NPM_PACKAGES[name] for name in NPM_PACKAGES if name in pinned or name in keep}
+    specs = [_npm_spec(name, version) for name, version in wanted.items()]
     command = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix), *specs]
     _stderr.print(f"[bold]installing[/] {' '.join(specs)} into {prefix}")
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
         raise DprdmError(f"npm install failed (exit {result.returncode}): {' | '.join(tail)}")
-    found = installed_versions(prefix)
-    if found != NPM_PACKAGES:
-        raise DprdmError(f"npm installed {found}, expected {NPM_PACKAGES}")
-    return dict(NPM_PACKAGES)
+    found = installed_versions(prefix, wanted)
+    if found != wanted:
+        raise DprdmError(f"npm installed {found}, expected {wanted}")
+    return pinned
+
+
+def _npm_spec(name: str, version: str) -> str:
+    """``name@version``, or ``alias@npm:package@version`` for :data:`NPM_ALIASES`."""
+    if name in NPM_ALIASES:
+        return f"{name}@npm:{NPM_ALIASES[name]}@{version}"
+    return f"{name}@{version}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +506,7 @@ def made_from(name: str, size: int, seed: int, holdout_fraction: float,
                            "captions_from": f"openmoji@{packages.get(OPENMOJI.package)}"}
     if style in JOINED_STYLES:
         out["list_from"] = f"{INDEX_STYLE.package}@{packages.get(INDEX_STYLE.package)}"
-    if style is FLUENT:
+    if style in (FLUENT, FLUENT_3D):
         out["pad_fraction"] = FLUENT_PAD_FRACTION
     if style is OPENMOJI:
         out.update(seed=seed, holdout_fraction=holdout_fraction,
@@ -649,20 +721,18 @@ def prepare_demo_data(root: Path, size: int = 64, seed: int = 0, *,
         else:
             entries = json.loads((modules / INDEX_STYLE.package / "emoji.json"
                                   ).read_text(encoding="utf-8"))
-            suffix = "*.svg" if style is FLUENT else "*.png"
-            files = code_point_files(sorted((package / style.image_dir).glob(suffix)))
+            files = code_point_files(
+                sorted((package / style.image_dir).glob(f"*.{style.image_type}")))
             records = joined_records(entries, files, names_of, dropped)
-        render = ((lambda p: render_fluent(p, size)) if style is FLUENT
-                  else (lambda p: decode_image(p, size)))
-        kind = "SVG" if style is FLUENT else "PNG"
-        kept_records, images = _render_all(records, render, f"{style.name:>9} {kind}",
+        kept_records, images = _render_all(records, _renderer(style, size),
+                                           f"{style.name:>9} {style.image_type.upper()}",
                                            show_progress, dropped)
         finish(style.name, kept_records, images)
 
     if set(OPENMOJI_SPLITS) & set(todo):
         dropped = manifest["dropped"][OPENMOJI.name] = _new_dropped()
-        records = openmoji_records(openmoji_entries, modules / "openmoji" / "color" / "svg",
-                                   dropped)
+        records = openmoji_records(openmoji_entries,
+                                   modules / OPENMOJI.package / OPENMOJI.image_dir, dropped)
         kept_records, images = _render_all(records, lambda p: render_openmoji(p, size),
                                            " openmoji SVG", show_progress, dropped)
         private, holdout = split_concepts((r.concept for r in kept_records), holdout_fraction,

@@ -13,16 +13,17 @@ Owns how a pre-noise aggregate a (float64, per coordinate |a| <= 1) becomes a re
   the float64 rounding of the clamp and the sum that produce a (relative error < 1e-13).
 * :func:`noise_scale` -- the integer scale s = ceil(sigma / gamma) the sampler is asked for:
   at least the nominal sigma / gamma (so at least the noise the accountant assumes, never
-  less: s >= 1000 makes the excess < 0.1 %), and an integer, which OpenDP samples ~13 % faster
-  than the 2^-40-denominator rational a float like 6553.6 becomes.
+  less: s >= 1000 makes the excess < 0.1 %), and an integer: the exact samplers work on
+  integers (OpenDP ~13 % faster than on the 2^-40-denominator rational a float like 6553.6
+  becomes; dprdm's takes integers only).
 * :class:`DiscreteGaussian` -- the production sampler: the exact discrete Gaussian of
   Canonne, Kamath & Steinke (2020) over int64 vectors. Scales below 2^26 (every grid of a
   usable mechanism) are drawn by ``discrete_gaussian.py`` (the algorithm in numpy integers, every
   bit from ``os.urandom``); larger ones by :class:`OpenDPDiscreteGaussian`, OpenDP's
-  implementation (bits from OpenSSL's CTR-DRBG, seeded by the OS). Neither has a seed, so nothing a user types can reach them. A
-  large batch is split into chunks drawn on a small thread pool (numpy and OpenDP's
-  ``ctypes.CDLL`` calls release the GIL for their work); each chunk is i.i.d. N_Z(0, s^2) per
-  coordinate, so the concatenation is too.
+  implementation (bits from OpenSSL's CTR-DRBG, seeded by the OS). Neither has a seed, so
+  nothing a user types can reach them. A large batch is split into chunks drawn on a small
+  thread pool (numpy and OpenDP's ``ctypes.CDLL`` calls release the GIL for their work); each
+  chunk is i.i.d. N_Z(0, s^2) per coordinate, so the concatenation is too.
 * :class:`RoundedGaussianFromGenerator` -- NOT exact, NOT for production: the rounded Gaussian
   round(N(0, s^2)) from a caller's generator (a seeded ``numpy.random.Generator``), for research
   code that needs reproducible runs. Same grid, same output type; its distribution is the

@@ -25,7 +25,8 @@ among independent draws that ignores their values, so the output distribution is
   w = | |Y| t - s^2 | and m = s t. With c = ceil(w / m) and N = ceil(c^2 / 2),
   exp(-x) = exp(-x / N)^N: the test is N independent Bernoulli(exp(-y)), y = x / N <= 1, each
   by Algorithm 1 with Bernoulli(y) = Bernoulli(p) AND Bernoulli(p) AND Bernoulli(c^2 / (2N)),
-  p = w / (c m) <= 1. w = 0 (c = N = 0) accepts.
+  p = w / (c m) <= 1. (w = 0 would mean c = N = 0 and accept; it never happens, since
+  s^2 = 1 mod t, but the code handles it.)
 * Sequential loops are drawn BLOCK steps at a time: Algorithm 1's successive Bernoulli(gamma/K)
   for K = K0 .. K0 + BLOCK - 1, the Bernoulli(exp(-1)) trials that count Algorithm 2's V, and
   the N rounds of the acceptance test, each as independent draws of one array; the loop's
@@ -37,8 +38,13 @@ among independent draws that ignores their values, so the output distribution is
 For s < 2^26 (:data:`MAX_SCALE`) and |Y| < min(2^62 / t, 2^30 s) every integer above fits in
 int64 (c <= 2^30, c^2 <= 2^60, c m < 2^63). A candidate with a larger |Y| (at least 1,024 t: a
 chance below exp(-1024) per candidate) is tested all the same, by the same rewrite in Python
-integers (:func:`_accept_in_python_integers`). Larger scales are refused here; ``noise.py`` draws
-them with OpenDP.
+integers (:func:`_accept_in_python_integers`). A V of 2^31 or more in Algorithm 2 (chance
+exp(-2^31)) raises instead of releasing. Larger scales are refused here; ``noise.py`` draws them
+with OpenDP.
+
+Timing: the number of numpy passes, and so the running time, depends on the noise drawn (the
+longest V, the rounds of the acceptance test), as with every rejection sampler of this kind,
+OpenDP's included (docs/privacy.md, "Side channels").
 
 Uniform integers below a bound b are 64-bit OS words kept when r >= 2^64 mod b and mapped to
 r mod b: exactly uniform (the kept range holds a whole number of copies of [0, b)).
@@ -63,7 +69,7 @@ MAX_SCALE = 2**26  # s below this: m = s (s + 1) < 2^53; |Y| is checked per draw
 BLOCK = 4  # steps of a sequential loop drawn per numpy pass, once few elements still run ...
 SMALL_PASS = 1024  # ... i.e. below this many (a pass costs tens of us; larger ones draw 1 step)
 _INT64_HEADROOM = 2**62
-_MAX_V = 2**31  # t V < 2^62 below it; reaching it takes 2^29 passes (chance exp(-2^31))
+_MAX_V = 2**31  # t V < 2^57 below it; reaching it takes 2^29 passes (chance exp(-2^31))
 # Surplus of candidates: Algorithm 2 keeps ~63 % (E exp(-U/t)), Algorithm 3 ~76 % (54 % at s=1).
 _LAPLACE_SURPLUS, _GAUSSIAN_SURPLUS, _MIN_SURPLUS = 1.65, 1.4, 16
 
@@ -155,7 +161,7 @@ def _laplace_candidates(t: int, count: int) -> np.ndarray:
         counting = counting[column == block]
     if v.max(initial=0) >= _MAX_V:
         raise RuntimeError("discrete Laplace: V out of the int64 range")
-    x = u + t * v  # < 2^62: t <= 2^26 and V < 2^31
+    x = u + t * v  # < 2^57: t <= 2^26 and V < 2^31
     negative = _coins(count)
     keep &= ~(negative & (x == 0))
     return np.where(keep, np.where(negative, -x, x), np.iinfo(np.int64).min)

@@ -72,6 +72,7 @@ _INT64_HEADROOM = 2**62
 _MAX_V = 2**31  # t V < 2^57 below it; reaching it takes 2^29 passes (chance exp(-2^31))
 # Surplus of candidates: Algorithm 2 keeps ~63 % (E exp(-U/t)), Algorithm 3 ~76 % (54 % at s=1).
 _LAPLACE_SURPLUS, _GAUSSIAN_SURPLUS, _MIN_SURPLUS = 1.65, 1.4, 16
+_REJECTED = np.iinfo(np.int64).min  # marks a rejected candidate (|candidates| < 2^57)
 
 
 def _uniform_below(bound: int | np.ndarray, count: int) -> np.ndarray:
@@ -164,7 +165,7 @@ def _laplace_candidates(t: int, count: int) -> np.ndarray:
     x = u + t * v  # < 2^57: t <= 2^26 and V < 2^31
     negative = _coins(count)
     keep &= ~(negative & (x == 0))
-    return np.where(keep, np.where(negative, -x, x), np.iinfo(np.int64).min)
+    return np.where(keep, np.where(negative, -x, x), _REJECTED)
 
 
 def _first_accepted(candidates, count: int, surplus: float) -> np.ndarray:
@@ -175,7 +176,7 @@ def _first_accepted(candidates, count: int, surplus: float) -> np.ndarray:
     while filled < count:
         need = count - filled
         drawn = candidates(int(need * surplus) + _MIN_SURPLUS)
-        accepted = drawn[drawn != np.iinfo(np.int64).min][:need]
+        accepted = drawn[drawn != _REJECTED][:need]
         out[filled:filled + accepted.size] = accepted
         filled += accepted.size
     return out
@@ -251,7 +252,7 @@ def _gaussian_candidates(s: int, count: int) -> np.ndarray:
     accepted[small] = _accept(magnitudes[small], s)
     for i in np.flatnonzero(~small):
         accepted[i] = _accept_in_python_integers(int(magnitudes[i]), s)
-    return np.where(accepted, y, np.iinfo(np.int64).min)
+    return np.where(accepted, y, _REJECTED)
 
 
 def discrete_gaussian(s: int, count: int) -> np.ndarray:

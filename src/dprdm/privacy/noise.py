@@ -236,7 +236,7 @@ class DiscreteGaussian:
         self._opendp = OpenDPDiscreteGaussian(threads=self.threads)
 
     def integers(self, scale: float, shape: tuple[int, ...]) -> np.ndarray:
-        if scale >= MAX_SCALE:
+        if production_sampler(scale) == OPENDP_SAMPLER:
             return self._opendp.integers(scale, shape)
         if not float(scale).is_integer():
             raise InvalidParameterError(f"the scale must be an integer, got {scale!r}")

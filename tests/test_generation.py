@@ -145,6 +145,47 @@ def test_make_conditions_follow_the_generation_recipe():
     assert c.shape == (n, d) and torch.isfinite(c).all()
 
 
+def test_text_query_share_chooses_whose_neighbours_form_the_condition():
+    rng = np.random.default_rng(1)
+    n, d = 8, 5
+    emb = torch.from_numpy(rng.standard_normal((n, d)).astype(np.float32))
+    by_image = torch.from_numpy(np.stack([np.roll(np.arange(n), -1 - i)[:2] for i in range(n)]))
+    by_text = torch.from_numpy(np.stack([np.roll(np.arange(n), 1 + i)[:2] for i in range(n)]))
+    bank = ConditionBank(torch.zeros(n, 4, 8, 8), torch.zeros(n, 4, 8, 8), emb, emb, by_image,
+                         by_text, ["s"] * n, [""] * n, {})
+    index = torch.arange(n)
+    for share, expected in ((1.0, by_text), (0.0, by_image)):
+        config = TrainConfig(k_choices=(2,), neighbours=2, steps=1, text_query_share=share)
+        c = make_conditions(bank, index, config, torch.Generator().manual_seed(0), sigma=0.0,
+                            lam=1.0)
+        assert torch.allclose(c, emb[expected].mean(1))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InvalidParameterError, match="text_query_share"):
+            TrainConfig(steps=1, text_query_share=bad).resolved()
+
+
+def test_real_share_sets_each_batch_share_of_unrestyled_images():
+    from dprdm.generation.training import draw_batch, is_restyled
+
+    sources = ["twemoji"] * 10 + ["twemoji+recipe0"] * 45 + ["google+outline"] * 45
+    restyled = is_restyled(sources)
+    assert restyled.sum() == 90
+    gen = torch.Generator().manual_seed(0)
+    proportional = draw_batch(restyled, 20000, 0.0, gen)
+    assert abs(float((proportional < 10).float().mean()) - 0.1) < 0.01  # sd 0.002
+    quota = draw_batch(restyled, 20000, 0.6, gen)
+    assert abs(float((quota < 10).float().mean()) - 0.6) < 0.015  # sd 0.0035
+    assert set(quota[quota < 10].tolist()) == set(range(10))  # uniform within the group
+    assert set(quota[quota >= 10].tolist()) == set(range(10, 100))
+    assert (draw_batch(restyled, 500, 1.0, gen) < 10).all()
+    assert (draw_batch(is_restyled(["a"] * 5), 50, 1.0, gen) < 5).all()
+    with pytest.raises(InvalidParameterError, match="real_share"):
+        draw_batch(is_restyled(["a"] * 5), 50, 0.5, gen)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InvalidParameterError, match="real_share"):
+            TrainConfig(steps=1, real_share=bad).resolved()
+
+
 def _tiny_folder(root, n_per_style: int = 10):
     rng = np.random.default_rng(0)
     folder = root / "public"
@@ -279,6 +320,9 @@ def test_cli_train_reports_bad_settings_cleanly(tmp_path):
                                          "--steps", "1", "--json"])
     assert no_autoencoder.exit_code == 2
     assert json.loads(no_autoencoder.stdout.splitlines()[-1])["error"] == "invalid_parameter"
+    bad_share = runner.invoke(app, ["--out", str(tmp_path), "--steps", "1",
+                                    "--text-query-share", "1.5"])
+    assert bad_share.exit_code == 2 and not any(tmp_path.iterdir())
 
 
 def test_learning_rate_warms_up_then_decays_linearly_to_zero_from_decay_start():

@@ -50,6 +50,10 @@ def train(
                                     help="Training noise std per coordinate ~ U[0, this]."),
     cond_dropout: float = typer.Option(0.1, "--cond-dropout", min=0.0, max=1.0,
                                        help="Share of samples trained unconditionally."),
+    text_query_share: float = typer.Option(
+        0.5, "--text-query-share", min=0.0, max=1.0, help="Share of samples whose neighbours "
+        "are found by their caption's text embedding (as generation finds them) instead of "
+        "the image's own embedding."),
     public_splits: str = typer.Option(
         "", "--public-splits", help="Comma-separated public split folders of a demo root to "
         "train on (default: every split its manifest marks public)."),
@@ -58,6 +62,10 @@ def train(
         "many procedural public styles (dprdm.data.style_family) instead of the 7 fixed "
         "augmentations."),
     family_images_per_source: int = typer.Option(64, "--family-images-per-source", min=17),
+    real_share: float = typer.Option(
+        0.0, "--real-share", min=0.0, max=1.0, help="Denoiser: > 0 draws this share of every "
+        "batch from the public styles as they are, the rest from the restyled sources (0: every "
+        "training image equally likely)."),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="A pipeline folder (e.g. the shipped demo generator) whose "
         "weights for this stage initialise the model (fine-tuning)."),
@@ -80,12 +88,14 @@ def train(
                              caption_column=caption_column, out=str(out), encoder=encoder,
                              steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                              decay_start=decay_start,
-                             sigma_max=sigma_max, cond_dropout=cond_dropout, threads=threads,
+                             sigma_max=sigma_max, cond_dropout=cond_dropout,
+                             text_query_share=text_query_share, threads=threads,
                              seed=seed, save_every_minutes=save_every_minutes, resume=resume,
                              public_splits=tuple(p.strip() for p in public_splits.split(",")
                                                  if p.strip()),
                              family_size=family_size,
                              family_images_per_source=family_images_per_source,
+                             real_share=real_share,
                              init_from=str(init_from) if init_from else "",
                              extra={"autoencoder": {"latent_channels": latent_channels}}
                              if latent_channels else {})

@@ -20,6 +20,9 @@
    * c is L2-normalised (the pipeline does the same), and replaced by the learned null condition
      for ``cond_dropout`` of the samples (classifier-free guidance).
 
+   Batches draw every image equally often, or (``real_share`` > 0) that share of each batch
+   from the public styles as they are and the rest from the restyled sources.
+
    Embeddings, latents and neighbour lists are computed once and cached under ``OUT/cache``, so a
    step costs one denoiser forward + backward.
 
@@ -91,6 +94,7 @@ class TrainConfig:
     k_choices: tuple[int, ...] = (1, 2, 4, 8, 16)
     neighbours: int = 16  # cached neighbours per image (>= max(k_choices))
     text_query_share: float = 0.5  # share of samples whose neighbours are found by caption text
+    real_share: float = 0.0  # > 0: this share of every batch from the styles as they are
     sigma_max: float = 0.1
     cond_dropout: float = 0.1
     augment_copies: int = 1  # augmented copies of every public image per style augmentation
@@ -120,6 +124,11 @@ class TrainConfig:
         if config.family_size < 0 or config.family_images_per_source <= config.neighbours:
             raise InvalidParameterError("family_size must be >= 0 and family_images_per_source "
                                         "above neighbours")
+        if not 0.0 <= config.real_share <= 1.0:
+            raise InvalidParameterError(f"real_share must be in [0, 1], got {config.real_share}")
+        if not 0.0 <= config.text_query_share <= 1.0:
+            raise InvalidParameterError(f"text_query_share must be in [0, 1], got "
+                                        f"{config.text_query_share}")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         return config
@@ -732,6 +741,35 @@ def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfi
     return weight * released + (1 - weight) * bank.text_embeddings[index]
 
 
+def is_restyled(sources: Sequence[str]) -> torch.Tensor:
+    """True for images of a restyled source (``style+augmentation`` / ``style+recipeJ``), False
+    for the public styles as they are."""
+    return torch.tensor(["+" in source for source in sources])
+
+
+def draw_batch(restyled: torch.Tensor, batch_size: int, real_share: float,
+               generator: torch.Generator) -> torch.Tensor:
+    """Indices of one training batch. ``real_share`` 0: every image equally likely. Otherwise
+    each sample comes from the unrestyled images with probability ``real_share`` and from the
+    restyled ones otherwise, uniformly within its group (a quota that keeps the content-bearing
+    real styles in every batch however many procedural sources there are)."""
+    if real_share == 0.0:
+        return torch.randint(0, len(restyled), (batch_size,), generator=generator)
+    real_rows = torch.nonzero(~restyled).flatten()
+    restyled_rows = torch.nonzero(restyled).flatten()
+    if len(real_rows) == 0 or (len(restyled_rows) == 0 and real_share < 1.0):
+        raise InvalidParameterError("real_share needs real training sources, and restyled ones "
+                                    "below 1")
+
+    def uniform(rows: torch.Tensor) -> torch.Tensor:
+        return rows[torch.randint(0, len(rows), (batch_size,), generator=generator)]
+
+    if real_share == 1.0:
+        return uniform(real_rows)
+    real = torch.rand(batch_size, generator=generator) < real_share
+    return torch.where(real, uniform(real_rows), uniform(restyled_rows))
+
+
 def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     from dprdm.generation.pipeline import RetrievalDiffusionPipeline, default_scheduler
 
@@ -754,6 +792,9 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     _stderr.print(f"denoiser: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters, {len(bank.sources)} training images, "
                   f"cond_dim {bank.image_embeddings.shape[1]}")
+    restyled = is_restyled(bank.sources)
+    if config.real_share > 0:  # refused before any step when a group is empty
+        draw_batch(restyled, 1, config.real_share, torch.Generator().manual_seed(0))
     alphas = scheduler.alphas_cumprod.float()
     n_train = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(config.seed)
@@ -768,7 +809,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
 
     def loss_fn(net: torch.nn.Module, step: int, rng: np.random.Generator):
         gen.manual_seed(int(rng.integers(2**63)))
-        index = torch.randint(0, len(bank.sources), (config.batch_size,), generator=gen)
+        index = draw_batch(restyled, config.batch_size, config.real_share, gen)
         z0 = bank.latent_mean[index] + bank.latent_std[index] * torch.randn(
             bank.latent_mean[index].shape, generator=gen)
         cond = make_conditions(bank, index, config, gen)

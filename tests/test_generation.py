@@ -165,22 +165,22 @@ def test_text_query_share_chooses_whose_neighbours_form_the_condition():
 
 
 def test_real_share_sets_each_batch_share_of_unrestyled_images():
-    from dprdm.generation.training import draw_batch, is_restyled
+    from dprdm.generation.training import batch_drawer, is_restyled
 
     sources = ["twemoji"] * 10 + ["twemoji+recipe0"] * 45 + ["google+outline"] * 45
     restyled = is_restyled(sources)
     assert restyled.sum() == 90
     gen = torch.Generator().manual_seed(0)
-    proportional = draw_batch(restyled, 20000, 0.0, gen)
+    proportional = batch_drawer(restyled, 0.0)(20000, gen)
     assert abs(float((proportional < 10).float().mean()) - 0.1) < 0.01  # sd 0.002
-    quota = draw_batch(restyled, 20000, 0.6, gen)
+    quota = batch_drawer(restyled, 0.6)(20000, gen)
     assert abs(float((quota < 10).float().mean()) - 0.6) < 0.015  # sd 0.0035
     assert set(quota[quota < 10].tolist()) == set(range(10))  # uniform within the group
     assert set(quota[quota >= 10].tolist()) == set(range(10, 100))
-    assert (draw_batch(restyled, 500, 1.0, gen) < 10).all()
-    assert (draw_batch(is_restyled(["a"] * 5), 50, 1.0, gen) < 5).all()
-    with pytest.raises(InvalidParameterError, match="real_share"):
-        draw_batch(is_restyled(["a"] * 5), 50, 0.5, gen)
+    assert (batch_drawer(restyled, 1.0)(500, gen) < 10).all()
+    assert (batch_drawer(is_restyled(["a"] * 5), 1.0)(50, gen) < 5).all()
+    with pytest.raises(InvalidParameterError, match="real_share"):  # refused when built
+        batch_drawer(is_restyled(["a"] * 5), 0.5)
     for bad in (-0.1, 1.5):
         with pytest.raises(InvalidParameterError, match="real_share"):
             TrainConfig(steps=1, real_share=bad).resolved()

@@ -747,27 +747,32 @@ def is_restyled(sources: Sequence[str]) -> torch.Tensor:
     return torch.tensor(["+" in source for source in sources])
 
 
-def draw_batch(restyled: torch.Tensor, batch_size: int, real_share: float,
-               generator: torch.Generator) -> torch.Tensor:
-    """Indices of one training batch. ``real_share`` 0: every image equally likely. Otherwise
-    each sample comes from the unrestyled images with probability ``real_share`` and from the
-    restyled ones otherwise, uniformly within its group (a quota that keeps the content-bearing
-    real styles in every batch however many procedural sources there are)."""
+def batch_drawer(restyled: torch.Tensor, real_share: float
+                 ) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """``draw(batch_size, generator)`` -> indices of one training batch. ``real_share`` 0: every
+    image equally likely. Otherwise each sample comes from the unrestyled images with probability
+    ``real_share`` and from the restyled ones otherwise, uniformly within its group (a quota that
+    keeps the content-bearing real styles in every batch however many procedural sources there
+    are). The groups are found, and an impossible quota refused, once, before any step."""
     if real_share == 0.0:
-        return torch.randint(0, len(restyled), (batch_size,), generator=generator)
+        return lambda b, generator: torch.randint(0, len(restyled), (b,), generator=generator)
     real_rows = torch.nonzero(~restyled).flatten()
     restyled_rows = torch.nonzero(restyled).flatten()
     if len(real_rows) == 0 or (len(restyled_rows) == 0 and real_share < 1.0):
         raise InvalidParameterError("real_share needs real training sources, and restyled ones "
                                     "below 1")
 
-    def uniform(rows: torch.Tensor) -> torch.Tensor:
-        return rows[torch.randint(0, len(rows), (batch_size,), generator=generator)]
+    def uniform(rows: torch.Tensor, b: int, generator: torch.Generator) -> torch.Tensor:
+        return rows[torch.randint(0, len(rows), (b,), generator=generator)]
 
-    if real_share == 1.0:
-        return uniform(real_rows)
-    real = torch.rand(batch_size, generator=generator) < real_share
-    return torch.where(real, uniform(real_rows), uniform(restyled_rows))
+    def draw(b: int, generator: torch.Generator) -> torch.Tensor:
+        if real_share == 1.0:
+            return uniform(real_rows, b, generator)
+        real = torch.rand(b, generator=generator) < real_share
+        return torch.where(real, uniform(real_rows, b, generator),
+                           uniform(restyled_rows, b, generator))
+
+    return draw
 
 
 def train_denoiser(config: TrainConfig) -> dict[str, Any]:
@@ -792,9 +797,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     _stderr.print(f"denoiser: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters, {len(bank.sources)} training images, "
                   f"cond_dim {bank.image_embeddings.shape[1]}")
-    restyled = is_restyled(bank.sources)
-    if config.real_share > 0:  # refused before any step when a group is empty
-        draw_batch(restyled, 1, config.real_share, torch.Generator().manual_seed(0))
+    draw_batch = batch_drawer(is_restyled(bank.sources), config.real_share)
     alphas = scheduler.alphas_cumprod.float()
     n_train = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(config.seed)
@@ -809,7 +812,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
 
     def loss_fn(net: torch.nn.Module, step: int, rng: np.random.Generator):
         gen.manual_seed(int(rng.integers(2**63)))
-        index = draw_batch(restyled, config.batch_size, config.real_share, gen)
+        index = draw_batch(config.batch_size, gen)
         z0 = bank.latent_mean[index] + bank.latent_std[index] * torch.randn(
             bank.latent_mean[index].shape, generator=gen)
         cond = make_conditions(bank, index, config, gen)

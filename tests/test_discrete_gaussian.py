@@ -212,3 +212,11 @@ def test_every_bit_comes_from_os_urandom_and_there_is_no_seed(monkeypatch):
 def test_scales_out_of_range_are_refused(scale):
     with pytest.raises(InvalidParameterError):
         dg.discrete_gaussian(scale, 10)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0, 1.5])
+def test_the_production_sampler_refuses_bad_scales_with_a_clear_error(scale):
+    from dprdm.privacy.noise import DiscreteGaussian
+
+    with pytest.raises(InvalidParameterError):
+        DiscreteGaussian().integers(scale, (3,))

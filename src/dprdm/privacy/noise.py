@@ -236,6 +236,8 @@ class DiscreteGaussian:
         self._opendp = OpenDPDiscreteGaussian(threads=self.threads)
 
     def integers(self, scale: float, shape: tuple[int, ...]) -> np.ndarray:
+        if not math.isfinite(scale):  # refused here: NaN and inf would fall to OpenDP's error
+            raise InvalidParameterError(f"the scale must be finite, got {scale!r}")
         if production_sampler(scale) == OPENDP_SAMPLER:
             return self._opendp.integers(scale, shape)
         if not float(scale).is_integer():

@@ -1,10 +1,11 @@
-"""The validation domain (EmojiOne held out) and its style judge, on tiny fixtures (no npm).
+"""The validation domains (a public style held out) and their style judges, on tiny fixtures
+(no npm).
 
-* ``dprdm eval --demo --validation`` builds the validation indexes and held-out set from a fake
-  demo root, scores with the EmojiOne judge under its own labels, and rebuilds an index embedded
-  with another image tower;
-* the judge's training (``train_classifiers --target emojione``) for a few steps on synthetic
-  images: what it writes, that it reloads, and that the family recipes reach its negatives.
+* ``dprdm eval --demo --validation [--validation-domain NAME]`` builds the domain's indexes and
+  held-out set from a fake demo root, scores with that domain's judge under its own labels, and
+  rebuilds an index embedded with another image tower or holding another style;
+* a judge's training (``train_classifiers --target NAME``) for a few steps on synthetic images:
+  what it writes, that it reloads, and that the family recipes reach its negatives.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from dprdm.data.style_family import StyleRecipe
 CAPTIONS = ["grinning face", "red apple", "cat face", "house", "rocket", "sun", "red heart",
             "ghost", "dog face", "tree", "star", "moon", "car", "fish", "bird", "cake"]
 HELD = 8  # the first HELD concepts are the OpenMoji held-out ones
-EMOJIONE_LACKS = 3  # a held-out concept EmojiOne has no image of (as for post-Unicode-9 ones)
+# a held-out concept each style has no image of (as EmojiOne stops at Unicode 9)
+LACKS = {"emojione": 3, "fluent_hc": 5}
 COLOURS = {"twemoji": (220, 60, 60), "google": (60, 160, 60), "fluent": (60, 60, 220),
            "emojione": (200, 160, 40), "openmoji": (120, 40, 160), "fluent3d": (40, 180, 200),
-           "blob": (230, 120, 180)}
+           "blob": (230, 120, 180), "fluent_hc": (0, 0, 0)}
 
 
 def _concept(i: int) -> str:
@@ -40,8 +42,8 @@ def _fake_demo(root: Path, size: int = 64) -> None:
     splits = {}
     for name, (folder, style, role) in emoji.SPLITS.items():
         indices = {"holdout": range(HELD), "openmoji_private": range(HELD, len(CAPTIONS)),
-                   "emojione": [i for i in range(len(CAPTIONS)) if i != EMOJIONE_LACKS]
-                   }.get(name, range(len(CAPTIONS)))
+                   **{lacking: [i for i in range(len(CAPTIONS)) if i != gap]
+                      for lacking, gap in LACKS.items()}}.get(name, range(len(CAPTIONS)))
         (root / folder).mkdir(parents=True)
         rows = []
         for i in indices:
@@ -73,54 +75,61 @@ def demo_root(tmp_path, monkeypatch):
     return root
 
 
-def test_eval_validation_builds_the_domain_and_scores_with_the_emojione_judge(demo_root,
-                                                                             tmp_path):
+@pytest.mark.parametrize("name", ["fluent_hc", "emojione"])
+def test_eval_validation_builds_the_domain_and_scores_with_its_judge(demo_root, tmp_path, name):
     from dprdm.cli import app
     from dprdm.privacy import SqliteLedger
     from dprdm.retrieval import EmbeddingIndex
+    from dprdm.validation import DEFAULT_DOMAIN, DOMAINS
 
+    domain = DOMAINS[name]
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["eval", "--demo", "--validation", "--out", str(out),
-                                      "--epsilons", "8", "--queries", "100", "--steps", "2",
-                                      "--guidance", "1", "--json"])
+    chosen = [] if name == DEFAULT_DOMAIN else ["--validation-domain", name]
+    result = CliRunner().invoke(app, ["eval", "--demo", "--validation", *chosen, "--out",
+                                      str(out), "--epsilons", "8", "--queries", "100",
+                                      "--steps", "2", "--guidance", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["style_target"] == "EmojiOne" and "Validation domain" in data["domain"]
-    assert "EmojiOne held out" in data["domain"] and "Twemoji + Noto + Fluent" in data["domain"]
+    label = domain.title.lower().replace(" ", "_") + "_like_strict"  # emojione_like_strict
+    assert data["style_target"] == domain.title and "Validation domain" in data["domain"]
+    assert f"{domain.title} held out" in data["domain"] and domain.public_titles in data["domain"]
     for run in data["runs"]:
-        assert 0.0 <= run["emojione_like_strict"] <= 1.0 and np.isfinite(run["kid_strict"])
+        assert 0.0 <= run[label] <= 1.0 and np.isfinite(run["kid_strict"])
         assert not any(key.startswith("openmoji") for key in run), run.keys()
         assert "fid_style" not in run  # the judge has no non-strict counterpart
-    assert "emojione_like_strict" in data["reference"]
+    assert label in data["reference"]
     markdown = (out / "results.md").read_text()
-    assert "EmojiOne-like (strict)" in markdown and "OpenMoji-like" not in markdown
+    assert f"{domain.title}-like (strict)" in markdown and "OpenMoji-like" not in markdown
     assert "Validation domain" in markdown
     with (out / "runs.csv").open() as f:
         header = next(csv.reader(f))
-    assert "emojione_like_strict" in header and "openmoji_like_strict" not in header
+    assert label in header and "openmoji_like_strict" not in header
 
-    validation = demo_root / "validation"
+    validation = demo_root / "validation" / name
     held = [json.loads(line) for line in (validation / "holdout" / "captions.jsonl").open()]
-    # the held-out set: EmojiOne images of the OpenMoji held-out concepts that EmojiOne draws
-    # (it stops at Unicode 9: the fake lacks one), copied as they are
+    # the held-out set: the style's images of the OpenMoji held-out concepts that it draws
+    # (the fake lacks one), copied as they are
     assert [r["concept"] for r in held] == [_concept(i) for i in range(HELD)
-                                            if i != EMOJIONE_LACKS]
-    assert {r["style"] for r in held} == {"emojione"}
+                                            if i != LACKS[name]]
+    assert {r["style"] for r in held} == {name}
     assert (validation / "holdout" / held[0]["file"]).read_bytes() == (
-        demo_root / "data" / "emojione" / held[0]["file"]).read_bytes()
+        demo_root / "data" / name / held[0]["file"]).read_bytes()
     private = EmbeddingIndex.open(validation / "private")
     assert {m["concept"] for m in private.metadata} == {_concept(i) for i in
                                                         range(HELD, len(CAPTIONS))}
-    assert {m["style"] for m in private.metadata} == {"emojione"}
+    assert {m["style"] for m in private.metadata} == {name}
     public = EmbeddingIndex.open(validation / "public")
-    # everything a generator may train on while EmojiOne is held out; no EmojiOne, no OpenMoji
-    assert {m["style"] for m in public.metadata} == {"twemoji", "google", "fluent"}
+    # everything a generator may train on while the style is held out; not it, no OpenMoji
+    assert {m["style"] for m in public.metadata} == set(domain.public_splits)
+    assert name not in domain.public_splits
     # the mechanism is pinned like the demo's own; eval never charged the index's ledger
     ledger = SqliteLedger(validation / "private")
     assert ledger.summary().queries == 0
     from dprdm.demo import DEMO_K, DEMO_LAM, DEMO_Q
 
     assert (ledger.mechanism.k, ledger.mechanism.q, ledger.lam) == (DEMO_K, DEMO_Q, DEMO_LAM)
+    others = [other for other in DOMAINS if other != name]
+    assert not any((demo_root / "validation" / other).exists() for other in others)
 
 
 def test_validation_indexes_are_reused_and_rebuilt_when_the_encoder_changes(demo_root):
@@ -134,8 +143,10 @@ def test_validation_indexes_are_reused_and_rebuilt_when_the_encoder_changes(demo
     backend = DemoBackend(load_encoder("demo"), Pipeline())
     said: list[str] = []
     first = prepare_validation(backend, say=said.append)
+    assert first["domain"] == "fluent_hc" and first["judge"].endswith("validation-judge-fluent-hc")
     assert first["n_private"] == len(CAPTIONS) - HELD and first["n_holdout"] == HELD - 1
-    assert first["n_public"] == 3 * len(CAPTIONS)
+    # six public collections, EmojiOne lacking one concept
+    assert first["n_public"] == 6 * len(CAPTIONS) - 1
     assert len(said) == 3  # held-out set, private index, public index
     said.clear()
     prepare_validation(backend, say=said.append)
@@ -161,14 +172,14 @@ def test_a_domain_built_for_another_held_out_style_is_rebuilt(demo_root, monkeyp
 
     backend = DemoBackend(load_encoder("demo"), Pipeline())
     with monkeypatch.context() as old:  # the domain as it was built when Noto was held out
-        old.setattr(validation, "VALIDATION_SPLIT", "google")
-        old.setattr(validation, "VALIDATION_PUBLIC_SPLITS", ("twemoji", "fluent", "emojione"))
-        validation.prepare_validation(backend, say=lambda line: None)
+        old.setitem(validation.DOMAINS, "emojione", validation.ValidationDomain(
+            "google", ("twemoji", "fluent", "fluent_hc"), "validation-judge"))
+        validation.prepare_validation(backend, say=lambda line: None, domain="emojione")
     said: list[str] = []
-    built = validation.prepare_validation(backend, say=said.append)
+    built = validation.prepare_validation(backend, say=said.append, domain="emojione")
     assert len(said) == 5, said  # held-out set written; both indexes deleted, then built
     assert any("private" in line and "google" in line and "new ledger" in line for line in said)
-    assert any("public" in line and "emojione" in line for line in said)
+    assert any("public" in line and "fluent_hc" in line for line in said)
     assert {m["style"] for m in EmbeddingIndex.open(Path(built["private"])).metadata} == {
         "emojione"}
     assert {m["style"] for m in EmbeddingIndex.open(Path(built["public"])).metadata} == {
@@ -177,13 +188,16 @@ def test_a_domain_built_for_another_held_out_style_is_rebuilt(demo_root, monkeyp
     assert {r["style"] for r in held} == {"emojione"}
 
 
-def test_validation_needs_the_demo_flag(demo_root, tmp_path):
+def test_validation_needs_the_demo_flag_and_a_known_domain(demo_root, tmp_path):
     from dprdm.cli import app
 
-    result = CliRunner().invoke(app, ["eval", "--validation", "--out", str(tmp_path / "r"),
-                                      "--json"])
-    assert result.exit_code == 2 and "--demo" in result.stdout
-    assert not (demo_root / "validation").exists()
+    for args, said in ((["--validation"], "--demo"),
+                       (["--demo", "--validation-domain", "emojione"], "--validation"),
+                       (["--demo", "--validation", "--validation-domain", "noto"], "fluent_hc")):
+        result = CliRunner().invoke(app, ["eval", *args, "--out", str(tmp_path / "r"),
+                                          "--json"])
+        assert result.exit_code == 2 and said in result.stdout, result.stdout
+    assert not (demo_root / "validation").exists() and not (tmp_path / "r").exists()
 
 
 def test_family_recipes_reach_the_judges_negatives():
@@ -208,19 +222,24 @@ def test_family_recipes_reach_the_judges_negatives():
     assert np.array_equal(plain.numpy(), again.numpy())
 
 
-def test_a_tiny_judge_trains_saves_and_reloads(demo_root, tmp_path):
+@pytest.mark.parametrize("name", ["fluent_hc", "emojione"])
+def test_a_tiny_judge_trains_saves_and_reloads(demo_root, tmp_path, name):
     from dprdm.evaluation.judge import JudgedClassifiers, StyleJudge
     from dprdm.evaluation.metrics import style_scores
     from dprdm.evaluation.train_classifiers import Settings, run
+    from dprdm.validation import DOMAINS
 
+    domain = DOMAINS[name]
     out = tmp_path / "judge"
-    record = run(Settings(data=str(demo_root), out=str(out), target="emojione", judge_steps=3,
+    record = run(Settings(data=str(demo_root), out=str(out), target=name, judge_steps=3,
                           batch_size=16, warmup_steps=1, family_size=5, log_every=1))
-    assert record["target"] == "EmojiOne" and record["against"] == ["twemoji", "google",
-                                                                    "fluent"]
+    assert record["target"] == domain.title and record["against"] == list(domain.public_splits)
     assert record["train"]["n_target"] == len(CAPTIONS) - HELD  # held-out concepts left out
     report = record["judge"]
-    assert report["n_target"] == HELD - 1 and report["n_negatives"] == 3 * HELD
+    # every negative collection draws every held-out concept but EmojiOne (it lacks one)
+    assert report["n_target"] == HELD - 1
+    assert report["n_negatives"] == len(domain.public_splits) * HELD - (
+        "emojione" in domain.public_splits)
     for key in ("recall_target", "specificity_raw_all", "specificity_family",
                 "specificity_augmented_all"):
         assert 0.0 <= report[key] <= 1.0
@@ -228,7 +247,7 @@ def test_a_tiny_judge_trains_saves_and_reloads(demo_root, tmp_path):
         "outline", "flat", "thick_stroke", "line_art", "greyscale", "hue_shift", "soft"}
     assert sum(f.stat().st_size for f in out.iterdir()) < 2_000_000
     judge = StyleJudge.from_pretrained(out)
-    assert judge.target == "EmojiOne" and json.loads((out / "training.json").read_text())["judge"]
+    assert judge.target == domain.title and json.loads((out / "training.json").read_text())["judge"]
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     p = judge.probability(images)
     assert p.shape == (5,) and np.all((p > 0) & (p < 1))
@@ -243,19 +262,61 @@ def test_a_tiny_judge_trains_saves_and_reloads(demo_root, tmp_path):
     assert judged.concepts == judged.base.concepts
 
 
-def test_the_shipped_judge_and_the_validation_domain_agree():
+def test_the_shipped_judges_and_the_validation_domains_agree():
     from dprdm.errors import InvalidParameterError
-    from dprdm.evaluation.judge import StyleJudge
+    from dprdm.evaluation.judge import VALIDATION_JUDGE_DIR, StyleJudge
     from dprdm.evaluation.train_classifiers import JUDGE_TARGETS, Settings, run
-    from dprdm.validation import VALIDATION_PUBLIC_SPLITS, VALIDATION_SPLIT, VALIDATION_STYLE
+    from dprdm.validation import DEFAULT_DOMAIN, DOMAINS
 
     # the judge `eval --validation` scores with recognises the held-out style and was trained
     # against exactly the public collections a generator may train on while it is held out
-    judge = StyleJudge.from_pretrained()
-    assert judge.target == VALIDATION_STYLE == "EmojiOne"
-    assert [entry.split(" ")[0] for entry in judge.against] == list(VALIDATION_PUBLIC_SPLITS)
-    assert JUDGE_TARGETS["emojione"] == (VALIDATION_SPLIT, VALIDATION_STYLE,
-                                         VALIDATION_PUBLIC_SPLITS)
+    assert set(DOMAINS) == {"fluent_hc", "emojione"} and DEFAULT_DOMAIN == "fluent_hc"
+    assert VALIDATION_JUDGE_DIR == DOMAINS[DEFAULT_DOMAIN].judge_dir
+    for name, domain in DOMAINS.items():
+        judge = StyleJudge.from_pretrained(domain.judge_dir)
+        assert judge.target == domain.title
+        assert [entry.split(" ")[0] for entry in judge.against] == list(domain.public_splits)
+        assert JUDGE_TARGETS[name] == (domain.split, domain.title, domain.public_splits)
+        assert domain.split not in domain.public_splits
+    assert DOMAINS["emojione"].title == "EmojiOne"
+    assert DOMAINS["fluent_hc"].title == "Fluent High Contrast"
     # Noto is a training style now (every shipped network saw it): no judge of it
     with pytest.raises(InvalidParameterError, match="emojione"):
         run(Settings(target="noto"))
+
+
+def test_unjittered_share_shows_images_as_they_are_and_zero_keeps_the_old_draws():
+    import torch
+
+    from dprdm.evaluation.train_classifiers import Settings, jitter, train_network
+
+    x = torch.linspace(-1, 1, 6 * 3 * 8 * 8).reshape(6, 3, 8, 8)
+    seen: list[torch.Tensor] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1, 1))
+
+        def forward(self, inputs):
+            seen.append(inputs.detach().clone())
+            return {"target": inputs.mean(dim=(1, 2, 3))[:, None] * self.w}
+
+    def batches(n, rng, generator):
+        return x, {"target": torch.zeros(len(x))}
+
+    def loss(out, targets):
+        return out["target"].mean(), {"loss": 0.0}
+
+    def shown(share):
+        seen.clear()
+        settings = Settings(batch_size=6, warmup_steps=1, log_every=1, unjittered_share=share)
+        train_network(Recorder(), batches, loss, 1, settings, "test", seed=3)
+        return seen[0]
+
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(shown(0.0), jitter(x, generator))  # the yardsticks' draws, unchanged
+    assert torch.equal(shown(1.0), x)  # every image as it is
+    half = shown(0.5)
+    as_is = torch.tensor([torch.equal(half[i], x[i]) for i in range(len(x))])
+    assert 0 < int(as_is.sum()) < len(x)  # seed 3: some of each

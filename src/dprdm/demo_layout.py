@@ -5,8 +5,9 @@
   public/    the public (Twemoji + Noto) index, no ledger
   holdout/   held-out OpenMoji images + captions.jsonl (the evaluation reference set)
   data/      the prepared emoji styles;  npm/  the npm packages they came from
-  validation/  the validation domain (EmojiOne held out; ``dprdm eval --demo --validation``,
-             :mod:`dprdm.validation`): private/ (index + ledger), holdout/, public/
+  validation/DOMAIN/  a validation domain (a public style held out, e.g. fluent_hc;
+             ``dprdm eval --demo --validation``, :mod:`dprdm.validation`): private/ (index +
+             ledger), holdout/, public/
 """
 
 from __future__ import annotations
@@ -33,23 +34,24 @@ def holdout_dir() -> Path:
     return demo_root() / "holdout"
 
 
-def validation_dir(root: Path | None = None) -> Path:
-    return (root if root is not None else demo_root()) / "validation"
+def validation_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+    """Where validation domain `domain` (a :data:`dprdm.validation.DOMAINS` name) is built."""
+    return (root if root is not None else demo_root()) / "validation" / domain
 
 
-def validation_private_index_dir(root: Path | None = None) -> Path:
-    """The validation domain's private index: EmojiOne images of other concepts + ledger."""
-    return validation_dir(root) / "private"
+def validation_private_index_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+    """The domain's private index: its held-out style's images of other concepts + ledger."""
+    return validation_dir(root, domain) / "private"
 
 
-def validation_holdout_dir(root: Path | None = None) -> Path:
-    """EmojiOne images of the OpenMoji held-out concepts + captions.jsonl (prompts, ref.)."""
-    return validation_dir(root) / "holdout"
+def validation_holdout_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+    """Its images of the OpenMoji held-out concepts + captions.jsonl (prompts, reference)."""
+    return validation_dir(root, domain) / "holdout"
 
 
-def validation_public_index_dir(root: Path | None = None) -> Path:
-    """The validation domain's public index: Twemoji + Noto + Fluent (no EmojiOne)."""
-    return validation_dir(root) / "public"
+def validation_public_index_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+    """The domain's public index: the public collections beside the held-out style."""
+    return validation_dir(root, domain) / "public"
 
 
 def require(path: Path) -> Path:

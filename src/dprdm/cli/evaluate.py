@@ -86,9 +86,14 @@ def evaluate(
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     validation: bool = typer.Option(
         False, "--validation",
-        help="With --demo: the validation domain instead of OpenMoji (EmojiOne held out: its "
+        help="With --demo: a validation domain instead of OpenMoji (a public style held out: its "
              "index, held-out set and a public index without it, built when missing or when the "
-             "encoder changed), scored with the EmojiOne judge."),
+             "encoder changed), scored with that style's judge."),
+    validation_domain: str = typer.Option(
+        None, "--validation-domain",
+        help="With --validation: which held-out style (fluent_hc, the default: Fluent High "
+             "Contrast line art; emojione: EmojiOne 2, the first domain, which its judge barely "
+             "tells from the public styles)."),
     ledger_url: str = LEDGER_OPTION,
     ray_address: str = typer.Option(
         None, "--ray-address",
@@ -109,8 +114,8 @@ def evaluate(
 
     Example: dprdm eval --demo --out eval-report/ --epsilons 1,5,10 --queries 100,1000
 
-    Choosing recipes: dprdm eval --demo --validation --out val-report/ (EmojiOne as the private
-    domain, docs/evaluation.md "Validation domain").
+    Choosing recipes: dprdm eval --demo --validation --out val-report/ (Fluent High Contrast as
+    the private domain, docs/evaluation.md "Validation domain").
     """
 
     if synthetic is not None:
@@ -136,7 +141,9 @@ def evaluate(
         from dprdm.retrieval.shards import ShardedIndex, open_index
 
         index_dir, holdout_dir, public_dir = index, holdout, public_index
-        backend, domain = None, None
+        backend, domain, judge_dir = None, None, None
+        if validation_domain is not None and not validation:
+            raise InvalidParameterError("--validation-domain goes with --validation")
         if validation:
             if not demo:
                 raise InvalidParameterError("--validation is the demo's validation domain: "
@@ -144,19 +151,20 @@ def evaluate(
             if index or holdout or public_index:
                 raise InvalidParameterError("--validation picks its own indexes and held-out "
                                             "set: leave out --index, --holdout, --public-index")
-            from dprdm.validation import (VALIDATION_PUBLIC_STYLES, VALIDATION_STYLE,
-                                          prepare_validation)
+            from dprdm.validation import domain_named, prepare_validation
 
+            domain_named(validation_domain)  # an unknown name is refused before anything is built
             backend = choice.load_backend()
             built = prepare_validation(
-                backend, say=lambda line: err_console.print(f"[dim]{line}[/]"))
+                backend, say=lambda line: err_console.print(f"[dim]{line}[/]"),
+                domain=validation_domain)
             index_dir, holdout_dir = Path(built["private"]), Path(built["holdout"])
-            public_dir = Path(built["public"])
-            domain = (f"Validation domain: {VALIDATION_STYLE} held out as the private style "
-                      f"({built['n_private']} images in the private index, "
+            public_dir, judge_dir = Path(built["public"]), Path(built["judge"])
+            domain = (f"Validation domain ({built['domain']}): {built['title']} held out as the "
+                      f"private style ({built['n_private']} images in the private index, "
                       f"{built['n_holdout']} held-out images of the OpenMoji held-out concepts "
                       f"as prompts and reference; public index: {built['n_public']} "
-                      f"{VALIDATION_PUBLIC_STYLES} images). Not OpenMoji: choose recipes here, "
+                      f"{built['public_titles']} images). Not OpenMoji: choose recipes here, "
                       f"report on OpenMoji.")
         if demo:
             index_dir = index_dir or demo_layout.require(demo_layout.private_index_dir())
@@ -211,7 +219,7 @@ def evaluate(
         if validation:  # the concept network stays; the style columns are the judge's
             from dprdm.evaluation.judge import JudgedClassifiers, StyleJudge
 
-            classifiers = JudgedClassifiers(classifiers, StyleJudge.from_pretrained())
+            classifiers = JudgedClassifiers(classifiers, StyleJudge.from_pretrained(judge_dir))
         demo_parts = backend.name == "demo"  # the demo keeps its encoder (alignment, features)
         result = run_evaluation(
             plan, HeldOut(held.images, list(held.captions)),

@@ -1,6 +1,6 @@
-"""The offline emoji demo domains: six public styles and one "private" style.
+"""The offline emoji demo domains: seven public styles and one "private" style.
 
-Owns turning seven npm packages into folders that :func:`dprdm.data.loaders.load_folder` reads:
+Owns turning eight npm packages into folders that :func:`dprdm.data.loaders.load_folder` reads:
 
 * public  ``data/twemoji/``   -- Twemoji 64 px PNGs from ``emoji-datasource-twitter`` (CC-BY 4.0)
 * public  ``data/google/``    -- Noto Emoji 64 px PNGs from ``emoji-datasource-google`` (Apache-2.0)
@@ -14,15 +14,20 @@ Owns turning seven npm packages into folders that :func:`dprdm.data.loaders.load
   continues; artwork Apache-2.0) as 64 px PNGs from ``emoji-datasource-google`` 3.0.0, installed
   under the npm alias ``emoji-datasource-google-blob`` beside the current 16.0.0 (``@svgmoji/blob``
   ships no artwork, only code that loads a sprite from a CDN)
+* public  ``data/fluent_hc/``  -- Microsoft Fluent Emoji "high contrast" (black line art, no
+  colour) from ``@iconify-json/fluent-emoji-high-contrast`` (MIT): one JSON of SVG bodies and a
+  ``chars.json`` (code points -> icon name), unpacked into ``npm/iconify/fluent_hc/CODEPOINTS.svg``
+  and then rasterised and cropped like Fluent flat. The demo's default validation domain
+  (:mod:`dprdm.validation`): a real style far from every colour style the generators train on
 * private ``data/openmoji_private/`` and evaluation ``holdout/`` -- OpenMoji colour SVGs from
   ``openmoji`` (CC-BY-SA 4.0), rasterised with cairosvg, cropped to their visible pixels, padded to
   a square with a small margin (the public PNGs are near full-bleed), and split BY CONCEPT with a
   fixed seed into ~85 % private retrieval set and ~15 % held-out evaluation set.
 
-Fluent, Fluent 3D, EmojiOne and Blob files are named by code points; they are joined to
-emoji-datasource's (Twemoji's) list of emoji by concept, which gives them the same filtering,
-categories and captions as the other public styles (files of concepts not in that list, skin tones
-among them, are left out and counted).
+Fluent, Fluent 3D, EmojiOne, Blob and Fluent High Contrast files are named by code points; they are
+joined to emoji-datasource's (Twemoji's) list of emoji by concept, which gives them the same
+filtering, categories and captions as the other public styles (files of concepts not in that list,
+skin tones among them, are left out and counted).
 
 The demo's own models and public index use :data:`DEMO_PUBLIC_SPLITS` (Twemoji + Noto) only; the
 other public splits are there for training data that names them explicitly.
@@ -73,6 +78,7 @@ NPM_PACKAGES: dict[str, str] = {
     "emojione": "2.2.7",
     "@lobehub/fluent-emoji-3d": "1.1.0",
     "emoji-datasource-google-blob": "3.0.0",
+    "@iconify-json/fluent-emoji-high-contrast": "1.2.6",
 }
 # Pinned packages installed under another name (npm alias): name -> the registry's package.
 # emoji-datasource-google 3.0.0 holds the Android 7.1 "blob" images; 16.0.0 is installed too.
@@ -166,9 +172,20 @@ BLOB = Style(
     "README credits them to The Android Open Source Project (2b65d03 / 2017-04-10).",
     "img/google/64",
 )
+FLUENT_HC = Style(
+    "fluent_hc", "Fluent High Contrast", "@iconify-json/fluent-emoji-high-contrast", "public",
+    "MIT",
+    "Fluent Emoji (high contrast) (c) Microsoft Corporation, MIT License "
+    "(microsoft/fluentui-emoji), as packaged by Iconify (@iconify-json/fluent-emoji-high-contrast, "
+    "MIT).",
+    "icons.json", "svg",
+)
 PUBLIC_STYLES = (TWEMOJI, GOOGLE)  # the emoji-datasource styles (their own emoji.json)
 # Files named by code points, joined to Twemoji's list by concept.
-JOINED_STYLES = (FLUENT, EMOJIONE, FLUENT_3D, BLOB)
+JOINED_STYLES = (FLUENT, EMOJIONE, FLUENT_3D, BLOB, FLUENT_HC)
+# Iconify icon sets: SVG bodies in one JSON, unpacked to code-point-named files before the join.
+ICONIFY_STYLES = (FLUENT_HC,)
+ICONIFY_COLOUR = "#000000"  # what ``currentColor`` (the set's one colour) is drawn in
 INDEX_STYLE = TWEMOJI  # whose emoji.json lists the emoji (concepts, categories) for the joins
 
 # Output layout under ROOT: split name -> (folder, style, role).
@@ -181,6 +198,7 @@ SPLITS: dict[str, tuple[str, Style, str]] = {
     "emojione": ("data/emojione", EMOJIONE, "public"),
     "fluent3d": ("data/fluent3d", FLUENT_3D, "public"),
     "blob": ("data/blob", BLOB, "public"),
+    "fluent_hc": ("data/fluent_hc", FLUENT_HC, "public"),
 }
 # The public splits the demo's shipped models were trained on and its public index holds.
 # Readers of "public" splits default to these (name others explicitly).
@@ -419,11 +437,60 @@ def render_fluent3d(path: Path, size: int) -> np.ndarray:
 
 def _renderer(style: Style, size: int) -> Callable[[Path], np.ndarray]:
     """How one image file of a public style becomes its ``uint8 (size, size, 3)`` pixels."""
-    if style is FLUENT:
+    if style in (FLUENT, FLUENT_HC):
         return lambda path: render_fluent(path, size)
     if style is FLUENT_3D:
         return lambda path: render_fluent3d(path, size)
     return lambda path: decode_image(path, size)  # PNGs drawn near full-bleed
+
+
+def iconify_svgs(icon_set: dict[str, Any], chars: dict[str, str],
+                 dropped: dict[str, int] | None = None) -> dict[str, str]:
+    """An Iconify icon set (``icons.json``) and its ``chars.json`` -> code points -> SVG text.
+
+    Each icon's ``body`` is wrapped in an ``<svg>`` with its own (or the set's) viewBox, and
+    ``currentColor`` is drawn in :data:`ICONIFY_COLOUR`. An alias stands for its parent icon when
+    it is a plain rename; an alias that flips or rotates its parent, or a name the set lacks, is
+    left out (counted in ``dropped["unusable_icon"]``)."""
+    icons, aliases = icon_set.get("icons") or {}, icon_set.get("aliases") or {}
+    out: dict[str, str] = {}
+    for sequence, name in chars.items():
+        alias = aliases.get(name)
+        if alias is not None and set(alias) == {"parent"}:
+            name = alias["parent"]
+        icon = icons.get(name)
+        if icon is None or not isinstance(icon.get("body"), str):
+            if dropped is not None:
+                dropped["unusable_icon"] = dropped.get("unusable_icon", 0) + 1
+            continue
+        left, top = icon.get("left", icon_set.get("left", 0)), icon.get("top",
+                                                                         icon_set.get("top", 0))
+        width = icon.get("width", icon_set.get("width", 16))
+        height = icon.get("height", icon_set.get("height", 16))
+        body = icon["body"].replace("currentColor", ICONIFY_COLOUR)
+        out[sequence] = (f'<svg xmlns="http://www.w3.org/2000/svg" '
+                         f'viewBox="{left} {top} {width} {height}">{body}</svg>')
+    return out
+
+
+def unpack_iconify(package: Path, out: Path, dropped: dict[str, int] | None = None) -> Path:
+    """Write an Iconify package's emoji as ``out/CODEPOINTS.svg`` (all or nothing); returns
+    `out`."""
+    try:
+        icon_set = json.loads((package / "icons.json").read_text(encoding="utf-8"))
+        chars = json.loads((package / "chars.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise DprdmError(f"cannot read the Iconify set in {package}: {error}") from None
+    staging = out.parent / f".{out.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for sequence, svg in iconify_svgs(icon_set, chars, dropped).items():
+        (staging / f"{sequence}.svg").write_text(svg, encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +573,7 @@ def made_from(name: str, size: int, seed: int, holdout_fraction: float,
                            "captions_from": f"openmoji@{packages.get(OPENMOJI.package)}"}
     if style in JOINED_STYLES:
         out["list_from"] = f"{INDEX_STYLE.package}@{packages.get(INDEX_STYLE.package)}"
-    if style in (FLUENT, FLUENT_3D):
+    if style in (FLUENT, FLUENT_3D, FLUENT_HC):
         out["pad_fraction"] = FLUENT_PAD_FRACTION
     if style is OPENMOJI:
         out.update(seed=seed, holdout_fraction=holdout_fraction,
@@ -721,8 +788,9 @@ def prepare_demo_data(root: Path, size: int = 64, seed: int = 0, *,
         else:
             entries = json.loads((modules / INDEX_STYLE.package / "emoji.json"
                                   ).read_text(encoding="utf-8"))
-            files = code_point_files(
-                sorted((package / style.image_dir).glob(f"*.{style.image_type}")))
+            image_dir = (unpack_iconify(package, prefix / "iconify" / style.name, dropped)
+                         if style in ICONIFY_STYLES else package / style.image_dir)
+            files = code_point_files(sorted(image_dir.glob(f"*.{style.image_type}")))
             records = joined_records(entries, files, names_of, dropped)
         kept_records, images = _render_all(records, _renderer(style, size),
                                            f"{style.name:>9} {style.image_type.upper()}",

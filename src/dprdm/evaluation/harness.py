@@ -282,8 +282,12 @@ def style_target(classifiers) -> str:
 
 
 def retarget_key(key: str, target: str) -> str:
-    """``openmoji_like_strict`` -> ``emojione_like_strict`` for a judge of another style."""
-    return key.replace("openmoji", target.lower()) if target != DEFAULT_STYLE_TARGET else key
+    """``openmoji_like_strict`` -> ``emojione_like_strict`` (``fluent_high_contrast_like_strict``
+    for "Fluent High Contrast") for a judge of another style."""
+    if target == DEFAULT_STYLE_TARGET:
+        return key
+    slug = "_".join("".join(c if c.isalnum() else " " for c in target.lower()).split())
+    return key.replace("openmoji", slug)
 
 
 # FID / KID are also read in the style networks' feature spaces: "style" (OpenMoji vs the raw

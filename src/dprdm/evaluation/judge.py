@@ -1,14 +1,16 @@
 """A style judge for a validation domain, and the evaluation classifiers that use it.
 
 Owns :class:`StyleJudge` -- one small style network (the strict OpenMoji network's architecture)
-that tells one TARGET style (the validation domain's: EmojiOne) from everything a generator may
-be trained on -- and :class:`JudgedClassifiers`, the demo's concept network with such a judge in
-place of the OpenMoji style networks (what ``dprdm eval --demo --validation`` scores with).
+that tells one TARGET style (a validation domain's held-out style) from everything a generator
+may be trained on -- and :class:`JudgedClassifiers`, the demo's concept network with such a judge
+in place of the OpenMoji style networks (what ``dprdm eval --demo --validation`` scores with).
 
-The shipped judge, ``dprdm/weights/validation-judge`` (trained by ``python -m
-dprdm.evaluation.train_classifiers --target emojione``): EmojiOne against Twemoji, Noto and Fluent
-as they are, through the seven augmentations of :mod:`dprdm.data.styles` and through the recipes
-of :func:`dprdm.data.style_family.style_family`. A directory holds ``config.json`` (architecture,
+The shipped judges, one per :data:`dprdm.validation.DOMAINS` entry (trained by ``python -m
+dprdm.evaluation.train_classifiers --target NAME``): ``dprdm/weights/validation-judge-fluent-hc``
+(Fluent High Contrast, the default) and ``dprdm/weights/validation-judge`` (EmojiOne), each the
+held-out style against its domain's public splits as they are, through the seven augmentations
+of :mod:`dprdm.data.styles` and through the recipes of
+:func:`dprdm.data.style_family.style_family`. A directory holds ``config.json`` (architecture,
 target, what it was trained against), ``model.safetensors`` (float16 on disk) and
 ``training.json`` (settings and measured accuracies).
 """
@@ -27,8 +29,9 @@ from dprdm.evaluation.classifiers import (AGAINST_PUBLIC_AND_AUGMENTATIONS, BATC
                                           CONFIG_NAME, IMAGE_SIZE, TRAINING_NAME, WEIGHTS_NAME,
                                           ClassifierLoadError, ConvNet, EvalClassifiers,
                                           to_input)
+from dprdm.validation import DEFAULT_DOMAIN, DOMAINS
 
-VALIDATION_JUDGE_DIR = Path(__file__).resolve().parent.parent / "weights" / "validation-judge"
+VALIDATION_JUDGE_DIR = DOMAINS[DEFAULT_DOMAIN].judge_dir  # the default domain's judge
 MODEL_TYPE = "dprdm-style-judge"
 FORMAT_VERSION = 1
 HEAD = "target"
@@ -99,7 +102,7 @@ class StyleJudge:
         if not config_path.is_file() or not weights.is_file():
             raise ClassifierLoadError(
                 f"no style judge at {directory} (need {CONFIG_NAME} and {WEIGHTS_NAME}; train "
-                f"it with `python -m dprdm.evaluation.train_classifiers --target emojione`)")
+                f"it with `python -m dprdm.evaluation.train_classifiers --target DOMAIN`)")
         try:
             config = json.loads(config_path.read_text("utf-8"))
             if config.get("model_type") != MODEL_TYPE:

@@ -149,7 +149,7 @@ def results_markdown(result: EvalResult) -> str:
         "resamples in which the setting is the closer one. This is the test for 'better than "
         "public-only': the two settings' own KID stds overstate the uncertainty of a difference.",
         *([f"* {target}-like (strict) and FID/KID strict: the {target} style judge "
-           f"(dprdm/weights/validation-judge: {target} against every public collection a "
+           f"(dprdm.validation's judge of the domain: {target} against every public collection a "
            "generator may train on, as it is, through the style augmentations and through a "
            "family of procedural styles), its share of images with P >= 0.5 and the metrics in "
            "its feature space. There is no non-strict counterpart (no 'FID style' column)."]

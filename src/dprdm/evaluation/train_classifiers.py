@@ -29,11 +29,12 @@ Five short runs, one CPU thread, fixed seed (the same command gives the same wei
 ``--only style_public`` trains only (4) and measures it, loading the concept and strict style
 networks unchanged from ``--out`` (and adding to the ``training.json`` there).
 
-``--target emojione`` trains none of the above but the validation domain's style judge
-(:mod:`dprdm.evaluation.judge`, written to ``dprdm/weights/validation-judge`` when ``--out`` is
-left at its default): the strict network's recipe with EmojiOne as the target, against Twemoji,
-Noto and Fluent as they are, through the augmentations and through
-``style_family(400, seed=12345)`` recipes (:func:`run_judge`).
+``--target fluent_hc`` (or ``emojione``) trains none of the above but that validation domain's
+style judge (:mod:`dprdm.evaluation.judge`, :data:`dprdm.validation.DOMAINS`; written to the
+domain's folder under ``dprdm/weights`` when ``--out`` is left at its default): the strict
+network's recipe with the held-out style as the target, against the domain's public splits as
+they are, through the augmentations and through ``style_family(400, seed=12345)`` recipes
+(:func:`run_judge`).
 
 Every batch goes through light geometric jitter (scale 0.85-1.1, +-2 px shift, +-8 degrees,
 white fill) and colour jitter (fill intensity +-15 %). The measured numbers are printed and
@@ -55,12 +56,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dprdm.data.emoji import DEMO_PUBLIC_SPLITS, SPLITS
+from dprdm.data.emoji import DEMO_PUBLIC_SPLITS
 from dprdm.data.style_family import StyleRecipe, apply_recipe, style_family
 from dprdm.data.styles import STYLE_AUGMENTATIONS
 from dprdm.errors import InvalidParameterError
 from dprdm.evaluation.classifiers import (IMAGE_SIZE, ClassifierConfig, ConvNet, EvalClassifiers,
                                           build_networks)
+from dprdm.validation import DOMAINS
 
 
 @dataclass
@@ -83,14 +85,18 @@ class Settings:
     threads: int = 1
     log_every: int = 50
     only: str = ""  # "" = train everything; "style_public" = only that network (rest from out)
-    # "openmoji": the yardsticks above; "emojione": only the validation domain's style judge
-    # (EmojiOne vs Twemoji + Noto + Fluent, raw, augmented and through a style family)
+    # "openmoji": the yardsticks above; a dprdm.validation domain ("fluent_hc", "emojione"):
+    # only its style judge (the held-out style vs its public splits, raw, augmented and through
+    # a style family)
     target: str = "openmoji"
     judge_steps: int = 1000
     family_size: int = 400
     family_seed: int = 12345
     family_share: float = 1 / 3  # share of the judge's negatives drawn in a family recipe
     raw_share: float = 1 / 3  # ... kept as they are (the rest: raw or an augmentation, 1/8 each)
+    # share of every batch shown to the network without the geometric jitter (0: the yardsticks'
+    # recipe, every image resampled; a judge of thin line art needs crisp images too)
+    unjittered_share: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +220,11 @@ def train_network(net: ConvNet, batch_fn: Callable[[int, np.random.Generator, to
         for group in opt.param_groups:
             group["lr"] = lr
         x, targets = batch_fn(settings.batch_size, rng, generator)
-        loss, stats = loss_fn(net(jitter(x, generator)), targets)
+        shown_to_net = jitter(x, generator)
+        if settings.unjittered_share > 0:  # resampling softens thin lines: show some as they are
+            keep = torch.rand(len(x), generator=generator) < settings.unjittered_share
+            shown_to_net = torch.where(keep[:, None, None, None], x, shown_to_net)
+        loss, stats = loss_fn(net(shown_to_net), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -450,10 +460,9 @@ def run_style_public_only(settings: Settings, holdout: Split, openmoji: Split,
 
 
 # target -> (its split, its name in reports, the splits it is judged against: what a generator
-# may be trained on while that style is held out)
+# may be trained on while that style is held out): the validation domains of dprdm.validation
 JUDGE_TARGETS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "emojione": ("emojione", SPLITS["emojione"][1].title, ("twemoji", "google", "fluent")),
-}
+    name: (domain.split, domain.title, domain.public_splits) for name, domain in DOMAINS.items()}
 
 
 def family_styled(images: np.ndarray, recipes: Sequence[StyleRecipe], seed: int) -> np.ndarray:
@@ -501,16 +510,16 @@ def judge_report(judge, target_test: Split, negatives_test: dict[str, Split],
 
 
 def run_judge(settings: Settings, t0: float) -> dict:
-    """Train and measure the style judge of ``settings.target`` (``--target emojione``)."""
+    """Train and measure the style judge of ``settings.target`` (``--target fluent_hc``)."""
     from dprdm.evaluation.classifiers import DEFAULT_DIR as CLASSIFIERS_DIR
-    from dprdm.evaluation.judge import HEAD, VALIDATION_JUDGE_DIR, StyleJudge
+    from dprdm.evaluation.judge import HEAD, StyleJudge
 
     if settings.target not in JUDGE_TARGETS:
         raise InvalidParameterError(f"--target must be 'openmoji' or one of "
                                     f"{', '.join(JUDGE_TARGETS)}, got {settings.target!r}")
     out = Path(settings.out)
     if out.resolve() == CLASSIFIERS_DIR.resolve():  # the default --out: never the yardsticks'
-        out = VALIDATION_JUDGE_DIR
+        out = DOMAINS[settings.target].judge_dir
     if (out / "config.json").is_file() and "dprdm-style-judge" not in (
             out / "config.json").read_text(encoding="utf-8"):
         raise InvalidParameterError(f"{out} holds other weights than a style judge")
@@ -546,8 +555,13 @@ def run_judge(settings: Settings, t0: float) -> dict:
           file=sys.stderr)
     torch.manual_seed(settings.seed + 5)
     net = ConvNet(ClassifierConfig().style_channels, {HEAD: 1})
-    batches = style_batches(target_train.images, public_train.images, None, recipes=recipes,
-                            family_share=settings.family_share,
+    # --style-reconstructions: decoder blur is a cue for neither class (a generated image is
+    # always decoded; a judge that needs crisp pixels never calls one the target)
+    reconstructions = ((autoencoder_reconstructions(target_train.images),
+                        autoencoder_reconstructions(public_train.images))
+                       if settings.style_reconstructions else None)
+    batches = style_batches(target_train.images, public_train.images, reconstructions,
+                            recipes=recipes, family_share=settings.family_share,
                             raw_share=settings.raw_share, public_weights=weights)
 
     def relabelled(n: int, rng: np.random.Generator, generator: torch.Generator):

@@ -320,3 +320,21 @@ def test_unjittered_share_shows_images_as_they_are_and_zero_keeps_the_old_draws(
     half = shown(0.5)
     as_is = torch.tensor([torch.equal(half[i], x[i]) for i in range(len(x))])
     assert 0 < int(as_is.sum()) < len(x)  # seed 3: some of each
+
+
+def test_encoder_measures_of_a_held_out_validation_style(demo_root):
+    from dprdm.encoders.evaluate import held_out_style
+
+    class MeanColour:  # an "encoder" that sees colour only: each style is one point
+        def encode_images(self, images, progress=False):
+            x = images.reshape(len(images), -1, 3).mean(axis=1) + 1.0
+            return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    held = {_concept(i) for i in range(HELD)}
+    knn, probe = held_out_style(MeanColour(), demo_root, {}, ["twemoji", "google"], "fluent_hc",
+                                held, 0, False)
+    # pool: 16 + 16 public images and the 8 Fluent High Contrast images of other concepts
+    assert knn["pool"] == ["twemoji", "google", "fluent_hc"]
+    assert knn["chance"] == pytest.approx(8 / 40)
+    assert knn["fluent_hc_fraction_top10"] == pytest.approx(8 / 10)  # all 8 of its style, first
+    assert set(probe) and all(0.0 <= v <= 1.0 for v in probe.values() if isinstance(v, float))

@@ -22,7 +22,9 @@ any style, except where a realistic retrieval pool needs everything:
   public style no shipped network trains on) -- the same as ``style_knn`` with EmojiOne as the
   target: each held-out-concept EmojiOne image's 10 nearest in the pool twemoji + google +
   (fluent) + EmojiOne (other concepts); and ``probe_validation``, EmojiOne vs the other public
-  styles (held-out concepts).
+  styles (held-out concepts). ``validation_style_knn_fluent_hc`` / ``probe_validation_fluent_hc``:
+  the same for Fluent High Contrast (when ``data/fluent_hc`` exists; the default validation
+  domain from session 10).
 * ``unseen_recipe_knn`` -- fine style: 40 procedural styles of :mod:`dprdm.data.style_family`
   drawn with a seed no training uses, each on 20 held-out-concept Twemoji images; for each
   image, the fraction of its 10 nearest (among the other 799) drawn in the SAME style. Chance
@@ -166,26 +168,35 @@ def validation_measures(encoder: Encoder, root: Path, data: dict, concepts: dict
         "same_style_fraction_top10": float((labels_array[nearest] == labels_array[:, None]).mean()),
         "chance": float((len(rows) - 1) / (len(labels) - 1))}
 
-    if not (root / "data" / "emojione").is_dir():
-        return out
     pool_names = [n for n in ("twemoji", "google", "fluent") if (root / "data" / n).is_dir()]
+    for target, suffix in (("emojione", ""), ("fluent_hc", "_fluent_hc")):
+        if (root / "data" / target).is_dir():
+            knn, probe = held_out_style(encoder, root, data, pool_names, target, held_out, seed,
+                                        progress)
+            out[f"validation_style_knn{suffix}"], out[f"probe_validation{suffix}"] = knn, probe
+    return out
+
+
+def held_out_style(encoder: Encoder, root: Path, data: dict, pool_names: list[str], target: str,
+                   held_out: set[str], seed: int, progress: bool) -> tuple[dict, dict]:
+    """A validation style's held-out-concept images: the fraction of their 10 nearest in the
+    pool (`pool_names` + the style's other concepts) that are the style, and a linear probe of
+    the style against the pool's held-out-concept images."""
     folders = {name: data[name] if name in data else
                load_folder(root / "data" / name, DATA_SIZE, show_progress=progress)
-               for name in pool_names + ["emojione"]}
+               for name in pool_names + [target]}
     emb_of = {name: encoder.encode_images(f.images, progress=progress)
               for name, f in folders.items()}
     unseen = {name: np.isin([row["concept"] for row in f.extra], list(held_out))
               for name, f in folders.items()}
     others = [emb_of[name] for name in pool_names]
-    target_emb, unseen_target = emb_of["emojione"], unseen["emojione"]
+    target_emb, unseen_target = emb_of[target], unseen[target]
     pool = np.concatenate(others + [target_emb[~unseen_target]])
     is_target = np.arange(len(pool)) >= sum(len(o) for o in others)
-    out["validation_style_knn"] = {
-        "emojione_fraction_top10": style_knn(target_emb[unseen_target], pool, is_target),
-        "chance": float(is_target.mean()), "pool": pool_names + ["emojione"]}
+    knn = {f"{target}_fraction_top10": style_knn(target_emb[unseen_target], pool, is_target),
+           "chance": float(is_target.mean()), "pool": pool_names + [target]}
     public_unseen = np.concatenate([emb_of[n][unseen[n]] for n in pool_names])
-    out["probe_validation"] = linear_probe(target_emb[unseen_target], public_unseen, seed)
-    return out
+    return knn, linear_probe(target_emb[unseen_target], public_unseen, seed)
 
 
 def flatten(result: dict) -> dict[str, object]:

@@ -145,6 +145,15 @@ def test_written_split_reads_back_with_load_folder(tmp_path: Path) -> None:
     assert np.array_equal(data.images, np.stack(images))
 
 
+def fake_metadata(modules: Path) -> None:
+    """OpenMoji's and Twemoji's metadata (the captions and the list every joined style uses)."""
+    (modules / "openmoji" / "data").mkdir(parents=True)
+    (modules / "openmoji" / "data" / "openmoji.json").write_text(json.dumps(OPENMOJI_ENTRIES))
+    (modules / "emoji-datasource-twitter").mkdir(parents=True)
+    (modules / "emoji-datasource-twitter" / "emoji.json").write_text(
+        json.dumps(DATASOURCE_ENTRIES))
+
+
 def _fake_splits(root: Path, names, size: int = 8, seed: int = 0) -> dict:
     """One-image folders for `names` and their manifest entries (as a finished run writes)."""
     splits = {}
@@ -203,11 +212,7 @@ def test_prepare_keeps_an_older_manifests_splits_and_adds_only_the_missing(
 
     # the two new styles, as tiny package trees (no npm)
     modules = tmp_path / "npm" / "node_modules"
-    (modules / "openmoji" / "data").mkdir(parents=True)
-    (modules / "openmoji" / "data" / "openmoji.json").write_text(json.dumps(OPENMOJI_ENTRIES))
-    (modules / "emoji-datasource-twitter").mkdir(parents=True)
-    (modules / "emoji-datasource-twitter" / "emoji.json").write_text(
-        json.dumps(DATASOURCE_ENTRIES))
+    fake_metadata(modules)
     fluent = modules / "@lobehub" / "fluent-emoji-flat" / "assets"
     fluent.mkdir(parents=True)
     for name in ("1f600.svg", "2764-fe0f.svg", "1f44b-1f3fd.svg"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_emoji import DATASOURCE_ENTRIES, OPENMOJI_ENTRIES, _fake_splits, _no_install
+from test_data_emoji import _fake_splits, _no_install, fake_metadata
 
 from dprdm.data import emoji
 from dprdm.data.loaders import load_folder
@@ -68,11 +68,7 @@ def test_fluent_hc_is_prepared_as_a_public_joined_split_beside_the_others(
     manifest = {"config": emoji._config(8, 0, emoji.HOLDOUT_FRACTION), "splits": splits}
     (tmp_path / emoji.MANIFEST).write_text(json.dumps(manifest))
     modules = tmp_path / "npm" / "node_modules"
-    (modules / "openmoji" / "data").mkdir(parents=True)
-    (modules / "openmoji" / "data" / "openmoji.json").write_text(json.dumps(OPENMOJI_ENTRIES))
-    (modules / "emoji-datasource-twitter").mkdir(parents=True)
-    (modules / "emoji-datasource-twitter" / "emoji.json").write_text(
-        json.dumps(DATASOURCE_ENTRIES))
+    fake_metadata(modules)
     package = modules / style.package
     package.mkdir(parents=True)
     (package / "icons.json").write_text(json.dumps(ICON_SET))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_emoji import DATASOURCE_ENTRIES, OPENMOJI_ENTRIES, _fake_splits, _no_install
+from test_data_emoji import _fake_splits, _no_install, fake_metadata
 
 from dprdm.data import emoji
 from dprdm.data.images import UnreadableImageError
@@ -68,11 +68,7 @@ def test_fluent3d_is_cropped_like_flat_and_put_on_white(tmp_path: Path) -> None:
 
 def _fake_new_packages(modules: Path) -> None:
     """OpenMoji's and Twemoji's metadata and tiny Fluent 3D and Blob package trees."""
-    (modules / "openmoji" / "data").mkdir(parents=True)
-    (modules / "openmoji" / "data" / "openmoji.json").write_text(json.dumps(OPENMOJI_ENTRIES))
-    (modules / "emoji-datasource-twitter").mkdir(parents=True)
-    (modules / "emoji-datasource-twitter" / "emoji.json").write_text(
-        json.dumps(DATASOURCE_ENTRIES))
+    fake_metadata(modules)
     fluent3d = modules / "@lobehub" / "fluent-emoji-3d" / "assets"
     fluent3d.mkdir(parents=True)
     for name in ("1f600.webp", "2764-fe0f.webp", "1f44b-1f3fd.webp"):  # the same drawing

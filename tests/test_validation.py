@@ -323,7 +323,7 @@ def test_unjittered_share_shows_images_as_they_are_and_zero_keeps_the_old_draws(
 
 
 def test_encoder_measures_of_a_held_out_validation_style(demo_root):
-    from dprdm.encoders.evaluate import held_out_style
+    from dprdm.encoders.evaluate import embedded, held_out_style
 
     class MeanColour:  # an "encoder" that sees colour only: each style is one point
         def encode_images(self, images, progress=False):
@@ -331,8 +331,9 @@ def test_encoder_measures_of_a_held_out_validation_style(demo_root):
             return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
     held = {_concept(i) for i in range(HELD)}
-    knn, probe = held_out_style(MeanColour(), demo_root, {}, ["twemoji", "google"], "fluent_hc",
-                                held, 0, False)
+    pool = embedded(MeanColour(), demo_root, {}, ["twemoji", "google"], held, False)
+    target = embedded(MeanColour(), demo_root, {}, ["fluent_hc"], held, False)["fluent_hc"]
+    knn, probe = held_out_style(pool, target, "fluent_hc", 0)
     # pool: 16 + 16 public images and the 8 Fluent High Contrast images of other concepts
     assert knn["pool"] == ["twemoji", "google", "fluent_hc"]
     assert knn["chance"] == pytest.approx(8 / 40)

@@ -34,22 +34,22 @@ def holdout_dir() -> Path:
     return demo_root() / "holdout"
 
 
-def validation_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+def validation_dir(root: Path | None, domain: str) -> Path:
     """Where validation domain `domain` (a :data:`dprdm.validation.DOMAINS` name) is built."""
     return (root if root is not None else demo_root()) / "validation" / domain
 
 
-def validation_private_index_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+def validation_private_index_dir(root: Path | None, domain: str) -> Path:
     """The domain's private index: its held-out style's images of other concepts + ledger."""
     return validation_dir(root, domain) / "private"
 
 
-def validation_holdout_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+def validation_holdout_dir(root: Path | None, domain: str) -> Path:
     """Its images of the OpenMoji held-out concepts + captions.jsonl (prompts, reference)."""
     return validation_dir(root, domain) / "holdout"
 
 
-def validation_public_index_dir(root: Path | None = None, domain: str = "fluent_hc") -> Path:
+def validation_public_index_dir(root: Path | None, domain: str) -> Path:
     """The domain's public index: the public collections beside the held-out style."""
     return validation_dir(root, domain) / "public"
 

@@ -224,8 +224,8 @@ def prepare_validation(backend, root: Path | None = None, say: Say = print,
     from dprdm.privacy import MechanismParams, accounting, init_budget
     from dprdm.retrieval import EmbeddingIndex
 
-    chosen = domain_named(domain)
     name = DEFAULT_DOMAIN if domain is None else domain
+    chosen = domain_named(name)
     root = Path(root) if root is not None else demo_layout.demo_root()
     prepare_demo_data(root, splits=(chosen.split, "openmoji_private", "holdout",
                                     *chosen.public_splits), show_progress=False)

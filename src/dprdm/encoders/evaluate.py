@@ -168,34 +168,44 @@ def validation_measures(encoder: Encoder, root: Path, data: dict, concepts: dict
         "same_style_fraction_top10": float((labels_array[nearest] == labels_array[:, None]).mean()),
         "chance": float((len(rows) - 1) / (len(labels) - 1))}
 
+    targets = [(t, suffix) for t, suffix in (("emojione", ""), ("fluent_hc", "_fluent_hc"))
+               if (root / "data" / t).is_dir()]
+    if not targets:
+        return out
     pool_names = [n for n in ("twemoji", "google", "fluent") if (root / "data" / n).is_dir()]
-    for target, suffix in (("emojione", ""), ("fluent_hc", "_fluent_hc")):
-        if (root / "data" / target).is_dir():
-            knn, probe = held_out_style(encoder, root, data, pool_names, target, held_out, seed,
-                                        progress)
-            out[f"validation_style_knn{suffix}"], out[f"probe_validation{suffix}"] = knn, probe
+    pool = embedded(encoder, root, data, pool_names, held_out, progress)  # once for every style
+    for target, suffix in targets:
+        knn, probe = held_out_style(pool, embedded(encoder, root, data, [target], held_out,
+                                                   progress)[target], target, seed)
+        out[f"validation_style_knn{suffix}"], out[f"probe_validation{suffix}"] = knn, probe
     return out
 
 
-def held_out_style(encoder: Encoder, root: Path, data: dict, pool_names: list[str], target: str,
-                   held_out: set[str], seed: int, progress: bool) -> tuple[dict, dict]:
+def embedded(encoder: Encoder, root: Path, data: dict, names: list[str], held_out: set[str],
+             progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (image embeddings of split `name`, mask of its held-out-concept rows)."""
+    out = {}
+    for name in names:
+        folder = data[name] if name in data else load_folder(root / "data" / name, DATA_SIZE,
+                                                             show_progress=progress)
+        out[name] = (encoder.encode_images(folder.images, progress=progress),
+                     np.isin([row["concept"] for row in folder.extra], list(held_out)))
+    return out
+
+
+def held_out_style(pool_of: dict[str, tuple[np.ndarray, np.ndarray]],
+                   target_of: tuple[np.ndarray, np.ndarray], target: str,
+                   seed: int) -> tuple[dict, dict]:
     """A validation style's held-out-concept images: the fraction of their 10 nearest in the
-    pool (`pool_names` + the style's other concepts) that are the style, and a linear probe of
-    the style against the pool's held-out-concept images."""
-    folders = {name: data[name] if name in data else
-               load_folder(root / "data" / name, DATA_SIZE, show_progress=progress)
-               for name in pool_names + [target]}
-    emb_of = {name: encoder.encode_images(f.images, progress=progress)
-              for name, f in folders.items()}
-    unseen = {name: np.isin([row["concept"] for row in f.extra], list(held_out))
-              for name, f in folders.items()}
-    others = [emb_of[name] for name in pool_names]
-    target_emb, unseen_target = emb_of[target], unseen[target]
+    pool (the `pool_of` splits + the style's other concepts) that are the style, and a linear
+    probe of the style against the pool's held-out-concept images."""
+    target_emb, unseen_target = target_of
+    others = [emb for emb, _ in pool_of.values()]
     pool = np.concatenate(others + [target_emb[~unseen_target]])
     is_target = np.arange(len(pool)) >= sum(len(o) for o in others)
     knn = {f"{target}_fraction_top10": style_knn(target_emb[unseen_target], pool, is_target),
-           "chance": float(is_target.mean()), "pool": pool_names + [target]}
-    public_unseen = np.concatenate([emb_of[n][unseen[n]] for n in pool_names])
+           "chance": float(is_target.mean()), "pool": [*pool_of, target]}
+    public_unseen = np.concatenate([emb[unseen] for emb, unseen in pool_of.values()])
     return knn, linear_probe(target_emb[unseen_target], public_unseen, seed)
 
 

@@ -164,6 +164,52 @@ def test_text_query_share_chooses_whose_neighbours_form_the_condition():
             TrainConfig(steps=1, text_query_share=bad).resolved()
 
 
+def test_random_neighbours_come_uniformly_from_the_own_source_never_itself():
+    from dprdm.generation.training import SameSourceDraws
+
+    sources = ["a"] * 5 + ["b"] * 3 + ["a"] * 2 + ["c"] * 2  # sources need not be contiguous
+    draws = SameSourceDraws(sources)
+    gen = torch.Generator().manual_seed(0)
+    for i, source in enumerate(sources):
+        drawn = draws(torch.full((6000,), i), 4, gen).flatten().numpy()
+        others = [j for j, s in enumerate(sources) if s == source and j != i]
+        assert set(drawn) == set(others)  # its own source, never itself
+        share = np.bincount(drawn, minlength=len(sources))[others] / drawn.size
+        assert np.allclose(share, 1 / len(others), atol=0.02)
+    with pytest.raises(InvalidParameterError, match="at least 2"):
+        SameSourceDraws(["a", "a", "b"])
+
+
+def test_random_neighbour_share_swaps_nearest_neighbours_for_random_same_source_images():
+    n = 12
+    sources = ["s"] * 6 + ["t"] * 6
+    emb = torch.eye(n)  # one-hot embeddings: a condition shows which images it averaged
+    nearest = torch.from_numpy(np.stack([[i ^ 1] for i in range(n)]))  # a fixed partner
+    bank = ConditionBank(torch.zeros(n, 4, 8, 8), torch.zeros(n, 4, 8, 8), emb, emb, nearest,
+                         nearest, sources, [""] * n, {})
+    index = torch.arange(n).repeat(400)
+    used = {}
+    for share in (0.0, 0.5, 1.0):
+        config = TrainConfig(k_choices=(1,), neighbours=1, steps=1,
+                             random_neighbour_share=share)
+        c = make_conditions(bank, index, config, torch.Generator().manual_seed(0), sigma=0.0,
+                            lam=1.0)
+        used[share] = c.argmax(1)
+        assert torch.equal(c, emb[used[share]])  # still one unit-norm image per sample (k 1)
+        assert all(sources[j] == sources[i] for i, j in zip(index.tolist(),
+                                                             used[share].tolist()))
+        assert not torch.any(used[share] == index)
+    partner = index ^ 1
+    assert torch.equal(used[0.0], partner)  # 0: the nearest neighbours, as before
+    # 1: random others of the source: the partner is 1 of its 5 others
+    assert abs((used[1.0] == partner).float().mean().item() - 0.2) < 0.03
+    # 0.5: half nearest, half random (1/5 of which is the partner too): 0.5 + 0.5 * 0.2
+    assert abs((used[0.5] == partner).float().mean().item() - 0.6) < 0.04
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InvalidParameterError, match="random_neighbour_share"):
+            TrainConfig(steps=1, random_neighbour_share=bad).resolved()
+
+
 def test_real_share_sets_each_batch_share_of_unrestyled_images():
     from dprdm.generation.training import batch_drawer, is_restyled
 
@@ -265,6 +311,9 @@ def test_training_data_must_be_declared_public(tmp_path):
                                       "--json"])
     assert result.exit_code == 2
     assert "--data-is-public" in json.loads(result.stdout.splitlines()[-1])["message"]
+    out_of_range = CliRunner().invoke(app, ["--out", str(tmp_path / "run"), "--steps", "1",
+                                            "--random-neighbour-share", "1.5"])
+    assert out_of_range.exit_code == 2 and "random-neighbour-share" in out_of_range.output
 
 
 def test_load_public_reads_the_demo_public_splits_unless_others_are_named(tmp_path):
@@ -370,13 +419,15 @@ def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
     train_denoiser(config)
     first = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "run")
     tuned = TrainConfig(stage="denoiser", steps=1, encoder="stand-in", lr=1e-12,
-                        init_from=str(tmp_path / "run"),
+                        init_from=str(tmp_path / "run"), random_neighbour_share=0.5,
                         extra={"denoiser": TINY_DENOISER},
                         **{**common, "out": str(tmp_path / "tuned")})
     train_autoencoder(TrainConfig(stage="autoencoder", steps=1, init_from=str(tmp_path / "run"),
                                   lr=1e-12, extra={"autoencoder": TINY_AE},
                                   **{**common, "out": str(tmp_path / "tuned")}))
     train_denoiser(tuned)
+    saved = json.loads((tmp_path / "tuned" / "denoiser.train.json").read_text())
+    assert saved["random_neighbour_share"] == 0.5  # the run's recipe is kept beside it
     second = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "tuned")
     for name, value in first.denoiser.state_dict().items():  # started from the same weights
         torch.testing.assert_close(second.denoiser.state_dict()[name], value, atol=1e-6, rtol=0)

@@ -54,6 +54,11 @@ def train(
         0.5, "--text-query-share", min=0.0, max=1.0, help="Share of samples whose neighbours "
         "are found by their caption's text embedding (as generation finds them) instead of "
         "the image's own embedding."),
+    random_neighbour_share: float = typer.Option(
+        0.0, "--random-neighbour-share", min=0.0, max=1.0, help="Denoiser: share of samples "
+        "whose condition averages k random images of the target's own source instead of its "
+        "nearest neighbours (the style without the caption's content, which the text must then "
+        "carry)."),
     public_splits: str = typer.Option(
         "", "--public-splits", help="Comma-separated public split folders of a demo root to "
         "train on (default: every split its manifest marks public)."),
@@ -89,7 +94,8 @@ def train(
                              steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                              decay_start=decay_start,
                              sigma_max=sigma_max, cond_dropout=cond_dropout,
-                             text_query_share=text_query_share, threads=threads,
+                             text_query_share=text_query_share,
+                             random_neighbour_share=random_neighbour_share, threads=threads,
                              seed=seed, save_every_minutes=save_every_minutes, resume=resume,
                              public_splits=tuple(p.strip() for p in public_splits.split(",")
                                                  if p.strip()),

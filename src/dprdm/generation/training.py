@@ -14,8 +14,9 @@
 
    * r = mean of its k nearest neighbours (k drawn per sample) inside ITS OWN source, itself
      excluded, found with the encoder's IMAGE embedding of the target (or, for a share of samples,
-     with the TEXT embedding of its caption, the query generation uses), + Gaussian noise with a
-     std drawn per sample from U[0, sigma_max] ("DP-RDM adapt");
+     with the TEXT embedding of its caption, the query generation uses; or, for
+     ``random_neighbour_share`` of samples, k random images of its source: style without its
+     content), + Gaussian noise with a std drawn per sample from U[0, sigma_max] ("DP-RDM adapt");
    * c = lam * r + (1 - lam) * x, x the caption's text embedding, lam ~ U[0, 1];
    * c is L2-normalised (the pipeline does the same), and replaced by the learned null condition
      for ``cond_dropout`` of the samples (classifier-free guidance).
@@ -94,6 +95,7 @@ class TrainConfig:
     k_choices: tuple[int, ...] = (1, 2, 4, 8, 16)
     neighbours: int = 16  # cached neighbours per image (>= max(k_choices))
     text_query_share: float = 0.5  # share of samples whose neighbours are found by caption text
+    random_neighbour_share: float = 0.0  # share whose neighbours are random same-source images
     real_share: float = 0.0  # > 0: this share of every batch from the styles as they are
     sigma_max: float = 0.1
     cond_dropout: float = 0.1
@@ -129,6 +131,9 @@ class TrainConfig:
         if not 0.0 <= config.text_query_share <= 1.0:
             raise InvalidParameterError(f"text_query_share must be in [0, 1], got "
                                         f"{config.text_query_share}")
+        if not 0.0 <= config.random_neighbour_share <= 1.0:
+            raise InvalidParameterError(f"random_neighbour_share must be in [0, 1], got "
+                                        f"{config.random_neighbour_share}")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         return config
@@ -711,14 +716,47 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+class SameSourceDraws:
+    """Uniform draws of OTHER images of an image's own source (grouped once, drawn per step)."""
+
+    def __init__(self, sources: Sequence[str]):
+        codes = np.unique(np.array(sources), return_inverse=True)[1]
+        order = np.argsort(codes, kind="stable")
+        counts = np.bincount(codes)
+        if counts.min() < 2:
+            raise InvalidParameterError("every source needs at least 2 images")
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        self.codes = torch.from_numpy(codes)
+        self.order = torch.from_numpy(order)
+        self.start = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        self.count = torch.from_numpy(counts)
+        self.position = torch.from_numpy(position)
+
+    def __call__(self, index: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+        """(len(index), k) images of each image's source, itself never, with replacement."""
+        code = self.codes[index]
+        start, count = self.start[code][:, None], self.count[code][:, None]
+        offset = (torch.rand(len(index), k, generator=generator) * (count - 1)).long()
+        offset = torch.minimum(offset, count - 2)  # float rounding never reaches count - 1
+        offset = offset + (start + offset >= self.position[index][:, None]).long()  # skip self
+        return self.order[start + offset]
+
+
 def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfig,
                     generator: torch.Generator, *, k: int | None = None,
                     sigma: float | None = None, lam: float | None = None,
-                    by_text: bool | None = None) -> torch.Tensor:
+                    by_text: bool | None = None,
+                    same_source: SameSourceDraws | None = None) -> torch.Tensor:
     """Training conditions for images `index`, as generation will build them (module docstring):
     lam * (mean of k same-source neighbours + N(0, s^2 I)) + (1 - lam) * (caption's text
     embedding). Per sample, unless fixed by the keyword arguments: k from ``config.k_choices``,
     s ~ U[0, sigma_max], lam ~ U[0, 1], neighbours by text with ``text_query_share``.
+
+    With ``random_neighbour_share`` > 0, that share of samples takes random images of its own
+    source instead of its nearest neighbours (`same_source` draws them; built here if not
+    given): the condition then carries the style without the caption's content, which only the
+    text half can supply. At 0 nothing extra is drawn (earlier runs replay bit for bit).
     """
     b = len(index)
     if k is None:
@@ -732,6 +770,11 @@ def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfi
         text = torch.full((b,), by_text)
     neighbours = torch.where(text[:, None], bank.neighbours_text[index],
                              bank.neighbours_image[index])
+    if config.random_neighbour_share > 0:
+        draws = same_source or SameSourceDraws(bank.sources)
+        unrelated = torch.rand(b, generator=generator) < config.random_neighbour_share
+        neighbours = torch.where(unrelated[:, None],
+                                 draws(index, neighbours.shape[1], generator), neighbours)
     mask = (torch.arange(neighbours.shape[1])[None, :] < ks[:, None]).float()
     released = (bank.image_embeddings[neighbours] * mask[..., None]).sum(1) / ks[:, None]
     std = (torch.rand(b, 1, generator=generator) * config.sigma_max if sigma is None
@@ -798,6 +841,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
                   f"parameters, {len(bank.sources)} training images, "
                   f"cond_dim {bank.image_embeddings.shape[1]}")
     draw_batch = batch_drawer(is_restyled(bank.sources), config.real_share)
+    same_source = SameSourceDraws(bank.sources) if config.random_neighbour_share > 0 else None
     alphas = scheduler.alphas_cumprod.float()
     n_train = scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(config.seed)
@@ -815,7 +859,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
         index = draw_batch(config.batch_size, gen)
         z0 = bank.latent_mean[index] + bank.latent_std[index] * torch.randn(
             bank.latent_mean[index].shape, generator=gen)
-        cond = make_conditions(bank, index, config, gen)
+        cond = make_conditions(bank, index, config, gen, same_source=same_source)
         drop = torch.rand(len(index), generator=gen) < config.cond_dropout
         t = torch.randint(0, n_train, (len(index),), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)

@@ -23,6 +23,7 @@ import tiny_backends as tb  # noqa: E402
 from tiny_backends import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
 from dprdm.conditioning import interpolate  # noqa: E402
+from dprdm.errors import InvalidParameterError  # noqa: E402
 from dprdm.generation.backends import (BackendLoadError, ConditioningSpace,  # noqa: E402
                                        RuntimeOptions, SpaceMismatchError, load_backend)
 from dprdm.generation.backends.demo import DemoBackend  # noqa: E402
@@ -176,6 +177,21 @@ def test_public_only_mode_needs_no_private_data(backend, tmp_path):
         result = rag.generate(PROMPTS[:1], n=2, guidance=4.0, steps=2, seed=1, public_only=True)
     assert result.images.shape[:2] == (1, 2) and "ledger" not in result.report
     assert len(seen[0]) == 2 and np.allclose(seen[0][0], seen[0][1])
+
+
+def test_demo_split_guidance_takes_the_prompts_text_embeddings_as_content(folders):
+    encoder, pipeline = tb.demo_parts(folders["clip"])
+    backend = DemoBackend(encoder, pipeline, content_guidance=6.0)
+    c = np.random.default_rng(4).standard_normal((2, backend.dim)).astype(np.float32)
+    inputs = backend.model_inputs(c, PROMPTS, 3, 2.0, 2)
+    np.testing.assert_array_equal(inputs["content_conditions"],
+                                  np.repeat(backend.embed_prompts(PROMPTS), 3, axis=0))
+    assert inputs["content_guidance"] == 6.0 and inputs["guidance"] == 2.0
+    split = backend.render(c, PROMPTS, n=1, guidance=2.0, steps=2, seed=0)
+    plain = DemoBackend(encoder, pipeline).render(c, PROMPTS, n=1, guidance=2.0, steps=2, seed=0)
+    assert split.shape == plain.shape and not np.array_equal(split, plain)
+    with pytest.raises(InvalidParameterError, match="one prompt per condition"):
+        backend.render(c, None, n=1, guidance=2.0, steps=2, seed=0)
 
 
 @pytest.mark.parametrize("name", NAMES[1:])

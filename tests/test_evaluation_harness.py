@@ -186,6 +186,49 @@ def test_repeats_generate_every_prompt_again_with_other_seeds_and_charge_every_r
     assert SqliteLedger(private_index).summary().queries == 0
 
 
+def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, holdout,
+                                                                 tmp_path, encoder):
+    from dprdm.evaluation.harness import Setting, generate_setting
+    from dprdm.generation import DEFAULT_DIR, RetrievalDiffusionPipeline
+    from dprdm.retrieval import EmbeddingIndex
+
+    pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
+    index = EmbeddingIndex.open(private_index)
+    seen = []
+
+    class Recording(RetrievalDiffusionPipeline):  # what the pipeline is called with
+        def __call__(self, *args, **kwargs):
+            seen.append(kwargs)
+            return super().__call__(*args, **kwargs)
+
+    pipe.__class__ = Recording
+    prompts = CAPTIONS[:3]
+    plain_plan = EvalPlan(k=4, q=0.5, lam=0.5, steps=2, seed=3, guidance=2.0)
+    split_plan = EvalPlan(k=4, q=0.5, lam=0.5, steps=2, seed=3, guidance=2.0,
+                          content_guidance=6.0)
+    plain, _ = generate_setting(Setting("public-only"), prompts, plain_plan, encoder, pipe,
+                                index, None)
+    split, _ = generate_setting(Setting("public-only"), prompts, split_plan, encoder, pipe,
+                                index, None)
+    assert "content_conditions" not in seen[0] and seen[1]["content_guidance"] == 6.0
+    np.testing.assert_allclose(seen[1]["content_conditions"], encoder.encode_text(prompts),
+                               atol=1e-6)  # the prompts' own text embeddings
+    assert not np.array_equal(plain, split)
+    out = tmp_path / "report"
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(out), "--epsilons", "8", "--queries", "100",
+                            "--content-guidance", "5", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "(split: content guidance 5.0)" in (out / "results.md").read_text()
+    assert SqliteLedger(private_index).summary().queries == 0
+    for bad in (["--content-guidance", "-1"],
+                ["--content-guidance", "2", "--generator", "kandinsky-2.2"]):
+        result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                                "--out", str(tmp_path / "refused"), *bad, *FAST)
+        assert result.exit_code == 2 and "--content-guidance" in data["message"]
+        assert not (tmp_path / "refused").exists()
+
+
 def test_plan_validation_and_settings_order():
     with pytest.raises(InvalidParameterError):
         EvalPlan(epsilons=(0.0,))
@@ -198,6 +241,9 @@ def test_plan_validation_and_settings_order():
     for repeats in (0, 1.5, True):
         with pytest.raises(InvalidParameterError, match="repeats"):
             EvalPlan(repeats=repeats)
+    for content_guidance in (-1.0, float("inf")):
+        with pytest.raises(InvalidParameterError, match="content_guidance"):
+            EvalPlan(content_guidance=content_guidance)
     names = [s.label for s in plan_settings(EvalPlan(epsilons=(5.0,), queries=(10, 20)))]
     assert names == ["public-only", "DP eps=5 T=10", "DP eps=5 T=20", "non-private"]
 

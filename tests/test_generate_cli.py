@@ -78,6 +78,7 @@ def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tm
 
 @pytest.mark.parametrize("extra", [
     ["--steps", "0"], ["-n", "0"], ["--guidance", "-1"], ["--lam", "2"], ["--k", "5"],
+    ["--content-guidance", "-1"], ["--content-guidance", "3", "--generator", "kandinsky-2.2"],
 ])
 def test_bad_input_is_refused_before_anything_is_charged(private_index, tmp_path, extra):
     args = ["x", "--index", str(private_index), *MECHANISM, *FAST, *extra,

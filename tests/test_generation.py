@@ -70,6 +70,37 @@ def test_guidance_combines_branches_without_mixing_rows():
     assert torch.allclose(uncond, other)
 
 
+def test_split_guidance_pulls_towards_the_prompt_and_from_it_towards_the_condition():
+    pipe = tiny_pipeline()
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor(500)
+    c = torch.from_numpy(conditions())
+    text = torch.from_numpy(conditions(seed=5))
+    null = torch.ones(3, dtype=torch.bool)
+    cond, prompt_only = pipe.denoiser(x, t, c), pipe.denoiser(x, t, text)
+    uncond = pipe.denoiser(x, t, c, drop=null)
+    split = pipe.predict(x, t, c, 2.0, text, 5.0)
+    assert torch.allclose(split, uncond + 5.0 * (prompt_only - uncond)
+                          + 2.0 * (cond - prompt_only), atol=1e-5)
+    # equal scales are plain classifier-free guidance, whatever the content conditions
+    assert torch.allclose(pipe.predict(x, t, c, 2.5, text, 2.5), pipe.predict(x, t, c, 2.5),
+                          atol=1e-5)
+    # and through the sampler: the same images as plain guidance (same seed)
+    plain = pipe(c.numpy(), guidance=2.5, steps=3, generator=torch.Generator().manual_seed(3))
+    same = pipe(c.numpy(), guidance=2.5, steps=3, generator=torch.Generator().manual_seed(3),
+                content_conditions=text.numpy(), content_guidance=2.5)
+    assert np.abs(plain.astype(int) - same.astype(int)).max() <= 1
+    pulled = pipe(c.numpy(), guidance=2.5, steps=3, generator=torch.Generator().manual_seed(3),
+                  content_conditions=text.numpy(), content_guidance=8.0)
+    assert not np.array_equal(plain, pulled)
+    for bad in ({"content_conditions": text.numpy()}, {"content_guidance": 4.0},
+                {"content_conditions": text.numpy()[:2], "content_guidance": 4.0},
+                {"content_conditions": text.numpy(), "content_guidance": -1.0},
+                {"content_conditions": text.numpy(), "content_guidance": float("nan")}):
+        with pytest.raises(InvalidParameterError, match="content"):
+            pipe(c.numpy(), steps=2, **bad)
+
+
 def test_invalid_arguments_are_refused():
     pipe = tiny_pipeline()
     with pytest.raises(InvalidParameterError):

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
-from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
+from dprdm.cli.generator_options import (GENERATOR_CHOICE, check_content_guidance,
+                                      generator_options)
 from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, RAY_PRIVATE_NETWORK, cli_errors,
                               console, emit, err_console, progress_callback, run_command)
 from dprdm.errors import InvalidParameterError, NotFoundError
@@ -70,6 +71,10 @@ def evaluate(
                                 help="delta (default: the index ledger's delta, else 1e-5)."),
     samples: int = typer.Option(None, "--samples", help="Prompts to use (default: all)."),
     guidance: float = typer.Option(3.0, "--guidance"),
+    content_guidance: float = typer.Option(
+        None, "--content-guidance", help="Demo generator: split guidance, this scale towards "
+        "the prompt and --guidance from it towards the retrieved condition (default: plain "
+        "guidance)."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampler steps."),
     seed: int = typer.Option(0, "--seed", help="Diffusion sampler and prompt-subset seed only."),
     repeats: int = typer.Option(1, "--repeats",
@@ -140,6 +145,7 @@ def evaluate(
         from dprdm.retrieval import EmbeddingIndex
         from dprdm.retrieval.shards import ShardedIndex, open_index
 
+        split = check_content_guidance(content_guidance, choice.generator)  # before any work
         index_dir, holdout_dir, public_dir = index, holdout, public_index
         backend, domain, judge_dir = None, None, None
         if validation_domain is not None and not validation:
@@ -199,6 +205,7 @@ def evaluate(
             delta=delta if delta is not None else (ledger_delta or 1e-5),
             samples=QUICK_SAMPLES if quick and samples is None else samples,
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
+            content_guidance=split.get("content_guidance"),
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
         backend = backend or choice.load_backend()
         public = EmbeddingIndex.open(public_dir) if public_dir is not None else None

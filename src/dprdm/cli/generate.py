@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
-from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
+from dprdm.cli.generator_options import (GENERATOR_CHOICE, check_content_guidance,
+                                      generator_options)
 from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, RAY_PRIVATE_NETWORK, console,
                               run_command)
 from dprdm.conditioning import check_lam
@@ -25,6 +26,10 @@ def generate(
                                                   "(default: the ledger's lam; free)."),
     n: int = typer.Option(1, "-n", "--images-per-prompt", help="Images per prompt (free)."),
     guidance: float = typer.Option(3.0, "--guidance", help="Classifier-free guidance scale."),
+    content_guidance: float = typer.Option(
+        None, "--content-guidance", help="Demo generator: split guidance, this scale towards "
+        "the prompt and --guidance from it towards the retrieved condition (docs/generator.md; "
+        "default: plain guidance)."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampling steps."),
     seed: int = typer.Option(None, "--seed", help="Seed for the DIFFUSION sampler only."),
     out: Path = typer.Option(..., "--out", help="Output directory (created)."),
@@ -66,6 +71,7 @@ def generate(
         # Validate everything before any private query is charged.
         prompt_list = check_prompts(prompts)
         check_sampling(n, guidance, steps)
+        split = check_content_guidance(content_guidance, choice.generator)
         index_dir, public_dir = index, public_index
         if demo:
             index_dir = index_dir or demo_layout.require(demo_layout.private_index_dir())
@@ -99,7 +105,7 @@ def generate(
         public = EmbeddingIndex.open(public_dir) if public_dir else None
         # the backend's space is checked against both indexes here, before anything is charged
         rag = RetrievalAugmentedGenerator(
-            backend=choice.load_backend(),
+            backend=choice.load_backend(**split),
             private_index=private, ledger=ledger, settings=settings,
             public_index=public,
             ray_address=ray_address,
@@ -116,7 +122,7 @@ def generate(
                 save_png(path, image)
                 files.append(str(path))
         save_png(out / "grid.png", image_grid(result.images, row_labels=prompt_list))
-        report = dict(result.report, files=files, grid=str(out / "grid.png"))
+        report = dict(result.report, **split, files=files, grid=str(out / "grid.png"))
         write_bytes_atomically(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
         if not as_json:
             console.print(f"wrote {len(files)} images and {out / 'grid.png'}")

@@ -57,6 +57,7 @@ class EvalPlan:
     delta: float = 1e-5
     samples: int | None = None  # number of held-out prompts (None: all)
     guidance: float = 3.0
+    content_guidance: float | None = None  # demo generator: split guidance (None: plain CFG)
     steps: int = 50
     seed: int = 0  # diffusion sampler and prompt subset only; never the privacy noise
     repeats: int = 1  # images per prompt and setting, each with other diffusion seeds
@@ -75,6 +76,9 @@ class EvalPlan:
             raise InvalidParameterError(f"delta must lie in (0, 1), got {self.delta}")
         if self.samples is not None and self.samples < 2:
             raise InvalidParameterError("samples must be >= 2 (the metrics need two images)")
+        if self.content_guidance is not None and not (
+                math.isfinite(self.content_guidance) and self.content_guidance >= 0):
+            raise InvalidParameterError("content_guidance must be a finite number >= 0")
         if not 0.0 <= self.lam <= 1.0:
             raise InvalidParameterError(f"lam must lie in [0, 1], got {self.lam}")
         if self.kid_subsets < 1:
@@ -145,8 +149,11 @@ class _Generator:
                repeat: int = 0) -> np.ndarray:
         # one stream per (seed, repeat, batch): other seeds and repeats share no noise
         stream = np.random.SeedSequence([self.plan.seed, repeat, batch_number])
+        split = ({} if self.plan.content_guidance is None
+                 else {"content_guidance": self.plan.content_guidance})
         images = self.backend.render(conditions, prompts, n=1, guidance=self.plan.guidance,
-                                     steps=self.plan.steps, seed=int(stream.generate_state(1)[0]))
+                                     steps=self.plan.steps, seed=int(stream.generate_state(1)[0]),
+                                     **split)
         return images[:, 0]
 
 
@@ -384,6 +391,9 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
     from contextlib import nullcontext
 
     backend = as_backend(encoder, pipeline)
+    if plan.content_guidance is not None and backend.name != "demo":
+        raise InvalidParameterError("content guidance needs the demo generator (dprdm's own "
+                                    f"pipeline), not {backend.name}")
     if encoder is None:
         encoder = BackendEncoder(backend)
     if private_index.dim != encoder.dim:

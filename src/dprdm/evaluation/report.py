@@ -129,7 +129,8 @@ def results_markdown(result: EvalResult) -> str:
         *([f"**{result.notes['domain']}**", ""] if result.notes.get("domain") else []),
         f"{len(result.held_out.captions)} prompts = captions of held-out private images (the "
         f"reference set of FID/KID/PRDC); {_per_prompt(plan.get('repeats', 1))} per prompt and "
-        f"setting, the same diffusion seeds in every setting; guidance {plan['guidance']}, "
+        f"setting, the same diffusion seeds in every setting; guidance {plan['guidance']}"
+        f"{_content_guidance(plan)}, "
         f"{plan['steps']} sampler steps.",
         "",
         markdown_table(result.runs, target),
@@ -249,6 +250,11 @@ def images_npz(result: EvalResult) -> bytes:
 def _per_prompt(repeats: int) -> str:
     return ("one image" if repeats == 1 else
             f"{repeats} images (repeats with other diffusion seeds, all scored)")
+
+
+def _content_guidance(plan: dict) -> str:
+    value = plan.get("content_guidance")
+    return "" if value is None else f" (split: content guidance {value})"
 
 
 def _short(label: str) -> str:

@@ -90,9 +90,25 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         return c.to(device=self.device, dtype=torch.float32)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                guidance: float) -> torch.Tensor:
-        """One guided model evaluation (what the scheduler steps with)."""
+                guidance: float, content: torch.Tensor | None = None,
+                content_guidance: float = 0.0) -> torch.Tensor:
+        """One guided model evaluation (what the scheduler steps with).
+
+        With `content` (the prompts' own conditions, e.g. their text embeddings), guidance is
+        split in two: ``uncond + content_guidance * (content - uncond) + guidance * (cond -
+        content)`` -- the pull towards the prompt and the pull from the prompt towards the
+        whole condition (the retrieved style) get their own scales. Equal scales give plain
+        classifier-free guidance back.
+        """
         b = latents.shape[0]
+        if content is not None:
+            null = torch.ones(b, dtype=torch.bool, device=latents.device)
+            drop = torch.cat([torch.zeros_like(null), torch.zeros_like(null), null])
+            three = self.denoiser(torch.cat([latents] * 3), t, torch.cat([cond, content, cond]),
+                                  drop=drop)
+            conditional, prompt_only, unconditional = three.chunk(3)
+            return (unconditional + content_guidance * (prompt_only - unconditional)
+                    + guidance * (conditional - prompt_only))
         if guidance == 1.0:
             return self.denoiser(latents, t, cond)
         null = torch.ones(b, dtype=torch.bool, device=latents.device)
@@ -106,19 +122,33 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, conditions: np.ndarray | torch.Tensor, guidance: float = 3.0,
                  steps: int = 50, generator: torch.Generator | None = None,
-                 batch_size: int = 64, progress: bool = False) -> np.ndarray:
+                 batch_size: int = 64, progress: bool = False,
+                 content_conditions: np.ndarray | torch.Tensor | None = None,
+                 content_guidance: float | None = None) -> np.ndarray:
         """Generate one image per condition row: uint8 (B, S, S, 3) RGB on white.
 
         `guidance` >= 0 is the classifier-free guidance scale, `steps` the number of sampler
         steps (1..num_train_timesteps), `generator` the only source of randomness, `batch_size`
-        how many images go through the networks at once.
+        how many images go through the networks at once. `content_conditions` (one row per
+        condition) with `content_guidance` >= 0 split the guidance (:meth:`predict`; a third
+        denoiser pass per step); give both or neither.
         """
-        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-            raise InvalidParameterError(f"guidance must be a finite number >= 0, got {guidance!r}")
+        for name, value in (("guidance", guidance), ("content_guidance", content_guidance)):
+            if value is None and name == "content_guidance":
+                continue
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+        if (content_conditions is None) != (content_guidance is None):
+            raise InvalidParameterError("give content_conditions and content_guidance together")
         n_train = int(self.scheduler.config.num_train_timesteps)
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n_train:
             raise InvalidParameterError(f"steps must be a whole number in [1, {n_train}]")
         cond = self._conditions(conditions)
+        content = None
+        if content_conditions is not None:
+            content = self._conditions(content_conditions)
+            if len(content) != len(cond):
+                raise InvalidParameterError("give one content condition per condition row")
         self.denoiser.eval()
         self.autoencoder.eval()
         channels = self.denoiser.config.latent_channels
@@ -135,7 +165,10 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(steps, device=self.device)
             for t in self.scheduler.timesteps:
                 model_input = self.scheduler.scale_model_input(latents, t)
-                output = self.predict(model_input, t, chunk, float(guidance))
+                output = self.predict(model_input, t, chunk, float(guidance),
+                                      None if content is None
+                                      else content[start:start + batch_size],
+                                      float(content_guidance or 0.0))
                 latents = self.scheduler.step(output, t, latents, generator=generator).prev_sample
                 if bar is not None:
                     bar.update()

@@ -5,6 +5,10 @@ with a pipeline of the same call) stand behind the :class:`GeneratorBackend` int
 is the encoder's (64-d for the shipped demo encoder); the denoiser L2-normalises its conditions
 itself, so :meth:`to_model_scale` is the identity; prompts are embedded with the encoder's text
 tower, images with its image tower, exactly as before backends existed.
+
+Split guidance (``content_guidance``, docs/generator.md): the prompts' own text embeddings are
+the content conditions, so the pull towards the prompt and the pull towards the retrieved style
+get their own scales. Only this backend has it (the pipeline is dprdm's own).
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ class DemoBackend(GeneratorBackend):
 
     name = "demo"
 
-    def __init__(self, encoder, pipeline, options: RuntimeOptions | None = None) -> None:
+    def __init__(self, encoder, pipeline, options: RuntimeOptions | None = None,
+                 content_guidance: float | None = None) -> None:
         self.encoder = encoder
+        # None: plain classifier-free guidance; a number: split guidance (the pipeline's
+        # `content_guidance`), the prompts' text embeddings being the content conditions
+        self.content_guidance = content_guidance
         self._pipeline = pipeline
         self.options = options or RuntimeOptions(device="cpu")
         self.space = encoder_space(encoder)
@@ -47,9 +55,10 @@ class DemoBackend(GeneratorBackend):
 
     @classmethod
     def load(cls, options: RuntimeOptions | None = None, encoder: str | None = None,
-             model: str | None = None) -> DemoBackend:
+             model: str | None = None, content_guidance: float | None = None) -> DemoBackend:
         """A dprdm encoder ('demo' or a CLIP / demo-encoder folder; default the shipped one)
-        and a dprdm generation pipeline folder (default the shipped demo generator)."""
+        and a dprdm generation pipeline folder (default the shipped demo generator);
+        `content_guidance` as in the constructor."""
         from pathlib import Path
 
         from dprdm.encoders import load_encoder
@@ -61,7 +70,8 @@ class DemoBackend(GeneratorBackend):
         if not (model_dir / "model_index.json").is_file():
             raise NotFoundError(f"no generator pipeline (model_index.json) in {model_dir}")
         pipeline = RetrievalDiffusionPipeline.from_pretrained(str(model_dir)).to(options.device)
-        return cls(load_encoder(encoder or "demo", device=options.device), pipeline, options)
+        return cls(load_encoder(encoder or "demo", device=options.device), pipeline, options,
+                   content_guidance)
 
     @property
     def pipeline(self):
@@ -77,16 +87,27 @@ class DemoBackend(GeneratorBackend):
     def to_model_scale(self, conditions: np.ndarray) -> np.ndarray:
         return check_conditions(conditions, self.dim)  # the denoiser normalises them itself
 
-    def model_inputs(self, conditions, prompts, n, guidance, steps) -> dict:
+    def model_inputs(self, conditions, prompts, n, guidance, steps,
+                     content_guidance: float | None = None) -> dict:
         conditions = self.to_model_scale(conditions)
-        return {"conditions": np.repeat(conditions, n, axis=0), "guidance": float(guidance),
-                "steps": int(steps)}
+        inputs = {"conditions": np.repeat(conditions, n, axis=0), "guidance": float(guidance),
+                  "steps": int(steps)}
+        content_guidance = (self.content_guidance if content_guidance is None
+                            else content_guidance)
+        if content_guidance is not None:
+            if prompts is None or len(prompts) != len(conditions):
+                raise InvalidParameterError("content guidance needs one prompt per condition row")
+            inputs["content_conditions"] = np.repeat(self.embed_prompts(prompts), n, axis=0)
+            inputs["content_guidance"] = float(content_guidance)
+        return inputs
 
     def render(self, conditions: np.ndarray, prompts: list[str] | None = None, n: int = 1,
-               guidance: float = 3.0, steps: int = 50, seed: int | None = None) -> np.ndarray:
+               guidance: float = 3.0, steps: int = 50, seed: int | None = None,
+               content_guidance: float | None = None) -> np.ndarray:
+        """As every backend's, plus `content_guidance` (default: the backend's own setting)."""
         conditions = check_conditions(conditions, self.dim)
         check_render_args(n, guidance, steps)
         images = np.asarray(self._pipeline(**self.model_inputs(conditions, prompts, n, guidance,
-                                                                steps),
+                                                                steps, content_guidance),
                                            generator=seeded(seed)))
         return images.reshape(len(conditions), n, *images.shape[1:])

@@ -11,8 +11,11 @@ and the :class:`~dprdm.generation.autoencoder.Autoencoder`, behind one ``__call_
 ``conditions`` are (B, cond_dim) vectors ``c = lam * r + (1 - lam) * x`` (see
 :mod:`dprdm.conditioning`); the denoiser L2-normalises them. Guidance is classifier-free against the
 learned null condition: ``out = uncond + guidance * (cond - uncond)``; ``guidance == 1`` runs the
-conditional branch only and ``guidance == 0`` the unconditional one. Everything random comes from
-`generator`, so one seed gives the same images every time (on the same machine and torch build).
+conditional branch only and ``guidance == 0`` the unconditional one. Split guidance
+(``content_conditions`` + ``content_guidance``, see :meth:`RetrievalDiffusionPipeline.predict`)
+gives the pull towards the prompt and the pull towards the condition scales of their own.
+Everything random comes from `generator`, so one seed gives the same images every time (on the
+same machine and torch build).
 
 Saved like any diffusers pipeline: ``model_index.json`` plus one folder per component
 (``config.json`` + ``diffusion_pytorch_model.safetensors``; ``scheduler_config.json``).

@@ -103,9 +103,8 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         whole condition (the retrieved style) get their own scales. Equal scales give plain
         classifier-free guidance back.
         """
-        b = latents.shape[0]
+        null = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
         if content is not None:
-            null = torch.ones(b, dtype=torch.bool, device=latents.device)
             drop = torch.cat([torch.zeros_like(null), torch.zeros_like(null), null])
             three = self.denoiser(torch.cat([latents] * 3), t, torch.cat([cond, content, cond]),
                                   drop=drop)
@@ -114,7 +113,6 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
                     + guidance * (conditional - prompt_only))
         if guidance == 1.0:
             return self.denoiser(latents, t, cond)
-        null = torch.ones(b, dtype=torch.bool, device=latents.device)
         if guidance == 0.0:
             return self.denoiser(latents, t, cond, drop=null)
         drop = torch.cat([torch.zeros_like(null), null])
@@ -136,11 +134,9 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         condition) with `content_guidance` >= 0 split the guidance (:meth:`predict`; a third
         denoiser pass per step); give both or neither.
         """
-        for name, value in (("guidance", guidance), ("content_guidance", content_guidance)):
-            if value is None and name == "content_guidance":
-                continue
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+        _check_scale("guidance", guidance)
+        if content_guidance is not None:
+            _check_scale("content_guidance", content_guidance)
         if (content_conditions is None) != (content_guidance is None):
             raise InvalidParameterError("give content_conditions and content_guidance together")
         n_train = int(self.scheduler.config.num_train_timesteps)
@@ -182,6 +178,11 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         if not out:
             return np.zeros((0, self.image_size, self.image_size, 3), dtype=np.uint8)
         return torch.cat(out).numpy()
+
+
+def _check_scale(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def export_weights(source: str | Path, destination: str | Path, half: bool = True,

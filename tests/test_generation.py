@@ -241,6 +241,38 @@ def test_random_neighbour_share_swaps_nearest_neighbours_for_random_same_source_
             TrainConfig(steps=1, random_neighbour_share=bad).resolved()
 
 
+def test_text_only_share_conditions_that_share_of_real_style_images_on_their_caption_alone():
+    n = 8
+    sources = ["twemoji"] * 4 + ["twemoji+recipe0"] * 4  # 4 real-style images, 4 restyled
+    emb = torch.eye(n)[:, :n]
+    text = -torch.eye(n)  # text and image halves point different ways: lam 0 is recognisable
+    nearest = torch.from_numpy(np.stack([[i ^ 1] for i in range(n)]))
+    bank = ConditionBank(torch.zeros(n, 4, 8, 8), torch.zeros(n, 4, 8, 8), emb, text, nearest,
+                         nearest, sources, [""] * n, {})
+    index = torch.arange(n).repeat(500)
+    real = index < 4
+    for share in (0.0, 0.5, 1.0):
+        config = TrainConfig(k_choices=(1,), neighbours=1, steps=1, text_only_share=share)
+        c = make_conditions(bank, index, config, torch.Generator().manual_seed(0), sigma=0.0)
+        alone = torch.isclose(c, text[index]).all(1)  # exactly the caption, no image part
+        assert not alone[~real].any()  # restyled images keep lam ~ U[0, 1]
+        assert abs(alone[real].float().mean().item() - share) < 0.04
+    # a fixed lam (the preview grid) is never overridden
+    config = TrainConfig(k_choices=(1,), neighbours=1, steps=1, text_only_share=1.0)
+    c = make_conditions(bank, index, config, torch.Generator().manual_seed(0), sigma=0.0, lam=1.0)
+    assert torch.equal(c, emb[index ^ 1])
+    # 0 draws nothing extra: the same conditions as a config without the option
+    plain = make_conditions(bank, index, TrainConfig(k_choices=(1,), neighbours=1, steps=1),
+                            torch.Generator().manual_seed(3))
+    zero = make_conditions(bank, index, TrainConfig(k_choices=(1,), neighbours=1, steps=1,
+                                                    text_only_share=0.0),
+                           torch.Generator().manual_seed(3))
+    assert torch.equal(plain, zero)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InvalidParameterError, match="text_only_share"):
+            TrainConfig(steps=1, text_only_share=bad).resolved()
+
+
 def test_real_share_sets_each_batch_share_of_unrestyled_images():
     from dprdm.generation.training import batch_drawer, is_restyled
 
@@ -345,6 +377,9 @@ def test_training_data_must_be_declared_public(tmp_path):
     out_of_range = CliRunner().invoke(app, ["--out", str(tmp_path / "run"), "--steps", "1",
                                             "--random-neighbour-share", "1.5"])
     assert out_of_range.exit_code == 2 and "random-neighbour-share" in out_of_range.output
+    out_of_range = CliRunner().invoke(app, ["--out", str(tmp_path / "run"), "--steps", "1",
+                                            "--text-only-share", "-0.5"])
+    assert out_of_range.exit_code == 2 and "text-only-share" in out_of_range.output
 
 
 def test_load_public_reads_the_demo_public_splits_unless_others_are_named(tmp_path):
@@ -451,6 +486,7 @@ def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
     first = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "run")
     tuned = TrainConfig(stage="denoiser", steps=1, encoder="stand-in", lr=1e-12,
                         init_from=str(tmp_path / "run"), random_neighbour_share=0.5,
+                        text_only_share=0.5,
                         extra={"denoiser": TINY_DENOISER},
                         **{**common, "out": str(tmp_path / "tuned")})
     train_autoencoder(TrainConfig(stage="autoencoder", steps=1, init_from=str(tmp_path / "run"),
@@ -459,6 +495,7 @@ def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
     train_denoiser(tuned)
     saved = json.loads((tmp_path / "tuned" / "denoiser.train.json").read_text())
     assert saved["random_neighbour_share"] == 0.5  # the run's recipe is kept beside it
+    assert saved["text_only_share"] == 0.5
     second = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "tuned")
     for name, value in first.denoiser.state_dict().items():  # started from the same weights
         torch.testing.assert_close(second.denoiser.state_dict()[name], value, atol=1e-6, rtol=0)

@@ -59,6 +59,10 @@ def train(
         "whose condition averages k random images of the target's own source instead of its "
         "nearest neighbours (the style without the caption's content, which the text must then "
         "carry)."),
+    text_only_share: float = typer.Option(
+        0.0, "--text-only-share", min=0.0, max=1.0, help="Denoiser: share of the images of the "
+        "public styles as they are whose condition is their caption's text alone (lam 0: the "
+        "content branch of split guidance, taught on content-bearing real styles)."),
     public_splits: str = typer.Option(
         "", "--public-splits", help="Comma-separated public split folders of a demo root to "
         "train on (default: every split its manifest marks public)."),
@@ -95,7 +99,8 @@ def train(
                              decay_start=decay_start,
                              sigma_max=sigma_max, cond_dropout=cond_dropout,
                              text_query_share=text_query_share,
-                             random_neighbour_share=random_neighbour_share, threads=threads,
+                             random_neighbour_share=random_neighbour_share,
+                             text_only_share=text_only_share, threads=threads,
                              seed=seed, save_every_minutes=save_every_minutes, resume=resume,
                              public_splits=tuple(p.strip() for p in public_splits.split(",")
                                                  if p.strip()),

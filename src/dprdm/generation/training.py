@@ -17,7 +17,9 @@
      with the TEXT embedding of its caption, the query generation uses; or, for
      ``random_neighbour_share`` of samples, k random images of its source: style without its
      content), + Gaussian noise with a std drawn per sample from U[0, sigma_max] ("DP-RDM adapt");
-   * c = lam * r + (1 - lam) * x, x the caption's text embedding, lam ~ U[0, 1];
+   * c = lam * r + (1 - lam) * x, x the caption's text embedding, lam ~ U[0, 1] (or, for
+     ``text_only_share`` of the images of the public styles as they are, lam = 0: the caption
+     alone, the content branch of split guidance, anchored to content-bearing real styles);
    * c is L2-normalised (the pipeline does the same), and replaced by the learned null condition
      for ``cond_dropout`` of the samples (classifier-free guidance).
 
@@ -96,6 +98,7 @@ class TrainConfig:
     neighbours: int = 16  # cached neighbours per image (>= max(k_choices))
     text_query_share: float = 0.5  # share of samples whose neighbours are found by caption text
     random_neighbour_share: float = 0.0  # share whose neighbours are random same-source images
+    text_only_share: float = 0.0  # share of unrestyled images conditioned on their caption alone
     real_share: float = 0.0  # > 0: this share of every batch from the styles as they are
     sigma_max: float = 0.1
     cond_dropout: float = 0.1
@@ -134,6 +137,9 @@ class TrainConfig:
         if not 0.0 <= config.random_neighbour_share <= 1.0:
             raise InvalidParameterError(f"random_neighbour_share must be in [0, 1], got "
                                         f"{config.random_neighbour_share}")
+        if not 0.0 <= config.text_only_share <= 1.0:
+            raise InvalidParameterError(f"text_only_share must be in [0, 1], got "
+                                        f"{config.text_only_share}")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         return config
@@ -747,7 +753,8 @@ def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfi
                     generator: torch.Generator, *, k: int | None = None,
                     sigma: float | None = None, lam: float | None = None,
                     by_text: bool | None = None,
-                    same_source: SameSourceDraws | None = None) -> torch.Tensor:
+                    same_source: SameSourceDraws | None = None,
+                    restyled: torch.Tensor | None = None) -> torch.Tensor:
     """Training conditions for images `index`, as generation will build them (module docstring):
     lam * (mean of k same-source neighbours + N(0, s^2 I)) + (1 - lam) * (caption's text
     embedding). Per sample, unless fixed by the keyword arguments: k from ``config.k_choices``,
@@ -756,7 +763,10 @@ def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfi
     With ``random_neighbour_share`` > 0, that share of samples takes random images of its own
     source instead of its nearest neighbours (`same_source` draws them; built here if not
     given): the condition then carries the style without the caption's content, which only the
-    text half can supply. At 0 nothing extra is drawn (earlier runs replay bit for bit).
+    text half can supply. With ``text_only_share`` > 0 (and `lam` not fixed), that share of the
+    images of the public styles as they are (`restyled` False; :func:`is_restyled` of the bank's
+    sources if not given) take lam = 0: their caption's text embedding alone. At 0 neither
+    option draws anything extra (earlier runs replay bit for bit).
     """
     b = len(index)
     if k is None:
@@ -781,6 +791,10 @@ def make_conditions(bank: ConditionBank, index: torch.Tensor, config: TrainConfi
            else torch.full((b, 1), float(sigma)))
     released = released + std * torch.randn(released.shape, generator=generator)
     weight = torch.rand(b, 1, generator=generator) if lam is None else torch.full((b, 1), lam)
+    if config.text_only_share > 0 and lam is None:
+        plain = ~(is_restyled(bank.sources) if restyled is None else restyled)[index]
+        alone = plain & (torch.rand(b, generator=generator) < config.text_only_share)
+        weight = torch.where(alone[:, None], torch.zeros_like(weight), weight)
     return weight * released + (1 - weight) * bank.text_embeddings[index]
 
 
@@ -840,7 +854,8 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     _stderr.print(f"denoiser: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                   f"parameters, {len(bank.sources)} training images, "
                   f"cond_dim {bank.image_embeddings.shape[1]}")
-    draw_batch = batch_drawer(is_restyled(bank.sources), config.real_share)
+    restyled = is_restyled(bank.sources)
+    draw_batch = batch_drawer(restyled, config.real_share)
     same_source = SameSourceDraws(bank.sources) if config.random_neighbour_share > 0 else None
     alphas = scheduler.alphas_cumprod.float()
     n_train = scheduler.config.num_train_timesteps
@@ -859,7 +874,8 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
         index = draw_batch(config.batch_size, gen)
         z0 = bank.latent_mean[index] + bank.latent_std[index] * torch.randn(
             bank.latent_mean[index].shape, generator=gen)
-        cond = make_conditions(bank, index, config, gen, same_source=same_source)
+        cond = make_conditions(bank, index, config, gen, same_source=same_source,
+                               restyled=restyled)
         drop = torch.rand(len(index), generator=gen) < config.cond_dropout
         t = torch.randint(0, n_train, (len(index),), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)

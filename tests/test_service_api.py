@@ -34,7 +34,7 @@ from dprdm.service.engine import Generation
 FAST = {"n": 1, "steps": 2}
 RESPONSE_FIELDS = {"epsilon_budget", "delta", "epsilon_spent", "epsilon_remaining",
                    "queries_spent", "queries_remaining", "mode", "images", "steps", "guidance",
-                   "seed", "key"}
+                   "content_guidance", "seed", "key"}
 
 
 @pytest.fixture()
@@ -277,6 +277,42 @@ def test_config_takes_the_pinned_mechanism_and_refuses_another(tmp_path):
         build_config({"index_dir": index}, config_file)
 
 
+def test_content_guidance_is_the_operators_split_guidance_for_every_request(tmp_path,
+                                                                             monkeypatch):
+    from _service_support import models
+    from dprdm.generation.pipeline import RetrievalDiffusionPipeline
+
+    calls = []
+    original = RetrievalDiffusionPipeline.__call__
+
+    def spy(self, conditions, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, conditions, *args, **kwargs)
+
+    monkeypatch.setattr(RetrievalDiffusionPipeline, "__call__", spy)
+    split = Service(tmp_path / "split", content_guidance=6)
+    body = split.generate(prompt="red apple", n=2, steps=2).json()
+    assert body["content_guidance"] == 6.0 and split.queries == 1
+    (call,) = calls
+    assert call["content_guidance"] == 6.0  # the prompt's own (public) text, once per image
+    text = models()[0].encode_text(["red apple"])
+    np.testing.assert_allclose(call["content_conditions"], np.repeat(text, 2, axis=0),
+                               atol=1e-6)
+    calls.clear()
+    plain = Service(tmp_path / "plain").generate(prompt="red apple", **FAST).json()
+    assert plain["content_guidance"] is None and "content_conditions" not in calls[0]
+    # the operator's setting, from a config file too; a client has no field for it
+    index = make_index(tmp_path / "private", 2.0)
+    config_file = tmp_path / "service.toml"
+    config_file.write_text("content_guidance = 4\n")
+    assert build_config({"index_dir": index}, config_file).content_guidance == 4.0
+    response = split.generate(prompt="red apple", content_guidance=0, **FAST)
+    assert response.status_code == 422 and split.queries == 1
+    for bad in (-1.0, float("nan"), float("inf"), True, "6"):
+        with pytest.raises(InvalidParameterError, match="content_guidance"):
+            ServiceConfig(index_dir=index, settings=SETTINGS, content_guidance=bad)
+
+
 def test_the_engine_refuses_a_mechanism_changed_after_the_config(tmp_path):
     from dprdm.privacy import MechanismParams
     from dprdm.service.engine import GenerationEngine
@@ -302,6 +338,9 @@ def test_the_engine_refuses_a_mechanism_changed_after_the_config(tmp_path):
       "--host", "0.0.0.0"], "--allowed-host"),
     (["--index", "{tmp}/private", "--k", "5", "--q", "0.5", "--sigma", "2",
       "--keyless-local", "--allowed-host", "example.org"], "keyless"),
+    (["--index", "{tmp}/private", "--content-guidance", "-1"], "content_guidance must be"),
+    (["--index", "{tmp}/private", "--content-guidance", "3", "--generator", "kandinsky-2.2"],
+     "needs the demo generator"),
 ])
 def test_serve_refuses_a_bad_start_with_one_json_error(tmp_path, args, needle):
     make_index(tmp_path / "private", 2.0)

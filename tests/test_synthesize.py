@@ -220,6 +220,52 @@ def test_reruns_and_resume_continue_and_never_charge_a_released_prompt(private_i
     assert result.exit_code == 2 and error["error"] == "invalid_parameter"
 
 
+def test_content_guidance_splits_guidance_on_each_prompts_own_text_and_is_part_of_the_job(
+        private_index, tmp_path, monkeypatch):
+    from dprdm.generation.pipeline import RetrievalDiffusionPipeline
+
+    calls = []
+    original = RetrievalDiffusionPipeline.__call__
+
+    def spy(self, conditions, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, conditions, *args, **kwargs)
+
+    monkeypatch.setattr(RetrievalDiffusionPipeline, "__call__", spy)
+    path = tmp_path / "p.txt"
+    path.write_text("red apple\ncat face\nblue car\n")
+    job = tmp_path / "job"
+    args = ["--prompts", str(path), "--index", str(private_index), *FAST, "--out", str(job)]
+    for bad in ("-1", "nan", "inf"):  # refused before anything is opened, charged or written
+        result, error = synthesize(*args, "--content-guidance", bad)
+        assert result.exit_code == 2 and "--content-guidance" in error["message"]
+        assert queries(private_index) == 0 and not job.exists()
+    result, report = synthesize(*args, "--content-guidance", "5")
+    assert result.exit_code == 0, result.output
+    generation = [c for c in calls if "content_conditions" in c]
+    assert generation and all(c["content_guidance"] == 5.0 for c in generation)
+    text = load_encoder("demo").encode_text(["red apple", "cat face", "blue car"])
+    expected = np.repeat(text, 2, axis=0)  # -n 2: each prompt's text twice, in job order
+    np.testing.assert_allclose(np.concatenate([c["content_conditions"] for c in generation]),
+                               expected, atol=1e-6)
+    rows = [json.loads(line) for line in
+            (job / "data" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {row["content_guidance"] for row in rows} == {5.0}
+    assert queries(private_index) == 3
+    # another content guidance is another job: refused, nothing charged
+    result, error = synthesize(*args, "--content-guidance", "6")
+    assert result.exit_code == 2 and "content_guidance" in error["message"]
+    result, error = synthesize(*args)  # nor may plain guidance continue it
+    assert result.exit_code == 2 and "content_guidance" in error["message"]
+    assert queries(private_index) == 3
+    calls.clear()
+    plain = tmp_path / "plain"
+    result, _ = synthesize(*args[:-1], str(plain))
+    assert result.exit_code == 0 and calls and not any("content_conditions" in c for c in calls)
+    assert {json.loads(line)["content_guidance"] for line in
+            (plain / "data" / "metadata.jsonl").read_text().splitlines()} == {None}
+
+
 def test_an_unaffordable_job_is_refused_unless_partial_says_what_to_do(tmp_path, dim):
     index = make_index(tmp_path / "small", dim, epsilon=1.0)
     affordable = SqliteLedger(index).remaining_queries(MECHANISM.params)

@@ -60,6 +60,11 @@ def serve(
         None, "--allowed-host", metavar="NAME",
         help="A Host name clients use (repeatable; NAME any port, NAME:PORT one port, '*' any "
              "name). Loopback names with the port are always allowed. Not with --keyless-local."),
+    content_guidance: float = typer.Option(
+        None, "--content-guidance", metavar="G",
+        help="Demo generator: split guidance for every request, G the prompt text's own scale "
+             "(the request's guidance then scales only what the released condition adds; see "
+             "docs/generator.md). Default: plain classifier-free guidance."),
     docs: bool = typer.Option(None, "--docs/--no-docs",
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
                                    "load their scripts from a CDN); off by default."),
@@ -101,7 +106,7 @@ def serve(
                        lam=lam, host=host, port=port, workers=workers,
                        allow_public_only=allow_public_only, keyless_local=keyless_local,
                        max_images=max_images, max_steps=max_steps, default_steps=default_steps,
-                       torch_threads=threads,
+                       torch_threads=threads, content_guidance=content_guidance,
                        allowed_hosts=tuple(allowed_host) if allowed_host else None, docs=docs)
         options.update(_generator_settings(choice))
         config = build_config(options, config_file)
@@ -143,6 +148,7 @@ def serve(
         "docs": config.docs,  # /docs, /redoc, /openapi.json; their scripts come from a CDN
         "metrics": "multi-process" if config.workers > 1 else "single-process",
         "generator": config.generator,
+        "content_guidance": config.content_guidance,
     }
 
     def announce() -> None:

@@ -18,14 +18,15 @@ from pathlib import Path
 import typer
 
 from dprdm import demo_layout
+from dprdm.cli.generator_options import check_content_guidance
 from dprdm.cli.output import JSON_OPTION, cli_errors, console, emit, err_console
 from dprdm.errors import DprdmError, InvalidParameterError, NotFoundError
 
 MAX_BATCH = 256
 FORMATS = ("imagefolder", "parquet")
 # Job parameters that must match for a re-run to continue a job folder.
-IDENTITY = ("prompts_sha256", "images_per_prompt", "steps", "guidance", "seed",
-            "reuse_identical", "index", "mechanism", "encoder", "generator")
+IDENTITY = ("prompts_sha256", "images_per_prompt", "steps", "guidance", "content_guidance",
+            "seed", "reuse_identical", "index", "mechanism", "encoder", "generator")
 
 
 @dataclass
@@ -135,10 +136,12 @@ def job_progress(enabled: bool, total: int, done: int, budget: float, epsilon: f
 
 
 def _job_params(prompt_file, out_index: Path, backend: Backend, n: int, steps: int,
-                guidance: float, seed: int | None, reuse: bool) -> dict:
+                guidance: float, content_guidance: float | None, seed: int | None,
+                reuse: bool) -> dict:
     return {"job_id": uuid.uuid4().hex[:12], "prompts_file": str(Path(prompt_file.path).resolve()),
             "prompts_sha256": prompt_file.sha256, "prompts": len(prompt_file.rows),
-            "images_per_prompt": n, "steps": steps, "guidance": guidance, "seed": seed,
+            "images_per_prompt": n, "steps": steps, "guidance": guidance,
+            "content_guidance": content_guidance, "seed": seed,
             "reuse_identical": reuse, "index": str(out_index.resolve()),
             "mechanism": asdict(backend.settings), "encoder": backend.encoder,
             "generator": backend.generator}
@@ -162,6 +165,10 @@ def synthesize(
     demo: bool = typer.Option(False, "--demo", help="Use what `make demo` prepared."),
     n: int = typer.Option(1, "-n", "--images-per-prompt", help="Images per prompt (free)."),
     guidance: float = typer.Option(3.0, "--guidance", help="Classifier-free guidance scale."),
+    content_guidance: float = typer.Option(
+        None, "--content-guidance", metavar="G",
+        help="Split guidance: G scales the prompt text's own pull, --guidance only what the "
+             "released condition adds (docs/generator.md). Default: plain guidance."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampling steps."),
     seed: int = typer.Option(None, "--seed", help="Seed for the DIFFUSION sampler only."),
     encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
@@ -212,6 +219,7 @@ def synthesize(
             if prompts is None or out is None:
                 raise InvalidParameterError("give --prompts FILE and --out JOBDIR (or --resume)")
             check_sampling(n, guidance, steps)
+            split = check_content_guidance(content_guidance, "demo")  # a dprdm pipeline
             prompt_file = read_prompts(prompts)  # every line checked before anything is spent
             index_dir = index
             if demo and index_dir is None:
@@ -226,7 +234,7 @@ def synthesize(
             job_dir = out
             backend = open_backend(Path(index_dir), encoder, str(model) if model else "demo")
             params = _job_params(prompt_file, Path(index_dir), backend, n, steps, guidance,
-                                 seed, reuse_identical)
+                                 split.get("content_guidance"), seed, reuse_identical)
             journal = Journal(job_dir) if Journal.exists(job_dir) else None
             if journal is not None:
                 _check_same_job(journal.params, params, job_dir)
@@ -275,7 +283,8 @@ def synthesize(
         settings = BatchSettings(params["images_per_prompt"], params["steps"],
                                  params["guidance"], params["seed"], batch_size,
                                  f"cli:synthesize:{params['job_id']}",
-                                 plan.single_mechanism_ledger)
+                                 plan.single_mechanism_ledger,
+                                 params.get("content_guidance"))  # absent in older journals
         total = prompts_count * params["images_per_prompt"]
         with stop_on_sigint(not as_json) as should_stop, job_progress(
                 not as_json, total, total - todo, plan.budget_epsilon,

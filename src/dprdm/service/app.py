@@ -352,7 +352,8 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
             **engine.budget(), mode=result.mode,
             images=[{"png_base64": data, "width": result.width, "height": result.height}
                     for data in result.images_base64()],
-            steps=result.steps, guidance=result.guidance, seed=result.seed,
+            steps=result.steps, guidance=result.guidance,
+            content_guidance=result.content_guidance, seed=result.seed,
             key=_key_figures(key))
 
     @app.get("/favicon.svg", include_in_schema=False)

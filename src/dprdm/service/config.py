@@ -13,6 +13,8 @@ composition does not cover. The mix lam (post-processing, free) defaults to the 
 ``allowed_hosts`` (``--allowed-host``) and ``docs`` (``--docs``) belong to the HTTP front door:
 see :mod:`dprdm.service.guard` for the Host/Origin policy. ``ray_address`` (``--ray-address``)
 runs a sharded index's shards as Ray actors (docs/scaling.md); without it they run in-process.
+``content_guidance`` (``--content-guidance``, demo generator) turns on split guidance for every
+request (docs/generator.md): an operator setting, like the generator itself.
 
 The config travels to uvicorn worker processes as JSON in ``DPRDM_SERVICE_CONFIG``.
 """
@@ -20,6 +22,7 @@ The config travels to uvicorn worker processes as JSON in ``DPRDM_SERVICE_CONFIG
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -56,6 +59,8 @@ class ServiceConfig:
     cpu_offload: bool = False
     batch_size: int = 8
     image_size: int | None = None
+    # demo generator only: split guidance's content scale (None: plain classifier-free guidance)
+    content_guidance: float | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -77,6 +82,7 @@ class ServiceConfig:
             if getattr(self, key) is not None:
                 object.__setattr__(self, key, Path(getattr(self, key)))
         self.generator_choice()  # validates the generator settings
+        self._check_content_guidance()
         _whole("port", self.port, 0, 65535)
         _whole("workers", self.workers, 1, 64)
         _whole("max_images", self.max_images, 1, MAX_IMAGES_LIMIT)
@@ -92,6 +98,23 @@ class ServiceConfig:
                 f"::1), not {self.host}: every client would spend the budget without a key"
             )
         self._check_allowed_hosts()
+
+    def _check_content_guidance(self) -> None:
+        value = self.content_guidance
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0):
+            raise InvalidParameterError(f"content_guidance must be a finite number >= 0, got "
+                                        f"{value!r}")
+        if self.generator != "demo":
+            raise InvalidParameterError(f"content_guidance needs the demo generator (dprdm's own "
+                                        f"pipeline), not {self.generator}")
+        object.__setattr__(self, "content_guidance", float(value))
+
+    def backend_settings(self) -> dict[str, float]:
+        """Settings for :meth:`GeneratorChoice.load_backend` beyond the generator flags."""
+        return {} if self.content_guidance is None else {"content_guidance": self.content_guidance}
 
     def _check_ray_address(self) -> None:
         from dprdm.retrieval.shards import is_sharded

@@ -58,6 +58,7 @@ class Generation:
     seed: int | None
     steps: int
     guidance: float
+    content_guidance: float | None = None
 
     def images_base64(self) -> list[str]:
         return [base64.b64encode(png).decode("ascii") for png in self.images_png]
@@ -90,11 +91,15 @@ class GenerationEngine:
         if backend is None and (encoder is None or pipeline is None):
             if encoder is not None or pipeline is not None:
                 raise DprdmError("pass both a demo encoder and pipeline, or a backend")
-            backend = config.generator_choice().load_backend()
+            backend = config.generator_choice().load_backend(**config.backend_settings())
+        elif backend is None:
+            from dprdm.generation.backends.demo import DemoBackend
+
+            backend = DemoBackend(encoder, pipeline, content_guidance=config.content_guidance)
         # RetrievalAugmentedGenerator refuses an index from another image tower than the
         # backend's here, at start-up, before any request can be charged.
         self.rag = RetrievalAugmentedGenerator(
-            encoder, pipeline, backend=backend,
+            backend=backend,
             private_index=private_index,
             ledger=_TimedLedger(self.ledger, self._observe_charge),
             settings=config.settings,
@@ -153,4 +158,5 @@ class GenerationEngine:
             images_png=[png_bytes(image) for image in images],
             width=int(images.shape[2]), height=int(images.shape[1]),
             seed=seed, steps=steps, guidance=guidance,
+            content_guidance=getattr(self.rag.backend, "content_guidance", None),
         )

@@ -73,6 +73,9 @@ class GenerateResponse(BudgetFigures):
     images: list[Image]
     steps: int
     guidance: float
+    content_guidance: float | None = Field(
+        None, description="Split guidance's content scale, set by the operator (demo generator; "
+                          "null: plain classifier-free guidance).")
     seed: int | None
     key: KeyFigures | None = None
 

@@ -3,7 +3,8 @@
 ``<JOBDIR>/data/``: the images and ``metadata.jsonl``, the layout that
 ``datasets.load_dataset("imagefolder", data_dir=JOBDIR/data)`` reads (one row per image: file_name,
 prompt, prompt_index, image_index, the prompt file's metadata columns, epsilon_at_release,
-ledger_queries_at_release, mechanism, generator, encoder, steps, guidance, job_id).
+ledger_queries_at_release, mechanism, generator, encoder, steps, guidance, content_guidance
+(null: plain guidance), job_id).
 ``--format parquet`` adds ``<JOBDIR>/parquet/data.parquet`` (an ``image`` column of
 ``{"bytes", "path"}`` structs, the datasets convention, plus the same columns).
 ``summary.json`` holds the totals and timings; ``contact_sheet.png`` a sample, one row a prompt.
@@ -43,7 +44,9 @@ def metadata_rows(journal: Journal) -> list[dict]:
                      **meta, "epsilon_at_release": epsilon, "ledger_queries_at_release": queries,
                      "mechanism": params["mechanism"], "generator": params["generator"],
                      "encoder": params["encoder"], "steps": params["steps"],
-                     "guidance": params["guidance"], "job_id": params["job_id"]})
+                     "guidance": params["guidance"],
+                     "content_guidance": params.get("content_guidance"),
+                     "job_id": params["job_id"]})
     return rows
 
 

@@ -30,7 +30,7 @@ MAX_REPORTED_LINES = 10
 RESERVED_COLUMNS = frozenset({
     "file_name", "prompt", "prompt_index", "image_index", "epsilon_at_release",
     "ledger_queries_at_release", "mechanism", "generator", "encoder", "steps", "guidance",
-    "image", "job_id"})
+    "content_guidance", "image", "job_id"})
 
 
 @dataclass(frozen=True)

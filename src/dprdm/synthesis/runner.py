@@ -50,6 +50,7 @@ class BatchSettings:
     batch_size: int  # prompts per batch = the most queries one batch charges
     caller_prefix: str  # ledger caller: "<prefix>:batch<N>" names each charge
     single_mechanism_ledger: bool = False  # see ledger_epsilon
+    content_guidance: float | None = None  # split guidance (demo pipeline); None: plain CFG
 
 
 @dataclass
@@ -160,9 +161,14 @@ def run_batches(journal: Journal, rag, ledger: ReceiptLedger, settings: BatchSet
                 if (p, i) not in done]
         if work:
             tic = time.perf_counter()
+            split = {}
+            if settings.content_guidance is not None:  # the prompts' own (public) text
+                split = {"content_conditions": rag.backend.embed_prompts(
+                    [prompts[p][0] for p, _ in work]),
+                    "content_guidance": settings.content_guidance}
             images = rag.backend.pipeline(np.stack([released[prompts[p][1]][0] for p, _ in work]),
                                           guidance=settings.guidance, steps=settings.steps,
-                                          generator=_sampler(settings.seed, batch[0]))
+                                          generator=_sampler(settings.seed, batch[0]), **split)
             t.generation += time.perf_counter() - tic
             tic = time.perf_counter()
             written = []

@@ -130,16 +130,6 @@ def check_content_guidance(value: float | None, generator: str) -> dict[str, flo
     """``--content-guidance``, checked before anything is loaded or charged: {} when not given,
     else ``{"content_guidance": value}`` (the demo backend's split guidance; other generators
     refuse it)."""
-    import math
+    from dprdm.generation.backends.demo import split_guidance
 
-    from dprdm.errors import InvalidParameterError
-
-    if value is None:
-        return {}
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidParameterError(f"--content-guidance must be a finite number >= 0, got "
-                                    f"{value}")
-    if generator != "demo":
-        raise InvalidParameterError(f"--content-guidance needs the demo generator (dprdm's own "
-                                    f"pipeline), not {generator}")
-    return {"content_guidance": float(value)}
+    return split_guidance(value, generator, "--content-guidance")

@@ -22,7 +22,6 @@ The config travels to uvicorn worker processes as JSON in ``DPRDM_SERVICE_CONFIG
 from __future__ import annotations
 
 import json
-import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -82,7 +81,8 @@ class ServiceConfig:
             if getattr(self, key) is not None:
                 object.__setattr__(self, key, Path(getattr(self, key)))
         self.generator_choice()  # validates the generator settings
-        self._check_content_guidance()
+        settings = self.backend_settings()  # validates content_guidance
+        object.__setattr__(self, "content_guidance", settings.get("content_guidance"))
         _whole("port", self.port, 0, 65535)
         _whole("workers", self.workers, 1, 64)
         _whole("max_images", self.max_images, 1, MAX_IMAGES_LIMIT)
@@ -99,22 +99,11 @@ class ServiceConfig:
             )
         self._check_allowed_hosts()
 
-    def _check_content_guidance(self) -> None:
-        value = self.content_guidance
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value >= 0):
-            raise InvalidParameterError(f"content_guidance must be a finite number >= 0, got "
-                                        f"{value!r}")
-        if self.generator != "demo":
-            raise InvalidParameterError(f"content_guidance needs the demo generator (dprdm's own "
-                                        f"pipeline), not {self.generator}")
-        object.__setattr__(self, "content_guidance", float(value))
-
     def backend_settings(self) -> dict[str, float]:
         """Settings for :meth:`GeneratorChoice.load_backend` beyond the generator flags."""
-        return {} if self.content_guidance is None else {"content_guidance": self.content_guidance}
+        from dprdm.generation.backends.demo import split_guidance
+
+        return split_guidance(self.content_guidance, self.generator)
 
     def _check_ray_address(self) -> None:
         from dprdm.retrieval.shards import is_sharded

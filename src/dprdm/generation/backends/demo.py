@@ -22,6 +22,24 @@ from dprdm.generation.backends.base import (ConditioningSpace, GeneratorBackend,
                                             clip_vision_space, fingerprint, seeded)
 
 
+def split_guidance(value: object, generator: str, name: str = "content_guidance"
+                   ) -> dict[str, float]:
+    """A user's content guidance, checked (`name` is how the user spelled it): {} for None, else
+    ``{"content_guidance": float(value)}``. Only the demo backend (dprdm's own pipeline) can
+    split its guidance; the value must be a finite number >= 0."""
+    import math
+
+    if value is None:
+        return {}
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+    if generator != "demo":
+        raise InvalidParameterError(f"{name} needs the demo generator (dprdm's own pipeline), "
+                                    f"not {generator}")
+    return {"content_guidance": float(value)}
+
+
 def encoder_space(encoder) -> ConditioningSpace:
     """The space of a dprdm encoder: a CLIP checkpoint's vision tower, or the whole module."""
     from dprdm.encoders.clip import ClipEncoder

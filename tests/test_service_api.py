@@ -279,17 +279,10 @@ def test_config_takes_the_pinned_mechanism_and_refuses_another(tmp_path):
 
 def test_content_guidance_is_the_operators_split_guidance_for_every_request(tmp_path,
                                                                              monkeypatch):
+    from _pipeline_spy import spy_on_pipeline
     from _service_support import models
-    from dprdm.generation.pipeline import RetrievalDiffusionPipeline
 
-    calls = []
-    original = RetrievalDiffusionPipeline.__call__
-
-    def spy(self, conditions, *args, **kwargs):
-        calls.append(kwargs)
-        return original(self, conditions, *args, **kwargs)
-
-    monkeypatch.setattr(RetrievalDiffusionPipeline, "__call__", spy)
+    calls = spy_on_pipeline(monkeypatch)
     split = Service(tmp_path / "split", content_guidance=6)
     body = split.generate(prompt="red apple", n=2, steps=2).json()
     assert body["content_guidance"] == 6.0 and split.queries == 1

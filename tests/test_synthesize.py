@@ -222,16 +222,9 @@ def test_reruns_and_resume_continue_and_never_charge_a_released_prompt(private_i
 
 def test_content_guidance_splits_guidance_on_each_prompts_own_text_and_is_part_of_the_job(
         private_index, tmp_path, monkeypatch):
-    from dprdm.generation.pipeline import RetrievalDiffusionPipeline
+    from _pipeline_spy import spy_on_pipeline
 
-    calls = []
-    original = RetrievalDiffusionPipeline.__call__
-
-    def spy(self, conditions, *args, **kwargs):
-        calls.append(kwargs)
-        return original(self, conditions, *args, **kwargs)
-
-    monkeypatch.setattr(RetrievalDiffusionPipeline, "__call__", spy)
+    calls = spy_on_pipeline(monkeypatch)
     path = tmp_path / "p.txt"
     path.write_text("red apple\ncat face\nblue car\n")
     job = tmp_path / "job"

@@ -64,6 +64,23 @@ def test_public_only_spends_nothing_and_the_seed_reproduces_it(private_index, tm
     assert SqliteLedger(private_index).summary().queries == 0
 
 
+def test_content_guidance_reaches_the_pipeline_through_the_cli(private_index, tmp_path,
+                                                                monkeypatch):
+    from _pipeline_spy import spy_on_pipeline
+
+    calls = spy_on_pipeline(monkeypatch)
+    result, report = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                              "--content-guidance", "6", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert report["content_guidance"] == 6.0 and len(report["files"]) == 2
+    (call,) = calls
+    assert call["content_guidance"] == 6.0  # the prompt's own text embedding, once per image
+    np.testing.assert_allclose(call["content_conditions"],
+                               np.repeat(load_encoder("demo").encode_text(["red apple"]), 2, 0),
+                               atol=1e-6)
+    assert SqliteLedger(private_index).summary().queries == 1
+
+
 def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tmp_path):
     ledger = SqliteLedger(private_index)
     ledger.charge(PARAMS, ledger.remaining_queries(PARAMS))

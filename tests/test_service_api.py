@@ -304,6 +304,11 @@ def test_content_guidance_is_the_operators_split_guidance_for_every_request(tmp_
     for bad in (-1.0, float("nan"), float("inf"), True, "6"):
         with pytest.raises(InvalidParameterError, match="content_guidance"):
             ServiceConfig(index_dir=index, settings=SETTINGS, content_guidance=bad)
+    # the generator the service loads itself (as `dprdm serve` does) gets it too
+    from dprdm.service.engine import GenerationEngine
+
+    engine = GenerationEngine(build_config({"index_dir": index}, config_file))
+    assert engine.rag.backend.content_guidance == 4.0
 
 
 def test_the_engine_refuses_a_mechanism_changed_after_the_config(tmp_path):

@@ -27,11 +27,12 @@ from dprdm.generation.backends.base import (SPACE_FILE, BackendLoadError, Condit
 from dprdm.generation.backends.choice import GeneratorChoice, ImageTower
 
 
-def _load_demo(options, encoder=None, model=None, **folders):
+def _load_demo(options, encoder=None, model=None, content_guidance=None, **folders):
     from dprdm.generation.backends.demo import DemoBackend
 
     _no_folders("demo", folders)
-    return DemoBackend.load(options, encoder=encoder, model=model)
+    return DemoBackend.load(options, encoder=encoder, model=model,
+                            content_guidance=content_guidance)
 
 
 def _load_kandinsky(options, model=None, prior=None, **settings):

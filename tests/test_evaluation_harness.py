@@ -241,7 +241,7 @@ def test_plan_validation_and_settings_order():
     for repeats in (0, 1.5, True):
         with pytest.raises(InvalidParameterError, match="repeats"):
             EvalPlan(repeats=repeats)
-    for content_guidance in (-1.0, float("inf")):
+    for content_guidance in (-1.0, 31.0, float("inf")):
         with pytest.raises(InvalidParameterError, match="content_guidance"):
             EvalPlan(content_guidance=content_guidance)
     names = [s.label for s in plan_settings(EvalPlan(epsilons=(5.0,), queries=(10, 20)))]

@@ -301,7 +301,7 @@ def test_content_guidance_is_the_operators_split_guidance_for_every_request(tmp_
     assert build_config({"index_dir": index}, config_file).content_guidance == 4.0
     response = split.generate(prompt="red apple", content_guidance=0, **FAST)
     assert response.status_code == 422 and split.queries == 1
-    for bad in (-1.0, float("nan"), float("inf"), True, "6"):
+    for bad in (-1.0, 31.0, float("nan"), float("inf"), True, "6"):
         with pytest.raises(InvalidParameterError, match="content_guidance"):
             ServiceConfig(index_dir=index, settings=SETTINGS, content_guidance=bad)
     # the generator the service loads itself (as `dprdm serve` does) gets it too

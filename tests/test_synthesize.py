@@ -229,7 +229,7 @@ def test_content_guidance_splits_guidance_on_each_prompts_own_text_and_is_part_o
     path.write_text("red apple\ncat face\nblue car\n")
     job = tmp_path / "job"
     args = ["--prompts", str(path), "--index", str(private_index), *FAST, "--out", str(job)]
-    for bad in ("-1", "nan", "inf"):  # refused before anything is opened, charged or written
+    for bad in ("-1", "nan", "inf", "31"):  # refused before anything is opened, charged or written
         result, error = synthesize(*args, "--content-guidance", bad)
         assert result.exit_code == 2 and "--content-guidance" in error["message"]
         assert queries(private_index) == 0 and not job.exists()

@@ -29,6 +29,7 @@ from dprdm.retrieval import EmbeddingIndex, ExactSearcher
 MAX_PROMPTS = 256
 MAX_PROMPT_CHARS = 500
 MAX_IMAGES_PER_PROMPT = 64
+MAX_GUIDANCE = 30.0  # the largest guidance (and content guidance) a user may ask for
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,9 @@ def check_sampling(n: int, guidance: float, steps: int) -> None:
         raise InvalidParameterError(f"n must be an integer in [1, {MAX_IMAGES_PER_PROMPT}]")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise InvalidParameterError("steps must be an integer in [1, 1000]")
-    if not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or not 0 <= guidance <= 30:
-        raise InvalidParameterError("guidance must be a number in [0, 30]")
+    if not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or not (
+            0 <= guidance <= MAX_GUIDANCE):
+        raise InvalidParameterError(f"guidance must be a number in [0, {MAX_GUIDANCE:g}]")
 
 
 def neighbour_mean(index: EmbeddingIndex, queries: np.ndarray, k: int) -> np.ndarray:

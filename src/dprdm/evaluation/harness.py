@@ -36,6 +36,7 @@ import numpy as np
 
 from dprdm.conditioning import interpolate
 from dprdm.errors import InvalidParameterError
+from dprdm.generation.backends.demo import split_guidance
 from dprdm.privacy import InMemoryLedger, MechanismParams, accounting
 from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, neighbour_mean,
                        sharded_neighbour_mean)
@@ -76,9 +77,7 @@ class EvalPlan:
             raise InvalidParameterError(f"delta must lie in (0, 1), got {self.delta}")
         if self.samples is not None and self.samples < 2:
             raise InvalidParameterError("samples must be >= 2 (the metrics need two images)")
-        if self.content_guidance is not None and not (
-                math.isfinite(self.content_guidance) and self.content_guidance >= 0):
-            raise InvalidParameterError("content_guidance must be a finite number >= 0")
+        split_guidance(self.content_guidance, "demo")  # its value (run_evaluation: the generator)
         if not 0.0 <= self.lam <= 1.0:
             raise InvalidParameterError(f"lam must lie in [0, 1], got {self.lam}")
         if self.kid_subsets < 1:
@@ -391,9 +390,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
     from contextlib import nullcontext
 
     backend = as_backend(encoder, pipeline)
-    if plan.content_guidance is not None and backend.name != "demo":
-        raise InvalidParameterError("content guidance needs the demo generator (dprdm's own "
-                                    f"pipeline), not {backend.name}")
+    split_guidance(plan.content_guidance, backend.name)
     if encoder is None:
         encoder = BackendEncoder(backend)
     if private_index.dim != encoder.dim:

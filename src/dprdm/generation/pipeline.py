@@ -134,9 +134,9 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         condition) with `content_guidance` >= 0 split the guidance (:meth:`predict`; a third
         denoiser pass per step); give both or neither.
         """
-        _check_scale("guidance", guidance)
+        check_scale("guidance", guidance)
         if content_guidance is not None:
-            _check_scale("content_guidance", content_guidance)
+            check_scale("content_guidance", content_guidance)
         if (content_conditions is None) != (content_guidance is None):
             raise InvalidParameterError("give content_conditions and content_guidance together")
         n_train = int(self.scheduler.config.num_train_timesteps)
@@ -180,9 +180,13 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         return torch.cat(out).numpy()
 
 
-def _check_scale(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+def check_scale(name: str, value: object, maximum: float = math.inf) -> None:
+    """A guidance scale: a number (not a bool) in [0, maximum], finite; `name` is how the caller
+    spelled it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and 0 <= value <= maximum):
+        bound = "" if math.isinf(maximum) else f" and <= {maximum:g}"
+        raise InvalidParameterError(f"{name} must be a finite number >= 0{bound}, got {value!r}")
 
 
 def export_weights(source: str | Path, destination: str | Path, half: bool = True,

@@ -26,14 +26,13 @@ def split_guidance(value: object, generator: str, name: str = "content_guidance"
                    ) -> dict[str, float]:
     """A user's content guidance, checked (`name` is how the user spelled it): {} for None, else
     ``{"content_guidance": float(value)}``. Only the demo backend (dprdm's own pipeline) can
-    split its guidance; the value must be a finite number >= 0."""
-    import math
+    split its guidance; the value is bounded as a user's guidance is (rdm.MAX_GUIDANCE)."""
+    from dprdm.generation.pipeline import check_scale
+    from dprdm.rdm import MAX_GUIDANCE
 
     if value is None:
         return {}
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value >= 0):
-        raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+    check_scale(name, value, MAX_GUIDANCE)
     if generator != "demo":
         raise InvalidParameterError(f"{name} needs the demo generator (dprdm's own pipeline), "
                                     f"not {generator}")

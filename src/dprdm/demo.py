@@ -3,14 +3,16 @@
 1. Prepare the emoji demo domains (npm packages only) under .dprdm-demo/.
 2. Embed them with the shipped demo encoder; build the PRIVATE OpenMoji index with its ledger
    (epsilon 10, delta 1e-5) and the mechanism calibrated so that DEMO_QUERIES queries fit, and the
-   PUBLIC (Twemoji + Noto) index.
+   PUBLIC (Twemoji + Noto) index. Both record the image tower (``conditioning_space.json``), so
+   ``--demo`` with another encoder is refused instead of searching vectors of another space.
 3. Generate, for a few held-out OpenMoji concepts, public-only and DP-RDM images side by side, and
    print where they are and how much budget was spent.
 
 Re-running reuses the data, indexes and ledger (the ledger keeps counting: each run spends
 len(DEMO_PROMPTS) more queries). The demo never re-creates a ledger for an existing private index:
 if the index's ledger is gone (or unusable), it deletes the index and builds a NEW one from scratch
-(a new index is a new data set with a new budget), and says so.
+(a new index is a new data set with a new budget), and says so; the same when the index was
+embedded with another image tower (a retrained shipped encoder) or from other images.
 """
 
 from __future__ import annotations
@@ -34,16 +36,14 @@ EPSILON, DELTA, DEMO_QUERIES = 10.0, 1e-5, 1000
 DEMO_K, DEMO_Q, DEMO_LAM = 40, 0.1, 0.5
 N_PROMPTS, IMAGES_PER_PROMPT, SEED = 8, 3, 0
 IMAGE_SIZE = 64
+# An index from before the demo recorded its image tower is reused only when its first rows
+# embed again to the same vectors (float16 storage keeps cosines far above this).
+RECHECK_ROWS, RECHECK_COSINE = 16, 0.999
 
 
-def _build_index_from_folder(folders, out_dir, encoder, what: str):
+def _load_folders(folders):
     from dprdm.data import load_folder
-    from dprdm.retrieval import EmbeddingIndex, build_index
 
-    if (out_dir / "index.json").exists():
-        index = EmbeddingIndex.open(out_dir)
-        console.print(f"{what} index: reusing {out_dir} ({index.n} records)")
-        return index
     images, ids, metadata = [], [], []
     for folder in folders:
         dataset = load_folder(folder, IMAGE_SIZE, show_progress=False)
@@ -51,8 +51,54 @@ def _build_index_from_folder(folders, out_dir, encoder, what: str):
         ids += [f"{folder.name}/{i}" for i in dataset.ids]
         metadata += [dict(extra, caption=caption) for extra, caption
                      in zip(dataset.extra, dataset.captions)]
-    embeddings = encoder.encode_images(np.concatenate(images))
-    index = build_index(embeddings, out_dir, ids=ids, metadata=metadata)
+    return np.concatenate(images), ids, metadata
+
+
+def _embedded_with(index, images, ids, encoder, space) -> bool:
+    """Was `index` embedded from these images with this encoder? The image tower it records
+    says; an index built before the demo recorded one is checked by embedding its first
+    ``RECHECK_ROWS`` images again."""
+    from dprdm.generation.backends.base import ConditioningSpace
+
+    recorded = ConditioningSpace.load(index.path)
+    if recorded is not None:
+        return recorded.fingerprint == space.fingerprint
+    if index.n != len(ids) or [str(i) for i in index.ids] != ids:
+        return False
+    rows = np.arange(min(RECHECK_ROWS, index.n))
+    again = np.asarray(encoder.encode_images(images[rows]), dtype=np.float32)
+    again /= np.maximum(np.linalg.norm(again, axis=1, keepdims=True), 1e-12)
+    return bool(np.all(np.sum(again * index.rows_float32(rows), axis=1) > RECHECK_COSINE))
+
+
+def _build_index_from_folder(folders, out_dir, encoder, what: str):
+    """The demo's `what` index of `folders` embedded with `encoder`, recording its image tower
+    (so that a generator with another tower is refused). An existing index is reused when it
+    was embedded from the same images with the same tower, else deleted (and said so) and
+    built again: a private one then becomes a new data set with a new budget."""
+    from dprdm.generation.backends.base import SPACE_FILE
+    from dprdm.generation.backends.demo import encoder_space
+    from dprdm.retrieval import EmbeddingIndex, build_index
+
+    images, ids, metadata = _load_folders(folders)
+    space = encoder_space(encoder)
+    if (out_dir / "index.json").exists():
+        index = EmbeddingIndex.open(out_dir)
+        if _embedded_with(index, images, ids, encoder, space):
+            if not (out_dir / SPACE_FILE).exists():
+                space.save(out_dir)  # checked above by embedding again: record it
+            console.print(f"{what} index: reusing {out_dir} ({index.n} records)")
+            return index
+        console.print(f"[yellow]{what} index {out_dir} was embedded from other images or with "
+                      f"another image tower than this demo's encoder: deleting it and building "
+                      f"a new one"
+                      + (" (a new data set with a new budget: the old ledger goes with it)[/]"
+                         if what == "private" else "[/]"))
+        shutil.rmtree(out_dir)
+    embeddings = encoder.encode_images(images)
+    record = (json.dumps(space.to_dict(), indent=1) + "\n").encode()
+    index = build_index(embeddings, out_dir, ids=ids, metadata=metadata,
+                        extra_files={SPACE_FILE: record})
     console.print(f"{what} index: built {out_dir} ({index.n} records, d={index.dim})")
     return index
 

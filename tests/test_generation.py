@@ -137,6 +137,9 @@ def test_half_precision_export_loads_as_float32(tmp_path):
     full = (tmp_path / "full" / "denoiser" / "diffusion_pytorch_model.safetensors").stat().st_size
     half = (tmp_path / "half" / "denoiser" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert half < 0.6 * full
+    for config in [tmp_path / "half" / "model_index.json",
+                   *(tmp_path / "half").glob("*/config.json")]:  # no local path of the source
+        assert "_name_or_path" not in json.loads(config.read_text()), config
     loaded = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "half")
     assert all(p.dtype == torch.float32 for p in loaded.denoiser.parameters())
     c = conditions()

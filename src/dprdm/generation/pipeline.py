@@ -204,10 +204,10 @@ def export_weights(source: str | Path, destination: str | Path, half: bool = Tru
         source, dtype=torch.float16 if half else torch.float32)
     destination.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(destination)
-    index = destination / "model_index.json"
-    config = json.loads(index.read_text(encoding="utf-8"))
-    config.pop("_name_or_path", None)  # a local path, meaningless elsewhere
-    index.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for written in [destination / "model_index.json", *destination.glob("*/config.json")]:
+        config = json.loads(written.read_text(encoding="utf-8"))
+        if config.pop("_name_or_path", None) is not None:  # a local path, meaningless elsewhere
+            written.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     runs = Path(training_dir) if training_dir is not None else source
     record = {}
     for stage in ("autoencoder", "denoiser"):

@@ -454,9 +454,10 @@ def test_reused_pld_and_fft_give_the_figure_of_a_fresh_stock_accountant():
         accountant = accounting._pld_accountant(interval).compose(event)
         ours[count] = [accountant.get_epsilon(delta) for delta in (1e-3, 1e-6, 1e-10)]
     assert accounting._subsampled_gaussian_pld.cache_info().misses == 1
-    fft_lengths = {key[1] for key in pld_fast._spectra}
-    assert len(pld_fast._spectra) < 2 * len(set(counts))  # (5000, 5001, 5003 share one FFT)
-    assert len(fft_lengths) >= 2
+    if pld_fast.numpy_matches_scalar_math():  # else (e.g. AVX-512) the library's code ran
+        fft_lengths = {key[1] for key in pld_fast._spectra}
+        assert len(pld_fast._spectra) < 2 * len(set(counts))  # (5000, 5001, 5003 share one FFT)
+        assert len(fft_lengths) >= 2
     for count in counts:
         stock = pld_privacy_accountant.PLDAccountant(
             neighboring_relation=accounting.ADJACENCY, value_discretization_interval=interval

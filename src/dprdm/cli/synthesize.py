@@ -193,6 +193,7 @@ def synthesize(
     from dprdm.rdm import check_sampling
     from dprdm.synthesis import Journal, make_plan, read_prompts
     from dprdm.synthesis.output import DATA_DIR, write_outputs, write_summary
+    from dprdm.synthesis.plan import rounded_seconds
     from dprdm.synthesis.runner import BatchSettings, clean_data_dir, run_batches
 
     def compute() -> dict:
@@ -258,8 +259,8 @@ def synthesize(
             images_per_prompt=params["images_per_prompt"], images_to_generate=todo,
             ledger=backend.ledger, params=backend.settings.params, max_queries=max_queries,
             partial=partial)
-        plan = replace(plan, estimated_seconds=round(
-            todo * _seconds_per_image(backend.rag.backend.pipeline, params["steps"]), 1))
+        plan = replace(plan, estimated_seconds=rounded_seconds(
+            todo * _seconds_per_image(backend.rag.backend.pipeline, params["steps"])))
         if not as_json:
             console.print(plan.describe())
         result = {"job_dir": str(job_dir), "plan": plan.as_dict()}

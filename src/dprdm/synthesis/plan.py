@@ -50,12 +50,19 @@ class JobPlan:
         if self.epsilon_after is not None:
             lines.append(f"epsilon after this run: {self.epsilon_after:.4g}")
         if self.estimated_seconds is not None:
-            lines.append(f"estimated time: {self.estimated_seconds / 60:.1f} min")
+            seconds = self.estimated_seconds
+            lines.append(f"estimated time: {seconds / 60:.1f} min" if seconds >= 60
+                         else f"estimated time: {seconds:.3g} s")
         return "\n".join(lines)
 
 
 def queries_to_charge(release_keys: list[int], released: set[int]) -> int:
     return len(set(release_keys) - released)
+
+
+def rounded_seconds(seconds: float) -> float:
+    """An estimate to 3 significant digits: a short job's stays above 0 (0.1 s steps showed 0)."""
+    return float(f"{seconds:.3g}")
 
 
 def make_plan(*, release_keys: list[int], released: set[int], distinct_prompts: int,
@@ -94,6 +101,6 @@ def make_plan(*, release_keys: list[int], released: set[int], distinct_prompts: 
         epsilon_spent=summary.epsilon_spent, queries_remaining_in_budget=remaining,
         epsilon_after=epsilon_after,
         estimated_seconds=(None if seconds_per_image is None
-                           else round(seconds_per_image * images_to_generate, 1)),
+                           else rounded_seconds(seconds_per_image * images_to_generate)),
         covers_whole_job=this_run == needed,
         single_mechanism_ledger=set(dict(summary.releases)) <= {params})

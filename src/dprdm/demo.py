@@ -41,28 +41,32 @@ IMAGE_SIZE = 64
 RECHECK_ROWS, RECHECK_COSINE = 16, 0.999
 
 
-def _load_folders(folders):
+def load_folders(folders, keep=None):
+    """Images (at IMAGE_SIZE), ids (``FOLDER/FILE``) and metadata (with the caption) of the rows
+    of `folders` that `keep` (a predicate on a row's metadata) accepts; the demo's indexes and
+    the validation domains' (:mod:`dprdm.validation`) are built from these."""
     from dprdm.data import load_folder
 
     images, ids, metadata = [], [], []
     for folder in folders:
         dataset = load_folder(folder, IMAGE_SIZE, show_progress=False)
-        images.append(dataset.images)
-        ids += [f"{folder.name}/{i}" for i in dataset.ids]
-        metadata += [dict(extra, caption=caption) for extra, caption
-                     in zip(dataset.extra, dataset.captions)]
+        chosen = [i for i, extra in enumerate(dataset.extra) if keep is None or keep(extra)]
+        images.append(dataset.images[chosen])
+        ids += [f"{folder.name}/{dataset.ids[i]}" for i in chosen]
+        metadata += [dict(dataset.extra[i], caption=dataset.captions[i]) for i in chosen]
     return np.concatenate(images), ids, metadata
 
 
-def _embedded_with(index, images, ids, encoder, space) -> bool:
-    """Was `index` embedded from these images with this encoder? The image tower it records
-    says; an index built before the demo recorded one is checked by embedding its first
+def _embedded_with(index, folders, encoder, space) -> bool:
+    """Was `index` embedded from `folders` with this encoder? The image tower it records says;
+    an index built before the demo recorded one is checked by embedding its first
     ``RECHECK_ROWS`` images again."""
     from dprdm.generation.backends.base import ConditioningSpace
 
     recorded = ConditioningSpace.load(index.path)
     if recorded is not None:
         return recorded.fingerprint == space.fingerprint
+    images, ids, _ = load_folders(folders)
     if index.n != len(ids) or [str(i) for i in index.ids] != ids:
         return False
     rows = np.arange(min(RECHECK_ROWS, index.n))
@@ -74,17 +78,17 @@ def _embedded_with(index, images, ids, encoder, space) -> bool:
 def _build_index_from_folder(folders, out_dir, encoder, what: str):
     """The demo's `what` index of `folders` embedded with `encoder`, recording its image tower
     (so that a generator with another tower is refused). An existing index is reused when it
-    was embedded from the same images with the same tower, else deleted (and said so) and
-    built again: a private one then becomes a new data set with a new budget."""
+    was embedded with the same tower (and, when it recorded none, from the same images), else
+    deleted (and said so) and built again: a private one then becomes a new data set with a
+    new budget."""
     from dprdm.generation.backends.base import SPACE_FILE
     from dprdm.generation.backends.demo import encoder_space
     from dprdm.retrieval import EmbeddingIndex, build_index
 
-    images, ids, metadata = _load_folders(folders)
     space = encoder_space(encoder)
     if (out_dir / "index.json").exists():
         index = EmbeddingIndex.open(out_dir)
-        if _embedded_with(index, images, ids, encoder, space):
+        if _embedded_with(index, folders, encoder, space):
             if not (out_dir / SPACE_FILE).exists():
                 space.save(out_dir)  # checked above by embedding again: record it
             console.print(f"{what} index: reusing {out_dir} ({index.n} records)")
@@ -95,10 +99,9 @@ def _build_index_from_folder(folders, out_dir, encoder, what: str):
                       + (" (a new data set with a new budget: the old ledger goes with it)[/]"
                          if what == "private" else "[/]"))
         shutil.rmtree(out_dir)
-    embeddings = encoder.encode_images(images)
-    record = (json.dumps(space.to_dict(), indent=1) + "\n").encode()
-    index = build_index(embeddings, out_dir, ids=ids, metadata=metadata,
-                        extra_files={SPACE_FILE: record})
+    images, ids, metadata = load_folders(folders)
+    index = build_index(encoder.encode_images(images), out_dir, ids=ids, metadata=metadata,
+                        extra_files={SPACE_FILE: space.to_bytes()})
     console.print(f"{what} index: built {out_dir} ({index.n} records, d={index.dim})")
     return index
 

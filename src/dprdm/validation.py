@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dprdm import demo_layout
 from dprdm.data.emoji import SPLITS
 from dprdm.errors import DprdmError, InvalidParameterError
@@ -90,7 +88,6 @@ def domain_named(name: str | None = None) -> ValidationDomain:
 
 
 CAPTIONS = "captions.jsonl"
-IMAGE_SIZE = 64  # the size the demo embeds its indexes at
 
 Say = Callable[[str], None]
 
@@ -145,20 +142,6 @@ def _holdout_complete(root: Path, out: Path, domain: ValidationDomain) -> bool:
             and all((out / row["file"]).is_file() for row in expected))
 
 
-def _load(folders: Sequence[Path], keep: Callable[[dict[str, Any]], bool] | None = None):
-    """Images (at IMAGE_SIZE), ids and metadata of the rows of `folders` that `keep` accepts."""
-    from dprdm.data import load_folder
-
-    images, ids, metadata = [], [], []
-    for folder in folders:
-        dataset = load_folder(folder, IMAGE_SIZE, show_progress=False)
-        chosen = [i for i, extra in enumerate(dataset.extra) if keep is None or keep(extra)]
-        images.append(dataset.images[chosen])
-        ids += [f"{folder.name}/{dataset.ids[i]}" for i in chosen]
-        metadata += [dict(dataset.extra[i], caption=dataset.captions[i]) for i in chosen]
-    return np.concatenate(images), ids, metadata
-
-
 def _stale(index_dir: Path, space, what: str, styles: Sequence[str], say: Say) -> bool:
     """True (after deleting it) when the index at `index_dir` is missing, broken, embedded with
     another image tower than `space` or holds other styles than `styles` (an index built when
@@ -200,13 +183,14 @@ def _stale(index_dir: Path, space, what: str, styles: Sequence[str], say: Say) -
 
 def _build(index_dir: Path, backend, folders: Sequence[Path],
            keep: Callable[[dict[str, Any]], bool] | None, what: str, say: Say) -> None:
+    from dprdm.demo import load_folders
+    from dprdm.generation.backends.base import SPACE_FILE
     from dprdm.retrieval import build_index
 
-    images, ids, metadata = _load(folders, keep)
+    images, ids, metadata = load_folders(folders, keep)
     embeddings = backend.embed_images(images)
-    space = json.dumps(backend.space.to_dict(), indent=1) + "\n"
     index = build_index(embeddings, index_dir, ids=ids, metadata=metadata,
-                        extra_files={"conditioning_space.json": space.encode()})
+                        extra_files={SPACE_FILE: backend.space.to_bytes()})
     say(f"validation {what} index: built {index_dir} ({index.n} records, d={index.dim})")
 
 

@@ -79,10 +79,13 @@ class ConditioningSpace:
         except (KeyError, TypeError, ValueError):
             raise DprdmError(f"{SPACE_FILE} must hold family, dim and fingerprint") from None
 
+    def to_bytes(self) -> bytes:
+        """The contents of ``SPACE_FILE`` (for ``build_index(..., extra_files=...)``)."""
+        return (json.dumps(self.to_dict(), indent=1) + "\n").encode()
+
     def save(self, index_dir: str | os.PathLike) -> None:
         """Record this space beside an index (atomically)."""
-        data = json.dumps(self.to_dict(), indent=1) + "\n"
-        write_bytes_atomically(Path(index_dir) / SPACE_FILE, data.encode())
+        write_bytes_atomically(Path(index_dir) / SPACE_FILE, self.to_bytes())
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike) -> ConditioningSpace | None:

@@ -114,6 +114,74 @@ def test_a_late_shard_is_a_timeout_and_nothing_is_released(cluster, monkeypatch)
         impatient._check(split)
 
 
+class _FakeMethod:
+    def __init__(self, calls, number):
+        self.calls, self.number = calls, number
+
+    def remote(self):
+        self.calls.append(self.number)
+        return (self.number, self.calls.count(self.number))  # (shard, attempt) stands for a ref
+
+
+class _FakeActor:
+    def __init__(self, calls, number):
+        self.describe = _FakeMethod(calls, number)
+
+
+def _facts(split):
+    return [{"verified": "sampled", "offset": info.offset, "n": info.n,
+             "embeddings_sha256": info.embeddings_sha256} for info in split.shards]
+
+
+def _flaky_ray(monkeypatch, split, unavailable_for):
+    """ray.get answering ActorUnavailableError to shard 0's first `unavailable_for` calls."""
+    from ray.exceptions import ActorUnavailableError
+
+    from dprdm.privacy import sharded_ray
+
+    facts = _facts(split)
+
+    def get(ref, timeout=None):
+        shard, attempt = ref
+        if shard == 0 and attempt <= unavailable_for:
+            raise ActorUnavailableError("busy", None)
+        return facts[shard]
+
+    monkeypatch.setattr(sharded_ray.ray, "get", get)
+    monkeypatch.setattr(sharded_ray.ray, "cancel", lambda ref: None)
+    return sharded_ray
+
+
+@pytest.mark.parametrize("unavailable_for", [1, 3])
+def test_starting_asks_a_temporarily_unavailable_actor_again(cluster, monkeypatch,
+                                                              unavailable_for):
+    """Ray's ActorUnavailableError (restarting, or too busy for the RPC) is transient: start and
+    connect ask that actor again until START_TIMEOUT_S."""
+    _, split, _ = cluster
+    sharded_ray = _flaky_ray(monkeypatch, split, unavailable_for)
+    monkeypatch.setattr(sharded_ray, "UNAVAILABLE_PAUSE_S", 0.01)
+    calls: list[int] = []
+    sharded_ray.RayShards(split, [_FakeActor(calls, i) for i in range(SHARDS)])._check(split)
+    assert calls.count(0) == unavailable_for + 1 and calls.count(1) == 1
+
+
+def test_an_actor_unavailable_past_the_start_deadline_or_in_a_release_is_an_error(cluster,
+                                                                                  monkeypatch):
+    _, split, _ = cluster
+    sharded_ray = _flaky_ray(monkeypatch, split, unavailable_for=100)
+    monkeypatch.setattr(sharded_ray, "START_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(sharded_ray, "UNAVAILABLE_PAUSE_S", 0.02)
+    calls: list[int] = []
+    shards = sharded_ray.RayShards(split, [_FakeActor(calls, i) for i in range(SHARDS)],
+                                   timeout_s=0.05)
+    with pytest.raises(ShardUnavailableError, match=r"shard 0 failed \(ActorUnavailableError\) "
+                       "while starting.*nothing was charged"):
+        shards._check(split)
+    assert 2 <= calls.count(0) <= 3  # asked again until the deadline, then no more
+    with pytest.raises(ShardUnavailableError, match="shard 0 failed.*nothing was released"):
+        shards._gather([(0, 1), (1, 1)])  # a release is never retried
+
+
 def test_the_shard_actor_exposes_only_describe_and_neighbours():
     from dprdm.privacy.sharded_ray import ShardActor
 

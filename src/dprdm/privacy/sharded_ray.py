@@ -12,7 +12,8 @@ level; :func:`dprdm.privacy.sharded.shard_backend` loads it on demand).
 * :class:`RayShards` is the coordinator's handle on the S actors: ``start`` creates them (in an
   in-process Ray, or detached and named on a cluster for ``dprdm index serve-shards``),
   ``connect`` finds the named actors on a cluster and checks that they serve this index (both
-  wait up to START_TIMEOUT_S for the actors to come up).
+  wait up to START_TIMEOUT_S for the actors to come up, asking again an actor that Ray reports
+  as temporarily unavailable).
   ``neighbours`` asks all S actors at once and waits at most ``timeout_s``; a dead, restarting,
   failed or late actor raises :class:`~dprdm.privacy.sharded.ShardUnavailableError` -- never a
   partial answer.
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
 
 from dprdm.errors import (DprdmError, EmbeddingIndexError, InvalidParameterError,
                           LedgerBindingError)
@@ -44,6 +45,9 @@ MAX_RESTARTS = 10
 # process, dprdm's imports, the fingerprint -- a full SHA-256 where the mtime differs): longer
 # than a release's timeout (on a 2-core machine with a training job beside it, 57 s).
 START_TIMEOUT_S = 300.0
+# While starting, an actor Ray reports as temporarily unavailable (restarting, or too busy to take
+# the call) is asked again after this pause, until START_TIMEOUT_S.
+UNAVAILABLE_PAUSE_S = 0.5
 # why an actor refused to open its shard, as the coordinator raises it
 REFUSALS = {"LedgerBindingError": LedgerBindingError, "EmbeddingIndexError": EmbeddingIndexError}
 
@@ -174,8 +178,7 @@ class RayShards:
     def _check(self, sharded: Any) -> None:
         """Every actor is up (within START_TIMEOUT_S), checked its shard file against the
         manifest's fingerprint, and serves the shard the manifest names (public facts only)."""
-        facts = self._gather([actor.describe.remote() for actor in self.actors],
-                             timeout_s=max(self.timeout_s, START_TIMEOUT_S), starting=True)
+        facts = self._describe(timeout_s=max(self.timeout_s, START_TIMEOUT_S))
         for info, fact in zip(sharded.shards, facts):
             if fact.get("refused"):
                 error = REFUSALS.get(fact["refused"]["error"], DprdmError)
@@ -189,32 +192,60 @@ class RayShards:
                 raise DprdmError(f"the actor for shard {info.number} serves other rows than "
                                  f"{sharded.path}")
 
-    def _gather(self, refs: list[Any], *, timeout_s: float | None = None,
-                starting: bool = False) -> list[Any]:
-        """All results, or ShardUnavailableError naming the first shard that failed or was late
-        (within `timeout_s`, default the release timeout)."""
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+    def _describe(self, *, timeout_s: float) -> list[Any]:
+        """Every actor's public facts. An actor that Ray reports as temporarily unavailable
+        (ActorUnavailableError: restarting, or too busy to take the call) is asked again until
+        the deadline; any other failure, or the deadline, raises ShardUnavailableError."""
+        deadline = time.monotonic() + timeout_s
+        refs = [actor.describe.remote() for actor in self.actors]
+        facts = []
+        for number, actor in enumerate(self.actors):
+            while True:
+                try:
+                    facts.append(ray.get(refs[number],
+                                         timeout=max(0.0, deadline - time.monotonic())))
+                    break
+                except ActorUnavailableError as error:
+                    if time.monotonic() + UNAVAILABLE_PAUSE_S >= deadline:
+                        raise self._failed(refs, number, error, starting=True) from None
+                    time.sleep(UNAVAILABLE_PAUSE_S)
+                    refs[number] = actor.describe.remote()
+                except (GetTimeoutError, RayError) as error:
+                    raise self._failed(refs, number, error, starting=True) from None
+        return facts
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        """All results within the release timeout, or ShardUnavailableError naming the first
+        shard that failed or was late (never a partial answer, never a retry)."""
+        deadline = time.monotonic() + self.timeout_s
         results = []
         for number, ref in enumerate(refs):
             try:
                 results.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
             except (GetTimeoutError, RayError) as error:
-                for pending in refs:  # best effort: queued calls are dropped
-                    try:
-                        ray.cancel(pending)
-                    except (RayError, TypeError, ValueError):
-                        pass
-                reason = ("timed out" if isinstance(error, GetTimeoutError)
-                          else f"failed ({type(error).__name__})")  # no message: it may quote data
-                if starting:
-                    raise ShardUnavailableError(
-                        f"the actor for shard {number} {reason} while starting (opening and "
-                        "checking its shard file); nothing was charged") from None
-                raise ShardUnavailableError(
-                    f"shard {number} {reason}; nothing was released and the budget charged for "
-                    f"this batch stays spent. Ray restarts a dead shard actor; retry in about "
-                    f"{ShardUnavailableError.retry_after_s} s") from None
+                raise self._failed(refs, number, error, starting=False) from None
         return results
+
+    @staticmethod
+    def _failed(refs: list[Any], number: int, error: Exception, *,
+                starting: bool) -> ShardUnavailableError:
+        """Drop the calls still queued (best effort) and say which shard failed and how; the
+        error's own message is not quoted (it may quote data)."""
+        for pending in refs:
+            try:
+                ray.cancel(pending)
+            except (RayError, TypeError, ValueError):
+                pass
+        reason = ("timed out" if isinstance(error, GetTimeoutError)
+                  else f"failed ({type(error).__name__})")
+        if starting:
+            return ShardUnavailableError(
+                f"the actor for shard {number} {reason} while starting (opening and checking its "
+                "shard file); nothing was charged")
+        return ShardUnavailableError(
+            f"shard {number} {reason}; nothing was released and the budget charged for this "
+            f"batch stays spent. Ray restarts a dead shard actor; retry in about "
+            f"{ShardUnavailableError.retry_after_s} s")
 
     def neighbours(self, queries: np.ndarray, params: MechanismParams, strategy: str,
                    nprobe: int) -> list[ShardAnswer]:

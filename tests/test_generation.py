@@ -508,6 +508,32 @@ def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
                                    extra={"denoiser": TINY_DENOISER}, **common))
 
 
+def test_decoder_only_training_keeps_the_encoder_and_its_latent_scale(tmp_path, monkeypatch):
+    """A decoder-only run changes the decoder alone: the encoder's weights and the scaling factor
+    (the latent space a denoiser was trained on) stay bit for bit."""
+    monkeypatch.setattr("dprdm.generation.training.style_augmentations", lambda: {})
+    data = _tiny_folder(tmp_path)
+    torch.manual_seed(0)
+    before = Autoencoder(**TINY_AE, scaling_factor=0.37)
+    before.save_pretrained(tmp_path / "old" / "autoencoder")
+    common = dict(stage="autoencoder", data=str(data), data_is_public=True, batch_size=4,
+                  warmup_steps=1, log_every=1, lr=1e-2)
+    train_autoencoder(TrainConfig(out=str(tmp_path / "new"), steps=3, decoder_only=True,
+                                  init_from=str(tmp_path / "old"), **common))
+    after = Autoencoder.from_pretrained(tmp_path / "new" / "autoencoder", low_cpu_mem_usage=False)
+    assert after.config.scaling_factor == 0.37
+    old, new = before.state_dict(), after.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if k.startswith("encoder."))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    with pytest.raises(InvalidParameterError, match="decoder_only"):  # nothing to keep
+        TrainConfig(out=str(tmp_path / "x"), steps=1, decoder_only=True, **common).resolved()
+    with pytest.raises(InvalidParameterError, match="latent-channels"):
+        train_autoencoder(TrainConfig(out=str(tmp_path / "y"), steps=1, decoder_only=True,
+                                      init_from=str(tmp_path / "old"),
+                                      extra={"autoencoder": {"latent_channels": 8}}, **common))
+    assert not (tmp_path / "y" / "autoencoder").exists()
+
+
 def test_a_wider_latent_starts_as_the_narrower_autoencoder(tmp_path):
     from dprdm.generation.training import initialise_from
 

@@ -82,6 +82,10 @@ def train(
         0, "--latent-channels", min=0, help="Autoencoder stage: latent channels (0: the model's "
         "default, 4). With --init-from a narrower autoencoder, the latent is widened and starts "
         "as the old one."),
+    decoder_only: bool = typer.Option(
+        False, "--decoder-only", help="Autoencoder stage: train only the decoder of the "
+        "--init-from autoencoder. Its encoder, latent space and scaling factor stay exactly as "
+        "they were, so a denoiser trained on them still works with the new decoder."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
     seed: int = typer.Option(0, "--seed"),
     save_every_minutes: float = typer.Option(5.0, "--save-every-minutes", min=0.1),
@@ -108,6 +112,7 @@ def train(
                              family_images_per_source=family_images_per_source,
                              real_share=real_share,
                              init_from=str(init_from) if init_from else "",
+                             decoder_only=decoder_only,
                              extra={"autoencoder": {"latent_channels": latent_channels}}
                              if latent_channels else {})
         config = config.resolved()

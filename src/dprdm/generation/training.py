@@ -93,6 +93,8 @@ class TrainConfig:
     edge_weight: float = 1.0
     augment_share: float = 0.5  # share of autoencoder batch images passed through a style aug.
     latent_noise: float = 0.1  # extra N(0, (this * latent std)^2) on decoder inputs
+    decoder_only: bool = False  # train the decoder alone (needs init_from): the latent space,
+    # its scaling factor and so a denoiser trained on it stay valid
     # denoiser
     k_choices: tuple[int, ...] = (1, 2, 4, 8, 16)
     neighbours: int = 16  # cached neighbours per image (>= max(k_choices))
@@ -140,6 +142,9 @@ class TrainConfig:
         if not 0.0 <= config.text_only_share <= 1.0:
             raise InvalidParameterError(f"text_only_share must be in [0, 1], got "
                                         f"{config.text_only_share}")
+        if config.decoder_only and (config.stage != "autoencoder" or not config.init_from):
+            raise InvalidParameterError("decoder_only trains the decoder of an autoencoder "
+                                        "given by init_from (autoencoder stage)")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         return config
@@ -386,10 +391,16 @@ def train_autoencoder(config: TrainConfig) -> dict[str, Any]:
     augmentations = (family_augmentations(config) if config.family_size
                      else list(style_augmentations().values()))
     torch.manual_seed(config.seed)  # the initial weights depend on the seed only
-    model = Autoencoder(sample_size=config.size, **config.extra.get("autoencoder", {}))
-    initialise_from(model, config, "autoencoder")
-    _stderr.print(f"autoencoder: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-                  f"parameters, {len(images)} public images, {len(augmentations)} augmentations")
+    if config.decoder_only:  # the encoder, and so the latent space, stays exactly as it was
+        model = load_autoencoder_to_keep(config)
+        model.encoder.requires_grad_(False)
+    else:
+        model = Autoencoder(sample_size=config.size, **config.extra.get("autoencoder", {}))
+        initialise_from(model, config, "autoencoder")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _stderr.print(f"autoencoder: {trained / 1e6:.2f}M parameters trained"
+                  f"{' (the decoder only)' if config.decoder_only else ''}, {len(images)} public "
+                  f"images, {len(augmentations)} augmentations")
     # the preview grid: 16 public images and 16 augmented ones (one augmentation per pair)
     rng_show = np.random.default_rng(1)
     shown_pixels = public.images[rng_show.choice(len(images), min(32, len(images)),
@@ -413,7 +424,8 @@ def train_autoencoder(config: TrainConfig) -> dict[str, Any]:
             batch = images[index]
         flip = torch.from_numpy(rng.random(len(batch)) < 0.5)
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        mean, logvar = net.encode(batch)
+        with torch.set_grad_enabled(not config.decoder_only):
+            mean, logvar = net.encode(batch)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         z = z + config.latent_noise * mean.detach().std() * torch.randn_like(mean)
         recon = net.decode(z)
@@ -427,8 +439,9 @@ def train_autoencoder(config: TrainConfig) -> dict[str, Any]:
 
     def on_save(ema: torch.nn.Module, step: int) -> None:
         with torch.no_grad():
-            mean, _ = ema.encode(images[:: max(1, len(images) // 1024)])
-            ema.register_to_config(scaling_factor=float(1.0 / mean.std()))
+            if not config.decoder_only:  # a kept encoder keeps its latent scale
+                mean, _ = ema.encode(images[:: max(1, len(images) // 1024)])
+                ema.register_to_config(scaling_factor=float(1.0 / mean.std()))
             recon = ema.decode(ema.encode(shown)[0])
             mse = float(F.mse_loss(recon.clamp(-1, 1), shown) / 4)  # on [0, 1] pixels
         ema.save_pretrained(Checkpoint(Path(config.out), config.stage).model_dir)
@@ -514,6 +527,23 @@ def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> N
     model.load_state_dict(state)
     note = f" (latent widened: {len(widened)} tensors)" if widened else ""
     _stderr.print(f"{part}: initialised from {weights}{note}")
+
+
+def load_autoencoder_to_keep(config: TrainConfig) -> Autoencoder:
+    """``config.init_from``'s autoencoder whole (architecture, weights, scaling factor), in float32,
+    for a decoder-only run: its latent space is what a denoiser was trained on."""
+    directory = Path(config.init_from) / "autoencoder"
+    if not (directory / "config.json").is_file():
+        raise InvalidParameterError(f"--init-from: no autoencoder in {directory}")
+    if config.extra.get("autoencoder"):
+        raise InvalidParameterError("--decoder-only keeps the autoencoder's architecture: drop "
+                                    "--latent-channels")
+    model = Autoencoder.from_pretrained(directory, low_cpu_mem_usage=False).float()
+    if model.config.sample_size != config.size:
+        raise InvalidParameterError(f"--init-from: the autoencoder is for {model.config.sample_size}"
+                                    f"-pixel images, the run for {config.size}")
+    _stderr.print(f"autoencoder: the decoder of {directory} trained on; its encoder is kept")
+    return model
 
 
 def widen_latent(state: dict[str, torch.Tensor], model: Autoencoder) -> dict[str, torch.Tensor]:

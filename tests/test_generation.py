@@ -441,6 +441,13 @@ def test_cli_train_reports_bad_settings_cleanly(tmp_path):
     bad_share = runner.invoke(app, ["--out", str(tmp_path), "--steps", "1",
                                     "--text-query-share", "1.5"])
     assert bad_share.exit_code == 2 and not any(tmp_path.iterdir())
+    for flags, says in ((["--decoder-blocks", "3,3,2"], "--decoder-only run"),
+                        (["--decoder-only", "--decoder-blocks", "3,x"], "comma-separated"),
+                        (["--decoder-only"], "init_from")):
+        refused = runner.invoke(app, ["--out", str(tmp_path), "--stage", "autoencoder",
+                                      "--steps", "1", "--json", *flags])
+        assert refused.exit_code == 2 and says in refused.stdout, refused.stdout
+        assert not any(tmp_path.iterdir())
 
 
 def test_learning_rate_warms_up_then_decays_linearly_to_zero_from_decay_start():
@@ -527,11 +534,34 @@ def test_decoder_only_training_keeps_the_encoder_and_its_latent_scale(tmp_path, 
     assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
     with pytest.raises(InvalidParameterError, match="decoder_only"):  # nothing to keep
         TrainConfig(out=str(tmp_path / "x"), steps=1, decoder_only=True, **common).resolved()
-    with pytest.raises(InvalidParameterError, match="latent-channels"):
+    with pytest.raises(InvalidParameterError, match="only --decoder-blocks may change"):
         train_autoencoder(TrainConfig(out=str(tmp_path / "y"), steps=1, decoder_only=True,
                                       init_from=str(tmp_path / "old"),
                                       extra={"autoencoder": {"latent_channels": 8}}, **common))
     assert not (tmp_path / "y" / "autoencoder").exists()
+
+
+def test_a_deeper_decoder_starts_as_the_old_one(tmp_path):
+    from dprdm.generation.training import load_autoencoder_to_keep
+
+    torch.manual_seed(0)
+    old = Autoencoder(**TINY_AE, scaling_factor=0.37)
+    old.save_pretrained(tmp_path / "old" / "autoencoder")
+    config = TrainConfig(stage="autoencoder", steps=1, init_from=str(tmp_path / "old"),
+                         decoder_only=True, extra={"autoencoder": {"decoder_blocks": (3, 1, 2)}})
+    deeper = load_autoencoder_to_keep(config)
+    assert tuple(deeper.config.decoder_blocks) == (3, 1, 2)
+    assert deeper.config.scaling_factor == 0.37
+    assert sum(p.numel() for p in deeper.decoder.parameters()) > sum(
+        p.numel() for p in old.decoder.parameters())
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(deeper.decode(deeper.encode(x)[0]), old.decode(old.encode(x)[0]))
+    for bad in ({"decoder_blocks": (0, 1, 1)}, {"decoder_blocks": (2, 2)},
+                {"latent_channels": 8}):
+        config.extra = {"autoencoder": bad}
+        with pytest.raises(InvalidParameterError, match="decoder"):
+            load_autoencoder_to_keep(config)
 
 
 def test_a_wider_latent_starts_as_the_narrower_autoencoder(tmp_path):

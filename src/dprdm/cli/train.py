@@ -86,6 +86,10 @@ def train(
         False, "--decoder-only", help="Autoencoder stage: train only the decoder of the "
         "--init-from autoencoder. Its encoder, latent space and scaling factor stay exactly as "
         "they were, so a denoiser trained on them still works with the new decoder."),
+    decoder_blocks: str = typer.Option(
+        "", "--decoder-blocks", help="With --decoder-only: residual blocks per decoder level, "
+        "full resolution first (e.g. 3,3,2; each at least the old count). The new blocks start "
+        "as the identity, so the run starts as exactly the old autoencoder."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
     seed: int = typer.Option(0, "--seed"),
     save_every_minutes: float = typer.Option(5.0, "--save-every-minutes", min=0.1),
@@ -95,8 +99,22 @@ def train(
     """Train the generator's autoencoder or denoiser on public images."""
 
     def compute() -> dict:
+        from dprdm.errors import InvalidParameterError
         from dprdm.generation.training import TrainConfig, train_autoencoder, train_denoiser
 
+        autoencoder_changes: dict = {}
+        if latent_channels:
+            autoencoder_changes["latent_channels"] = latent_channels
+        if decoder_blocks.strip():
+            try:
+                autoencoder_changes["decoder_blocks"] = tuple(
+                    int(part) for part in decoder_blocks.split(","))
+            except ValueError:
+                raise InvalidParameterError(f"--decoder-blocks must be comma-separated counts, "
+                                            f"got {decoder_blocks!r}") from None
+            if not decoder_only:
+                raise InvalidParameterError("--decoder-blocks deepens the decoder of a "
+                                            "--decoder-only run")
         config = TrainConfig(stage=stage, data=str(data), data_is_public=data_is_public,
                              caption_column=caption_column, out=str(out), encoder=encoder,
                              steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
@@ -113,8 +131,8 @@ def train(
                              real_share=real_share,
                              init_from=str(init_from) if init_from else "",
                              decoder_only=decoder_only,
-                             extra={"autoencoder": {"latent_channels": latent_channels}}
-                             if latent_channels else {})
+                             extra={"autoencoder": autoencoder_changes}
+                             if autoencoder_changes else {})
         config = config.resolved()
         return (train_autoencoder if config.stage == "autoencoder" else train_denoiser)(config)
 

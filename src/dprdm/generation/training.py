@@ -530,19 +530,33 @@ def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> N
 
 
 def load_autoencoder_to_keep(config: TrainConfig) -> Autoencoder:
-    """``config.init_from``'s autoencoder whole (architecture, weights, scaling factor), in float32,
-    for a decoder-only run: its latent space is what a denoiser was trained on."""
+    """``config.init_from``'s autoencoder whole (weights, scaling factor), in float32, for a
+    decoder-only run: its latent space is what a denoiser was trained on. A deeper decoder
+    (``extra["autoencoder"]["decoder_blocks"]``, at least the old count at every level) starts
+    as exactly the old one: its extra residual blocks are the identity at initialisation."""
     directory = Path(config.init_from) / "autoencoder"
     if not (directory / "config.json").is_file():
         raise InvalidParameterError(f"--init-from: no autoencoder in {directory}")
-    if config.extra.get("autoencoder"):
-        raise InvalidParameterError("--decoder-only keeps the autoencoder's architecture: drop "
-                                    "--latent-channels")
-    model = Autoencoder.from_pretrained(directory, low_cpu_mem_usage=False).float()
-    if model.config.sample_size != config.size:
-        raise InvalidParameterError(f"--init-from: the autoencoder is for {model.config.sample_size}"
-                                    f"-pixel images, the run for {config.size}")
-    _stderr.print(f"autoencoder: the decoder of {directory} trained on; its encoder is kept")
+    old = Autoencoder.from_pretrained(directory, low_cpu_mem_usage=False).float()
+    if old.config.sample_size != config.size:
+        raise InvalidParameterError(f"--init-from: the autoencoder is for "
+                                    f"{old.config.sample_size}-pixel images, the run for "
+                                    f"{config.size}")
+    changes = dict(config.extra.get("autoencoder", {}))
+    blocks = tuple(changes.pop("decoder_blocks", old.config.decoder_blocks))
+    if changes:
+        raise InvalidParameterError("--decoder-only keeps the encoder and the latent: only "
+                                    f"--decoder-blocks may change, not {sorted(changes)}")
+    if len(blocks) != len(old.config.decoder_blocks) or any(
+            new < was for new, was in zip(blocks, old.config.decoder_blocks)):
+        raise InvalidParameterError(f"--decoder-blocks {list(blocks)}: one count per level, each "
+                                    f"at least the old {list(old.config.decoder_blocks)}")
+    model = Autoencoder(**{**old.config, "decoder_blocks": blocks})
+    missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
+    if unexpected or not all(k.startswith("decoder.") for k in missing):
+        raise InvalidParameterError(f"--init-from: {directory} holds another architecture")
+    _stderr.print(f"autoencoder: the decoder of {directory} trained on (blocks "
+                  f"{list(old.config.decoder_blocks)} -> {list(blocks)}); its encoder is kept")
     return model
 
 

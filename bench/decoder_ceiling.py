@@ -40,6 +40,7 @@ WEIGHTS = Path("src/dprdm/weights")
 AUTOENCODERS = {  # name -> a pipeline folder (its autoencoder/) or an autoencoder folder
     "v5 (shipped)": "src/dprdm/weights/demo-generator",
     "issue-18 8 channels": "checkpoints/issue18/generator-8ch",
+    "issue-18 deeper decoder": "checkpoints/issue18/generator-8ch-split-dec",
 }
 RECIPES, PER_RECIPE = 20, 24
 

@@ -31,8 +31,8 @@ from dprdm.data.style_family import apply_recipe, style_family
 from dprdm.encoders.evaluate import UNSEEN_RECIPE_SEED
 from dprdm.evaluation.classifiers import AGAINST_PUBLIC_AND_AUGMENTATIONS, EvalClassifiers
 from dprdm.evaluation.judge import StyleJudge
+from dprdm.evaluation.train_classifiers import autoencoder_reconstructions
 from dprdm.generation.autoencoder import Autoencoder
-from dprdm.generation.training import to_tensor, to_uint8
 from results_file import write_results  # bench/results_file.py
 
 console = Console()
@@ -49,14 +49,6 @@ def load_autoencoder(folder: str) -> Autoencoder:
     path = Path(folder)
     path = path / "autoencoder" if (path / "autoencoder").is_dir() else path
     return Autoencoder.from_pretrained(path, low_cpu_mem_usage=False).float().eval()
-
-
-def round_trip(autoencoder: Autoencoder, images: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        x = to_tensor(images)
-        out = [autoencoder.decode(autoencoder.encode(x[i:i + 64])[0]).clamp(-1, 1)
-               for i in range(0, len(x), 64)]
-    return to_uint8(torch.cat(out))
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,7 +109,7 @@ def main() -> None:
                "decoder_blocks": list(autoencoder.config.decoder_blocks),
                "latent_channels": autoencoder.config.latent_channels}
         for style, s in data.items():
-            recon = round_trip(autoencoder, s["images"])
+            recon = autoencoder_reconstructions(s["images"], autoencoder)
             row[f"{style} mse"] = mse(recon, s["images"])
             if s["judge"]:
                 row[f"{style} judged"] = float((s["judge"](recon) > 0.5).mean())

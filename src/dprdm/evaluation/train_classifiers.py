@@ -343,11 +343,15 @@ def concept_accuracy(classifiers: EvalClassifiers, split: Split) -> dict:
     return concept_scores(split.images, split.captions, classifiers)
 
 
-def autoencoder_reconstructions(images: np.ndarray) -> np.ndarray:
-    """Images through the shipped generator's autoencoder (posterior mean, decoded, clamped)."""
+def autoencoder_reconstructions(images: np.ndarray, autoencoder: torch.nn.Module | None = None
+                                ) -> np.ndarray:
+    """Images through `autoencoder` (default: the shipped generator's), posterior mean, decoded,
+    clamped: the decoder's ceiling on a style (``bench/decoder_ceiling.py``)."""
     from dprdm.generation.pipeline import DEFAULT_DIR, RetrievalDiffusionPipeline
 
-    autoencoder = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR).autoencoder.eval()
+    if autoencoder is None:
+        autoencoder = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR).autoencoder
+    autoencoder = autoencoder.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(images), 256):

@@ -551,7 +551,8 @@ def load_autoencoder_to_keep(config: TrainConfig) -> Autoencoder:
             new < was for new, was in zip(blocks, old.config.decoder_blocks)):
         raise InvalidParameterError(f"--decoder-blocks {list(blocks)}: one count per level, each "
                                     f"at least the old {list(old.config.decoder_blocks)}")
-    model = Autoencoder(**{**old.config, "decoder_blocks": blocks})
+    kept = {key: value for key, value in old.config.items() if not key.startswith("_")}
+    model = Autoencoder(**{**kept, "decoder_blocks": blocks})
     missing, unexpected = model.load_state_dict(old.state_dict(), strict=False)
     if unexpected or not all(k.startswith("decoder.") for k in missing):
         raise InvalidParameterError(f"--init-from: {directory} holds another architecture")

@@ -194,6 +194,23 @@ def test_demo_split_guidance_takes_the_prompts_text_embeddings_as_content(folder
         backend.render(c, None, n=1, guidance=2.0, steps=2, seed=0)
 
 
+def test_demo_backend_takes_the_content_guidance_its_generator_records(folders):
+    encoder, pipeline = tb.demo_parts(folders["clip"])
+    c = np.random.default_rng(4).standard_normal((2, encoder.dim)).astype(np.float32)
+    assert DemoBackend(encoder, pipeline).content_guidance is None  # records none: plain
+    pipeline.register_to_config(content_guidance=6.0)
+    backend = DemoBackend(encoder, pipeline)
+    assert backend.content_guidance == 6.0
+    assert backend.model_inputs(c, PROMPTS, 1, 2.0, 2)["content_guidance"] == 6.0
+    assert DemoBackend(encoder, pipeline, content_guidance=4.0).content_guidance == 4.0
+    assert backend.model_inputs(c, PROMPTS, 1, 2.0, 2, content_guidance=2.0)[
+        "content_guidance"] == 2.0  # a caller's own wins
+    recorded = backend.render(c, PROMPTS, n=1, guidance=2.0, steps=2, seed=0)
+    given = DemoBackend(encoder, pipeline, content_guidance=6.0).render(
+        c, PROMPTS, n=1, guidance=2.0, steps=2, seed=0)
+    np.testing.assert_array_equal(recorded, given)
+
+
 @pytest.mark.parametrize("name", NAMES[1:])
 def test_loading_and_generating_open_no_socket(name, folders, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):

@@ -82,9 +82,9 @@ def test_split_guidance_pulls_towards_the_prompt_and_from_it_towards_the_conditi
     split = pipe.predict(x, t, c, 2.0, text, 5.0)
     assert torch.allclose(split, uncond + 5.0 * (prompt_only - uncond)
                           + 2.0 * (cond - prompt_only), atol=1e-5)
-    # equal scales are plain classifier-free guidance, whatever the content conditions
-    assert torch.allclose(pipe.predict(x, t, c, 2.5, text, 2.5), pipe.predict(x, t, c, 2.5),
-                          atol=1e-5)
+    # equal scales are plain classifier-free guidance, whatever the content conditions (and
+    # are run as it: the same two passes)
+    assert torch.equal(pipe.predict(x, t, c, 2.5, text, 2.5), pipe.predict(x, t, c, 2.5))
     # and through the sampler: the same images as plain guidance (same seed)
     plain = pipe(c.numpy(), guidance=2.5, steps=3, generator=torch.Generator().manual_seed(3))
     same = pipe(c.numpy(), guidance=2.5, steps=3, generator=torch.Generator().manual_seed(3),
@@ -126,6 +126,33 @@ def test_save_load_round_trip(tmp_path):
     c = conditions()
     assert np.array_equal(pipe(c, steps=3, generator=torch.Generator().manual_seed(0)),
                           loaded(c, steps=3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_pipeline_records_the_content_guidance_it_was_chosen_at(tmp_path):
+    from dprdm.generation.backends.demo import recorded_content_guidance
+    from dprdm.generation.pipeline import export_weights
+
+    pipe = tiny_pipeline()
+    assert pipe.config.content_guidance is None and recorded_content_guidance(pipe) is None
+    pipe.save_pretrained(tmp_path / "plain")
+    plain = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "plain")
+    assert plain.config.content_guidance is None
+    export_weights(tmp_path / "plain", tmp_path / "chosen", content_guidance=6)
+    written = json.loads((tmp_path / "chosen" / "model_index.json").read_text())
+    assert written["content_guidance"] == 6.0
+    chosen = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "chosen")
+    assert chosen.config.content_guidance == 6.0 and recorded_content_guidance(chosen) == 6.0
+    export_weights(tmp_path / "chosen", tmp_path / "again")  # kept by a later export
+    assert RetrievalDiffusionPipeline.from_pretrained(
+        tmp_path / "again").config.content_guidance == 6.0
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(InvalidParameterError, match="content_guidance"):
+            export_weights(tmp_path / "plain", tmp_path / "bad", content_guidance=bad)
+        assert not (tmp_path / "bad").exists()
+    written["content_guidance"] = -2.0  # a hand-edited folder is refused when loaded
+    (tmp_path / "chosen" / "model_index.json").write_text(json.dumps(written))
+    with pytest.raises(InvalidParameterError, match="content_guidance"):
+        RetrievalDiffusionPipeline.from_pretrained(tmp_path / "chosen")
 
 
 def test_half_precision_export_loads_as_float32(tmp_path):

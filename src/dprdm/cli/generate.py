@@ -29,7 +29,8 @@ def generate(
     content_guidance: float = typer.Option(
         None, "--content-guidance", help="Demo generator: split guidance, this scale towards "
         "the prompt and --guidance from it towards the retrieved condition (docs/generator.md; "
-        "default: plain guidance)."),
+        "default: the generator's own "
+        "(the shipped one: 6), else plain guidance)."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampling steps."),
     seed: int = typer.Option(None, "--seed", help="Seed for the DIFFUSION sampler only."),
     out: Path = typer.Option(..., "--out", help="Output directory (created)."),

@@ -64,7 +64,8 @@ def serve(
         None, "--content-guidance", metavar="G",
         help="Demo generator: split guidance for every request, G the prompt text's own scale "
              "(the request's guidance then scales only what the released condition adds; see "
-             "docs/generator.md). Default: plain classifier-free guidance."),
+             "docs/generator.md). Default: the generator's own "
+             "(the shipped one: 6), else plain guidance."),
     docs: bool = typer.Option(None, "--docs/--no-docs",
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
                                    "load their scripts from a CDN); off by default."),
@@ -113,6 +114,7 @@ def serve(
         if config.port == 0:
             raise InvalidParameterError("give a port in [1, 65535]")
         sock = bind_socket(config.host, config.port)  # before the models load: fail fast
+        content_guidance = config.content_guidance
         try:
             os.environ[CONFIG_ENV] = config.to_json()
             if config.workers > 1:
@@ -127,6 +129,9 @@ def serve(
                 target = create_app(config)
                 figures = dict(target.state.engine.budget(),
                                ledger=target.state.engine.ledger.location)
+                # not given: the one the loaded generator records (multi-process: its workers')
+                content_guidance = getattr(target.state.engine.rag.backend, "content_guidance",
+                                           config.content_guidance)
         except BaseException:
             sock.close()
             if metrics_dir is not None:
@@ -148,7 +153,7 @@ def serve(
         "docs": config.docs,  # /docs, /redoc, /openapi.json; their scripts come from a CDN
         "metrics": "multi-process" if config.workers > 1 else "single-process",
         "generator": config.generator,
-        "content_guidance": config.content_guidance,
+        "content_guidance": content_guidance,
     }
 
     def announce() -> None:

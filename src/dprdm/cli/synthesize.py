@@ -168,7 +168,8 @@ def synthesize(
     content_guidance: float = typer.Option(
         None, "--content-guidance", metavar="G",
         help="Split guidance: G scales the prompt text's own pull, --guidance only what the "
-             "released condition adds (docs/generator.md). Default: plain guidance."),
+             "released condition adds (docs/generator.md). Default: the generator's own "
+             "(the shipped one: 6), else plain guidance."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampling steps."),
     seed: int = typer.Option(None, "--seed", help="Seed for the DIFFUSION sampler only."),
     encoder: str = typer.Option("demo", "--encoder", help="'demo' or a CLIP model directory."),
@@ -234,8 +235,11 @@ def synthesize(
                 raise InvalidParameterError(f"{out} is not empty and holds no job journal")
             job_dir = out
             backend = open_backend(Path(index_dir), encoder, str(model) if model else "demo")
+            # not given: the content guidance the generator records it was chosen at
+            content = split.get("content_guidance",
+                                getattr(backend.rag.backend, "content_guidance", None))
             params = _job_params(prompt_file, Path(index_dir), backend, n, steps, guidance,
-                                 split.get("content_guidance"), seed, reuse_identical)
+                                 content, seed, reuse_identical)
             journal = Journal(job_dir) if Journal.exists(job_dir) else None
             if journal is not None:
                 _check_same_job(journal.params, params, job_dir)

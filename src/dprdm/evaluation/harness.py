@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -391,6 +391,9 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
 
     backend = as_backend(encoder, pipeline)
     split_guidance(plan.content_guidance, backend.name)
+    if plan.content_guidance is None and getattr(backend, "content_guidance", None) is not None:
+        # the guidance the generator records it was chosen at: run and report it as given
+        plan = replace(plan, content_guidance=backend.content_guidance)
     if encoder is None:
         encoder = BackendEncoder(backend)
     if private_index.dim != encoder.dim:

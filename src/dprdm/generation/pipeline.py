@@ -8,6 +8,10 @@ and the :class:`~dprdm.generation.autoencoder.Autoencoder`, behind one ``__call_
     pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
     images = pipe(conditions, guidance=3.0, steps=50, generator=torch.Generator().manual_seed(0))
 
+A pipeline may record the content guidance it was chosen at (``content_guidance`` in
+``model_index.json``, the shipped demo generator's 6); the demo backend uses it when a caller gives
+none.
+
 ``conditions`` are (B, cond_dim) vectors ``c = lam * r + (1 - lam) * x`` (see
 :mod:`dprdm.conditioning`); the denoiser L2-normalises them. Guidance is classifier-free against the
 learned null condition: ``out = uncond + guidance * (cond - uncond)``; ``guidance == 1`` runs the
@@ -54,9 +58,16 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "denoiser->autoencoder"
 
     def __init__(self, autoencoder: Autoencoder, denoiser: LatentDenoiser,
-                 scheduler: SchedulerMixin) -> None:
+                 scheduler: SchedulerMixin, content_guidance: float | None = None) -> None:
+        """`content_guidance`: the split guidance this generator was chosen at, saved in
+        ``model_index.json``; callers that give none use it (:mod:`dprdm.generation.backends.demo`).
+        None: plain classifier-free guidance unless a caller splits it."""
         super().__init__()
+        if content_guidance is not None:
+            check_scale("content_guidance", content_guidance)
+            content_guidance = float(content_guidance)
         self.register_modules(autoencoder=autoencoder, denoiser=denoiser, scheduler=scheduler)
+        self.register_to_config(content_guidance=content_guidance)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
@@ -100,11 +111,11 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
         With `content` (the prompts' own conditions, e.g. their text embeddings), guidance is
         split in two: ``uncond + content_guidance * (content - uncond) + guidance * (cond -
         content)`` -- the pull towards the prompt and the pull from the prompt towards the
-        whole condition (the retrieved style) get their own scales. Equal scales give plain
-        classifier-free guidance back.
+        whole condition (the retrieved style) get their own scales. Equal scales are plain
+        classifier-free guidance, and are run as it (two passes, not three).
         """
         null = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
-        if content is not None:
+        if content is not None and content_guidance != guidance:
             drop = torch.cat([torch.zeros_like(null), torch.zeros_like(null), null])
             three = self.denoiser(torch.cat([latents] * 3), t, torch.cat([cond, content, cond]),
                                   drop=drop)
@@ -191,17 +202,22 @@ def check_scale(name: str, value: object, maximum: float = math.inf) -> None:
 
 def export_weights(source: str | Path, destination: str | Path, half: bool = True,
                    training_dir: str | Path | None = None,
-                   denoiser_step: int | None = None) -> Path:
+                   denoiser_step: int | None = None,
+                   content_guidance: float | None = None) -> Path:
     """Copy a trained pipeline folder to `destination` for shipping: the same layout, weights
     stored as float16 when `half` (half the bytes; ``from_pretrained`` loads them as float32),
     plus ``training.json`` (each stage's settings and last log line) from `training_dir`
     (default: `source`) when the training run's files are there; `denoiser_step` picks the
-    denoiser log line of a snapshot taken before the run went on."""
+    denoiser log line of a snapshot taken before the run went on; `content_guidance` records
+    the split guidance the weights were chosen at (default: keep the source's)."""
     import json
 
     source, destination = Path(source), Path(destination)
     pipe = RetrievalDiffusionPipeline.from_pretrained(
         source, dtype=torch.float16 if half else torch.float32)
+    if content_guidance is not None:
+        check_scale("content_guidance", content_guidance)
+        pipe.register_to_config(content_guidance=float(content_guidance))
     destination.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(destination)
     for written in [destination / "model_index.json", *destination.glob("*/config.json")]:

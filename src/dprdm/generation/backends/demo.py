@@ -8,7 +8,10 @@ tower, images with its image tower, exactly as before backends existed.
 
 Split guidance (``content_guidance``, docs/generator.md): the prompts' own text embeddings are
 the content conditions, so the pull towards the prompt and the pull towards the retrieved style
-get their own scales. Only this backend has it (the pipeline is dprdm's own).
+get their own scales. Only this backend has it (the pipeline is dprdm's own). A pipeline that
+records the content guidance it was chosen at (``content_guidance`` in its ``model_index.json``,
+the shipped generator's) gets it when the caller gives none; equal guidance and content guidance
+are plain classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def split_guidance(value: object, generator: str, name: str = "content_guidance"
     return {"content_guidance": float(value)}
 
 
+def recorded_content_guidance(pipeline) -> float | None:
+    """The content guidance `pipeline` records it was chosen at (its config's
+    ``content_guidance``), or None: plain classifier-free guidance."""
+    config = getattr(pipeline, "config", None)
+    value = config.get("content_guidance") if hasattr(config, "get") else None
+    return None if value is None else float(value)
+
+
 def encoder_space(encoder) -> ConditioningSpace:
     """The space of a dprdm encoder: a CLIP checkpoint's vision tower, or the whole module."""
     from dprdm.encoders.clip import ClipEncoder
@@ -60,8 +71,10 @@ class DemoBackend(GeneratorBackend):
                  content_guidance: float | None = None) -> None:
         self.encoder = encoder
         # None: plain classifier-free guidance; a number: split guidance (the pipeline's
-        # `content_guidance`), the prompts' text embeddings being the content conditions
-        self.content_guidance = content_guidance
+        # `content_guidance`), the prompts' text embeddings being the content conditions.
+        # Not given: the one the pipeline records it was chosen at (None if it records none)
+        self.content_guidance = (content_guidance if content_guidance is not None
+                                 else recorded_content_guidance(pipeline))
         self._pipeline = pipeline
         self.options = options or RuntimeOptions(device="cpu")
         self.space = encoder_space(encoder)

@@ -38,7 +38,7 @@ from results_file import write_results  # bench/results_file.py
 console = Console()
 WEIGHTS = Path("src/dprdm/weights")
 AUTOENCODERS = {  # name -> a pipeline folder (its autoencoder/) or an autoencoder folder
-    "v5 (shipped)": "src/dprdm/weights/demo-generator",
+    "v5 (shipped until session 15)": "checkpoints/v5/demo-generator",
     "issue-18 8 channels": "checkpoints/issue18/generator-8ch",
     "issue-18 deeper decoder": "checkpoints/issue18/generator-8ch-split-dec",
 }

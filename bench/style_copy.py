@@ -37,7 +37,8 @@ from results_file import write_results  # bench/results_file.py
 
 console = Console()
 PAIRS = {  # name -> (generator folder, encoder folder)
-    "v5 (shipped)": ("src/dprdm/weights/demo-generator", "src/dprdm/weights/demo-encoder"),
+    "v5 (shipped until session 15)": ("checkpoints/v5/demo-generator",
+                                      "checkpoints/v5/demo-encoder"),
     "issue-18 candidate": ("checkpoints/issue18/generator-8ch",
                            "checkpoints/issue18/encoder-family"),
 }

@@ -202,6 +202,8 @@ def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, 
             return super().__call__(*args, **kwargs)
 
     pipe.__class__ = Recording
+    assert pipe.config.content_guidance == 6.0  # the shipped generator records its own
+    pipe.register_to_config(content_guidance=None)  # one that records none: plain guidance
     prompts = CAPTIONS[:3]
     plain_plan = EvalPlan(k=4, q=0.5, lam=0.5, steps=2, seed=3, guidance=2.0)
     split_plan = EvalPlan(k=4, q=0.5, lam=0.5, steps=2, seed=3, guidance=2.0,
@@ -220,6 +222,12 @@ def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, 
                             "--content-guidance", "5", *FAST)
     assert result.exit_code == 0, result.output
     assert "(split: content guidance 5.0)" in (out / "results.md").read_text()
+    default = tmp_path / "default"  # none given: the shipped generator's own, run and reported
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(default), "--epsilons", "8", "--queries", "100", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "(split: content guidance 6.0)" in (default / "results.md").read_text()
+    assert json.loads((default / "runs.json").read_text())["plan"]["content_guidance"] == 6.0
     assert SqliteLedger(private_index).summary().queries == 0
     for bad in (["--content-guidance", "-1"],
                 ["--content-guidance", "2", "--generator", "kandinsky-2.2"]):

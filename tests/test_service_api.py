@@ -292,8 +292,14 @@ def test_content_guidance_is_the_operators_split_guidance_for_every_request(tmp_
     np.testing.assert_allclose(call["content_conditions"], np.repeat(text, 2, axis=0),
                                atol=1e-6)
     calls.clear()
-    plain = Service(tmp_path / "plain").generate(prompt="red apple", **FAST).json()
-    assert plain["content_guidance"] is None and "content_conditions" not in calls[0]
+    # none given: the one the generator records it was chosen at (the shipped one's: 6)
+    default = Service(tmp_path / "default").generate(prompt="red apple", **FAST).json()
+    assert models()[1].config.content_guidance == 6.0
+    assert default["content_guidance"] == 6.0 and calls[0]["content_guidance"] == 6.0
+    calls.clear()
+    plain = Service(tmp_path / "plain", content_guidance=FAST.get("guidance", 3.0)).generate(
+        prompt="red apple", **FAST).json()  # equal scales: plain classifier-free guidance
+    assert plain["content_guidance"] == FAST.get("guidance", 3.0)
     # the operator's setting, from a config file too; a client has no field for it
     index = make_index(tmp_path / "private", 2.0)
     config_file = tmp_path / "service.toml"
@@ -435,6 +441,7 @@ def test_serve_json_announces_only_once_bound_and_healthy(tmp_path):
         assert ready["url"] == f"http://127.0.0.1:{server.port}/"
         assert f"localhost:{server.port}" in ready["allowed_hosts"]
         assert ready["docs"] is False and ready["budget"]["queries_spent"] == 0
+        assert ready["content_guidance"] == 6.0  # none given: the shipped generator's own
     finally:
         server.stop()
 

@@ -252,11 +252,13 @@ def test_content_guidance_splits_guidance_on_each_prompts_own_text_and_is_part_o
     assert result.exit_code == 2 and "content_guidance" in error["message"]
     assert queries(private_index) == 3
     calls.clear()
-    plain = tmp_path / "plain"
-    result, _ = synthesize(*args[:-1], str(plain))
-    assert result.exit_code == 0 and calls and not any("content_conditions" in c for c in calls)
+    default = tmp_path / "default"  # none given: the generator's own (the shipped one's: 6)
+    result, _ = synthesize(*args[:-1], str(default))
+    generation = [c for c in calls if "content_conditions" in c]
+    assert result.exit_code == 0 and generation
+    assert all(c["content_guidance"] == 6.0 for c in generation)
     assert {json.loads(line)["content_guidance"] for line in
-            (plain / "data" / "metadata.jsonl").read_text().splitlines()} == {None}
+            (default / "data" / "metadata.jsonl").read_text().splitlines()} == {6.0}
 
 
 def test_an_unaffordable_job_is_refused_unless_partial_says_what_to_do(tmp_path, dim):

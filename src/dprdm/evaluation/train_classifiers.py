@@ -336,6 +336,12 @@ def style_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
 # measurements
 
 
+# The generator whose autoencoder the yardsticks were trained against (its reconstructions are
+# negatives and reports): v5, shipped until the issue-18 generator replaced it; kept in the
+# repository so that training them again gives the same yardsticks.
+YARDSTICK_AUTOENCODER = Path(__file__).resolve().parents[3] / "checkpoints" / "v5" / "demo-generator"
+
+
 def concept_accuracy(classifiers: EvalClassifiers, split: Split) -> dict:
     """Top-1 / top-10 concept and category accuracy on the images whose caption the head has."""
     from dprdm.evaluation.metrics import concept_scores
@@ -345,12 +351,17 @@ def concept_accuracy(classifiers: EvalClassifiers, split: Split) -> dict:
 
 def autoencoder_reconstructions(images: np.ndarray, autoencoder: torch.nn.Module | None = None
                                 ) -> np.ndarray:
-    """Images through `autoencoder` (default: the shipped generator's), posterior mean, decoded,
-    clamped: the decoder's ceiling on a style (``bench/decoder_ceiling.py``)."""
-    from dprdm.generation.pipeline import DEFAULT_DIR, RetrievalDiffusionPipeline
+    """Images through `autoencoder` (default: :data:`YARDSTICK_AUTOENCODER`, the one the
+    yardsticks were trained against), posterior mean, decoded, clamped: the decoder's ceiling
+    on a style (``bench/decoder_ceiling.py``)."""
+    from dprdm.generation.pipeline import RetrievalDiffusionPipeline
 
     if autoencoder is None:
-        autoencoder = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR).autoencoder
+        if not (YARDSTICK_AUTOENCODER / "model_index.json").is_file():
+            raise FileNotFoundError(f"no generator at {YARDSTICK_AUTOENCODER}: the yardsticks "
+                                    "are trained from a clone of the repository")
+        autoencoder = RetrievalDiffusionPipeline.from_pretrained(
+            YARDSTICK_AUTOENCODER).autoencoder
     autoencoder = autoencoder.eval()
     out = []
     with torch.no_grad():

@@ -79,6 +79,11 @@ def test_content_guidance_reaches_the_pipeline_through_the_cli(private_index, tm
                                np.repeat(load_encoder("demo").encode_text(["red apple"]), 2, 0),
                                atol=1e-6)
     assert SqliteLedger(private_index).summary().queries == 1
+    calls.clear()  # none given: the shipped generator's own, used and reported
+    result, report = generate("red apple", "--index", str(private_index), *MECHANISM, *FAST,
+                              "--out", str(tmp_path / "default"))
+    assert result.exit_code == 0, result.output
+    assert report["content_guidance"] == 6.0 and calls[0]["content_guidance"] == 6.0
 
 
 def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tmp_path):

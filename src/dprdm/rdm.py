@@ -205,6 +205,9 @@ class RetrievalAugmentedGenerator:
             "timings_s": {"conditioning": round(retrieved - started, 3),
                           "generation": round(finished - retrieved, 3)},
         }
+        split = getattr(self.backend, "content_guidance", None)
+        if split is not None:  # split guidance (demo backend): the scale the images were made at
+            report["content_guidance"] = split
         if self.settings is not None:
             report["mechanism"] = asdict(self.settings)
         if receipts:  # what THIS call charged (concurrent callers do not blur it)

@@ -123,7 +123,7 @@ def generate(
                 save_png(path, image)
                 files.append(str(path))
         save_png(out / "grid.png", image_grid(result.images, row_labels=prompt_list))
-        report = dict(result.report, **split, files=files, grid=str(out / "grid.png"))
+        report = dict(result.report, files=files, grid=str(out / "grid.png"))
         write_bytes_atomically(out / "report.json", (json.dumps(report, indent=1) + "\n").encode())
         if not as_json:
             console.print(f"wrote {len(files)} images and {out / 'grid.png'}")

@@ -74,8 +74,7 @@ def evaluate(
     content_guidance: float = typer.Option(
         None, "--content-guidance", help="Demo generator: split guidance, this scale towards "
         "the prompt and --guidance from it towards the retrieved condition (default: "
-        "the generator's own "
-        "(the shipped one: 6), else plain guidance)."),
+        "the generator's own (the shipped one: 6), else plain guidance)."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampler steps."),
     seed: int = typer.Option(0, "--seed", help="Diffusion sampler and prompt-subset seed only."),
     repeats: int = typer.Option(1, "--repeats",

@@ -64,8 +64,8 @@ def serve(
         None, "--content-guidance", metavar="G",
         help="Demo generator: split guidance for every request, G the prompt text's own scale "
              "(the request's guidance then scales only what the released condition adds; see "
-             "docs/generator.md). Default: the generator's own "
-             "(the shipped one: 6), else plain guidance."),
+             "docs/generator.md). Default: the generator's own (the shipped one: 6), "
+             "else plain guidance."),
     docs: bool = typer.Option(None, "--docs/--no-docs",
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
                                    "load their scripts from a CDN); off by default."),

@@ -339,7 +339,8 @@ def style_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]):
 # The generator whose autoencoder the yardsticks were trained against (its reconstructions are
 # negatives and reports): v5, shipped until the issue-18 generator replaced it; kept in the
 # repository so that training them again gives the same yardsticks.
-YARDSTICK_AUTOENCODER = Path(__file__).resolve().parents[3] / "checkpoints" / "v5" / "demo-generator"
+YARDSTICK_AUTOENCODER = (Path(__file__).resolve().parents[3] / "checkpoints" / "v5"
+                         / "demo-generator")
 
 
 def concept_accuracy(classifiers: EvalClassifiers, split: Split) -> dict:

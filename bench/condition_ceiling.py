@@ -29,32 +29,29 @@ from rich.console import Console
 from rich.table import Table
 
 from dprdm.data import load_folder
+from dprdm.demo_layout import validation_holdout_dir, validation_private_index_dir
 from dprdm.encoders import load_encoder
-from dprdm.evaluation.classifiers import AGAINST_PUBLIC_AND_AUGMENTATIONS, EvalClassifiers
-from dprdm.evaluation.judge import StyleJudge
+from dprdm.evaluation.classifiers import EvalClassifiers
 from dprdm.evaluation.metrics import concept_scores
 from dprdm.generation.pipeline import DEFAULT_DIR, RetrievalDiffusionPipeline
 from dprdm.retrieval import EmbeddingIndex
 from results_file import write_results  # bench/results_file.py
+from strict_judges import openmoji_judge, validation_judge  # bench/strict_judges.py
 
 console = Console()
-WEIGHTS = Path("src/dprdm/weights")
 K_RANDOM = 40
 
 
-def domains(root: Path) -> dict[str, dict]:
+def domains(root: Path, classifiers: EvalClassifiers) -> dict[str, dict]:
     """name -> held-out folder, private index folder and the strict judge's probability."""
-    openmoji = EvalClassifiers.from_pretrained(WEIGHTS / "eval-classifiers")
-    fluent_hc = root / "validation" / "fluent_hc"
     return {
         "Fluent High Contrast (validation)": {
-            "holdout": fluent_hc / "holdout", "private": fluent_hc / "private",
-            "judge": StyleJudge.from_pretrained(WEIGHTS / "validation-judge-fluent-hc")
-            .probability},
+            "holdout": validation_holdout_dir(root, "fluent_hc"),
+            "private": validation_private_index_dir(root, "fluent_hc"),
+            "judge": validation_judge("fluent_hc")},
         "OpenMoji (report)": {
             "holdout": root / "holdout", "private": root / "private",
-            "judge": lambda images: openmoji.openmoji_probability(
-                images, against=AGAINST_PUBLIC_AND_AUGMENTATIONS)},
+            "judge": openmoji_judge(classifiers)},
     }
 
 
@@ -85,17 +82,16 @@ def main() -> None:
                         else pipe.config.content_guidance)
     if content_guidance is None:
         raise SystemExit("give --content-guidance: the generator records none")
-    concepts = EvalClassifiers.from_pretrained(WEIGHTS / "eval-classifiers")
+    concepts = EvalClassifiers.from_pretrained()
     rows = []
-    for name, domain in domains(args.data).items():
+    for name, domain in domains(args.data, concepts).items():
         held = load_folder(domain["holdout"], encoder.load_size, show_progress=False)
         captions = list(held.captions)
         text = encoder.encode_text(captions)
         own = encoder.encode_images(held.images)
         index = EmbeddingIndex.open(domain["private"])
         private = index.rows_float32(np.arange(index.n))
-        real = float(np.mean(domain["judge"](load_folder(domain["holdout"], 32,
-                                                         show_progress=False).images) >= 0.5))
+        real = float(np.mean(domain["judge"](held.images) >= 0.5))  # judges resize to 32
         for label, cond in conditions(own, text, private, np.random.default_rng(0)).items():
             images = pipe(cond.astype(np.float32), guidance=3.0, steps=50,
                           generator=torch.Generator().manual_seed(0), content_conditions=text,

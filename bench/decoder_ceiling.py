@@ -29,14 +29,13 @@ from rich.table import Table
 from dprdm.data import load_folder
 from dprdm.data.style_family import apply_recipe, style_family
 from dprdm.encoders.evaluate import UNSEEN_RECIPE_SEED
-from dprdm.evaluation.classifiers import AGAINST_PUBLIC_AND_AUGMENTATIONS, EvalClassifiers
-from dprdm.evaluation.judge import StyleJudge
+from dprdm.demo_layout import validation_holdout_dir
 from dprdm.evaluation.train_classifiers import autoencoder_reconstructions
 from dprdm.generation.autoencoder import Autoencoder
 from results_file import write_results  # bench/results_file.py
+from strict_judges import openmoji_judge, validation_judge  # bench/strict_judges.py
 
 console = Console()
-WEIGHTS = Path("src/dprdm/weights")
 AUTOENCODERS = {  # name -> a pipeline folder (its autoencoder/) or an autoencoder folder
     "v5 (shipped until session 15)": "checkpoints/v5/demo-generator",
     "issue-18 8 channels": "checkpoints/issue18/generator-8ch",
@@ -57,7 +56,6 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
 
 def styles(root: Path) -> dict[str, dict]:
     """name -> images and (for the judged styles) a probability function of their judge."""
-    openmoji = EvalClassifiers.from_pretrained(WEIGHTS / "eval-classifiers")
     held = {row["concept"] for row in load_folder(root / "holdout", 32,
                                                   show_progress=False).extra}
     twemoji = load_folder(root / "data" / "twemoji", 32, show_progress=False)
@@ -66,20 +64,18 @@ def styles(root: Path) -> dict[str, dict]:
     procedural = np.concatenate([
         apply_recipe(base[rng.choice(len(base), PER_RECIPE, replace=False)], recipe)
         for recipe in style_family(RECIPES, UNSEEN_RECIPE_SEED)])
-    folder = root / "validation" / "fluent_hc" / "holdout"
+    folder = validation_holdout_dir(root, "fluent_hc")
     return {
         "Fluent High Contrast": {
             "images": load_folder(folder, 32, show_progress=False).images,
-            "judge": StyleJudge.from_pretrained(WEIGHTS / "validation-judge-fluent-hc")
-            .probability},
+            "judge": validation_judge("fluent_hc")},
         "EmojiOne 2": {
             "images": load_folder(root / "data" / "emojione", 32, show_progress=False).images,
-            "judge": StyleJudge.from_pretrained(WEIGHTS / "validation-judge").probability},
+            "judge": validation_judge("emojione")},
         f"{RECIPES} unseen recipes": {"images": procedural, "judge": None},
         "OpenMoji (report)": {
             "images": load_folder(root / "holdout", 32, show_progress=False).images,
-            "judge": lambda images: openmoji.openmoji_probability(
-                images, against=AGAINST_PUBLIC_AND_AUGMENTATIONS)},
+            "judge": openmoji_judge()},
     }
 
 

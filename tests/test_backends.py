@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_backends as tb  # noqa: E402
 from tiny_backends import one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
-from dprdm.conditioning import interpolate  # noqa: E402
+from dprdm.conditioning import interpolate, pool_releases  # noqa: E402
 from dprdm.errors import InvalidParameterError  # noqa: E402
 from dprdm.generation.backends import (BackendLoadError, ConditioningSpace,  # noqa: E402
                                        RuntimeOptions, SpaceMismatchError, load_backend)
@@ -141,8 +141,9 @@ def test_dp_generation_charges_one_query_per_prompt_and_the_model_sees_the_mix(b
         result = rag.generate(PROMPTS, n=1, guidance=4.0, steps=2, seed=0)
     assert result.images.shape[:2] == (2, 1) and result.images.dtype == np.uint8
     assert ledger.summary().queries == 2 and result.report["ledger"]["queries_by_call"] == 2
-    expected = backend.to_model_scale(interpolate(released[0], backend.embed_prompts(PROMPTS),
-                                                  0.7))
+    pooled, kept = pool_releases(released[0], 0.5)  # the default: the call's releases pooled
+    assert result.report["pooling"] == {"releases": 2, "kept": round(kept, 4)}
+    expected = backend.to_model_scale(interpolate(pooled, backend.embed_prompts(PROMPTS), 0.7))
     assert seen, "the model was never called"
     np.testing.assert_allclose(np.concatenate(seen), expected, rtol=1e-5, atol=1e-5)
     if backend.name != "demo":  # raw CLIP scale from public statistics, not the unit sphere

@@ -237,6 +237,42 @@ def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, 
         assert not (tmp_path / "refused").exists()
 
 
+def test_dp_releases_are_pooled_per_batch_unless_the_plan_says_not(private_index, holdout,
+                                                                     tmp_path, encoder):
+    from dprdm.evaluation.harness import Setting, generate_setting
+    from dprdm.generation import DEFAULT_DIR, RetrievalDiffusionPipeline
+    from dprdm.retrieval import EmbeddingIndex
+
+    pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
+    index = EmbeddingIndex.open(private_index)
+    seen = []
+
+    class Recording(RetrievalDiffusionPipeline):  # the conditions the pipeline is given
+        def __call__(self, conditions, *args, **kwargs):
+            seen.append(np.asarray(conditions, dtype=np.float64))
+            return super().__call__(conditions, *args, **kwargs)
+
+    pipe.__class__ = Recording
+    setting = Setting("dp", 50.0, 100, sigma=0.5)  # noise far above these aggregates' spread
+
+    def spread(plan: EvalPlan) -> float:
+        seen.clear()
+        generate_setting(setting, CAPTIONS, plan, encoder, pipe, index, None)
+        (conditions,) = seen
+        return float(np.sum((conditions - conditions.mean(axis=0)) ** 2))
+
+    pooled = spread(EvalPlan(k=4, q=0.5, lam=1.0, steps=1, guidance=1.0))
+    raw = spread(EvalPlan(k=4, q=0.5, lam=1.0, steps=1, guidance=1.0, pool=False))
+    assert pooled < 0.25 * raw  # b < 0.5: most of each release's own noise averaged away
+    out = tmp_path / "raw"
+    result, _ = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                         "--out", str(out), "--epsilons", "8", "--queries", "100", "--no-pool",
+                         *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "runs.json").read_text())["plan"]["pool"] is False
+    assert "DP releases used one by one" in (out / "results.md").read_text()
+
+
 def test_plan_validation_and_settings_order():
     with pytest.raises(InvalidParameterError):
         EvalPlan(epsilons=(0.0,))
@@ -252,6 +288,8 @@ def test_plan_validation_and_settings_order():
     for content_guidance in (-1.0, 31.0, float("inf")):
         with pytest.raises(InvalidParameterError, match="content_guidance"):
             EvalPlan(content_guidance=content_guidance)
+    with pytest.raises(InvalidParameterError, match="pool"):
+        EvalPlan(pool="yes")
     names = [s.label for s in plan_settings(EvalPlan(epsilons=(5.0,), queries=(10, 20)))]
     assert names == ["public-only", "DP eps=5 T=10", "DP eps=5 T=20", "non-private"]
 

@@ -86,6 +86,20 @@ def test_content_guidance_reaches_the_pipeline_through_the_cli(private_index, tm
     assert report["content_guidance"] == 6.0 and calls[0]["content_guidance"] == 6.0
 
 
+def test_a_calls_releases_are_pooled_unless_no_pool_is_given(private_index, tmp_path):
+    prompts = ["red apple", "smiling cat face", "blue car"]
+    result, report = generate(*prompts, "--index", str(private_index), *MECHANISM, *FAST,
+                              "--out", str(tmp_path / "pooled"))
+    assert result.exit_code == 0, result.output
+    # sigma 1 in 64 dimensions drowns these aggregates: little of each release's own is kept
+    assert report["pooling"]["releases"] == 3 and 0.0 <= report["pooling"]["kept"] < 0.5
+    result, report = generate(*prompts, "--index", str(private_index), *MECHANISM, *FAST,
+                              "--no-pool", "--out", str(tmp_path / "raw"))
+    assert result.exit_code == 0, result.output
+    assert "pooling" not in report and report["ledger"]["queries_by_call"] == 3
+    assert SqliteLedger(private_index).summary().queries == 6  # pooled or not: one per prompt
+
+
 def test_generation_is_refused_cleanly_when_the_budget_is_gone(private_index, tmp_path):
     ledger = SqliteLedger(private_index)
     ledger.charge(PARAMS, ledger.remaining_queries(PARAMS))

@@ -261,6 +261,20 @@ def test_content_guidance_splits_guidance_on_each_prompts_own_text_and_is_part_o
             (default / "data" / "metadata.jsonl").read_text().splitlines()} == {6.0}
 
 
+def test_pooling_is_part_of_the_job(private_index, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("red apple\ncat face\nblue car\n")
+    job = tmp_path / "job"
+    args = ["--prompts", str(path), "--index", str(private_index), *FAST, "--out", str(job)]
+    result, _ = synthesize(*args, "--no-pool")
+    assert result.exit_code == 0, result.output
+    assert Journal(job).params["pool"] is False
+    assert queries(private_index) == 3
+    result, error = synthesize(*args)  # pooled releases would be another job: refused
+    assert result.exit_code == 2 and "pool" in error["message"]
+    assert queries(private_index) == 3
+
+
 def test_an_unaffordable_job_is_refused_unless_partial_says_what_to_do(tmp_path, dim):
     index = make_index(tmp_path / "small", dim, epsilon=1.0)
     affordable = SqliteLedger(index).remaining_queries(MECHANISM.params)

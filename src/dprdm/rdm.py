@@ -6,7 +6,9 @@ evaluation harness and the service share, and :class:`MechanismSettings`, the op
 the only source: there is no mechanism file to edit).
 
 Per prompt p with text embedding x:
-* DP mode: r = PrivateRetrieval.release(x) (one query each, charged first), c = lam*r + (1-lam)*x;
+* DP mode: r = PrivateRetrieval.release(x) (one query each, charged first); with ``pool`` (the
+  default) the releases of one call are shrunk towards their mean (:func:`pool_releases`, free);
+  c = lam*r + (1-lam)*x;
 * public-only mode: no private data at all; r is replaced by the mean of x's k nearest neighbours
   in a PUBLIC index when one is given (c = lam*m + (1-lam)*x), else c = x.
 All n images of a prompt come from the same c: post-processing, no extra privacy cost. The user's
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dprdm.conditioning import check_lam, interpolate
+from dprdm.conditioning import check_lam, interpolate, pool_releases
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
 from dprdm.privacy.receipts import call_figures
@@ -131,7 +133,10 @@ class RetrievalAugmentedGenerator:
                  private_index: EmbeddingIndex | None = None,
                  ledger: SqliteLedger | None = None, settings: MechanismSettings | None = None,
                  public_index: EmbeddingIndex | None = None, strategy: str = "subsample",
-                 ray_address: str | None = None, shards=None) -> None:
+                 ray_address: str | None = None, shards=None, pool: bool = True) -> None:
+        if not isinstance(pool, bool):
+            raise InvalidParameterError(f"pool must be True or False, got {pool!r}")
+        self.pool = pool
         if backend is None:
             if encoder is None or pipeline is None:
                 raise InvalidParameterError("give a generator backend, or an encoder and a "
@@ -168,9 +173,10 @@ class RetrievalAugmentedGenerator:
                                                   strategy=strategy)
 
     def conditions(self, prompts: list[str], public_only: bool, caller: str = "",
-                   receipts: list | None = None) -> np.ndarray:
+                   receipts: list | None = None, pooling: dict | None = None) -> np.ndarray:
         """(P, d) conditioning vectors; in DP mode this charges one query per prompt (the
-        ledger's receipt is appended to `receipts` when given)."""
+        ledger's receipt is appended to `receipts` when given) and, with ``pool``, pools the P
+        releases (what was kept of each release's own deviation is written into `pooling`)."""
         text = self.backend.embed_prompts(prompts)
         lam = self.settings.lam if self.settings is not None else 1.0
         if public_only:
@@ -181,6 +187,10 @@ class RetrievalAugmentedGenerator:
         if self.mechanism is None:
             raise InvalidParameterError("no private index configured: use public-only mode")
         released = self.mechanism.release(text, caller=caller, receipts=receipts)
+        if self.pool:  # post-processing of the releases just charged: free
+            released, kept = pool_releases(released, self.settings.sigma)
+            if pooling is not None:
+                pooling.update(releases=len(released), kept=round(kept, 4))
         return interpolate(released, text, lam)
 
     def generate(self, prompts: list[str], n: int = 1, guidance: float = 3.0, steps: int = 50,
@@ -191,8 +201,9 @@ class RetrievalAugmentedGenerator:
         if not public_only and self.mechanism is None:
             raise InvalidParameterError("no private index configured: use public-only mode")
         receipts: list = []
+        pooling: dict = {}
         started = time.perf_counter()
-        conditions = self.conditions(prompts, public_only, caller, receipts)
+        conditions = self.conditions(prompts, public_only, caller, receipts, pooling)
         retrieved = time.perf_counter()
         images = self.backend.render(conditions, prompts, n=n, guidance=guidance, steps=steps,
                                      seed=seed)
@@ -210,6 +221,8 @@ class RetrievalAugmentedGenerator:
             report["content_guidance"] = split
         if self.settings is not None:
             report["mechanism"] = asdict(self.settings)
+        if pooling:  # releases shrunk towards their mean: how much of each one's own was kept
+            report["pooling"] = pooling
         if receipts:  # what THIS call charged (concurrent callers do not blur it)
             report["ledger"] = call_figures(receipts, self.ledger)
         return GenerationResult(images=images, report=report)

@@ -76,6 +76,9 @@ def evaluate(
         "the prompt and --guidance from it towards the retrieved condition (default: "
         "the generator's own (the shipped one: 6), else plain guidance)."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampler steps."),
+    pool: bool = typer.Option(True, "--pool/--no-pool",
+                              help="Shrink each batch's DP releases towards their mean "
+                                   "(James-Stein; free post-processing)."),
     seed: int = typer.Option(0, "--seed", help="Diffusion sampler and prompt-subset seed only."),
     repeats: int = typer.Option(1, "--repeats",
                                 help="Images per prompt and setting, each with other diffusion "
@@ -205,7 +208,7 @@ def evaluate(
             delta=delta if delta is not None else (ledger_delta or 1e-5),
             samples=QUICK_SAMPLES if quick and samples is None else samples,
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
-            content_guidance=split.get("content_guidance"),
+            content_guidance=split.get("content_guidance"), pool=pool,
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
         backend = backend or choice.load_backend()
         public = EmbeddingIndex.open(public_dir) if public_dir is not None else None

@@ -25,6 +25,9 @@ def generate(
     lam: float = typer.Option(None, "--lam", help="c = lam * released + (1 - lam) * text "
                                                   "(default: the ledger's lam; free)."),
     n: int = typer.Option(1, "-n", "--images-per-prompt", help="Images per prompt (free)."),
+    pool: bool = typer.Option(True, "--pool/--no-pool",
+                              help="Shrink the prompts' DP releases towards their mean "
+                                   "(James-Stein, docs/privacy.md; free)."),
     guidance: float = typer.Option(3.0, "--guidance", help="Classifier-free guidance scale."),
     content_guidance: float = typer.Option(
         None, "--content-guidance", help="Demo generator: split guidance, this scale towards "
@@ -109,7 +112,7 @@ def generate(
             backend=choice.load_backend(**split),
             private_index=private, ledger=ledger, settings=settings,
             public_index=public,
-            ray_address=ray_address,
+            ray_address=ray_address, pool=pool,
         )
         out.mkdir(parents=True, exist_ok=True)
         result = rag.generate(prompt_list, n=n, guidance=guidance, steps=steps, seed=seed,

@@ -26,7 +26,7 @@ MAX_BATCH = 256
 FORMATS = ("imagefolder", "parquet")
 # Job parameters that must match for a re-run to continue a job folder.
 IDENTITY = ("prompts_sha256", "images_per_prompt", "steps", "guidance", "content_guidance",
-            "seed", "reuse_identical", "index", "mechanism", "encoder", "generator")
+            "seed", "reuse_identical", "pool", "index", "mechanism", "encoder", "generator")
 
 
 @dataclass
@@ -39,9 +39,10 @@ class Backend:
     generator: str
 
 
-def open_backend(index_dir: Path, encoder: str, generator: str) -> Backend:
-    """Open the private index, its ledger and mechanism settings, the encoder and the generator.
-    (The single place to switch to a verified index+ledger entry point.)"""
+def open_backend(index_dir: Path, encoder: str, generator: str, pool: bool = True) -> Backend:
+    """Open the private index, its ledger and mechanism settings, the encoder and the generator
+    (`pool`: each batch's releases pooled, docs/privacy.md). (The single place to switch to a
+    verified index+ledger entry point.)"""
     from dprdm.encoders import load_encoder
     from dprdm.generation import RetrievalDiffusionPipeline
     from dprdm.generation.pipeline import DEFAULT_DIR
@@ -58,7 +59,7 @@ def open_backend(index_dir: Path, encoder: str, generator: str) -> Backend:
     ledger = ReceiptLedger(opened)
     rag = RetrievalAugmentedGenerator(
         load_encoder(encoder), RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
-        private_index=index, ledger=ledger, settings=settings)
+        private_index=index, ledger=ledger, settings=settings, pool=pool)
     return Backend(rag, ledger, settings, Path(index_dir), encoder, generator)
 
 
@@ -137,12 +138,12 @@ def job_progress(enabled: bool, total: int, done: int, budget: float, epsilon: f
 
 def _job_params(prompt_file, out_index: Path, backend: Backend, n: int, steps: int,
                 guidance: float, content_guidance: float | None, seed: int | None,
-                reuse: bool) -> dict:
+                reuse: bool, pool: bool) -> dict:
     return {"job_id": uuid.uuid4().hex[:12], "prompts_file": str(Path(prompt_file.path).resolve()),
             "prompts_sha256": prompt_file.sha256, "prompts": len(prompt_file.rows),
             "images_per_prompt": n, "steps": steps, "guidance": guidance,
             "content_guidance": content_guidance, "seed": seed,
-            "reuse_identical": reuse, "index": str(out_index.resolve()),
+            "reuse_identical": reuse, "pool": pool, "index": str(out_index.resolve()),
             "mechanism": asdict(backend.settings), "encoder": backend.encoder,
             "generator": backend.generator}
 
@@ -182,6 +183,9 @@ def synthesize(
                                  help="If the budget cannot afford the job, do what it affords."),
     reuse_identical: bool = typer.Option(True, "--reuse-identical/--no-reuse-identical",
                                          help="Identical prompts share one release (free)."),
+    pool: bool = typer.Option(True, "--pool/--no-pool",
+                              help="Shrink each batch's releases towards their mean "
+                                   "(James-Stein, docs/privacy.md; free)."),
     output_format: str = typer.Option("imagefolder", "--format",
                                       help="imagefolder (always written), or parquet as well."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; charge nothing."),
@@ -213,7 +217,8 @@ def synthesize(
                 raise NotFoundError(f"no job journal in {job_dir}")
             journal = Journal(job_dir)
             params = journal.params
-            backend = open_backend(Path(params["index"]), params["encoder"], params["generator"])
+            backend = open_backend(Path(params["index"]), params["encoder"], params["generator"],
+                                   params.get("pool", False))  # older journals: not pooled
             if asdict(backend.settings) != params["mechanism"]:
                 raise DprdmError(f"the mechanism of {params['index']} changed since the job "
                                  "started; its released conditions belong to the old one")
@@ -234,12 +239,13 @@ def synthesize(
                     and any(p.name != LOCK_FILE for p in out.iterdir())):
                 raise InvalidParameterError(f"{out} is not empty and holds no job journal")
             job_dir = out
-            backend = open_backend(Path(index_dir), encoder, str(model) if model else "demo")
+            backend = open_backend(Path(index_dir), encoder, str(model) if model else "demo",
+                                   pool)
             # not given: the content guidance the generator records it was chosen at
             content = split.get("content_guidance",
                                 getattr(backend.rag.backend, "content_guidance", None))
             params = _job_params(prompt_file, Path(index_dir), backend, n, steps, guidance,
-                                 content, seed, reuse_identical)
+                                 content, seed, reuse_identical, pool)
             journal = Journal(job_dir) if Journal.exists(job_dir) else None
             if journal is not None:
                 _check_same_job(journal.params, params, job_dir)

@@ -65,6 +65,7 @@ class EvalPlan:
     kid_subsets: int = 100
     public_only: bool = True
     non_private: bool = True
+    pool: bool = True  # DP: shrink each call's releases towards their mean (free; rdm.py)
 
     def __post_init__(self) -> None:
         if not self.epsilons or any(not (math.isfinite(e) and e > 0) for e in self.epsilons):
@@ -80,6 +81,8 @@ class EvalPlan:
         split_guidance(self.content_guidance, "demo")  # its value (run_evaluation: the generator)
         if not 0.0 <= self.lam <= 1.0:
             raise InvalidParameterError(f"lam must lie in [0, 1], got {self.lam}")
+        if not isinstance(self.pool, bool):
+            raise InvalidParameterError(f"pool must be True or False, got {self.pool!r}")
         if self.kid_subsets < 1:
             raise InvalidParameterError("kid_subsets must be >= 1")
         if isinstance(self.repeats, bool) or int(self.repeats) != self.repeats or self.repeats < 1:
@@ -224,7 +227,7 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                     rag = RetrievalAugmentedGenerator(backend=backend,
                                                       private_index=private_index,
                                                       ledger=ledgers[-1], settings=mechanism,
-                                                      shards=private_shards)
+                                                      shards=private_shards, pool=plan.pool)
                     used_in_ledger = 0
                 take = min(part.stop - i, setting.queries - used_in_ledger)
                 conditions_parts.append(rag.conditions(prompts[i:i + take], public_only=False,
@@ -456,7 +459,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
         "domain": domain,
         "feature_space": feature_space(extractor),
         "demo_metrics": classifiers is not None,
-        "plan": asdict(plan),
+        "plan": {**asdict(plan), "prompt_batch": PROMPT_BATCH},
         "warning": ("Hyper-parameters chosen by looking at these private-data metrics leak "
                     "privacy that no ledger records; choose them on public data."),
         "non_private": "non-private retrieval (sigma=0, q=1) is NOT private: an upper reference",

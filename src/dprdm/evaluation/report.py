@@ -131,7 +131,7 @@ def results_markdown(result: EvalResult) -> str:
         f"reference set of FID/KID/PRDC); {_per_prompt(plan.get('repeats', 1))} per prompt and "
         f"setting, the same diffusion seeds in every setting; guidance {plan['guidance']}"
         f"{_content_guidance(plan)}, "
-        f"{plan['steps']} sampler steps.",
+        f"{plan['steps']} sampler steps{_pooling(plan)}.",
         "",
         markdown_table(result.runs, target),
         "",
@@ -255,6 +255,13 @@ def _per_prompt(repeats: int) -> str:
 def _content_guidance(plan: dict) -> str:
     value = plan.get("content_guidance")
     return "" if value is None else f" (split: content guidance {value})"
+
+
+def _pooling(plan: dict) -> str:
+    if not plan.get("pool", False):
+        return "; DP releases used one by one"
+    return (f"; the DP releases of each batch of {plan.get('prompt_batch', 'several')} prompts "
+            "pooled (shrunk towards their mean, free)")
 
 
 def _short(label: str) -> str:

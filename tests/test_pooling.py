@@ -1,0 +1,156 @@
+"""Pooling a batch's DP releases (dprdm.conditioning.pool_releases) and its place in generation.
+
+The statistical tests simulate releases (aggregate + Gaussian noise) with a seeded numpy
+generator: they test the estimator, not the mechanism, whose noise comes from the OS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dprdm.conditioning import interpolate, pool_releases
+from dprdm.errors import InvalidParameterError
+from dprdm.privacy import InMemoryLedger
+from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator
+from dprdm.retrieval import build_index
+
+SIGMA, DIM, BATCH = 0.0875, 64, 32  # the demo's epsilon 10 / 1,000-query noise, d, eval batch
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def simulate(aggregates: np.ndarray, rng: np.random.Generator, trials: int):
+    """Mean squared error per release of the raw and the pooled releases, and the mean b."""
+    raw = pooled = kept = 0.0
+    for _ in range(trials):
+        released = aggregates + rng.normal(0.0, SIGMA, aggregates.shape)
+        estimate, b = pool_releases(released, SIGMA)
+        raw += np.mean(np.sum((released - aggregates) ** 2, axis=1)) / trials
+        pooled += np.mean(np.sum((estimate - aggregates) ** 2, axis=1)) / trials
+        kept += b / trials
+    return raw, pooled, kept
+
+
+def test_a_lone_release_or_no_noise_is_left_as_it_is():
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(1, DIM)).astype(np.float32)
+    out, kept = pool_releases(one, SIGMA)
+    assert kept == 1.0 and np.array_equal(out, one) and out is not one
+    many = rng.normal(size=(5, DIM))
+    out, kept = pool_releases(many, 0.0)
+    assert kept == 1.0 and np.array_equal(out, many)
+
+
+def test_alike_aggregates_are_pooled_and_the_noise_mostly_cancels():
+    """Aggregates near one centroid (one private style): b near 0, error down many-fold."""
+    rng = np.random.default_rng(1)
+    centroid = 0.7 * unit(rng.normal(size=DIM))
+    aggregates = centroid + 0.01 * rng.normal(size=(BATCH, DIM))
+    raw, pooled, kept = simulate(aggregates, rng, trials=200)
+    assert raw == pytest.approx(SIGMA**2 * DIM, rel=0.05)  # the noise itself: 0.49
+    assert kept < 0.1
+    assert pooled < 0.15 * raw
+
+
+def test_aggregates_far_apart_keep_their_own():
+    rng = np.random.default_rng(2)
+    aggregates = unit(rng.normal(size=(BATCH, DIM)))  # spread 1 against noise 0.49
+    raw, pooled, kept = simulate(aggregates, rng, trials=100)
+    assert 0.55 < kept < 0.8  # ~ 1 - 0.49 / (1 + 0.49)
+    assert pooled < raw
+
+
+def test_pooling_never_costs_on_average_however_alike_the_aggregates():
+    """James-Stein towards the grand mean dominates the raw releases when (P - 1) d > 2."""
+    rng = np.random.default_rng(3)
+    for spread in (0.0, 0.3, 0.7, 2.0):
+        aggregates = 0.5 * unit(rng.normal(size=DIM)) + spread * unit(
+            rng.normal(size=(8, DIM))) * rng.random((8, 1))
+        raw, pooled, _ = simulate(aggregates, rng, trials=300)
+        assert pooled < raw * 1.0, spread
+
+
+def test_the_dtype_is_kept():
+    released = np.random.default_rng(4).normal(size=(6, DIM)).astype(np.float32)
+    out, _ = pool_releases(released, SIGMA)
+    assert out.dtype == np.float32 and out.shape == released.shape
+
+
+@pytest.mark.parametrize("released, sigma, message", [
+    (np.zeros(DIM), SIGMA, "must be"),
+    (np.zeros((3, DIM)), -0.1, "sigma"),
+    (np.zeros((3, DIM)), float("nan"), "sigma"),
+    (np.zeros((3, DIM)), True, "sigma"),
+])
+def test_bad_input_is_refused(released, sigma, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        pool_releases(released, sigma)
+
+
+# -- in generation: RetrievalAugmentedGenerator.conditions -----------------------------------------
+
+class TextOnlyBackend:
+    """What conditions() needs of a backend: a name, a space check and the prompts' embeddings."""
+
+    name = "demo"
+
+    class space:  # noqa: N801  (the attribute a backend carries)
+        @staticmethod
+        def check_index(*args, **kwargs) -> None:
+            return None
+
+    def embed_prompts(self, prompts: list[str]) -> np.ndarray:
+        rng = np.random.default_rng(len(prompts))
+        return unit(rng.normal(size=(len(prompts), DIM))).astype(np.float32)
+
+
+@pytest.fixture()
+def private(tmp_path):
+    rng = np.random.default_rng(5)
+    style = unit(rng.normal(size=DIM))
+    records = unit(style + 0.3 * rng.normal(size=(200, DIM))).astype(np.float32)
+    return build_index(records, tmp_path / "private")
+
+
+def rag_with(private, pool, releases: list):
+    settings = MechanismSettings(sigma=SIGMA, q=0.5, k=10, lam=0.75)
+    ledger = InMemoryLedger(epsilon=1e4, delta=1e-6)
+    rag = RetrievalAugmentedGenerator(backend=TextOnlyBackend(), private_index=private,
+                                      ledger=ledger, settings=settings, pool=pool)
+    release = rag.mechanism.release
+    rag.mechanism.release = lambda x, caller="", receipts=None: releases.append(
+        release(x, caller, receipts)) or releases[-1]
+    return rag, ledger
+
+
+PROMPTS = [f"prompt {i}" for i in range(12)]
+
+
+def test_dp_conditions_mix_the_pooled_releases(private):
+    releases: list = []
+    rag, ledger = rag_with(private, True, releases)
+    pooling: dict = {}
+    conditions = rag.conditions(PROMPTS, public_only=False, pooling=pooling)
+    pooled, kept = pool_releases(releases[0], SIGMA)
+    text = TextOnlyBackend().embed_prompts(PROMPTS)
+    np.testing.assert_allclose(conditions, interpolate(pooled, text, 0.75), atol=1e-6)
+    assert pooling == {"releases": 12, "kept": round(kept, 4)} and kept < 0.5
+    assert ledger.summary().queries == 12  # pooling is free: one charge per prompt, as before
+
+
+def test_without_pooling_each_release_is_mixed_as_it_came(private):
+    releases: list = []
+    rag, ledger = rag_with(private, False, releases)
+    pooling: dict = {}
+    conditions = rag.conditions(PROMPTS, public_only=False, pooling=pooling)
+    text = TextOnlyBackend().embed_prompts(PROMPTS)
+    np.testing.assert_allclose(conditions, interpolate(releases[0], text, 0.75), atol=1e-6)
+    assert pooling == {} and ledger.summary().queries == 12
+
+
+def test_a_pool_setting_that_is_not_a_bool_is_refused(private):
+    with pytest.raises(InvalidParameterError, match="pool"):
+        rag_with(private, "yes", [])

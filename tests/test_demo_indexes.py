@@ -76,6 +76,22 @@ def test_the_demo_indexes_record_the_encoder_and_are_reused_with_their_ledger(
     assert ledger.summary().queries == 3
 
 
+def test_a_ledger_pinned_at_an_older_demo_lam_is_kept_and_the_new_mix_is_named(
+        demo_root, shipped, monkeypatch, capsys):
+    current = demo.DEMO_LAM
+    assert current != 0.5
+    monkeypatch.setattr(demo, "DEMO_LAM", 0.5)  # as an older dprdm pinned it
+    demo.prepare_indexes(shipped)
+    assert spend(demo_root / "private") == 3
+    monkeypatch.setattr(demo, "DEMO_LAM", current)
+    capsys.readouterr()
+    demo.prepare_indexes(shipped)
+    said = capsys.readouterr().out
+    _, ledger = open_private_index(demo_root / "private")
+    assert ledger.lam == 0.5 and ledger.summary().queries == 3  # never re-armed for a new mix
+    assert f"--lam {current}" in said
+
+
 def test_an_unrecorded_index_of_the_same_encoder_is_checked_and_kept(demo_root, shipped):
     demo.prepare_indexes(shipped)
     spend(demo_root / "private")

@@ -33,7 +33,7 @@ console = Console()
 
 EPSILON, DELTA, DEMO_QUERIES = 10.0, 1e-5, 1000
 # The mechanism: many neighbours keep the noise small (sensitivity 2/k); see docs/results.md.
-DEMO_K, DEMO_Q, DEMO_LAM = 40, 0.1, 0.5
+DEMO_K, DEMO_Q, DEMO_LAM = 40, 0.1, 0.75
 N_PROMPTS, IMAGES_PER_PROMPT, SEED = 8, 3, 0
 IMAGE_SIZE = 64
 # An index from before the demo recorded its image tower is reused only when its first rows
@@ -145,6 +145,11 @@ def prepare_indexes(encoder) -> None:
         f"lam={ledger.lam} (noise multiplier {params.noise_multiplier:.2f}); {capacity} queries "
         f"fit in epsilon={EPSILON:g}, delta={DELTA:g}"
     )
+    if ledger.lam != DEMO_LAM:  # pinned by an older dprdm; the budget is never re-armed for it
+        console.print(f"[yellow]this index's ledger pins lam={ledger.lam}, from an older dprdm; "
+                      f"the demo's mix is now lam={DEMO_LAM} (docs/results.md): pass --lam "
+                      f"{DEMO_LAM} to generate/eval/serve (free), or delete .dprdm-demo and run "
+                      "`make demo` again (a new index with a new budget)[/]")
 
 
 def held_out_prompts(n: int) -> list[str]:

@@ -186,22 +186,29 @@ def test_repeats_generate_every_prompt_again_with_other_seeds_and_charge_every_r
     assert SqliteLedger(private_index).summary().queries == 0
 
 
-def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, holdout,
-                                                                 tmp_path, encoder):
-    from dprdm.evaluation.harness import Setting, generate_setting
+def recording_pipeline(private_index):
+    """The shipped demo pipeline, recording (conditions, keyword arguments) of every call, and
+    the private index opened."""
     from dprdm.generation import DEFAULT_DIR, RetrievalDiffusionPipeline
     from dprdm.retrieval import EmbeddingIndex
 
     pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
-    index = EmbeddingIndex.open(private_index)
-    seen = []
+    calls: list[tuple[np.ndarray, dict]] = []
 
-    class Recording(RetrievalDiffusionPipeline):  # what the pipeline is called with
-        def __call__(self, *args, **kwargs):
-            seen.append(kwargs)
-            return super().__call__(*args, **kwargs)
+    class Recording(RetrievalDiffusionPipeline):
+        def __call__(self, conditions, *args, **kwargs):
+            calls.append((conditions, kwargs))
+            return super().__call__(conditions, *args, **kwargs)
 
     pipe.__class__ = Recording
+    return pipe, EmbeddingIndex.open(private_index), calls
+
+
+def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, holdout,
+                                                                 tmp_path, encoder):
+    from dprdm.evaluation.harness import Setting, generate_setting
+
+    pipe, index, calls = recording_pipeline(private_index)
     assert pipe.config.content_guidance == 6.0  # the shipped generator records its own
     pipe.register_to_config(content_guidance=None)  # one that records none: plain guidance
     prompts = CAPTIONS[:3]
@@ -212,6 +219,7 @@ def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, 
                                 index, None)
     split, _ = generate_setting(Setting("public-only"), prompts, split_plan, encoder, pipe,
                                 index, None)
+    seen = [kwargs for _, kwargs in calls]  # what the pipeline was called with
     assert "content_conditions" not in seen[0] and seen[1]["content_guidance"] == 6.0
     np.testing.assert_allclose(seen[1]["content_conditions"], encoder.encode_text(prompts),
                                atol=1e-6)  # the prompts' own text embeddings
@@ -240,25 +248,15 @@ def test_split_guidance_reaches_the_demo_pipeline_and_the_report(private_index, 
 def test_dp_releases_are_pooled_per_batch_unless_the_plan_says_not(private_index, holdout,
                                                                      tmp_path, encoder):
     from dprdm.evaluation.harness import Setting, generate_setting
-    from dprdm.generation import DEFAULT_DIR, RetrievalDiffusionPipeline
-    from dprdm.retrieval import EmbeddingIndex
 
-    pipe = RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR)
-    index = EmbeddingIndex.open(private_index)
-    seen = []
-
-    class Recording(RetrievalDiffusionPipeline):  # the conditions the pipeline is given
-        def __call__(self, conditions, *args, **kwargs):
-            seen.append(np.asarray(conditions, dtype=np.float64))
-            return super().__call__(conditions, *args, **kwargs)
-
-    pipe.__class__ = Recording
+    pipe, index, calls = recording_pipeline(private_index)
     setting = Setting("dp", 50.0, 100, sigma=0.5)  # noise far above these aggregates' spread
 
     def spread(plan: EvalPlan) -> float:
-        seen.clear()
+        calls.clear()
         generate_setting(setting, CAPTIONS, plan, encoder, pipe, index, None)
-        (conditions,) = seen
+        ((conditions, _),) = calls
+        conditions = np.asarray(conditions, dtype=np.float64)
         return float(np.sum((conditions - conditions.mean(axis=0)) ** 2))
 
     pooled = spread(EvalPlan(k=4, q=0.5, lam=1.0, steps=1, guidance=1.0))

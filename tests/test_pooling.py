@@ -6,6 +6,8 @@ generator: they test the estimator, not the mechanism, whose noise comes from th
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -96,11 +98,7 @@ class TextOnlyBackend:
     """What conditions() needs of a backend: a name, a space check and the prompts' embeddings."""
 
     name = "demo"
-
-    class space:  # noqa: N801  (the attribute a backend carries)
-        @staticmethod
-        def check_index(*args, **kwargs) -> None:
-            return None
+    space = SimpleNamespace(check_index=lambda *args, **kwargs: None)
 
     def embed_prompts(self, prompts: list[str]) -> np.ndarray:
         rng = np.random.default_rng(len(prompts))

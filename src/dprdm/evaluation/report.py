@@ -260,8 +260,8 @@ def _content_guidance(plan: dict) -> str:
 def _pooling(plan: dict) -> str:
     if not plan.get("pool", False):
         return "; DP releases used one by one"
-    return (f"; the DP releases of each batch of {plan.get('prompt_batch', 'several')} prompts "
-            "pooled (shrunk towards their mean, free)")
+    return (f"; the DP releases of each batch of {plan['prompt_batch']} prompts pooled (shrunk "
+            "towards their mean, free)")
 
 
 def _short(label: str) -> str:

@@ -142,7 +142,8 @@ def test_dp_generation_charges_one_query_per_prompt_and_the_model_sees_the_mix(b
     assert result.images.shape[:2] == (2, 1) and result.images.dtype == np.uint8
     assert ledger.summary().queries == 2 and result.report["ledger"]["queries_by_call"] == 2
     pooled, kept = pool_releases(released[0], 0.5)  # the default: the call's releases pooled
-    assert result.report["pooling"] == {"releases": 2, "kept": round(kept, 4)}
+    assert result.report["pooling"] == {"releases": 2, "kept": round(kept, 4),
+                                        "towards": "call mean"}
     expected = backend.to_model_scale(interpolate(pooled, backend.embed_prompts(PROMPTS), 0.7))
     assert seen, "the model was never called"
     np.testing.assert_allclose(np.concatenate(seen), expected, rtol=1e-5, atol=1e-5)

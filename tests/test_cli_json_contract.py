@@ -66,6 +66,8 @@ def _bad_calls(tmp) -> dict[str, list[str]]:
         "budget show": ["budget", "show", missing],
         "budget set-mechanism": ["budget", "set-mechanism", missing, "--k", "10", "--q", "0.1",
                                  "--sigma", "1"],
+        "budget style-estimate": ["budget", "style-estimate", missing, "--prompts",
+                                  str(tmp / "no-such.txt")],
         "encoders info": ["encoders", "info", "--encoder", missing],
         "encoders embed": ["encoders", "embed", "--images", missing, "--out", npy],
         "encoders train-demo": ["encoders", "train-demo", "--data", missing, "--out", out],

@@ -268,7 +268,72 @@ def test_dp_releases_are_pooled_per_batch_unless_the_plan_says_not(private_index
                          *FAST)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "runs.json").read_text())["plan"]["pool"] is False
-    assert "DP releases used one by one" in (out / "results.md").read_text()
+    assert "DP releases used as released" in (out / "results.md").read_text()
+
+
+def test_one_prompt_calls_and_a_style_estimate_paid_from_each_experiment_ledger(
+        private_index, holdout, tmp_path, encoder):
+    from dprdm.evaluation.harness import Setting, generate_setting
+
+    pipe, index, calls = recording_pipeline(private_index)
+    setting = Setting("dp", 50.0, 100, sigma=0.5)
+    operator = tuple(f"operator prompt {i}" for i in range(6))
+
+    def run(plan: EvalPlan) -> tuple[float, dict]:
+        calls.clear()
+        _, info = generate_setting(setting, CAPTIONS, plan, encoder, pipe, index, None)
+        ((conditions, _),) = calls  # still one render per batch of 32 prompts
+        conditions = np.asarray(conditions, dtype=np.float64)
+        return float(np.sum((conditions - conditions.mean(axis=0)) ** 2)), info
+
+    base = dict(k=4, q=0.5, lam=1.0, steps=1, guidance=1.0, prompt_batch=1)
+    one_by_one, info = run(EvalPlan(**base))  # nothing to pool with: as released
+    assert info["queries_charged"] == len(CAPTIONS)
+    shrunk, info = run(EvalPlan(**base, style_prompts=operator))
+    assert shrunk < 0.25 * one_by_one  # each lone release mostly the estimate
+    assert info["queries_charged"] == len(CAPTIONS) + len(operator)  # the estimate is paid for
+    with pytest.raises(InvalidParameterError, match="style estimate"):
+        EvalPlan(**base, style_prompts=operator, pool=False)
+    with pytest.raises(InvalidParameterError, match="smallest T"):
+        EvalPlan(**base, style_prompts=operator, queries=(6,))
+    with pytest.raises(InvalidParameterError, match="prompt_batch"):
+        EvalPlan(prompt_batch=0)
+    prompts_file = tmp_path / "operator.txt"
+    prompts_file.write_text("\n".join(operator) + "\n")
+    out = tmp_path / "report"
+    result, _ = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                         "--out", str(out), "--epsilons", "8", "--queries", "100",
+                         "--prompt-batch", "1", "--style-estimate", "--style-prompts",
+                         str(prompts_file), *FAST)
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "runs.json").read_text())["plan"]
+    assert (plan["prompt_batch"], plan["style_prompts"]) == (1, 6)
+    assert "first spent 6 of its queries on a style estimate" in (out / "results.md").read_text()
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(tmp_path / "refused"), "--style-estimate", *FAST)
+    assert result.exit_code == 2 and "--style-prompts" in data["message"]
+    assert not (tmp_path / "refused").exists()
+    assert SqliteLedger(private_index).summary().queries == 0
+
+
+def test_public_only_mixes_its_public_neighbours_at_the_generators_own_lam(
+        private_index, holdout, tmp_path, encoder):
+    rng = np.random.default_rng(2)
+    public = tmp_path / "public"
+    build_index(encoder.encode_images(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)),
+                public)
+    base = ["--index", str(private_index), "--holdout", str(holdout), "--public-index",
+            str(public), "--epsilons", "8", "--queries", "100", *FAST]
+    for extra, expected in (([], 0.25), (["--public-lam", "0.4"], 0.4)):
+        out = tmp_path / f"report-{expected}"
+        result, data = run_eval(*base, *extra, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        lams = {run["setting"]: run["lam"] for run in data["runs"]}
+        assert lams == {"public-only": expected, "dp": 0.7, "non-private": 0.7}
+        assert json.loads((out / "runs.json").read_text())["plan"]["public_lam"] == expected
+        assert f"public neighbours at lam {expected:g} (its own)" in (out / "results.md").read_text()
+    with pytest.raises(InvalidParameterError, match="public_lam"):
+        EvalPlan(public_lam=1.5)
 
 
 def test_plan_validation_and_settings_order():

@@ -64,6 +64,18 @@ def test_public_only_spends_nothing_and_the_seed_reproduces_it(private_index, tm
     assert SqliteLedger(private_index).summary().queries == 0
 
 
+def test_public_only_mixes_its_neighbours_at_the_generators_own_lam_unless_given(tmp_path, dim):
+    vectors = np.random.default_rng(1).normal(size=(50, dim)).astype(np.float32)
+    public = build_index(vectors, tmp_path / "public").path
+    base = ["red apple", "--public-only", "--public-index", str(public), *FAST]
+    result, report = generate(*base, "--out", str(tmp_path / "own"))
+    assert result.exit_code == 0, result.output
+    assert report["public_lam"] == 0.25  # the shipped generator's (model_index.json)
+    result, report = generate(*base, "--lam", "0.6", "--out", str(tmp_path / "given"))
+    assert result.exit_code == 0, result.output
+    assert report["public_lam"] == 0.6
+
+
 def test_content_guidance_reaches_the_pipeline_through_the_cli(private_index, tmp_path,
                                                                 monkeypatch):
     from _pipeline_spy import spy_on_pipeline

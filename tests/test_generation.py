@@ -155,6 +155,25 @@ def test_a_pipeline_records_the_content_guidance_it_was_chosen_at(tmp_path):
         RetrievalDiffusionPipeline.from_pretrained(tmp_path / "chosen")
 
 
+def test_a_pipeline_records_the_public_only_mix_it_was_chosen_at(tmp_path):
+    from dprdm.generation.backends.demo import recorded_public_lam
+    from dprdm.generation.pipeline import export_weights
+
+    pipe = tiny_pipeline()
+    assert pipe.config.public_lam is None and recorded_public_lam(pipe) is None
+    pipe.save_pretrained(tmp_path / "plain")
+    export_weights(tmp_path / "plain", tmp_path / "chosen", public_lam=0.25)
+    chosen = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "chosen")
+    assert recorded_public_lam(chosen) == 0.25
+    export_weights(tmp_path / "chosen", tmp_path / "again")  # kept by a later export
+    assert recorded_public_lam(RetrievalDiffusionPipeline.from_pretrained(tmp_path / "again")) \
+        == 0.25
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InvalidParameterError, match="lam"):
+            export_weights(tmp_path / "plain", tmp_path / "bad", public_lam=bad)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_half_precision_export_loads_as_float32(tmp_path):
     from dprdm.generation.pipeline import export_weights
 

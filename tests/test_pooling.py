@@ -135,7 +135,8 @@ def test_dp_conditions_mix_the_pooled_releases(private):
     pooled, kept = pool_releases(releases[0], SIGMA)
     text = TextOnlyBackend().embed_prompts(PROMPTS)
     np.testing.assert_allclose(conditions, interpolate(pooled, text, 0.75), atol=1e-6)
-    assert pooling == {"releases": 12, "kept": round(kept, 4)} and kept < 0.5
+    assert pooling == {"releases": 12, "kept": round(kept, 4), "towards": "call mean"}
+    assert kept < 0.5
     assert ledger.summary().queries == 12  # pooling is free: one charge per prompt, as before
 
 
@@ -152,3 +153,27 @@ def test_without_pooling_each_release_is_mixed_as_it_came(private):
 def test_a_pool_setting_that_is_not_a_bool_is_refused(private):
     with pytest.raises(InvalidParameterError, match="pool"):
         rag_with(private, "yes", [])
+
+
+def test_public_only_mixes_at_the_callers_then_the_generators_then_the_private_lam(private):
+    settings = MechanismSettings(sigma=SIGMA, q=0.5, k=10, lam=0.75)
+    text = TextOnlyBackend().embed_prompts(PROMPTS)
+
+    def public_only(backend, **kwargs) -> np.ndarray:
+        rag = RetrievalAugmentedGenerator(backend=backend, settings=settings,
+                                          public_index=private, **kwargs)
+        return rag.conditions(PROMPTS, public_only=True)
+
+    from dprdm.rdm import neighbour_mean
+
+    neighbours = neighbour_mean(private, text, 10)
+    plain = TextOnlyBackend()
+    np.testing.assert_allclose(public_only(plain), interpolate(neighbours, text, 0.75), atol=1e-6)
+    recording = TextOnlyBackend()
+    recording.public_lam = 0.25  # what a generator records (DemoBackend.public_lam)
+    np.testing.assert_allclose(public_only(recording), interpolate(neighbours, text, 0.25),
+                               atol=1e-6)
+    np.testing.assert_allclose(public_only(recording, public_lam=0.5),
+                               interpolate(neighbours, text, 0.5), atol=1e-6)
+    with pytest.raises(InvalidParameterError, match="lam"):
+        public_only(recording, public_lam=2.0)

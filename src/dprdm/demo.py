@@ -34,6 +34,7 @@ console = Console()
 EPSILON, DELTA, DEMO_QUERIES = 10.0, 1e-5, 1000
 # The mechanism: many neighbours keep the noise small (sensitivity 2/k); see docs/results.md.
 DEMO_K, DEMO_Q, DEMO_LAM = 40, 0.1, 0.75
+STYLE_ESTIMATE_PROMPTS = 64  # queries the demo operator spends once on its style estimate
 N_PROMPTS, IMAGES_PER_PROMPT, SEED = 8, 3, 0
 IMAGE_SIZE = 64
 # An index from before the demo recorded its image tower is reused only when its first rows
@@ -160,6 +161,31 @@ def held_out_prompts(n: int) -> list[str]:
     return [rows[i]["caption"] for i in sorted(chosen)]
 
 
+def style_estimate_prompts(count: int = STYLE_ESTIMATE_PROMPTS) -> list[str]:
+    """The demo operator's prompts for its style estimate: `count` captions of the PUBLIC index,
+    none of them a held-out prompt (those are the evaluation's), chosen with a fixed seed."""
+    held_out = {json.loads(line)["caption"] for line in
+                (demo_layout.holdout_dir() / "captions.jsonl").read_text().splitlines() if line}
+    metadata = demo_layout.require(demo_layout.public_index_dir()) / "metadata.jsonl"
+    captions = sorted({json.loads(line)["caption"] for line in metadata.read_text().splitlines()
+                       if line} - held_out)
+    chosen = np.random.default_rng(SEED).choice(len(captions), size=count, replace=False)
+    return [captions[i] for i in sorted(chosen)]
+
+
+def prepare_style_estimate(rag, private) -> None:
+    """Spend STYLE_ESTIMATE_PROMPTS queries once on the demo's style estimate (kept after)."""
+    from dprdm.style_estimate import estimate_style, load_style_estimate, save_style_estimate
+
+    estimate = load_style_estimate(private, rag.ledger.ledger_id, rag.mechanism.dim)
+    if estimate is None:
+        estimate = estimate_style(rag, style_estimate_prompts(), caller="make demo")
+        save_style_estimate(private, estimate)
+        console.print(f"style estimate: spent {estimate.releases} queries on public captions "
+                      f"(stored in {private}; one-prompt calls are shrunk towards it)")
+    rag.style_estimate = estimate
+
+
 def main() -> None:
     from dprdm.data.emoji import DEMO_SPLITS, prepare_demo_data
     from dprdm.encoders import load_encoder
@@ -183,6 +209,7 @@ def main() -> None:
         settings=MechanismSettings.from_ledger(ledger),
         public_index=EmbeddingIndex.open(demo_layout.public_index_dir()),
     )
+    prepare_style_estimate(rag, demo_layout.private_index_dir())
     prompts = held_out_prompts(N_PROMPTS)
     console.print(f"prompts (held-out OpenMoji concepts): {', '.join(prompts)}")
     public = rag.generate(prompts, n=IMAGES_PER_PROMPT, seed=SEED, public_only=True)

@@ -7,10 +7,13 @@ the only source: there is no mechanism file to edit).
 
 Per prompt p with text embedding x:
 * DP mode: r = PrivateRetrieval.release(x) (one query each, charged first); with ``pool`` (the
-  default) the releases of one call are shrunk towards their mean (:func:`pool_releases`, free);
+  default) the releases of one call are shrunk towards the operator's stored style estimate when
+  the index has one (:func:`shrink_towards`; one-prompt calls too), else towards their own mean
+  (:func:`pool_releases`); both free;
   c = lam*r + (1-lam)*x;
 * public-only mode: no private data at all; r is replaced by the mean of x's k nearest neighbours
-  in a PUBLIC index when one is given (c = lam*m + (1-lam)*x), else c = x.
+  in a PUBLIC index when one is given (c = lam_pub*m + (1-lam_pub)*x, lam_pub the caller's, else
+  the one the generator records (``public_lam``), else lam), else c = x.
 All n images of a prompt come from the same c: post-processing, no extra privacy cost. The user's
 seed reaches only the diffusion sampler.
 """
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from dprdm.conditioning import check_lam, interpolate, pool_releases
+from dprdm.conditioning import check_lam, interpolate, pool_releases, shrink_towards
 from dprdm.errors import InvalidParameterError
 from dprdm.privacy import MechanismParams, PrivateRetrieval, SqliteLedger
 from dprdm.privacy.receipts import call_figures
@@ -133,10 +136,19 @@ class RetrievalAugmentedGenerator:
                  private_index: EmbeddingIndex | None = None,
                  ledger: SqliteLedger | None = None, settings: MechanismSettings | None = None,
                  public_index: EmbeddingIndex | None = None, strategy: str = "subsample",
-                 ray_address: str | None = None, shards=None, pool: bool = True) -> None:
+                 ray_address: str | None = None, shards=None, pool: bool = True,
+                 style_estimate=None, public_lam: float | None = None) -> None:
         if not isinstance(pool, bool):
             raise InvalidParameterError(f"pool must be True or False, got {pool!r}")
         self.pool = pool
+        if style_estimate is not None and (private_index is None
+                                           or style_estimate.dim != private_index.dim):
+            raise InvalidParameterError("a style estimate goes with the private index whose "
+                                        "releases it averages (same dimension)")
+        self.style_estimate = style_estimate
+        # public-only mix: the caller's, else the generator's recorded one, else settings.lam
+        self.public_lam = (check_lam(public_lam) if public_lam is not None
+                           else getattr(backend, "public_lam", None))
         if backend is None:
             if encoder is None or pipeline is None:
                 raise InvalidParameterError("give a generator backend, or an encoder and a "
@@ -175,23 +187,38 @@ class RetrievalAugmentedGenerator:
     def conditions(self, prompts: list[str], public_only: bool, caller: str = "",
                    receipts: list | None = None, pooling: dict | None = None) -> np.ndarray:
         """(P, d) conditioning vectors; in DP mode this charges one query per prompt (the
-        ledger's receipt is appended to `receipts` when given) and, with ``pool``, pools the P
-        releases (what was kept of each release's own deviation is written into `pooling`)."""
+        ledger's receipt is appended to `receipts` when given) and, with ``pool``, shrinks the P
+        releases towards the style estimate or their mean (what was kept of each release's
+        deviation, and towards what, is written into `pooling`)."""
         text = self.backend.embed_prompts(prompts)
         lam = self.settings.lam if self.settings is not None else 1.0
         if public_only:
             if self.public_index is None:
                 return text
             k = self.settings.k if self.settings is not None else 10
-            return interpolate(neighbour_mean(self.public_index, text, k), text, lam)
+            return interpolate(neighbour_mean(self.public_index, text, k), text,
+                               self.public_lam_used)
         if self.mechanism is None:
             raise InvalidParameterError("no private index configured: use public-only mode")
         released = self.mechanism.release(text, caller=caller, receipts=receipts)
         if self.pool:  # post-processing of the releases just charged: free
-            released, kept = pool_releases(released, self.settings.sigma)
+            if self.style_estimate is not None:  # earlier releases: independent of these
+                released, kept = shrink_towards(released, self.style_estimate.vector,
+                                                self.settings.sigma)
+                towards = "style estimate"
+            else:
+                released, kept = pool_releases(released, self.settings.sigma)
+                towards = "call mean" if len(released) > 1 else "nothing (one release)"
             if pooling is not None:
-                pooling.update(releases=len(released), kept=round(kept, 4))
+                pooling.update(releases=len(released), kept=round(kept, 4), towards=towards)
         return interpolate(released, text, lam)
+
+    @property
+    def public_lam_used(self) -> float:
+        """The mix of public neighbours in public-only mode."""
+        if self.public_lam is not None:
+            return self.public_lam
+        return self.settings.lam if self.settings is not None else 1.0
 
     def generate(self, prompts: list[str], n: int = 1, guidance: float = 3.0, steps: int = 50,
                  seed: int | None = None, public_only: bool = False,
@@ -221,7 +248,9 @@ class RetrievalAugmentedGenerator:
             report["content_guidance"] = split
         if self.settings is not None:
             report["mechanism"] = asdict(self.settings)
-        if pooling:  # releases shrunk towards their mean: how much of each one's own was kept
+        if public_only and self.public_index is not None:  # the public neighbours' mix
+            report["public_lam"] = self.public_lam_used
+        if pooling:  # releases shrunk: towards what, and how much of each one's own was kept
             report["pooling"] = pooling
         if receipts:  # what THIS call charged (concurrent callers do not blur it)
             report["ledger"] = call_figures(receipts, self.ledger)

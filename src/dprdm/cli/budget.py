@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
 from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, err_console, progress_callback,
                               run_command)
 from dprdm.errors import InvalidParameterError
@@ -129,16 +130,21 @@ def show(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """What the ledger holds: budget, epsilon spent, queries, releases, the pinned mechanism,
-    which accountant applies and why, and the queries remaining for the pinned mechanism.
+    which accountant applies and why, the queries remaining for the pinned mechanism, and the
+    index's stored style estimate (how many releases it averages; `budget style-estimate`).
 
     Example: dprdm budget show private-index/ --json
     """
 
     def compute() -> dict:
-        _, ledger = open_private_index(index_dir, ledger_url, read_only=True)
+        from dprdm.style_estimate import load_style_estimate
+
+        index, ledger = open_private_index(index_dir, ledger_url, read_only=True)
         result = {"ledger_id": ledger.ledger_id, "ledger": ledger.location}
         result.update(ledger.summary().as_dict())
         result.update(mechanism_figures(ledger))
+        estimate = load_style_estimate(index_dir, ledger.ledger_id, index.dim)
+        result["style_estimate"] = None if estimate is None else estimate.describe()
         result["mechanism_history"] = ledger.mechanisms()
         result["events"] = ledger.events()
         return result
@@ -184,3 +190,81 @@ def set_mechanism(
         return result
 
     run_command(as_json, "mechanism pinned", compute)
+
+
+@app.command("style-estimate")
+@generator_options(exclude=("batch_size", "image_size", "attention_slicing", "cpu_offload"))
+def style_estimate(
+    index_dir: Path = typer.Argument(None, help="The private index directory."),
+    prompts_file: Path = typer.Option(
+        None, "--prompts", help="Operator prompts, one per line (each costs one query). Prompts "
+                                "that describe what the collection holds; never clients' "
+                                "queries."),
+    replace: bool = typer.Option(False, "--replace",
+                                 help="Replace the index's existing estimate (its budget stays "
+                                      "spent)."),
+    demo: bool = typer.Option(False, "--demo",
+                              help="The demo's private index, with 64 captions of its PUBLIC "
+                                   "index as prompts (unless --prompts is given)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print what it would charge; charge and write nothing."),
+    ledger_url: str = LEDGER_OPTION,
+    choice=GENERATOR_CHOICE,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Spend one query per operator prompt on a stored style estimate (operator only).
+
+    The prompts' releases are charged like any other (all at once, or none when the budget
+    cannot take them) and their mean is written to style-estimate.safetensors in the index
+    directory (atomically), bound to this ledger. From then on `dprdm generate` and `dprdm
+    serve` shrink every call's releases towards it, one-prompt calls included (free
+    post-processing; docs/privacy.md "A stored style estimate"). The service cannot make one.
+
+    Example: dprdm budget style-estimate private-index/ --prompts operator-prompts.txt
+    """
+
+    def compute() -> dict:
+        from dprdm import demo_layout
+        from dprdm.privacy.receipts import call_figures, preview
+        from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator
+        from dprdm.style_estimate import (estimate_style, load_style_estimate, path_of,
+                                          read_prompts, save_style_estimate)
+
+        index_path = index_dir
+        if demo:
+            index_path = index_path or demo_layout.require(demo_layout.private_index_dir())
+        if index_path is None:
+            raise InvalidParameterError("give the private index directory (or --demo)")
+        if prompts_file is not None:
+            prompts = read_prompts(prompts_file)
+        elif demo:
+            from dprdm.demo import style_estimate_prompts
+
+            prompts = style_estimate_prompts()
+        else:
+            raise InvalidParameterError("give --prompts FILE (operator prompts, one per line)")
+        index, ledger = open_private_index(index_path, ledger_url)
+        existing = load_style_estimate(index_path, ledger.ledger_id, index.dim)  # or a refusal
+        if existing is not None and not replace:
+            raise InvalidParameterError(
+                f"{path_of(index_path)} already holds a style estimate of "
+                f"{existing.releases} releases ({existing.created}); pass --replace to spend "
+                "more budget on a new one")
+        if dry_run:
+            return dict(preview(ledger, len(prompts)), prompts=len(prompts),
+                        out=str(path_of(index_path)))
+        rag = RetrievalAugmentedGenerator(backend=choice.load_backend(), private_index=index,
+                                          ledger=ledger,
+                                          settings=MechanismSettings.from_ledger(ledger))
+        receipts: list = []
+        estimate = estimate_style(rag, prompts, receipts=receipts)  # charged first
+        path = save_style_estimate(index_path, estimate)
+        figures = call_figures(receipts, ledger)
+        return {"out": str(path), "style_estimate": estimate.describe(),
+                "replaced": existing is not None,
+                "epsilon_this_call": figures["epsilon_spent_by_call"],
+                "epsilon_spent": figures["ledger_now"]["epsilon_spent"],
+                "epsilon_remaining": figures["ledger_now"]["epsilon_remaining"],
+                "queries_remaining": ledger.remaining_queries()}
+
+    run_command(as_json, "style estimate stored", compute)

@@ -67,6 +67,9 @@ def evaluate(
     k: int = typer.Option(None, "--k", help="Neighbours (default: the ledger's pinned k)."),
     q: float = typer.Option(None, "--q", help="Sampling rate (default: the ledger's pinned q)."),
     lam: float = typer.Option(None, "--lam", help="Mix weight (default: the ledger's lam)."),
+    public_lam: float = typer.Option(
+        None, "--public-lam", help="Public-only's mix of public neighbours (default: the "
+                                   "generator's own (the shipped one: 0.25), else --lam)."),
     delta: float = typer.Option(None, "--delta",
                                 help="delta (default: the index ledger's delta, else 1e-5)."),
     samples: int = typer.Option(None, "--samples", help="Prompts to use (default: all)."),
@@ -77,8 +80,19 @@ def evaluate(
         "the generator's own (the shipped one: 6), else plain guidance)."),
     steps: int = typer.Option(50, "--steps", help="Diffusion sampler steps."),
     pool: bool = typer.Option(True, "--pool/--no-pool",
-                              help="Shrink each batch's DP releases towards their mean "
-                                   "(James-Stein; free post-processing)."),
+                              help="Shrink each call's DP releases towards their mean, or the "
+                                   "style estimate (James-Stein; free post-processing)."),
+    prompt_batch: int = typer.Option(
+        32, "--prompt-batch", help="Prompts per DP call, 1 to 32 (1: one request at a time, as "
+                                   "the service gets them)."),
+    style_estimate: bool = typer.Option(
+        False, "--style-estimate",
+        help="Each experiment ledger first spends one query per operator prompt (--style-prompts"
+             ", or the demo's 64) on a style estimate, and every release is shrunk towards it "
+             "(docs/privacy.md)."),
+    style_prompts: Path = typer.Option(None, "--style-prompts",
+                                       help="With --style-estimate: the operator prompts file "
+                                            "(one per line)."),
     seed: int = typer.Option(0, "--seed", help="Diffusion sampler and prompt-subset seed only."),
     repeats: int = typer.Option(1, "--repeats",
                                 help="Images per prompt and setting, each with other diffusion "
@@ -147,6 +161,7 @@ def evaluate(
         from dprdm.rdm import MechanismSettings
         from dprdm.retrieval import EmbeddingIndex
         from dprdm.retrieval.shards import ShardedIndex, open_index
+        from dprdm.style_estimate import read_prompts
 
         split = check_content_guidance(content_guidance, choice.generator)  # before any work
         index_dir, holdout_dir, public_dir = index, holdout, public_index
@@ -183,6 +198,19 @@ def evaluate(
                 public_dir = None
         if index_dir is None or holdout_dir is None:
             raise InvalidParameterError("give --index and --holdout (or --demo)")
+        operator_prompts: tuple[str, ...] = ()
+        if style_prompts is not None and not style_estimate:
+            raise InvalidParameterError("--style-prompts goes with --style-estimate")
+        if style_estimate:
+            if style_prompts is not None:
+                operator_prompts = tuple(read_prompts(style_prompts))
+            elif demo:
+                from dprdm.demo import style_estimate_prompts
+
+                operator_prompts = tuple(style_estimate_prompts())
+            else:
+                raise InvalidParameterError("--style-estimate needs --style-prompts FILE (or "
+                                            "--demo)")
         if out.exists() and not out.is_dir():
             raise InvalidParameterError(f"{out} exists and is not a directory")
         saved, ledger_delta = None, None
@@ -209,6 +237,7 @@ def evaluate(
             samples=QUICK_SAMPLES if quick and samples is None else samples,
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
             content_guidance=split.get("content_guidance"), pool=pool,
+            prompt_batch=prompt_batch, style_prompts=operator_prompts, public_lam=public_lam,
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
         backend = backend or choice.load_backend()
         public = EmbeddingIndex.open(public_dir) if public_dir is not None else None

@@ -23,11 +23,15 @@ def generate(
     prompts: list[str] = typer.Argument(..., help="One or more text prompts."),
     index: Path = typer.Option(None, "--index", help="Private index directory (with a ledger)."),
     lam: float = typer.Option(None, "--lam", help="c = lam * released + (1 - lam) * text "
-                                                  "(default: the ledger's lam; free)."),
+                                                  "(default: the ledger's lam; free). With "
+                                                  "--public-only: the public neighbours' mix "
+                                                  "(default: the generator's own, else the "
+                                                  "ledger's)."),
     n: int = typer.Option(1, "-n", "--images-per-prompt", help="Images per prompt (free)."),
     pool: bool = typer.Option(True, "--pool/--no-pool",
-                              help="Shrink the prompts' DP releases towards their mean "
-                                   "(James-Stein, docs/privacy.md; free)."),
+                              help="Shrink the prompts' DP releases towards the index's "
+                                   "style estimate, else their mean (James-Stein, "
+                                   "docs/privacy.md; free)."),
     guidance: float = typer.Option(3.0, "--guidance", help="Classifier-free guidance scale."),
     content_guidance: float = typer.Option(
         None, "--content-guidance", help="Demo generator: split guidance, this scale towards "
@@ -71,6 +75,7 @@ def generate(
         from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, check_prompts,
                                check_sampling)
         from dprdm.retrieval import EmbeddingIndex
+        from dprdm.style_estimate import load_style_estimate
 
         # Validate everything before any private query is charged.
         prompt_list = check_prompts(prompts)
@@ -93,12 +98,14 @@ def generate(
             raise InvalidParameterError("give --index DIR (or --demo), or use --public-only")
         if lam is not None:
             check_lam(lam)
-        private, ledger, settings = None, None, None
+        private, ledger, settings, estimate = None, None, None, None
         if index_dir is not None:  # verified pair; public-only still reads the pinned k and lam
             opened, ledger = open_private_index(index_dir, ledger_url)
             settings = MechanismSettings.from_ledger(ledger, lam)
             private = None if public_only else opened
             ledger = None if public_only else ledger
+            if private is not None and pool:  # the operator's, when made (or a clear refusal)
+                estimate = load_style_estimate(index_dir, ledger.ledger_id, private.dim)
         if dry_run:
             from dprdm.privacy.receipts import preview
 
@@ -112,7 +119,8 @@ def generate(
             backend=choice.load_backend(**split),
             private_index=private, ledger=ledger, settings=settings,
             public_index=public,
-            ray_address=ray_address, pool=pool,
+            ray_address=ray_address, pool=pool, style_estimate=estimate,
+            public_lam=lam if public_only else None,
         )
         out.mkdir(parents=True, exist_ok=True)
         result = rag.generate(prompt_list, n=n, guidance=guidance, steps=steps, seed=seed,

@@ -66,6 +66,10 @@ def serve(
              "(the request's guidance then scales only what the released condition adds; see "
              "docs/generator.md). Default: the generator's own (the shipped one: 6), "
              "else plain guidance."),
+    pool: bool = typer.Option(None, "--pool/--no-pool",
+                              help="Shrink every request's DP release towards the index's "
+                                   "style estimate, when the operator made one (`dprdm budget "
+                                   "style-estimate`; free) [on]."),
     docs: bool = typer.Option(None, "--docs/--no-docs",
                               help="Serve /docs, /redoc, /openapi.json (Swagger UI and ReDoc "
                                    "load their scripts from a CDN); off by default."),
@@ -108,7 +112,8 @@ def serve(
                        allow_public_only=allow_public_only, keyless_local=keyless_local,
                        max_images=max_images, max_steps=max_steps, default_steps=default_steps,
                        torch_threads=threads, content_guidance=content_guidance,
-                       allowed_hosts=tuple(allowed_host) if allowed_host else None, docs=docs)
+                       allowed_hosts=tuple(allowed_host) if allowed_host else None, docs=docs,
+                       pool=pool)
         options.update(_generator_settings(choice))
         config = build_config(options, config_file)
         if config.port == 0:
@@ -122,6 +127,7 @@ def serve(
                 metrics_dir = tempfile.mkdtemp(prefix="dprdm-metrics-")
                 os.environ[MULTIPROC_ENV] = metrics_dir
                 figures = _check_index(config)
+                style_estimate = figures.pop("style_estimate")
                 target = "dprdm.service.app:create_app_from_env"
             else:
                 from dprdm.service.app import create_app
@@ -132,6 +138,8 @@ def serve(
                 # not given: the one the loaded generator records (multi-process: its workers')
                 content_guidance = getattr(target.state.engine.rag.backend, "content_guidance",
                                            config.content_guidance)
+                estimate = target.state.engine.rag.style_estimate
+                style_estimate = None if estimate is None else estimate.describe()
         except BaseException:
             sock.close()
             if metrics_dir is not None:
@@ -154,6 +162,7 @@ def serve(
         "metrics": "multi-process" if config.workers > 1 else "single-process",
         "generator": config.generator,
         "content_guidance": content_guidance,
+        "style_estimate": style_estimate,
     }
 
     def announce() -> None:
@@ -248,6 +257,7 @@ def _check_index(config) -> dict:
     from dprdm.privacy import open_private_index
     from dprdm.retrieval import EmbeddingIndex
     from dprdm.service.keys import KeyStore
+    from dprdm.style_estimate import load_style_estimate
 
     private, ledger = open_private_index(config.index_dir, config.ledger_url)
     indexes = [(private, "private")]
@@ -259,8 +269,11 @@ def _check_index(config) -> dict:
     for index, what in indexes:
         space.check_index(index.path, index.dim, what, require_record=choice.generator != "demo")
     KeyStore(config.index_dir)
+    estimate = (load_style_estimate(config.index_dir, ledger.ledger_id, private.dim)
+                if config.pool else None)  # a foreign or broken estimate fails here, once
     summary = ledger.summary()
-    return {"ledger": ledger.location, "epsilon_budget": summary.epsilon_budget, "delta": summary.delta,
+    return {"ledger": ledger.location,
+            "style_estimate": None if estimate is None else estimate.describe(), "epsilon_budget": summary.epsilon_budget, "delta": summary.delta,
             "epsilon_spent": summary.epsilon_spent,
             "epsilon_remaining": summary.epsilon_remaining, "queries_spent": summary.queries,
             "queries_remaining": ledger.remaining_queries(config.settings.params)}

@@ -41,6 +41,7 @@ from dprdm.privacy import InMemoryLedger, MechanismParams, accounting
 from dprdm.rdm import (MechanismSettings, RetrievalAugmentedGenerator, neighbour_mean,
                        sharded_neighbour_mean)
 from dprdm.retrieval import EmbeddingIndex
+from dprdm.style_estimate import estimate_style
 
 PROMPT_BATCH = 32  # prompts generated (and charged) per call; one diffusion seed per batch
 Progress = Callable[[int, int], None]
@@ -66,6 +67,11 @@ class EvalPlan:
     public_only: bool = True
     non_private: bool = True
     pool: bool = True  # DP: shrink each call's releases towards their mean (free; rdm.py)
+    prompt_batch: int = PROMPT_BATCH  # prompts per DP call (1: one request at a time, a service)
+    # operator prompts of a stored style estimate: each experiment ledger spends one query per
+    # prompt on it first (of its T), and its releases are then shrunk towards it (rdm.py)
+    style_prompts: tuple[str, ...] = ()
+    public_lam: float | None = None  # public-only's mix of public neighbours (None: lam)
 
     def __post_init__(self) -> None:
         if not self.epsilons or any(not (math.isfinite(e) and e > 0) for e in self.epsilons):
@@ -81,8 +87,22 @@ class EvalPlan:
         split_guidance(self.content_guidance, "demo")  # its value (run_evaluation: the generator)
         if not 0.0 <= self.lam <= 1.0:
             raise InvalidParameterError(f"lam must lie in [0, 1], got {self.lam}")
+        if self.public_lam is not None and not 0.0 <= self.public_lam <= 1.0:
+            raise InvalidParameterError(f"public_lam must lie in [0, 1], got {self.public_lam}")
         if not isinstance(self.pool, bool):
             raise InvalidParameterError(f"pool must be True or False, got {self.pool!r}")
+        if (isinstance(self.prompt_batch, bool) or int(self.prompt_batch) != self.prompt_batch
+                or not 1 <= self.prompt_batch <= PROMPT_BATCH):
+            raise InvalidParameterError(f"prompt_batch must be a whole number in [1, "
+                                        f"{PROMPT_BATCH}], got {self.prompt_batch}")
+        if self.style_prompts:
+            if not self.pool:
+                raise InvalidParameterError("a style estimate is what releases are pooled "
+                                            "towards: it needs pool on")
+            if len(self.style_prompts) < 2 or len(self.style_prompts) >= min(self.queries):
+                raise InvalidParameterError(
+                    f"a style estimate of {len(self.style_prompts)} operator prompts must take "
+                    f"at least 2 and fewer than the smallest T ({min(self.queries)}) queries")
         if self.kid_subsets < 1:
             raise InvalidParameterError("kid_subsets must be >= 1")
         if isinstance(self.repeats, bool) or int(self.repeats) != self.repeats or self.repeats < 1:
@@ -126,6 +146,11 @@ def choose_prompts(held_out: HeldOut, samples: int | None, seed: int) -> HeldOut
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(held_out.captions), size=samples, replace=False))
     return HeldOut(held_out.images[keep], [held_out.captions[i] for i in keep])
+
+
+def public_only_lam(plan: EvalPlan) -> float:
+    """The public-only setting's mix of public neighbours: its own, else the DP settings' lam."""
+    return plan.lam if plan.public_lam is None else plan.public_lam
 
 
 def plan_settings(plan: EvalPlan) -> list[Setting]:
@@ -213,7 +238,7 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                 conditions = text[part]
             else:
                 conditions = interpolate(neighbour_mean(public_index, text[part], plan.k),
-                                         text[part], plan.lam)
+                                         text[part], public_only_lam(plan))
         elif setting.name == "non-private":
             mean = (neighbour_mean(private_index, text[part], plan.k) if private_shards is None
                     else sharded_neighbour_mean(private_shards, text[part], plan.k))
@@ -229,7 +254,11 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                                                       ledger=ledgers[-1], settings=mechanism,
                                                       shards=private_shards, pool=plan.pool)
                     used_in_ledger = 0
-                take = min(part.stop - i, setting.queries - used_in_ledger)
+                    if plan.style_prompts:  # the operator's share of this ledger's T, first
+                        rag.style_estimate = estimate_style(rag, list(plan.style_prompts),
+                                                            caller="dprdm eval")
+                        used_in_ledger = len(plan.style_prompts)
+                take = min(part.stop - i, setting.queries - used_in_ledger, plan.prompt_batch)
                 conditions_parts.append(rag.conditions(prompts[i:i + take], public_only=False,
                                                        caller="dprdm eval"))
                 used_in_ledger += take
@@ -397,6 +426,9 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
     if plan.content_guidance is None and getattr(backend, "content_guidance", None) is not None:
         # the guidance the generator records it was chosen at: run and report it as given
         plan = replace(plan, content_guidance=backend.content_guidance)
+    if (plan.public_lam is None and public_index is not None
+            and getattr(backend, "public_lam", None) is not None):
+        plan = replace(plan, public_lam=backend.public_lam)  # the generator's public-only mix
     if encoder is None:
         encoder = BackendEncoder(backend)
     if private_index.dim != encoder.dim:
@@ -438,7 +470,8 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                 0.0 if setting.name == "non-private" else None),
             "q": plan.q if setting.name == "dp" else (1.0 if setting.name == "non-private"
                                                        else None),
-            "k": plan.k, "lam": plan.lam, "prompts": len(held_out.captions),
+            "k": plan.k, "lam": public_only_lam(plan) if setting.name == "public-only" and
+            public_index is not None else plan.lam, "prompts": len(held_out.captions),
             "private": setting.name == "dp",
             "noise_to_signal": (released_noise_ratio(plan, setting.sigma, encoder.dim,
                                                      public_index, text)
@@ -459,7 +492,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
         "domain": domain,
         "feature_space": feature_space(extractor),
         "demo_metrics": classifiers is not None,
-        "plan": {**asdict(plan), "prompt_batch": PROMPT_BATCH},
+        "plan": {**asdict(plan), "style_prompts": len(plan.style_prompts)},
         "warning": ("Hyper-parameters chosen by looking at these private-data metrics leak "
                     "privacy that no ledger records; choose them on public data."),
         "non_private": "non-private retrieval (sigma=0, q=1) is NOT private: an upper reference",

@@ -131,7 +131,7 @@ def results_markdown(result: EvalResult) -> str:
         f"reference set of FID/KID/PRDC); {_per_prompt(plan.get('repeats', 1))} per prompt and "
         f"setting, the same diffusion seeds in every setting; guidance {plan['guidance']}"
         f"{_content_guidance(plan)}, "
-        f"{plan['steps']} sampler steps{_pooling(plan)}.",
+        f"{plan['steps']} sampler steps{_pooling(plan)}{_public_mix(plan)}.",
         "",
         markdown_table(result.runs, target),
         "",
@@ -257,11 +257,26 @@ def _content_guidance(plan: dict) -> str:
     return "" if value is None else f" (split: content guidance {value})"
 
 
+def _public_mix(plan: dict) -> str:
+    public_lam = plan.get("public_lam")
+    if public_lam is None or public_lam == plan["lam"]:
+        return ""
+    return (f"; public-only mixes its public neighbours at lam {public_lam:g} (its own), the "
+            f"private settings at lam {plan['lam']:g}")
+
+
 def _pooling(plan: dict) -> str:
+    calls = ("one prompt per DP call" if plan["prompt_batch"] == 1
+             else f"{plan['prompt_batch']} prompts per DP call")
     if not plan.get("pool", False):
-        return "; DP releases used one by one"
-    return (f"; the DP releases of each batch of {plan['prompt_batch']} prompts pooled (shrunk "
-            "towards their mean, free)")
+        return f"; {calls}, DP releases used as released"
+    if plan.get("style_prompts"):
+        return (f"; {calls}, each experiment ledger first spent {plan['style_prompts']} of its "
+                "queries on a style estimate (operator prompts) and every release was shrunk "
+                "towards it (free)")
+    if plan["prompt_batch"] == 1:
+        return f"; {calls}: nothing to pool, DP releases used as released"
+    return f"; {calls}, each call's releases pooled (shrunk towards their mean, free)"
 
 
 def _short(label: str) -> str:

@@ -9,8 +9,9 @@ and the :class:`~dprdm.generation.autoencoder.Autoencoder`, behind one ``__call_
     images = pipe(conditions, guidance=3.0, steps=50, generator=torch.Generator().manual_seed(0))
 
 A pipeline may record the content guidance it was chosen at (``content_guidance`` in
-``model_index.json``, the shipped demo generator's 6); the demo backend uses it when a caller gives
-none.
+``model_index.json``, the shipped demo generator's 6) and the mix of a prompt's PUBLIC neighbours
+it was chosen at for public-only generation (``public_lam``, the shipped one's 0.25); the demo
+backend uses them when a caller gives none.
 
 ``conditions`` are (B, cond_dim) vectors ``c = lam * r + (1 - lam) * x`` (see
 :mod:`dprdm.conditioning`); the denoiser L2-normalises them. Guidance is classifier-free against the
@@ -58,16 +59,23 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "denoiser->autoencoder"
 
     def __init__(self, autoencoder: Autoencoder, denoiser: LatentDenoiser,
-                 scheduler: SchedulerMixin, content_guidance: float | None = None) -> None:
+                 scheduler: SchedulerMixin, content_guidance: float | None = None,
+                 public_lam: float | None = None) -> None:
         """`content_guidance`: the split guidance this generator was chosen at, saved in
         ``model_index.json``; callers that give none use it (:mod:`dprdm.generation.backends.demo`).
-        None: plain classifier-free guidance unless a caller splits it."""
+        None: plain classifier-free guidance unless a caller splits it. `public_lam`: the mix
+        ``lam * public neighbours + (1 - lam) * text`` it was chosen at for public-only
+        generation (None: the private mix's lam is used there too)."""
         super().__init__()
         if content_guidance is not None:
             check_scale("content_guidance", content_guidance)
             content_guidance = float(content_guidance)
+        if public_lam is not None:
+            from dprdm.conditioning import check_lam
+
+            public_lam = check_lam(public_lam)
         self.register_modules(autoencoder=autoencoder, denoiser=denoiser, scheduler=scheduler)
-        self.register_to_config(content_guidance=content_guidance)
+        self.register_to_config(content_guidance=content_guidance, public_lam=public_lam)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
@@ -203,13 +211,15 @@ def check_scale(name: str, value: object, maximum: float = math.inf) -> None:
 def export_weights(source: str | Path, destination: str | Path, half: bool = True,
                    training_dir: str | Path | None = None,
                    denoiser_step: int | None = None,
-                   content_guidance: float | None = None) -> Path:
+                   content_guidance: float | None = None,
+                   public_lam: float | None = None) -> Path:
     """Copy a trained pipeline folder to `destination` for shipping: the same layout, weights
     stored as float16 when `half` (half the bytes; ``from_pretrained`` loads them as float32),
     plus ``training.json`` (each stage's settings and last log line) from `training_dir`
     (default: `source`) when the training run's files are there; `denoiser_step` picks the
     denoiser log line of a snapshot taken before the run went on; `content_guidance` records
-    the split guidance the weights were chosen at (default: keep the source's)."""
+    the split guidance the weights were chosen at and `public_lam` their public-only mix
+    (default: keep the source's)."""
     import json
 
     source, destination = Path(source), Path(destination)
@@ -218,6 +228,10 @@ def export_weights(source: str | Path, destination: str | Path, half: bool = Tru
     if content_guidance is not None:
         check_scale("content_guidance", content_guidance)
         pipe.register_to_config(content_guidance=float(content_guidance))
+    if public_lam is not None:
+        from dprdm.conditioning import check_lam
+
+        pipe.register_to_config(public_lam=check_lam(public_lam))
     destination.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(destination)
     for written in [destination / "model_index.json", *destination.glob("*/config.json")]:

@@ -14,7 +14,9 @@ composition does not cover. The mix lam (post-processing, free) defaults to the 
 see :mod:`dprdm.service.guard` for the Host/Origin policy. ``ray_address`` (``--ray-address``)
 runs a sharded index's shards as Ray actors (docs/scaling.md); without it they run in-process.
 ``content_guidance`` (``--content-guidance``, demo generator) turns on split guidance for every
-request (docs/generator.md): an operator setting, like the generator itself.
+request (docs/generator.md): an operator setting, like the generator itself. ``pool``
+(``--pool/--no-pool``) shrinks every request's release towards the index's stored style estimate
+when the operator made one (``dprdm budget style-estimate``; docs/privacy.md): free.
 
 The config travels to uvicorn worker processes as JSON in ``DPRDM_SERVICE_CONFIG``.
 """
@@ -72,6 +74,7 @@ class ServiceConfig:
     torch_threads: int | None = None
     allowed_hosts: tuple[str, ...] = ()
     docs: bool = False
+    pool: bool = True  # shrink releases towards the index's style estimate, when it has one
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "index_dir", Path(self.index_dir))
@@ -92,6 +95,8 @@ class ServiceConfig:
         if self.torch_threads is not None:
             _whole("torch_threads", self.torch_threads, 1, 256)
         self._check_ray_address()
+        if not isinstance(self.pool, bool):
+            raise InvalidParameterError(f"pool must be true or false, got {self.pool!r}")
         if self.keyless_local and self.host not in LOOPBACK_HOSTS:
             raise InvalidParameterError(
                 "keyless local mode only listens on a loopback address (127.0.0.1, localhost, "

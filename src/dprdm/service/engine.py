@@ -73,6 +73,7 @@ class GenerationEngine:
         loaded (tests, benchmarks); else the config's generator is loaded."""
         from dprdm.rdm import RetrievalAugmentedGenerator
         from dprdm.retrieval import EmbeddingIndex
+        from dprdm.style_estimate import load_style_estimate
 
         self.config = config
         self.metrics = metrics
@@ -96,6 +97,10 @@ class GenerationEngine:
             from dprdm.generation.backends.demo import DemoBackend
 
             backend = DemoBackend(encoder, pipeline, content_guidance=config.content_guidance)
+        # The operator's stored style estimate (or a refusal at start-up when it is not this
+        # ledger's): each request's one release is shrunk towards it (free post-processing).
+        estimate = (load_style_estimate(config.index_dir, self.ledger.ledger_id,
+                                        private_index.dim) if config.pool else None)
         # RetrievalAugmentedGenerator refuses an index from another image tower than the
         # backend's here, at start-up, before any request can be charged.
         self.rag = RetrievalAugmentedGenerator(
@@ -106,6 +111,7 @@ class GenerationEngine:
             public_index=(EmbeddingIndex.open(config.public_index_dir)
                           if config.public_index_dir is not None else None),
             ray_address=config.ray_address,  # a sharded index: its shards on Ray
+            pool=config.pool, style_estimate=estimate,
         )
         self._lock = threading.Lock()
 

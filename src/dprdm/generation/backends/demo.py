@@ -11,7 +11,8 @@ the content conditions, so the pull towards the prompt and the pull towards the 
 get their own scales. Only this backend has it (the pipeline is dprdm's own). A pipeline that
 records the content guidance it was chosen at (``content_guidance`` in its ``model_index.json``,
 the shipped generator's) gets it when the caller gives none; equal guidance and content guidance
-are plain classifier-free guidance.
+are plain classifier-free guidance. Likewise ``public_lam``: the mix of a prompt's public
+neighbours the pipeline was chosen at for public-only generation (:attr:`DemoBackend.public_lam`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def recorded_content_guidance(pipeline) -> float | None:
     return None if value is None else float(value)
 
 
+def recorded_public_lam(pipeline) -> float | None:
+    """The public-only mix `pipeline` records it was chosen at (its config's ``public_lam``), or
+    None: public-only generation mixes at the private mix's lam."""
+    config = getattr(pipeline, "config", None)
+    value = config.get("public_lam") if hasattr(config, "get") else None
+    return None if value is None else float(value)
+
+
 def encoder_space(encoder) -> ConditioningSpace:
     """The space of a dprdm encoder: a CLIP checkpoint's vision tower, or the whole module."""
     from dprdm.encoders.clip import ClipEncoder
@@ -75,6 +84,8 @@ class DemoBackend(GeneratorBackend):
         # Not given: the one the pipeline records it was chosen at (None if it records none)
         self.content_guidance = (content_guidance if content_guidance is not None
                                  else recorded_content_guidance(pipeline))
+        # public-only generation: the mix of public neighbours the pipeline was chosen at
+        self.public_lam = recorded_public_lam(pipeline)
         self._pipeline = pipeline
         self.options = options or RuntimeOptions(device="cpu")
         self.space = encoder_space(encoder)

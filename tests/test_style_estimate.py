@@ -305,3 +305,23 @@ def test_the_service_engine_loads_the_estimate_unless_pool_is_off(demo_sized_ind
     assert engine.rag.style_estimate.releases == 8
     engine = GenerationEngine(build_config({"index_dir": index, "pool": False}))
     assert engine.rag.style_estimate is None and engine.rag.pool is False
+
+
+def test_the_demo_operator_prompts_are_public_captions_and_never_a_held_out_prompt(
+        tmp_path, monkeypatch):
+    from dprdm.demo import STYLE_ESTIMATE_PROMPTS, style_estimate_prompts
+
+    monkeypatch.setenv("DPRDM_DEMO_ROOT", str(tmp_path))
+    (tmp_path / "holdout").mkdir()
+    (tmp_path / "public").mkdir()
+    held_out = [f"concept {i}" for i in range(0, 200, 2)]
+    (tmp_path / "holdout" / "captions.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i}.png", "caption": c}) + "\n"
+                for i, c in enumerate(held_out)))
+    (tmp_path / "public" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"caption": f"concept {i}", "style": style}) + "\n"
+                for i in range(200) for style in ("twemoji", "google")))
+    prompts = style_estimate_prompts()
+    assert len(prompts) == STYLE_ESTIMATE_PROMPTS == len(set(prompts))
+    assert not set(prompts) & set(held_out)
+    assert prompts == style_estimate_prompts()  # the same operator prompts every time

@@ -177,3 +177,12 @@ def test_public_only_mixes_at_the_callers_then_the_generators_then_the_private_l
                                interpolate(neighbours, text, 0.5), atol=1e-6)
     with pytest.raises(InvalidParameterError, match="lam"):
         public_only(recording, public_lam=2.0)
+
+
+def test_the_demo_pair_of_encoder_and_pipeline_brings_its_recorded_public_lam(private):
+    from dprdm.encoders import load_encoder
+    from dprdm.generation import DEFAULT_DIR, RetrievalDiffusionPipeline
+
+    rag = RetrievalAugmentedGenerator(load_encoder("demo"),
+                                      RetrievalDiffusionPipeline.from_pretrained(DEFAULT_DIR))
+    assert rag.public_lam_used == 0.25  # the shipped generator's model_index.json

@@ -146,9 +146,6 @@ class RetrievalAugmentedGenerator:
             raise InvalidParameterError("a style estimate goes with the private index whose "
                                         "releases it averages (same dimension)")
         self.style_estimate = style_estimate
-        # public-only mix: the caller's, else the generator's recorded one, else settings.lam
-        self.public_lam = (check_lam(public_lam) if public_lam is not None
-                           else getattr(backend, "public_lam", None))
         if backend is None:
             if encoder is None or pipeline is None:
                 raise InvalidParameterError("give a generator backend, or an encoder and a "
@@ -157,6 +154,9 @@ class RetrievalAugmentedGenerator:
 
             backend = DemoBackend(encoder, pipeline)
         self.backend = backend
+        # public-only mix: the caller's, else the generator's recorded one, else settings.lam
+        self.public_lam = (check_lam(public_lam) if public_lam is not None
+                           else getattr(backend, "public_lam", None))
         self.settings = settings
         self.public_index = public_index
         self.ledger = ledger

@@ -6,8 +6,6 @@ generator: they test the estimator, not the mechanism, whose noise comes from th
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -17,11 +15,10 @@ from dprdm.privacy import InMemoryLedger
 from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator
 from dprdm.retrieval import build_index
 
-SIGMA, DIM, BATCH = 0.0875, 64, 32  # the demo's epsilon 10 / 1,000-query noise, d, eval batch
+from _release_support import (DIM, SIGMA, TextOnlyBackend, one_style_records, record_releases,
+                              unit)
 
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+BATCH = 32  # the eval's prompts per call
 
 
 def simulate(aggregates: np.ndarray, rng: np.random.Generator, trials: int):
@@ -94,23 +91,9 @@ def test_bad_input_is_refused(released, sigma, message):
 
 # -- in generation: RetrievalAugmentedGenerator.conditions -----------------------------------------
 
-class TextOnlyBackend:
-    """What conditions() needs of a backend: a name, a space check and the prompts' embeddings."""
-
-    name = "demo"
-    space = SimpleNamespace(check_index=lambda *args, **kwargs: None)
-
-    def embed_prompts(self, prompts: list[str]) -> np.ndarray:
-        rng = np.random.default_rng(len(prompts))
-        return unit(rng.normal(size=(len(prompts), DIM))).astype(np.float32)
-
-
 @pytest.fixture()
 def private(tmp_path):
-    rng = np.random.default_rng(5)
-    style = unit(rng.normal(size=DIM))
-    records = unit(style + 0.3 * rng.normal(size=(200, DIM))).astype(np.float32)
-    return build_index(records, tmp_path / "private")
+    return build_index(one_style_records(), tmp_path / "private")
 
 
 def rag_with(private, pool, releases: list):
@@ -118,9 +101,7 @@ def rag_with(private, pool, releases: list):
     ledger = InMemoryLedger(epsilon=1e4, delta=1e-6)
     rag = RetrievalAugmentedGenerator(backend=TextOnlyBackend(), private_index=private,
                                       ledger=ledger, settings=settings, pool=pool)
-    release = rag.mechanism.release
-    rag.mechanism.release = lambda x, caller="", receipts=None: releases.append(
-        release(x, caller, receipts)) or releases[-1]
+    record_releases(rag, releases)
     return rag, ledger
 
 

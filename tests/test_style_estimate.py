@@ -25,12 +25,10 @@ from dprdm.retrieval import build_index
 from dprdm.style_estimate import (FILENAME, estimate_style, load_style_estimate, read_prompts,
                                   save_style_estimate)
 
-SIGMA, DIM = 0.0875, 64  # the demo's epsilon 10 / 1,000-query noise and d
+from _release_support import (DIM, SIGMA, TextOnlyBackend, one_style_records, record_releases,
+                              unit)
+
 runner = CliRunner()
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 # -- the estimator ---------------------------------------------------------------------------------
@@ -103,24 +101,10 @@ def test_bad_input_is_refused(released, target, sigma, message):
 
 # -- making, storing and loading an estimate -------------------------------------------------------
 
-class TextOnlyBackend:
-    """What conditions() needs of a backend: a name, a space check and the prompts' embeddings."""
-
-    name = "demo"
-    space = SimpleNamespace(check_index=lambda *args, **kwargs: None)
-
-    def embed_prompts(self, prompts: list[str]) -> np.ndarray:
-        rng = np.random.default_rng(len(prompts))
-        return unit(rng.normal(size=(len(prompts), DIM))).astype(np.float32)
-
-
 @pytest.fixture()
 def private(tmp_path):
     """A private index whose records share one style; the demo's mechanism and budget."""
-    rng = np.random.default_rng(5)
-    style = unit(rng.normal(size=DIM))
-    records = unit(style + 0.3 * rng.normal(size=(200, DIM))).astype(np.float32)
-    build_index(records, tmp_path / "private")
+    build_index(one_style_records(), tmp_path / "private")
     init_budget(tmp_path / "private", 10.0, 1e-5, MechanismParams(SIGMA, 0.1, 40), lam=0.75)
     return tmp_path / "private"
 
@@ -130,10 +114,8 @@ def rag_for(index_dir, estimate=None, releases: list | None = None):
     rag = RetrievalAugmentedGenerator(backend=TextOnlyBackend(), private_index=index,
                                       ledger=ledger, settings=MechanismSettings.from_ledger(ledger),
                                       style_estimate=estimate)
-    if releases is not None:  # record what the mechanism released
-        release = rag.mechanism.release
-        rag.mechanism.release = lambda x, caller="", receipts=None: releases.append(
-            release(x, caller, receipts)) or releases[-1]
+    if releases is not None:
+        record_releases(rag, releases)
     return rag, ledger
 
 

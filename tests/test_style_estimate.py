@@ -247,6 +247,12 @@ def test_the_command_charges_writes_and_refuses_a_second_without_replace(demo_si
     assert SqliteLedger(index).summary().queries == 16
     result, shown = invoke("budget", "show", str(index))
     assert shown["style_estimate"]["releases"] == 8
+    (index / FILENAME).write_bytes(b"broken")  # refused when read, replaced with --replace
+    result, data = invoke("budget", "style-estimate", str(index), "--prompts", str(prompts))
+    assert result.exit_code == 2 and "not a readable" in data["message"]
+    result, data = invoke("budget", "style-estimate", str(index), "--prompts", str(prompts),
+                          "--replace")
+    assert result.exit_code == 0 and data["style_estimate"]["releases"] == 8
 
 
 def test_the_command_refuses_a_bad_prompts_file_and_spends_nothing(demo_sized_index, tmp_path):

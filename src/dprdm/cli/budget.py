@@ -244,11 +244,13 @@ def style_estimate(
         else:
             raise InvalidParameterError("give --prompts FILE (operator prompts, one per line)")
         index, ledger = open_private_index(index_path, ledger_url)
-        existing = load_style_estimate(index_path, ledger.ledger_id, index.dim)  # or a refusal
-        if existing is not None and not replace:
+        existing = path_of(index_path).exists()
+        if existing and not replace:
+            # a readable one is described; a broken or foreign one is refused with its reason
+            found = load_style_estimate(index_path, ledger.ledger_id, index.dim)
             raise InvalidParameterError(
                 f"{path_of(index_path)} already holds a style estimate of "
-                f"{existing.releases} releases ({existing.created}); pass --replace to spend "
+                f"{found.releases} releases ({found.created}); pass --replace to spend "
                 "more budget on a new one")
         if dry_run:
             return dict(preview(ledger, len(prompts)), prompts=len(prompts),
@@ -261,7 +263,7 @@ def style_estimate(
         path = save_style_estimate(index_path, estimate)
         figures = call_figures(receipts, ledger)
         return {"out": str(path), "style_estimate": estimate.describe(),
-                "replaced": existing is not None,
+                "replaced": existing,
                 "epsilon_this_call": figures["epsilon_spent_by_call"],
                 "epsilon_spent": figures["ledger_now"]["epsilon_spent"],
                 "epsilon_remaining": figures["ledger_now"]["epsilon_remaining"],

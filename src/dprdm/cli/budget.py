@@ -10,6 +10,7 @@ from dprdm.cli.generator_options import GENERATOR_CHOICE, generator_options
 from dprdm.cli.output import (JSON_OPTION, LEDGER_OPTION, err_console, progress_callback,
                               run_command)
 from dprdm.errors import InvalidParameterError
+from dprdm.files import check_writable_destination
 from dprdm.privacy import MechanismParams, accounting, init_budget, open_private_index
 from dprdm.privacy.binding import (NEW_BUDGET_FLAG, VOIDS_THE_GUARANTEE, binding_of,
                                    embeddings_bytes)
@@ -252,6 +253,7 @@ def style_estimate(
                 f"{path_of(index_path)} already holds a style estimate of "
                 f"{found.releases} releases ({found.created}); pass --replace to spend "
                 "more budget on a new one")
+        check_writable_destination(path_of(index_path))  # before anything is charged
         if dry_run:
             return dict(preview(ledger, len(prompts)), prompts=len(prompts),
                         out=str(path_of(index_path)))

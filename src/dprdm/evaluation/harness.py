@@ -463,6 +463,8 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                                                 private_shards)
         seconds = time.perf_counter() - started
         images[setting.label] = generated
+        mix = (public_only_lam(plan) if setting.name == "public-only" and public_index is not None
+               else plan.lam)
         row: dict[str, Any] = {
             "setting": setting.name, "label": setting.label, "epsilon": setting.epsilon,
             "queries": setting.queries, "delta": plan.delta if setting.name == "dp" else None,
@@ -470,8 +472,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                 0.0 if setting.name == "non-private" else None),
             "q": plan.q if setting.name == "dp" else (1.0 if setting.name == "non-private"
                                                        else None),
-            "k": plan.k, "lam": public_only_lam(plan) if setting.name == "public-only" and
-            public_index is not None else plan.lam, "prompts": len(held_out.captions),
+            "k": plan.k, "lam": mix, "prompts": len(held_out.captions),
             "private": setting.name == "dp",
             "noise_to_signal": (released_noise_ratio(plan, setting.sigma, encoder.dim,
                                                      public_index, text)

@@ -207,6 +207,7 @@ def test_budget_info_health_and_metrics(service):
     info = service.client.get("/v1/info").json()
     assert info["mechanism"] == {"sigma": PARAMS.sigma, "q": PARAMS.q, "k": PARAMS.k, "lam": LAM}
     assert info["limits"]["max_images"] == 4 and info["public_only_enabled"] is False
+    assert info["style_estimate_releases"] is None  # the operator made none: releases as drawn
     assert service.generate(prompt="red apple", **FAST).status_code == 200
     assert service.generate(headers={}, prompt="red apple", **FAST).status_code == 401
     budget = service.client.get("/v1/budget", headers=service.auth).json()

@@ -290,7 +290,7 @@ def test_the_service_engine_loads_the_estimate_unless_pool_is_off(demo_sized_ind
     assert invoke("budget", "style-estimate", str(index), "--prompts", str(prompts))[0] \
         .exit_code == 0
     engine = GenerationEngine(build_config({"index_dir": index}))
-    assert engine.rag.style_estimate.releases == 8
+    assert engine.rag.style_estimate.releases == 8 and engine.style_estimate_releases() == 8
     engine = GenerationEngine(build_config({"index_dir": index, "pool": False}))
     assert engine.rag.style_estimate is None and engine.rag.pool is False
 

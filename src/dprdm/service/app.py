@@ -288,7 +288,8 @@ def create_app(config: ServiceConfig, engine: GenerationEngine | None = None) ->
                     limits={"max_images": config.max_images, "max_steps": config.max_steps,
                             "default_steps": config.default_steps,
                             "max_prompt_chars": MAX_PROMPT_CHARS,
-                            "max_body_bytes": config.max_body_bytes})
+                            "max_body_bytes": config.max_body_bytes},
+                    style_estimate_releases=engine.style_estimate_releases())
 
     @app.get("/v1/budget", response_model=BudgetResponse, tags=["privacy"],
              responses={401: {"model": Error}})

@@ -148,6 +148,11 @@ class GenerationEngine:
     def mechanism(self) -> dict:
         return asdict(self.config.settings)
 
+    def style_estimate_releases(self) -> int | None:
+        """How many releases the style estimate in use averages (None: none in use)."""
+        estimate = self.rag.style_estimate
+        return None if estimate is None else estimate.releases
+
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompt: str, n: int, guidance: float, steps: int, seed: int | None,
                  public_only: bool, caller: str) -> Generation:

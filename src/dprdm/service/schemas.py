@@ -87,6 +87,9 @@ class Info(BaseModel):
     public_only_enabled: bool
     keyless_local: bool
     limits: dict[str, int]
+    # releases averaged in the operator's style estimate that each DP release is shrunk towards
+    # (free post-processing); None: each release is used as drawn
+    style_estimate_releases: int | None = None
 
 
 class Error(BaseModel):

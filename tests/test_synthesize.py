@@ -275,6 +275,30 @@ def test_pooling_is_part_of_the_job(private_index, tmp_path):
     assert queries(private_index) == 3
 
 
+def test_a_job_shrinks_towards_the_style_estimate_it_started_with(private_index, tmp_path):
+    operator = tmp_path / "operator.txt"
+    operator.write_text("".join(f"operator prompt {i}\n" for i in range(6)))
+    estimate = ["budget", "style-estimate", str(private_index), "--prompts", str(operator),
+                "--json"]
+    assert runner.invoke(app, estimate).exit_code == 0
+    path = tmp_path / "p.txt"
+    path.write_text("red apple\ncat face\nblue car\nsun\n")
+    job = tmp_path / "job"
+    result, _ = synthesize("--prompts", str(path), "--index", str(private_index), *FAST,
+                           "--batch-size", "2", "--max-queries", "2", "--out", str(job))
+    assert result.exit_code == 0, result.output
+    assert Journal(job).params["style_estimate"]["releases"] == 6
+    assert queries(private_index) == 6 + 2
+    assert runner.invoke(app, [*estimate, "--replace"]).exit_code == 0  # another estimate
+    result, error = synthesize("--resume", str(job))
+    assert result.exit_code == 2 and "style estimate" in error["message"]
+    assert queries(private_index) == 6 + 2 + 6  # the resume charged nothing
+    raw = tmp_path / "raw"
+    result, _ = synthesize("--prompts", str(path), "--index", str(private_index), *FAST,
+                           "--no-pool", "--out", str(raw))
+    assert result.exit_code == 0 and Journal(raw).params["style_estimate"] is None
+
+
 def test_an_unaffordable_job_is_refused_unless_partial_says_what_to_do(tmp_path, dim):
     index = make_index(tmp_path / "small", dim, epsilon=1.0)
     affordable = SqliteLedger(index).remaining_queries(MECHANISM.params)

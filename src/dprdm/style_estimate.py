@@ -53,9 +53,12 @@ class StyleEstimate:
         return int(self.vector.shape[0])
 
     def describe(self) -> dict:
-        """Public figures only (no vector): what `budget show` and reports print."""
+        """Public figures only (no vector, a hash of it): what `budget show` and reports print,
+        and what a synthesis job records to know its estimate again."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.vector, dtype="<f8").tobytes())
         return {"releases": self.releases, "sigma": self.sigma, "q": self.q, "k": self.k,
-                "created": self.created, "ledger_id": self.ledger_id}
+                "created": self.created, "ledger_id": self.ledger_id,
+                "sha256": digest.hexdigest()[:16]}
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -217,8 +217,8 @@ def style_estimate(
 
     The prompts' releases are charged like any other (all at once, or none when the budget
     cannot take them) and their mean is written to style-estimate.safetensors in the index
-    directory (atomically), bound to this ledger. From then on `dprdm generate` and `dprdm
-    serve` shrink every call's releases towards it, one-prompt calls included (free
+    directory (atomically), bound to this ledger. From then on `dprdm generate`, `serve` and
+    `synthesize` shrink every call's releases towards it, one-prompt calls included (free
     post-processing; docs/privacy.md "A stored style estimate"). The service cannot make one.
 
     Example: dprdm budget style-estimate private-index/ --prompts operator-prompts.txt

@@ -26,7 +26,8 @@ MAX_BATCH = 256
 FORMATS = ("imagefolder", "parquet")
 # Job parameters that must match for a re-run to continue a job folder.
 IDENTITY = ("prompts_sha256", "images_per_prompt", "steps", "guidance", "content_guidance",
-            "seed", "reuse_identical", "pool", "index", "mechanism", "encoder", "generator")
+            "seed", "reuse_identical", "pool", "style_estimate", "index", "mechanism", "encoder",
+            "generator")
 
 
 @dataclass
@@ -39,15 +40,20 @@ class Backend:
     generator: str
 
 
-def open_backend(index_dir: Path, encoder: str, generator: str, pool: bool = True) -> Backend:
+def open_backend(index_dir: Path, encoder: str, generator: str, pool: bool = True,
+                 style_estimate: dict | None | bool = True) -> Backend:
     """Open the private index, its ledger and mechanism settings, the encoder and the generator
-    (`pool`: each batch's releases pooled, docs/privacy.md). (The single place to switch to a
-    verified index+ledger entry point.)"""
+    (`pool`: each batch's releases shrunk, towards the index's style estimate when it has one,
+    else towards their mean; docs/privacy.md). `style_estimate`: True for a new job (the index's
+    estimate, if any); for a resumed job the description its journal recorded (None: none), which
+    the index's estimate must still match. (The single place to switch to a verified
+    index+ledger entry point.)"""
     from dprdm.encoders import load_encoder
     from dprdm.generation import RetrievalDiffusionPipeline
     from dprdm.generation.pipeline import DEFAULT_DIR
     from dprdm.privacy import open_private_index
     from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator
+    from dprdm.style_estimate import load_style_estimate
 
     model_dir = Path(DEFAULT_DIR if generator == "demo" else generator)
     if not (model_dir / "model_index.json").is_file():
@@ -57,9 +63,17 @@ def open_backend(index_dir: Path, encoder: str, generator: str, pool: bool = Tru
     index, opened = open_private_index(index_dir)  # the verified pair; mechanism pinned there
     settings = MechanismSettings.from_ledger(opened, None)
     ledger = ReceiptLedger(opened)
+    estimate = None
+    if pool and style_estimate is not None:
+        estimate = load_style_estimate(index_dir, opened.ledger_id, index.dim)
+        if style_estimate is not True and (estimate is None
+                                           or estimate.describe() != style_estimate):
+            raise DprdmError(f"the style estimate of {index_dir} changed since the job started; "
+                             "its batches were shrunk towards the old one")
     rag = RetrievalAugmentedGenerator(
         load_encoder(encoder), RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
-        private_index=index, ledger=ledger, settings=settings, pool=pool)
+        private_index=index, ledger=ledger, settings=settings, pool=pool,
+        style_estimate=estimate)
     return Backend(rag, ledger, settings, Path(index_dir), encoder, generator)
 
 
@@ -143,7 +157,10 @@ def _job_params(prompt_file, out_index: Path, backend: Backend, n: int, steps: i
             "prompts_sha256": prompt_file.sha256, "prompts": len(prompt_file.rows),
             "images_per_prompt": n, "steps": steps, "guidance": guidance,
             "content_guidance": content_guidance, "seed": seed,
-            "reuse_identical": reuse, "pool": pool, "index": str(out_index.resolve()),
+            "reuse_identical": reuse, "pool": pool,
+            "style_estimate": (None if backend.rag.style_estimate is None
+                               else backend.rag.style_estimate.describe()),
+            "index": str(out_index.resolve()),
             "mechanism": asdict(backend.settings), "encoder": backend.encoder,
             "generator": backend.generator}
 
@@ -184,8 +201,9 @@ def synthesize(
     reuse_identical: bool = typer.Option(True, "--reuse-identical/--no-reuse-identical",
                                          help="Identical prompts share one release (free)."),
     pool: bool = typer.Option(True, "--pool/--no-pool",
-                              help="Shrink each batch's releases towards their mean "
-                                   "(James-Stein, docs/privacy.md; free)."),
+                              help="Shrink each batch's releases towards the index's style "
+                                   "estimate, else their mean (James-Stein, docs/privacy.md; "
+                                   "free)."),
     output_format: str = typer.Option("imagefolder", "--format",
                                       help="imagefolder (always written), or parquet as well."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; charge nothing."),
@@ -218,7 +236,8 @@ def synthesize(
             journal = Journal(job_dir)
             params = journal.params
             backend = open_backend(Path(params["index"]), params["encoder"], params["generator"],
-                                   params.get("pool", False))  # older journals: not pooled
+                                   params.get("pool", False),  # older journals: not pooled
+                                   params.get("style_estimate"))  # nor shrunk towards one
             if asdict(backend.settings) != params["mechanism"]:
                 raise DprdmError(f"the mechanism of {params['index']} changed since the job "
                                  "started; its released conditions belong to the old one")

@@ -295,21 +295,48 @@ def test_the_service_engine_loads_the_estimate_unless_pool_is_off(demo_sized_ind
     assert engine.rag.style_estimate is None and engine.rag.pool is False
 
 
-def test_the_demo_operator_prompts_are_public_captions_and_never_a_held_out_prompt(
-        tmp_path, monkeypatch):
-    from dprdm.demo import STYLE_ESTIMATE_PROMPTS, style_estimate_prompts
-
-    monkeypatch.setenv("DPRDM_DEMO_ROOT", str(tmp_path))
-    (tmp_path / "holdout").mkdir()
-    (tmp_path / "public").mkdir()
+@pytest.fixture()
+def demo_root(tmp_path, monkeypatch):
+    """A stand-in demo folder: held-out captions and a public index's captions."""
+    monkeypatch.setenv("DPRDM_DEMO_ROOT", str(tmp_path / "demo"))
+    (tmp_path / "demo" / "holdout").mkdir(parents=True)
+    (tmp_path / "demo" / "public").mkdir()
     held_out = [f"concept {i}" for i in range(0, 200, 2)]
-    (tmp_path / "holdout" / "captions.jsonl").write_text(
+    (tmp_path / "demo" / "holdout" / "captions.jsonl").write_text(
         "".join(json.dumps({"file": f"{i}.png", "caption": c}) + "\n"
                 for i, c in enumerate(held_out)))
-    (tmp_path / "public" / "metadata.jsonl").write_text(
+    (tmp_path / "demo" / "public" / "metadata.jsonl").write_text(
         "".join(json.dumps({"caption": f"concept {i}", "style": style}) + "\n"
                 for i in range(200) for style in ("twemoji", "google")))
+    return held_out
+
+
+def test_the_demo_operator_prompts_are_public_captions_and_never_a_held_out_prompt(demo_root):
+    from dprdm.demo import STYLE_ESTIMATE_PROMPTS, style_estimate_prompts
+
+    held_out = demo_root
     prompts = style_estimate_prompts()
     assert len(prompts) == STYLE_ESTIMATE_PROMPTS == len(set(prompts))
     assert not set(prompts) & set(held_out)
     assert prompts == style_estimate_prompts()  # the same operator prompts every time
+
+
+def test_make_demo_pays_for_its_estimate_once_and_goes_on_without_one_it_cannot_afford(
+        demo_root, tmp_path):
+    from dprdm.demo import STYLE_ESTIMATE_PROMPTS, prepare_style_estimate
+
+    build_index(one_style_records(), tmp_path / "rich")
+    init_budget(tmp_path / "rich", 10.0, 1e-5, MechanismParams(SIGMA, 0.1, 40), lam=0.75)
+    rag, ledger = rag_for(tmp_path / "rich")
+    prepare_style_estimate(rag, tmp_path / "rich")
+    assert rag.style_estimate.releases == STYLE_ESTIMATE_PROMPTS
+    assert ledger.summary().queries == STYLE_ESTIMATE_PROMPTS
+    rag, ledger = rag_for(tmp_path / "rich")
+    prepare_style_estimate(rag, tmp_path / "rich")  # kept: loaded, not bought again
+    assert rag.style_estimate is not None and ledger.summary().queries == STYLE_ESTIMATE_PROMPTS
+    build_index(one_style_records(), tmp_path / "poor")
+    init_budget(tmp_path / "poor", 0.5, 1e-5, MechanismParams(SIGMA, 0.1, 40), lam=0.75)
+    rag, ledger = rag_for(tmp_path / "poor")
+    prepare_style_estimate(rag, tmp_path / "poor")  # refused whole: the demo goes on
+    assert rag.style_estimate is None and ledger.summary().queries == 0
+    assert not (tmp_path / "poor" / FILENAME).exists()

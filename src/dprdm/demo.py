@@ -25,7 +25,7 @@ import numpy as np
 from rich.console import Console
 
 from dprdm import demo_layout
-from dprdm.errors import DprdmError
+from dprdm.errors import BudgetExceededError, DprdmError
 from dprdm.privacy import MechanismParams, accounting, init_budget, open_private_index
 from dprdm.privacy.binding import binding_of
 
@@ -179,7 +179,13 @@ def prepare_style_estimate(rag, private) -> None:
 
     estimate = load_style_estimate(private, rag.ledger.ledger_id, rag.mechanism.dim)
     if estimate is None:
-        estimate = estimate_style(rag, style_estimate_prompts(), caller="make demo")
+        try:
+            estimate = estimate_style(rag, style_estimate_prompts(), caller="make demo")
+        except BudgetExceededError:  # refused whole: nothing was spent
+            console.print("[yellow]style estimate: the demo's budget cannot pay for it any "
+                          "more; releases are used as drawn (delete .dprdm-demo for a new "
+                          "index and budget)[/]")
+            return
         save_style_estimate(private, estimate)
         console.print(f"style estimate: spent {estimate.releases} queries on public captions "
                       f"(stored in {private}; one-prompt calls are shrunk towards it)")

@@ -16,6 +16,7 @@ import pytest
 from _service_support import ID_PREFIX, SETTINGS, Service, ThreadedServer
 from dprdm.privacy import SqliteLedger
 from dprdm.service.app import create_app
+from dprdm.style_estimate import estimate_style
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -81,10 +82,13 @@ def test_generate_in_the_page_shows_images_and_the_updated_budget(tmp_path):
 
 
 def test_a_spent_budget_disables_generate_and_says_why_in_words(tmp_path):
-    """Keyless local mode: no key field; the mechanism is rounded; the gauges explain
+    """Keyless local mode: no key field; the mechanism is rounded (and the style estimate
+    named); the gauges explain
     composition; once the budget is spent Generate is off unless "public only" is ticked."""
     settings = replace(SETTINGS, sigma=8.0 / 3.0)  # shown as 2.67
     service = Service(tmp_path, keyless_local=True, allow_public_only=True, settings=settings)
+    rag = service.app.state.engine.rag  # an operator's style estimate, paid like any release
+    rag.style_estimate = estimate_style(rag, ["operator prompt 1", "operator prompt 2"])
     ledger = SqliteLedger(service.index)
     left = ledger.remaining_queries(settings.params)
     if left > 1:  # leave exactly one private query to the page
@@ -97,6 +101,8 @@ def test_a_spent_budget_disables_generate_and_says_why_in_words(tmp_path):
             page.wait_for_selector("#budget[data-queries-remaining]")
             assert not page.is_visible("#key-section")
             assert "sigma=2.67," in page.text_content("#mechanism")
+            assert "shrunk towards the operator's style estimate (2 releases" in \
+                page.text_content("#mechanism")
             assert "grows more slowly than the number of queries" in \
                 page.get_attribute("#epsilon-row", "title")
             assert "first query costs more than 1/T" in page.get_attribute("#queries-row",

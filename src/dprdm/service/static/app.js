@@ -148,7 +148,11 @@ async function start() {
   info = await response.json();
   const m = info.mechanism;
   $("mechanism").textContent = "Mechanism fixed by the operator: " +
-    `k=${m.k}, q=${rounded(m.q)}, sigma=${rounded(m.sigma)}, lam=${rounded(m.lam)}.`;
+    `k=${m.k}, q=${rounded(m.q)}, sigma=${rounded(m.sigma)}, lam=${rounded(m.lam)}.` +
+    (info.style_estimate_releases
+      ? ` Each release is shrunk towards the operator's style estimate ` +
+        `(${info.style_estimate_releases} releases; free).`
+      : "");
   $("n").max = info.limits.max_images;
   $("steps").max = info.limits.max_steps;
   $("steps").value = Math.min(info.limits.default_steps, info.limits.max_steps);

@@ -50,21 +50,12 @@ def pool_releases(released: np.ndarray, sigma: float) -> tuple[np.ndarray, float
     one release, or sigma = 0, is returned as it is (b = 1). Post-processing of releases with the
     mechanism's public sigma only: free, and nothing private is read.
     """
-    released = np.asarray(released)
-    if released.ndim != 2:
-        raise InvalidParameterError(f"released must be (P, d), got shape {released.shape}")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(
-            sigma) or sigma < 0:
-        raise InvalidParameterError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    released = _check_releases(released, sigma)
     count, dim = released.shape
-    if count < 2 or sigma == 0 or (count - 1) * dim <= 2:
+    if count < 2:
         return released.copy(), 1.0
-    values = released.astype(np.float64)
-    mean = values.mean(axis=0, keepdims=True)
-    deviations = values - mean
-    spread = float(np.sum(deviations * deviations))
-    kept = 0.0 if spread == 0 else max(0.0, 1.0 - ((count - 1) * dim - 2) * sigma**2 / spread)
-    return (mean + kept * deviations).astype(released.dtype), kept
+    mean = released.astype(np.float64).mean(axis=0)
+    return _james_stein(released, mean, (count - 1) * dim - 2, sigma)
 
 
 def shrink_towards(released: np.ndarray, target: np.ndarray,
@@ -81,23 +72,35 @@ def shrink_towards(released: np.ndarray, target: np.ndarray,
     call's noise: a target built from earlier, already charged releases qualifies. sigma = 0
     returns the releases as they are (b = 1). Post-processing with the public sigma: free.
     """
-    released = np.asarray(released)
-    if released.ndim != 2:
-        raise InvalidParameterError(f"released must be (P, d), got shape {released.shape}")
+    released = _check_releases(released, sigma)
     target = np.asarray(target)
     if target.shape != (released.shape[1],) or not np.all(np.isfinite(target)):
         raise InvalidParameterError(f"target must be a finite vector of length "
                                     f"{released.shape[1]}, got shape {target.shape}")
+    count, dim = released.shape
+    return _james_stein(released, target.astype(np.float64), count * dim - 2, sigma)
+
+
+def _check_releases(released: np.ndarray, sigma: float) -> np.ndarray:
+    released = np.asarray(released)
+    if released.ndim != 2:
+        raise InvalidParameterError(f"released must be (P, d), got shape {released.shape}")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(
             sigma) or sigma < 0:
         raise InvalidParameterError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    count, dim = released.shape
-    if sigma == 0 or count * dim <= 2:
+    return released
+
+
+def _james_stein(released: np.ndarray, centre: np.ndarray, degrees: int,
+                 sigma: float) -> tuple[np.ndarray, float]:
+    """``centre + b * (r_i - centre)`` with ``b = max(0, 1 - degrees sigma^2 / S)``, S the summed
+    squared deviations; the releases as they are (b = 1) when sigma = 0 or degrees <= 0."""
+    if sigma == 0 or degrees <= 0:
         return released.copy(), 1.0
-    deviations = released.astype(np.float64) - target.astype(np.float64)
+    deviations = released.astype(np.float64) - centre
     spread = float(np.sum(deviations * deviations))
-    kept = 0.0 if spread == 0 else max(0.0, 1.0 - (count * dim - 2) * sigma**2 / spread)
-    return (target + kept * deviations).astype(released.dtype), kept
+    kept = 0.0 if spread == 0 else max(0.0, 1.0 - degrees * sigma**2 / spread)
+    return (centre + kept * deviations).astype(released.dtype), kept
 
 
 def noise_ratio(sigma: float, k: int, dim: int) -> dict:

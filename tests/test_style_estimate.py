@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 
 from dprdm.cli import app
 from dprdm.conditioning import interpolate, shrink_towards
-from dprdm.errors import BudgetExceededError, InvalidParameterError
+from dprdm.errors import BudgetExceededError, DprdmError, InvalidParameterError
 from dprdm.privacy import (InMemoryLedger, MechanismParams, SqliteLedger, init_budget,
                            open_private_index)
 from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator
 from dprdm.retrieval import build_index
-from dprdm.style_estimate import (FILENAME, estimate_style, load_style_estimate, read_prompts,
-                                  save_style_estimate)
+from dprdm.style_estimate import (FILENAME, estimate_style, load_style_estimate,
+                                  read_operator_prompts, save_style_estimate)
 
 from _release_support import (DIM, SIGMA, TextOnlyBackend, one_style_records, record_releases,
                               unit)
@@ -193,15 +193,21 @@ def test_an_estimate_for_another_dimension_is_refused_by_the_generator(private):
     assert rag_for(private, estimate)[0].style_estimate is estimate
 
 
-def test_read_prompts_takes_one_per_line_and_refuses_too_few(tmp_path):
+def test_operator_prompts_are_read_like_a_synthesis_prompt_file_and_too_few_refused(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_text("red apple\n\n  cat face  \n")
-    assert read_prompts(path) == ["red apple", "cat face"]
+    path.write_text("red apple\n\ncat face\n")
+    assert read_operator_prompts(path) == ["red apple", "cat face"]
+    jsonl = tmp_path / "prompts.jsonl"  # every format `dprdm synthesize` reads
+    jsonl.write_text('{"prompt": "red apple"}\n{"prompt": "cat face", "source": "x"}\n')
+    assert read_operator_prompts(jsonl) == ["red apple", "cat face"]
     path.write_text("only one\n")
     with pytest.raises(InvalidParameterError, match="2 to"):
-        read_prompts(path)
-    with pytest.raises(InvalidParameterError, match="does not exist"):
-        read_prompts(tmp_path / "missing.txt")
+        read_operator_prompts(path)
+    path.write_text("fine\nbad\x07bell\n")  # the shared reader's checks: control characters
+    with pytest.raises(InvalidParameterError, match="line 2"):
+        read_operator_prompts(path)
+    with pytest.raises(DprdmError):
+        read_operator_prompts(tmp_path / "missing.txt")
 
 
 # -- the commands ----------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ noised vector and the public figures of the releases, nothing pre-noise.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,25 +60,16 @@ class StyleEstimate:
                 "sha256": digest.hexdigest()[:16]}
 
 
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per line (blank lines skipped), each as ``dprdm generate`` accepts one."""
-    from dprdm.rdm import MAX_PROMPT_CHARS
+def read_operator_prompts(path: Path) -> list[str]:
+    """The operator's prompts, read and checked as a synthesis job's prompt file is
+    (:func:`dprdm.synthesis.read_prompts`: .txt, .csv/.tsv or .jsonl; bad lines named), and
+    between MIN_RELEASES and MAX_RELEASES of them."""
+    from dprdm.synthesis import read_prompts
 
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidParameterError(f"prompts file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise InvalidParameterError(f"prompts file {path} is not UTF-8 text") from error
-    prompts = [line.strip() for line in lines if line.strip()]
+    prompts = [row.prompt for row in read_prompts(path).rows]
     if not MIN_RELEASES <= len(prompts) <= MAX_RELEASES:
         raise InvalidParameterError(f"{path} holds {len(prompts)} prompts; a style estimate "
                                     f"takes {MIN_RELEASES} to {MAX_RELEASES:,} (one query each)")
-    for number, prompt in enumerate(prompts, 1):
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise InvalidParameterError(f"{path}, prompt {number}: longer than "
-                                        f"{MAX_PROMPT_CHARS} characters")
     return prompts
 
 
@@ -143,7 +133,7 @@ def load_style_estimate(index_dir: Path, ledger_id: str, dim: int) -> StyleEstim
             releases=int(metadata["releases"]), sigma=float(metadata["sigma"]),
             q=float(metadata["q"]), k=int(metadata["k"]), created=metadata["created"],
             prompts_sha256=metadata["prompts_sha256"])
-    except (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError) as error:
+    except (OSError, SafetensorError, KeyError, ValueError) as error:
         raise InvalidParameterError(f"{path} is not a readable dprdm style estimate ({error}); "
                                     "remove it, or make a new one with `dprdm budget "
                                     "style-estimate --replace`") from error

@@ -198,9 +198,10 @@ def set_mechanism(
 def style_estimate(
     index_dir: Path = typer.Argument(None, help="The private index directory."),
     prompts_file: Path = typer.Option(
-        None, "--prompts", help="Operator prompts, one per line (each costs one query). Prompts "
-                                "that describe what the collection holds; never clients' "
-                                "queries."),
+        None, "--prompts",
+        help="Operator prompts in a file as `synthesize` reads them (.txt one per line, .csv, "
+             ".jsonl); each costs one query. Prompts that describe what the collection holds; "
+             "never clients' queries."),
     replace: bool = typer.Option(False, "--replace",
                                  help="Replace the index's existing estimate (its budget stays "
                                       "spent)."),
@@ -229,7 +230,7 @@ def style_estimate(
         from dprdm.privacy.receipts import call_figures, preview
         from dprdm.rdm import MechanismSettings, RetrievalAugmentedGenerator
         from dprdm.style_estimate import (estimate_style, load_style_estimate, path_of,
-                                          read_prompts, save_style_estimate)
+                                          read_operator_prompts, save_style_estimate)
 
         index_path = index_dir
         if demo:
@@ -237,13 +238,13 @@ def style_estimate(
         if index_path is None:
             raise InvalidParameterError("give the private index directory (or --demo)")
         if prompts_file is not None:
-            prompts = read_prompts(prompts_file)
+            prompts = read_operator_prompts(prompts_file)
         elif demo:
             from dprdm.demo import style_estimate_prompts
 
             prompts = style_estimate_prompts()
         else:
-            raise InvalidParameterError("give --prompts FILE (operator prompts, one per line)")
+            raise InvalidParameterError("give --prompts FILE (operator prompts, e.g. one per line)")
         index, ledger = open_private_index(index_path, ledger_url)
         existing = path_of(index_path).exists()
         if existing and not replace:

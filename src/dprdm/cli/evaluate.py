@@ -92,7 +92,7 @@ def evaluate(
              "(docs/privacy.md)."),
     style_prompts: Path = typer.Option(None, "--style-prompts",
                                        help="With --style-estimate: the operator prompts file "
-                                            "(one per line)."),
+                                            "(as `synthesize` reads them)."),
     seed: int = typer.Option(0, "--seed", help="Diffusion sampler and prompt-subset seed only."),
     repeats: int = typer.Option(1, "--repeats",
                                 help="Images per prompt and setting, each with other diffusion "
@@ -161,7 +161,7 @@ def evaluate(
         from dprdm.rdm import MechanismSettings
         from dprdm.retrieval import EmbeddingIndex
         from dprdm.retrieval.shards import ShardedIndex, open_index
-        from dprdm.style_estimate import read_prompts
+        from dprdm.style_estimate import read_operator_prompts
 
         split = check_content_guidance(content_guidance, choice.generator)  # before any work
         index_dir, holdout_dir, public_dir = index, holdout, public_index
@@ -203,7 +203,7 @@ def evaluate(
             raise InvalidParameterError("--style-prompts goes with --style-estimate")
         if style_estimate:
             if style_prompts is not None:
-                operator_prompts = tuple(read_prompts(style_prompts))
+                operator_prompts = tuple(read_operator_prompts(style_prompts))
             elif demo:
                 from dprdm.demo import style_estimate_prompts
 

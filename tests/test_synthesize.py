@@ -299,6 +299,31 @@ def test_a_job_shrinks_towards_the_style_estimate_it_started_with(private_index,
     assert result.exit_code == 0 and Journal(raw).params["style_estimate"] is None
 
 
+def test_a_job_started_without_an_estimate_resumes_without_one(private_index, tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("red apple\ncat face\nblue car\nsun\n")
+    job = tmp_path / "job"
+    result, _ = synthesize("--prompts", str(path), "--index", str(private_index), *FAST,
+                           "--batch-size", "2", "--max-queries", "2", "--out", str(job))
+    assert result.exit_code == 0 and Journal(job).params["style_estimate"] is None
+    operator = tmp_path / "operator.txt"
+    operator.write_text("operator prompt 1\noperator prompt 2\n")
+    assert runner.invoke(app, ["budget", "style-estimate", str(private_index), "--prompts",
+                               str(operator), "--json"]).exit_code == 0
+    result, report = synthesize("--resume", str(job))  # as it started: towards each batch's mean
+    assert result.exit_code == 0, result.output
+    assert report["status"] == "complete" and queries(private_index) == 2 + 2 + 2
+    from dprdm.cli.synthesize import _keep_the_jobs_style_estimate, open_backend
+
+    backend = open_backend(private_index, "demo", "demo")
+    assert backend.rag.style_estimate is not None  # a new job would use it
+    _keep_the_jobs_style_estimate(backend, None, job)
+    assert backend.rag.style_estimate is None  # this job recorded none: it keeps none
+    backend = open_backend(private_index, "demo", "demo")
+    with pytest.raises(dprdm.errors.DprdmError, match="changed since"):
+        _keep_the_jobs_style_estimate(backend, {"releases": 64, "sha256": "another"}, job)
+
+
 def test_an_unaffordable_job_is_refused_unless_partial_says_what_to_do(tmp_path, dim):
     index = make_index(tmp_path / "small", dim, epsilon=1.0)
     affordable = SqliteLedger(index).remaining_queries(MECHANISM.params)

@@ -40,13 +40,10 @@ class Backend:
     generator: str
 
 
-def open_backend(index_dir: Path, encoder: str, generator: str, pool: bool = True,
-                 style_estimate: dict | None | bool = True) -> Backend:
+def open_backend(index_dir: Path, encoder: str, generator: str, pool: bool = True) -> Backend:
     """Open the private index, its ledger and mechanism settings, the encoder and the generator
     (`pool`: each batch's releases shrunk, towards the index's style estimate when it has one,
-    else towards their mean; docs/privacy.md). `style_estimate`: True for a new job (the index's
-    estimate, if any); for a resumed job the description its journal recorded (None: none), which
-    the index's estimate must still match. (The single place to switch to a verified
+    else towards their mean; docs/privacy.md). (The single place to switch to a verified
     index+ledger entry point.)"""
     from dprdm.encoders import load_encoder
     from dprdm.generation import RetrievalDiffusionPipeline
@@ -63,13 +60,7 @@ def open_backend(index_dir: Path, encoder: str, generator: str, pool: bool = Tru
     index, opened = open_private_index(index_dir)  # the verified pair; mechanism pinned there
     settings = MechanismSettings.from_ledger(opened, None)
     ledger = ReceiptLedger(opened)
-    estimate = None
-    if pool and style_estimate is not None:
-        estimate = load_style_estimate(index_dir, opened.ledger_id, index.dim)
-        if style_estimate is not True and (estimate is None
-                                           or estimate.describe() != style_estimate):
-            raise DprdmError(f"the style estimate of {index_dir} changed since the job started; "
-                             "its batches were shrunk towards the old one")
+    estimate = load_style_estimate(index_dir, opened.ledger_id, index.dim) if pool else None
     rag = RetrievalAugmentedGenerator(
         load_encoder(encoder), RetrievalDiffusionPipeline.from_pretrained(str(model_dir)),
         private_index=index, ledger=ledger, settings=settings, pool=pool,
@@ -165,6 +156,17 @@ def _job_params(prompt_file, out_index: Path, backend: Backend, n: int, steps: i
             "generator": backend.generator}
 
 
+def _keep_the_jobs_style_estimate(backend: Backend, recorded: dict | None, job_dir: Path) -> None:
+    """A resumed job shrinks towards the estimate it started with: none if it recorded none (an
+    estimate made since is not used), else the same one (another is refused)."""
+    estimate = backend.rag.style_estimate
+    if recorded is None:
+        backend.rag.style_estimate = None
+    elif estimate is None or estimate.describe() != recorded:
+        raise DprdmError(f"the style estimate of {backend.index_dir} changed since the job in "
+                         f"{job_dir} started; its batches were shrunk towards the old one")
+
+
 def _check_same_job(saved: dict, wanted: dict, job_dir: Path) -> None:
     differ = [key for key in IDENTITY if saved.get(key) != wanted.get(key)]
     if differ:
@@ -236,8 +238,8 @@ def synthesize(
             journal = Journal(job_dir)
             params = journal.params
             backend = open_backend(Path(params["index"]), params["encoder"], params["generator"],
-                                   params.get("pool", False),  # older journals: not pooled
-                                   params.get("style_estimate"))  # nor shrunk towards one
+                                   params.get("pool", False))  # older journals: not pooled
+            _keep_the_jobs_style_estimate(backend, params.get("style_estimate"), job_dir)
             if asdict(backend.settings) != params["mechanism"]:
                 raise DprdmError(f"the mechanism of {params['index']} changed since the job "
                                  "started; its released conditions belong to the old one")

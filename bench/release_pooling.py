@@ -11,8 +11,8 @@ and `synthesize` (8) use), the share b pooling keeps, and how alike the aggregat
 cosine to the domain's mean aggregate). The last columns shrink towards a stored style estimate
 instead (`dprdm.conditioning.shrink_towards`): the mean of the releases of the demo operator's 64
 prompts (public captions, `dprdm.demo.style_estimate_prompts`), each prompt released alone
-(P = 1, a service request) and in batches of 32. The noise here is numpy's, seeded: this measures the
-estimator on the mechanism's statistics, not the ledgered mechanism (whose noise comes from the
+(P = 1, a service request) and in batches of 32. The noise here is numpy's, seeded: this
+measures the estimator on the mechanism's statistics, not the ledgered mechanism (whose noise comes from the
 OS). Reading the aggregates reads the private index without privacy: a tool for the demo's
 public stand-ins only.
 

@@ -331,7 +331,8 @@ def test_public_only_mixes_its_public_neighbours_at_the_generators_own_lam(
         lams = {run["setting"]: run["lam"] for run in data["runs"]}
         assert lams == {"public-only": expected, "dp": 0.7, "non-private": 0.7}
         assert json.loads((out / "runs.json").read_text())["plan"]["public_lam"] == expected
-        assert f"public neighbours at lam {expected:g} (its own)" in (out / "results.md").read_text()
+        markdown = (out / "results.md").read_text()
+        assert f"public neighbours at lam {expected:g} (its own)" in markdown
     with pytest.raises(InvalidParameterError, match="public_lam"):
         EvalPlan(public_lam=1.5)
 

@@ -273,7 +273,8 @@ def _check_index(config) -> dict:
                 if config.pool else None)  # a foreign or broken estimate fails here, once
     summary = ledger.summary()
     return {"ledger": ledger.location,
-            "style_estimate": None if estimate is None else estimate.describe(), "epsilon_budget": summary.epsilon_budget, "delta": summary.delta,
+            "style_estimate": None if estimate is None else estimate.describe(),
+            "epsilon_budget": summary.epsilon_budget, "delta": summary.delta,
             "epsilon_spent": summary.epsilon_spent,
             "epsilon_remaining": summary.epsilon_remaining, "queries_spent": summary.queries,
             "queries_remaining": ledger.remaining_queries(config.settings.params)}

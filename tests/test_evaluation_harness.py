@@ -337,6 +337,38 @@ def test_public_only_mixes_its_public_neighbours_at_the_generators_own_lam(
         EvalPlan(public_lam=1.5)
 
 
+def test_non_private_takes_its_own_k_and_lam_when_given(private_index, holdout, tmp_path,
+                                                      encoder):
+    from dprdm.evaluation.harness import Setting, generate_setting
+    from dprdm.conditioning import interpolate
+    from dprdm.rdm import neighbour_mean
+
+    pipe, index, calls = recording_pipeline(private_index)
+    text = encoder.encode_text(CAPTIONS)
+    for plan, (k, lam) in ((EvalPlan(k=4, q=0.5, lam=0.7, steps=1, guidance=1.0), (4, 0.7)),
+                           (EvalPlan(k=4, q=0.5, lam=0.7, steps=1, guidance=1.0,
+                                     non_private_k=25, non_private_lam=1.0), (25, 1.0))):
+        calls.clear()
+        generate_setting(Setting("non-private"), CAPTIONS, plan, encoder, pipe, index, None)
+        ((conditions, _),) = calls
+        np.testing.assert_allclose(conditions, interpolate(neighbour_mean(index, text, k), text,
+                                                           lam), atol=1e-6)
+    out = tmp_path / "report"
+    result, data = run_eval("--index", str(private_index), "--holdout", str(holdout),
+                            "--out", str(out), "--epsilons", "8", "--queries", "100",
+                            "--non-private-k", "25", "--non-private-lam", "0.9", *FAST)
+    assert result.exit_code == 0, result.output
+    mixes = {run["setting"]: (run["k"], run["lam"]) for run in data["runs"]}
+    assert mixes == {"public-only": (4, 0.7), "dp": (4, 0.7), "non-private": (25, 0.9)}
+    assert "non-private takes its own k 25 and lam 0.9" in (out / "results.md").read_text()
+    assert SqliteLedger(private_index).summary().queries == 0
+    for bad, match in (({"non_private_k": 0}, "non_private_k"),
+                       ({"non_private_k": 2.5}, "non_private_k"),
+                       ({"non_private_lam": -0.1}, "non_private_lam")):
+        with pytest.raises(InvalidParameterError, match=match):
+            EvalPlan(**bad)
+
+
 def test_plan_validation_and_settings_order():
     with pytest.raises(InvalidParameterError):
         EvalPlan(epsilons=(0.0,))

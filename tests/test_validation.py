@@ -92,6 +92,10 @@ def test_eval_validation_builds_the_domain_and_scores_with_its_judge(demo_root, 
     data = json.loads(result.stdout)
     label = domain.title.lower().replace(" ", "_") + "_like_strict"  # emojione_like_strict
     assert data["style_target"] == domain.title and "Validation domain" in data["domain"]
+    from dprdm.demo import DEMO_K, DEMO_NON_PRIVATE_K
+
+    ks = {run["setting"]: run["k"] for run in data["runs"]}  # non-private: the demo's own k
+    assert (ks["dp"], ks["non-private"]) == (DEMO_K, DEMO_NON_PRIVATE_K)
     assert f"{domain.title} held out" in data["domain"] and domain.public_titles in data["domain"]
     for run in data["runs"]:
         assert 0.0 <= run[label] <= 1.0 and np.isfinite(run["kid_strict"])
@@ -125,7 +129,7 @@ def test_eval_validation_builds_the_domain_and_scores_with_its_judge(demo_root, 
     # the mechanism is pinned like the demo's own; eval never charged the index's ledger
     ledger = SqliteLedger(validation / "private")
     assert ledger.summary().queries == 0
-    from dprdm.demo import DEMO_K, DEMO_LAM, DEMO_Q
+    from dprdm.demo import DEMO_LAM, DEMO_Q
 
     assert (ledger.mechanism.k, ledger.mechanism.q, ledger.lam) == (DEMO_K, DEMO_Q, DEMO_LAM)
     others = [other for other in DOMAINS if other != name]

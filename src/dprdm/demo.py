@@ -34,6 +34,9 @@ console = Console()
 EPSILON, DELTA, DEMO_QUERIES = 10.0, 1e-5, 1000
 # The mechanism: many neighbours keep the noise small (sensitivity 2/k); see docs/results.md.
 DEMO_K, DEMO_Q, DEMO_LAM = 40, 0.1, 0.75
+# `dprdm eval --demo`'s non-private reference row takes its own k, chosen on the validation
+# domains (no noise, so DP's k need not be its best; docs/results.md). Not a private setting.
+DEMO_NON_PRIVATE_K = 600
 STYLE_ESTIMATE_PROMPTS = 64  # queries the demo operator spends once on its style estimate
 N_PROMPTS, IMAGES_PER_PROMPT, SEED = 8, 3, 0
 IMAGE_SIZE = 64

@@ -70,6 +70,13 @@ def evaluate(
     public_lam: float = typer.Option(
         None, "--public-lam", help="Public-only's mix of public neighbours (default: the "
                                    "generator's own (the shipped one: 0.25), else --lam)."),
+    non_private_k: int = typer.Option(
+        None, "--non-private-k", help="The non-private reference row's own k (default: with "
+                                       "--demo the demo's 600, chosen on the validation "
+                                       "domains; else --k)."),
+    non_private_lam: float = typer.Option(
+        None, "--non-private-lam", help="The non-private reference row's own lam (default: "
+                                        "--lam)."),
     delta: float = typer.Option(None, "--delta",
                                 help="delta (default: the index ledger's delta, else 1e-5)."),
     samples: int = typer.Option(None, "--samples", help="Prompts to use (default: all)."),
@@ -198,6 +205,11 @@ def evaluate(
                 public_dir = None
         if index_dir is None or holdout_dir is None:
             raise InvalidParameterError("give --index and --holdout (or --demo)")
+        demo_non_private_k = None
+        if demo:  # the demo's non-private reference row: its own k (chosen on validation)
+            from dprdm.demo import DEMO_NON_PRIVATE_K
+
+            demo_non_private_k = DEMO_NON_PRIVATE_K
         operator_prompts: tuple[str, ...] = ()
         if style_prompts is not None and not style_estimate:
             raise InvalidParameterError("--style-prompts goes with --style-estimate")
@@ -238,6 +250,8 @@ def evaluate(
             guidance=guidance, steps=QUICK_STEPS if quick else steps, seed=seed,
             content_guidance=split.get("content_guidance"), pool=pool,
             prompt_batch=prompt_batch, style_prompts=operator_prompts, public_lam=public_lam,
+            non_private_k=non_private_k if non_private_k is not None else demo_non_private_k,
+            non_private_lam=non_private_lam,
             repeats=repeats, kid_subsets=QUICK_KID_SUBSETS if quick else 100)
         backend = backend or choice.load_backend()
         public = EmbeddingIndex.open(public_dir) if public_dir is not None else None

@@ -10,7 +10,9 @@ metrics. Per prompt, one image for each setting (``repeats`` images with ``repea
   calibrated so that ``queries`` releases reach ``epsilon`` at ``delta``; charged to in-memory
   EXPERIMENT ledgers, never to the index's own ledger;
 * ``non-private``  -- the exact mean of the k nearest private neighbours with no subsampling and
-  no noise (sigma = 0, q = 1). NOT private: an upper reference for utility only.
+  no noise (sigma = 0, q = 1), at its own k and lam when the plan gives them (without noise the
+  k that DP's sensitivity asks for need not be the best). NOT private: a reference for utility
+  only.
 
 Every setting uses the same diffusion seeds, so differences come from the conditioning alone.
 With ``repeats`` = R > 1 every prompt is generated R times per setting with different diffusion
@@ -72,6 +74,10 @@ class EvalPlan:
     # prompt on it first (of its T), and its releases are then shrunk towards it (rdm.py)
     style_prompts: tuple[str, ...] = ()
     public_lam: float | None = None  # public-only's mix of public neighbours (None: lam)
+    # non-private's own neighbours and mix (None: k and lam). It has no noise, so the k that DP
+    # needs (sensitivity 2/k) need not be its best; the demo's are chosen on validation domains.
+    non_private_k: int | None = None
+    non_private_lam: float | None = None
 
     def __post_init__(self) -> None:
         if not self.epsilons or any(not (math.isfinite(e) and e > 0) for e in self.epsilons):
@@ -89,6 +95,13 @@ class EvalPlan:
             raise InvalidParameterError(f"lam must lie in [0, 1], got {self.lam}")
         if self.public_lam is not None and not 0.0 <= self.public_lam <= 1.0:
             raise InvalidParameterError(f"public_lam must lie in [0, 1], got {self.public_lam}")
+        own_k = self.non_private_k
+        if own_k is not None and (isinstance(own_k, bool) or int(own_k) != own_k or own_k < 1):
+            raise InvalidParameterError(
+                f"non_private_k must be a whole number >= 1, got {self.non_private_k}")
+        if self.non_private_lam is not None and not 0.0 <= self.non_private_lam <= 1.0:
+            raise InvalidParameterError(
+                f"non_private_lam must lie in [0, 1], got {self.non_private_lam}")
         if not isinstance(self.pool, bool):
             raise InvalidParameterError(f"pool must be True or False, got {self.pool!r}")
         if (isinstance(self.prompt_batch, bool) or int(self.prompt_batch) != self.prompt_batch
@@ -151,6 +164,12 @@ def choose_prompts(held_out: HeldOut, samples: int | None, seed: int) -> HeldOut
 def public_only_lam(plan: EvalPlan) -> float:
     """The public-only setting's mix of public neighbours: its own, else the DP settings' lam."""
     return plan.lam if plan.public_lam is None else plan.public_lam
+
+
+def non_private_mix(plan: EvalPlan) -> tuple[int, float]:
+    """The non-private setting's (k, lam): its own, else the DP settings'."""
+    return (plan.k if plan.non_private_k is None else int(plan.non_private_k),
+            plan.lam if plan.non_private_lam is None else plan.non_private_lam)
 
 
 def plan_settings(plan: EvalPlan) -> list[Setting]:
@@ -240,9 +259,10 @@ def generate_setting(setting: Setting, prompts: list[str], plan: EvalPlan, encod
                 conditions = interpolate(neighbour_mean(public_index, text[part], plan.k),
                                          text[part], public_only_lam(plan))
         elif setting.name == "non-private":
-            mean = (neighbour_mean(private_index, text[part], plan.k) if private_shards is None
-                    else sharded_neighbour_mean(private_shards, text[part], plan.k))
-            conditions = interpolate(mean, text[part], plan.lam)
+            k, lam = non_private_mix(plan)
+            mean = (neighbour_mean(private_index, text[part], k) if private_shards is None
+                    else sharded_neighbour_mean(private_shards, text[part], k))
+            conditions = interpolate(mean, text[part], lam)
         else:
             mechanism = MechanismSettings(setting.sigma, plan.q, plan.k, plan.lam)
             conditions_parts, i = [], part.start
@@ -463,8 +483,9 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                                                 private_shards)
         seconds = time.perf_counter() - started
         images[setting.label] = generated
-        mix = (public_only_lam(plan) if setting.name == "public-only" and public_index is not None
-               else plan.lam)
+        k, mix = non_private_mix(plan) if setting.name == "non-private" else (plan.k, plan.lam)
+        if setting.name == "public-only" and public_index is not None:
+            mix = public_only_lam(plan)
         row: dict[str, Any] = {
             "setting": setting.name, "label": setting.label, "epsilon": setting.epsilon,
             "queries": setting.queries, "delta": plan.delta if setting.name == "dp" else None,
@@ -472,7 +493,7 @@ def run_evaluation(plan: EvalPlan, held_out: HeldOut, encoder, pipeline,
                 0.0 if setting.name == "non-private" else None),
             "q": plan.q if setting.name == "dp" else (1.0 if setting.name == "non-private"
                                                        else None),
-            "k": plan.k, "lam": mix, "prompts": len(held_out.captions),
+            "k": k, "lam": mix, "prompts": len(held_out.captions),
             "private": setting.name == "dp",
             "noise_to_signal": (released_noise_ratio(plan, setting.sigma, encoder.dim,
                                                      public_index, text)

@@ -131,7 +131,8 @@ def results_markdown(result: EvalResult) -> str:
         f"reference set of FID/KID/PRDC); {_per_prompt(plan.get('repeats', 1))} per prompt and "
         f"setting, the same diffusion seeds in every setting; guidance {plan['guidance']}"
         f"{_content_guidance(plan)}, "
-        f"{plan['steps']} sampler steps{_pooling(plan)}{_public_mix(plan)}.",
+        f"{plan['steps']} sampler steps{_pooling(plan)}{_public_mix(plan)}"
+        f"{_non_private_mix(plan)}.",
         "",
         markdown_table(result.runs, target),
         "",
@@ -263,6 +264,16 @@ def _public_mix(plan: dict) -> str:
         return ""
     return (f"; public-only mixes its public neighbours at lam {public_lam:g} (its own), the "
             f"private settings at lam {plan['lam']:g}")
+
+
+def _non_private_mix(plan: dict) -> str:
+    k = plan.get("non_private_k") or plan["k"]
+    lam = plan["lam"] if plan.get("non_private_lam") is None else plan["non_private_lam"]
+    if (k, lam) == (plan["k"], plan["lam"]):
+        return ""
+    return (f"; non-private takes its own k {k} and lam {lam:g} (no noise: the k that DP's "
+            f"sensitivity asks for need not be its best), the DP settings k {plan['k']} and "
+            f"lam {plan['lam']:g}")
 
 
 def _pooling(plan: dict) -> str:

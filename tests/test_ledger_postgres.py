@@ -183,6 +183,22 @@ CHARGER = textwrap.dedent(
 GENEROUS = MechanismParams(2.0, 0.5, 4)  # epsilon 50: far more than the tests charge
 
 
+def wait_for_other_sessions_to_end(url: str, timeout_s: float = 30.0) -> None:
+    """Until no other server session is connected to `url`'s database."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(url, autocommit=True) as connection:
+        while True:
+            (others,) = connection.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()").fetchone()
+            if others == 0:
+                return
+            assert time.monotonic() < deadline, f"{others} server sessions still open"
+            time.sleep(0.05)
+
+
 def test_kill_minus_nine_of_charging_processes_never_loses_a_charge(cluster, tmp_path):
     url = cluster.new_database()
     PostgresLedger.create(url, 50.0, DELTA, mechanism=GENEROUS)
@@ -199,6 +215,9 @@ def test_kill_minus_nine_of_charging_processes_never_loses_a_charge(cluster, tmp
     for worker in workers:
         worker.wait()
         assert worker.returncode == -signal.SIGKILL
+    # A killed client's COMMIT may already be on its way: the server finishes it after the
+    # client is gone. Read the ledger once every killed client's server session has ended.
+    wait_for_other_sessions_to_end(url)
     acknowledged = sum(len(f.read_text().splitlines()) for f in files)
     ledger = PostgresLedger(url)
     recorded = ledger.summary().queries

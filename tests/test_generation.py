@@ -496,6 +496,29 @@ def test_cli_train_reports_bad_settings_cleanly(tmp_path):
         assert not any(tmp_path.iterdir())
 
 
+def test_cli_train_passes_the_min_snr_gamma_and_refuses_a_negative_one(tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    import dprdm.generation.training as training
+    from dprdm.cli.train import train
+
+    seen = []
+    monkeypatch.setattr(training, "train_denoiser", lambda config: seen.append(config) or {})
+    app = typer.Typer()
+    app.command()(train)
+    runner = CliRunner()
+    for flags, gamma in (([], 5.0), (["--min-snr-gamma", "0"], 0.0),
+                         (["--min-snr-gamma", "20"], 20.0)):
+        result = runner.invoke(app, ["--out", str(tmp_path / "out"), "--steps", "1", *flags])
+        assert result.exit_code == 0, result.output
+        assert seen[-1].min_snr_gamma == gamma
+    refused = runner.invoke(app, ["--out", str(tmp_path / "refused"), "--steps", "1",
+                                  "--min-snr-gamma", "-1"])
+    assert refused.exit_code == 2 and not (tmp_path / "refused").exists()
+    assert len(seen) == 3
+
+
 def test_learning_rate_warms_up_then_decays_linearly_to_zero_from_decay_start():
     from dprdm.generation.training import TrainConfig, learning_rate
 

@@ -75,6 +75,10 @@ def train(
         0.0, "--real-share", min=0.0, max=1.0, help="Denoiser: > 0 draws this share of every "
         "batch from the public styles as they are, the rest from the restyled sources (0: every "
         "training image equally likely)."),
+    min_snr_gamma: float = typer.Option(
+        5.0, "--min-snr-gamma", min=0.0, help="Denoiser: Min-SNR loss weighting's gamma (Hang et "
+        "al. 2023; 0 turns it off). A small gamma weighs the low-noise timesteps, where fine "
+        "detail such as thin lines is drawn, less."),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="A pipeline folder (e.g. the shipped demo generator) whose "
         "weights for this stage initialise the model (fine-tuning)."),
@@ -128,7 +132,7 @@ def train(
                                                  if p.strip()),
                              family_size=family_size,
                              family_images_per_source=family_images_per_source,
-                             real_share=real_share,
+                             real_share=real_share, min_snr_gamma=min_snr_gamma,
                              init_from=str(init_from) if init_from else "",
                              decoder_only=decoder_only,
                              extra={"autoencoder": autoencoder_changes}

@@ -118,7 +118,9 @@ def outline_probe(args, encoder, pipe) -> list[dict]:
     share, the distance between the style-mean embeddings (unit vectors) with and without the
     lines, beside the mean distance between two of the recipes as drawn in training, and the ink
     share the generator draws from each image's own embedding."""
-    trained = json.loads((Path(args.model) / "training.json").read_text())["denoiser"]["settings"]
+    record = Path(args.model) / "training.json"  # a run's own folder has none: the shipped one's
+    record = record if record.is_file() else Path(DEFAULT_DIR) / "training.json"
+    trained = json.loads(record.read_text())["denoiser"]["settings"]
     recipes = [r for r in style_family(trained["family_size"], trained["family_seed"])
                if r.outline_width >= 1 and max(r.line_colour) < 70 and r.fill == "flat"
                and r.background == (255, 255, 255) and r.shadow == 0][:PROBE_RECIPES]

@@ -61,9 +61,9 @@ def _scale(images: np.ndarray) -> float:
     return min(images.shape[1], images.shape[2]) / 32.0
 
 
-def foreground(images: np.ndarray) -> np.ndarray:
-    """bool (N, H, W): pixels that are not (near-)white background."""
-    return (images < BACKGROUND_THRESHOLD).any(axis=-1)
+def foreground(images: np.ndarray, threshold: int = BACKGROUND_THRESHOLD) -> np.ndarray:
+    """bool (N, H, W): pixels that are not (near-)white background (some channel < threshold)."""
+    return (images < threshold).any(axis=-1)
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _colour_changes(images: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def colour_changes(images: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(dx, dy): whether each pixel's colour differs from its right / lower neighbour by more
     than `threshold` (max over channels), shapes (N, H, W-1) and (N, H-1, W)."""
     x = images.astype(np.int16)
@@ -91,7 +91,7 @@ def edges(images: np.ndarray, threshold: float = EDGE_THRESHOLD) -> np.ndarray:
     The silhouette counts too: the image is compared as is, and white background against a
     coloured pixel is a large change.
     """
-    dx, dy = _colour_changes(images, threshold)
+    dx, dy = colour_changes(images, threshold)
     mask = np.zeros(images.shape[:3], dtype=bool)
     mask[:, :, 1:] |= dx
     mask[:, :, :-1] |= dx
@@ -159,7 +159,7 @@ def one_sided_edges(images: np.ndarray, threshold: float, within: np.ndarray) ->
     """bool (N, H, W): pixels whose colour differs from their right or lower neighbour by more
     than `threshold`, both pixels inside the `within` mask -- one pixel per colour change
     (:func:`edges` marks both sides, and the silhouette)."""
-    dx, dy = _colour_changes(images, threshold)
+    dx, dy = colour_changes(images, threshold)
     mask = np.zeros(images.shape[:3], dtype=bool)
     mask[:, :, :-1] |= dx & within[:, :, 1:] & within[:, :, :-1]
     mask[:, :-1] |= dy & within[:, 1:] & within[:, :-1]

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from dprdm.data.styles import colour_changes, foreground
 from dprdm.evaluation.metrics import _check_images
 
-BACKGROUND_MIN = 0.92
+BACKGROUND_MIN = 235  # of 255 (0.92): every channel at least this is background
 INK_LIGHTNESS = 0.25
-FLAT_STEP = 0.03  # about 8 of 255: a flat area, not a soft gradient
+FLAT_STEP = 7  # of 255 (under 0.03): a flat area, not a soft gradient
 LOOK_KEYS = ("ink_share", "fill_lightness", "fill_saturation", "fill_flatness",
              "foreground_share")
 
@@ -44,37 +45,27 @@ def _lightness_saturation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lightness, np.clip(saturation, 0.0, 1.0)
 
 
-def _flat_pairs(x: np.ndarray, fill: np.ndarray) -> tuple[int, int]:
-    """(flat pairs, all pairs) of side-by-side and stacked fill pixels of one image."""
-    flat = pairs = 0
-    for axis in (0, 1):
-        head = [slice(None), slice(None)]
-        tail = [slice(None), slice(None)]
-        head[axis], tail[axis] = slice(0, -1), slice(1, None)
-        both = fill[tuple(head)] & fill[tuple(tail)]
-        close = np.abs(x[tuple(head)] - x[tuple(tail)]).max(-1) < FLAT_STEP
-        flat += int((both & close).sum())
-        pairs += int(both.sum())
-    return flat, pairs
-
-
 def look_statistics(images: np.ndarray) -> dict[str, float]:
     """The mean look statistics of uint8 images (N, S, S, 3) on white (module docstring)."""
-    x = _check_images(images, "images").astype(np.float32) / 255.0
-    lightness, saturation = _lightness_saturation(x)
-    foreground = x.min(-1) <= BACKGROUND_MIN
-    ink = foreground & (lightness < INK_LIGHTNESS)
-    fill = foreground & ~ink
+    images = _check_images(images, "images")
+    lightness, saturation = _lightness_saturation(images.astype(np.float32) / 255.0)
+    is_foreground = foreground(images, BACKGROUND_MIN)
+    ink = is_foreground & (lightness < INK_LIGHTNESS)
+    fill = is_foreground & ~ink
+    changes_across, changes_down = colour_changes(images, FLAT_STEP)
+    pairs_across, pairs_down = fill[:, :, 1:] & fill[:, :, :-1], fill[:, 1:] & fill[:, :-1]
+    flat = ((pairs_across & ~changes_across).sum((1, 2))
+            + (pairs_down & ~changes_down).sum((1, 2)))
+    pairs = pairs_across.sum((1, 2)) + pairs_down.sum((1, 2))
     per_image: dict[str, list[float]] = {key: [] for key in LOOK_KEYS}
-    for i in range(len(x)):
-        per_image["foreground_share"].append(float(foreground[i].mean()))
-        if foreground[i].any():
-            per_image["ink_share"].append(float(ink[i][foreground[i]].mean()))
+    for i in range(len(images)):
+        per_image["foreground_share"].append(float(is_foreground[i].mean()))
+        if is_foreground[i].any():
+            per_image["ink_share"].append(float(ink[i][is_foreground[i]].mean()))
         if fill[i].any():
             per_image["fill_lightness"].append(float(lightness[i][fill[i]].mean()))
             per_image["fill_saturation"].append(float(saturation[i][fill[i]].mean()))
-            flat, pairs = _flat_pairs(x[i], fill[i])
-            if pairs:
-                per_image["fill_flatness"].append(flat / pairs)
+            if pairs[i]:
+                per_image["fill_flatness"].append(float(flat[i] / pairs[i]))
     return {key: (float(np.mean(values)) if values else float("nan"))
             for key, values in per_image.items()}

@@ -496,7 +496,7 @@ def test_cli_train_reports_bad_settings_cleanly(tmp_path):
         assert not any(tmp_path.iterdir())
 
 
-def test_cli_train_passes_the_min_snr_gamma_and_refuses_a_negative_one(tmp_path, monkeypatch):
+def test_cli_train_passes_the_loss_settings_and_refuses_negative_ones(tmp_path, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
@@ -508,15 +508,75 @@ def test_cli_train_passes_the_min_snr_gamma_and_refuses_a_negative_one(tmp_path,
     app = typer.Typer()
     app.command()(train)
     runner = CliRunner()
-    for flags, gamma in (([], 5.0), (["--min-snr-gamma", "0"], 0.0),
-                         (["--min-snr-gamma", "20"], 20.0)):
+    cases = (([], (5.0, 0.0, 0.0)), (["--min-snr-gamma", "0"], (0.0, 0.0, 0.0)),
+             (["--min-snr-gamma", "20", "--input-perturbation", "0.1",
+               "--pixel-loss-weight", "4"], (20.0, 0.1, 4.0)))
+    for flags, wanted in cases:
         result = runner.invoke(app, ["--out", str(tmp_path / "out"), "--steps", "1", *flags])
         assert result.exit_code == 0, result.output
-        assert seen[-1].min_snr_gamma == gamma
-    refused = runner.invoke(app, ["--out", str(tmp_path / "refused"), "--steps", "1",
-                                  "--min-snr-gamma", "-1"])
-    assert refused.exit_code == 2 and not (tmp_path / "refused").exists()
-    assert len(seen) == 3
+        config = seen[-1]
+        assert (config.min_snr_gamma, config.input_perturbation,
+                config.pixel_loss_weight) == wanted
+    for flag in ("--min-snr-gamma", "--input-perturbation", "--pixel-loss-weight"):
+        refused = runner.invoke(app, ["--out", str(tmp_path / "refused"), "--steps", "1",
+                                      flag, "-1"])
+        assert refused.exit_code == 2 and not (tmp_path / "refused").exists()
+    assert len(seen) == len(cases)
+    for name in ("input_perturbation", "pixel_loss_weight"):  # the library refuses them too
+        with pytest.raises(InvalidParameterError, match=name):
+            TrainConfig(steps=1, **{name: float("nan")}).resolved()
+
+
+def test_decoded_x0_l1_is_zero_for_the_true_v_grows_with_error_and_trains_only_the_denoiser():
+    from dprdm.generation.training import decoded_x0_l1
+
+    torch.manual_seed(0)
+    autoencoder = Autoencoder(**TINY_AE).eval().requires_grad_(False)
+    alphas = default_scheduler().alphas_cumprod.float()
+    z0, noise = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
+    t = torch.tensor([10, 100, 300, 500, 700, 900, 950, 999])
+    a, s = alphas[t].sqrt()[:, None, None, None], (1 - alphas[t]).sqrt()[:, None, None, None]
+    zt = a * z0 + s * noise
+    true_v = a * noise - s * z0
+    assert decoded_x0_l1(autoencoder, alphas, zt, true_v, z0, t).item() < 1e-5
+    assert decoded_x0_l1(autoencoder, alphas, zt, noise, z0, t,
+                         v_prediction=False).item() < 1e-5  # epsilon prediction
+    small = decoded_x0_l1(autoencoder, alphas, zt, true_v + 0.1, z0, t)
+    large = decoded_x0_l1(autoencoder, alphas, zt, true_v + 1.0, z0, t)
+    assert 0 < small.item() < large.item()
+    pred = (true_v + torch.randn_like(true_v)).requires_grad_(True)
+    decoded_x0_l1(autoencoder, alphas, zt, pred, z0, t).backward()
+    assert pred.grad[:2].abs().sum() > 0  # the batch's first quarter (2 of 8 rows) ...
+    assert pred.grad[2:].abs().sum() == 0  # ... and only it
+    assert all(p.grad is None for p in autoencoder.parameters())  # the decoder stays frozen
+
+
+def test_input_perturbation_and_pixel_loss_change_what_a_training_step_learns(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr("dprdm.generation.training.style_augmentations", lambda: {})
+    data = _tiny_folder(tmp_path)
+    common = dict(data=str(data), data_is_public=True, batch_size=8, warmup_steps=1,
+                  log_every=1)
+    first = tmp_path / "base"
+    train_autoencoder(TrainConfig(stage="autoencoder", steps=1, out=str(first),
+                                  extra={"autoencoder": TINY_AE}, **common))
+    trained = {}
+    for name, settings in (("base", {}), ("perturbed", {"input_perturbation": 0.1}),
+                           ("pixel", {"pixel_loss_weight": 4.0})):
+        out = tmp_path / name
+        if name != "base":
+            out.mkdir()
+            (out / "autoencoder").symlink_to(first / "autoencoder")
+        train_denoiser(TrainConfig(stage="denoiser", steps=1, out=str(out), encoder="stand-in",
+                                   k_choices=(1, 2), neighbours=2,
+                                   extra={"denoiser": TINY_DENOISER}, **common, **settings))
+        trained[name] = torch.load(out / "denoiser.state.pt", weights_only=False)["model"]
+        logged = json.loads((out / "denoiser.log.jsonl").read_text().splitlines()[-1])
+        assert ("pixel" in logged) == (name == "pixel")
+        assert np.isfinite(logged["loss"]) and np.isfinite(logged.get("pixel", 0.0))
+    for name in ("perturbed", "pixel"):  # same seed, same batch: only the loss differs
+        assert not torch.equal(trained[name]["conv_out.weight"],
+                               trained["base"]["conv_out.weight"])
 
 
 def test_learning_rate_warms_up_then_decays_linearly_to_zero_from_decay_start():

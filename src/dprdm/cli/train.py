@@ -79,6 +79,15 @@ def train(
         5.0, "--min-snr-gamma", min=0.0, help="Denoiser: Min-SNR loss weighting's gamma (Hang et "
         "al. 2023; 0 turns it off). A small gamma weighs the low-noise timesteps, where fine "
         "detail such as thin lines is drawn, less."),
+    input_perturbation: float = typer.Option(
+        0.0, "--input-perturbation", min=0.0, help="Denoiser: extra Gaussian noise of this "
+        "scale added to the denoiser's input but not to its target (Ning et al. 2023): teaches "
+        "it to correct the imperfect latents it reads when it generates (exposure bias)."),
+    pixel_loss_weight: float = typer.Option(
+        0.0, "--pixel-loss-weight", min=0.0, help="Denoiser: > 0 adds this weight times the L1 "
+        "between the frozen decoder's drawing of the denoiser's x0 estimate and of the target "
+        "latent, weighted by the timestep's signal share (thin lines are few latent numbers "
+        "but many pixels). Costs a decoder pass per step."),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="A pipeline folder (e.g. the shipped demo generator) whose "
         "weights for this stage initialise the model (fine-tuning)."),
@@ -133,6 +142,8 @@ def train(
                              family_size=family_size,
                              family_images_per_source=family_images_per_source,
                              real_share=real_share, min_snr_gamma=min_snr_gamma,
+                             input_perturbation=input_perturbation,
+                             pixel_loss_weight=pixel_loss_weight,
                              init_from=str(init_from) if init_from else "",
                              decoder_only=decoder_only,
                              extra={"autoencoder": autoencoder_changes}

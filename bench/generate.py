@@ -124,6 +124,16 @@ def blocks(pipe: RetrievalDiffusionPipeline | None, batch: int, repeats: int) ->
         rows.append({"what": name, "params_M": round(sum(p.numel() for p in model.parameters())
                                                      / 1e6, 2), "batch": batch,
                      "s_per_step": round(_train_step_seconds(model, (x, t, c), call, repeats), 4)})
+    # the next lever for thin lines (generator.md item 15): a 16 x 16 x 4 latent (the same
+    # numbers as 8 x 8 x 16), one more U-Net level, attention still at 4 x 4 only
+    wide = LatentDenoiser(latent_channels=4, latent_size=2 * size, cond_dim=d,
+                          channels=(64,) + widths, blocks=(1,) * (len(widths) + 1),
+                          attention=(False,) * len(widths) + (True,))
+    inputs = (torch.randn(batch, 4, 2 * size, 2 * size), t, c)
+    rows.append({"what": f"dprdm LatentDenoiser at a {2 * size}x{2 * size}x4 latent",
+                 "params_M": round(sum(p.numel() for p in wide.parameters()) / 1e6, 2),
+                 "batch": batch, "s_per_step": round(_train_step_seconds(
+                     wide, inputs, lambda m, x, t, c: m(x, t, c), repeats), 4)})
     for channels, res, b in ((64, 32, 32), (128, 8, batch)):
         for norm in ("none", "rms", "groupnorm"):
             net = nn.Sequential(*[_NormBlock(channels, norm) for _ in range(4)])

@@ -164,7 +164,7 @@ def chain_probe(args, encoder, pipe) -> list[dict]:
             a, s = alphas[t].sqrt(), (1 - alphas[t]).sqrt()
             zt = a * z0 + s * torch.randn(z0.shape, generator=generator)
             v = pipe.denoiser(zt, torch.full((len(zt),), t), own)
-            estimate = pipe.autoencoder.decode((a * zt - s * v) / scale).clamp(-1, 1)
+            estimate = pipe.autoencoder.decode((a * zt - s * v) / scale, own).clamp(-1, 1)
             pipe.scheduler.set_timesteps(50)
             latents = zt
             for step in pipe.scheduler.timesteps:
@@ -172,7 +172,7 @@ def chain_probe(args, encoder, pipe) -> list[dict]:
                     output = pipe.predict(latents, step, own, 3.0, None, 0.0)
                     latents = pipe.scheduler.step(output, step, latents,
                                                   generator=generator).prev_sample
-            finished = pipe.autoencoder.decode(latents / scale).clamp(-1, 1)
+            finished = pipe.autoencoder.decode(latents / scale, own).clamp(-1, 1)
             row[f"x0_estimate_ink@{t}"] = look_statistics(to_uint8(estimate))["ink_share"]
             row[f"sampled_from_ink@{t}"] = look_statistics(to_uint8(finished))["ink_share"]
         rows.append(row)

@@ -494,6 +494,14 @@ def test_cli_train_reports_bad_settings_cleanly(tmp_path):
                                       "--steps", "1", "--json", *flags])
         assert refused.exit_code == 2 and says in refused.stdout, refused.stdout
         assert not any(tmp_path.iterdir())
+    for flags, says in ((["--decoder-pair-starts", "300,x"], "comma-separated"),
+                        (["--init-from", "gen", "--decoder-pair-starts", "0"],
+                         "decoder_pair_starts"),
+                        ([], "init_from")):
+        refused = runner.invoke(app, ["--out", str(tmp_path), "--stage", "decoder",
+                                      "--steps", "1", "--json", *flags])
+        assert refused.exit_code == 2 and says in refused.stdout, refused.stdout
+        assert not any(tmp_path.iterdir())
 
 
 def test_cli_train_passes_the_loss_settings_and_refuses_negative_ones(tmp_path, monkeypatch):
@@ -734,3 +742,112 @@ def test_a_denoiser_widened_to_a_wider_latent_predicts_the_old_channels_as_befor
         old, new = narrow(z4, t, c), wide(z8, t, c)
     torch.testing.assert_close(new[:, :4], old)
     assert torch.count_nonzero(new[:, 4:]) == 0
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # zero-initialised FiLM and residual layers make conditions equal
+        for name, p in model.named_parameters():
+            if name.startswith("decoder.") and (".film." in name or ".conv2." in name):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_a_conditioned_decoder_starts_as_the_old_one_and_then_reads_its_condition(tmp_path):
+    from dprdm.generation.training import conditioned_decoder_from
+
+    torch.manual_seed(0)
+    old = Autoencoder(**TINY_AE, scaling_factor=0.37)
+    new = conditioned_decoder_from(old, 12)
+    assert new.conditioned and not old.conditioned and new.config.scaling_factor == 0.37
+    z = torch.randn(3, 4, 8, 8)
+    c = torch.from_numpy(conditions(3))
+    with torch.no_grad():
+        torch.testing.assert_close(new.decode(z), old.decode(z))
+        torch.testing.assert_close(new.decode(z, c), old.decode(z))
+        torch.testing.assert_close(old.decode(z, c), old.decode(z))  # ignored when unconditioned
+        x = torch.rand(2, 3, 32, 32) * 2 - 1
+        torch.testing.assert_close(new.encode(x), old.encode(x))  # the same latent space
+        _perturbed(new)
+        reads = new.decode(z, c)
+        assert not torch.allclose(reads, new.decode(z, c.flip(0)))
+        torch.testing.assert_close(new.decode(z, 5 * c), reads)  # only the direction counts
+        drop = torch.tensor([True, False, True])
+        dropped = new.decode(z, c, drop=drop)
+        torch.testing.assert_close(dropped[drop], new.decode(z)[drop])  # no condition = null
+        torch.testing.assert_close(dropped[~drop], reads[~drop])
+    new.save_pretrained(tmp_path / "ae")
+    again = Autoencoder.from_pretrained(tmp_path / "ae", low_cpu_mem_usage=False)
+    assert again.config.condition_dim == 12
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(z, c), reads)
+
+
+def test_the_pipeline_hands_its_condition_to_a_conditioned_decoder():
+    from dprdm.generation.training import conditioned_decoder_from
+
+    plain = tiny_pipeline()
+    c1, c2 = conditions(2, seed=1), conditions(2, seed=2)
+
+    def draw(pipe, c):  # guidance 0: the unconditional denoiser, the same latents for any c
+        return pipe(c, guidance=0.0, steps=3, generator=torch.Generator().manual_seed(0))
+
+    assert np.array_equal(draw(plain, c1), draw(plain, c2))
+    conditioned = RetrievalDiffusionPipeline(
+        _perturbed(conditioned_decoder_from(plain.autoencoder, 12)), plain.denoiser,
+        plain.scheduler)
+    assert not np.array_equal(draw(conditioned, c1), draw(conditioned, c2))
+    with pytest.raises(InvalidParameterError, match="condition_dim"):
+        RetrievalDiffusionPipeline(conditioned_decoder_from(plain.autoencoder, 8), plain.denoiser,
+                                   plain.scheduler)
+
+
+def test_the_decoder_stage_trains_the_decoder_alone_on_the_denoisers_drawings(tmp_path,
+                                                                             monkeypatch):
+    from dprdm.generation.training import DecoderPairs, train_conditioned_decoder
+
+    monkeypatch.setattr("dprdm.generation.training.style_augmentations", lambda: {})
+    data = _tiny_folder(tmp_path)
+    gen_dir, out = tmp_path / "gen", tmp_path / "dec"
+    common = dict(data=str(data), data_is_public=True, batch_size=4, warmup_steps=1,
+                  log_every=1, encoder="stand-in", k_choices=(1, 2), neighbours=2)
+    train_autoencoder(TrainConfig(stage="autoencoder", steps=1, out=str(gen_dir),
+                                  extra={"autoencoder": TINY_AE}, **common))
+    train_denoiser(TrainConfig(stage="denoiser", steps=1, out=str(gen_dir),
+                               extra={"denoiser": TINY_DENOISER}, **common))
+    before = RetrievalDiffusionPipeline.from_pretrained(gen_dir)
+    with pytest.raises(InvalidParameterError, match="init_from"):
+        TrainConfig(stage="decoder", steps=1, out=str(out), **common).resolved()
+    with pytest.raises(InvalidParameterError, match="decoder_pairs"):
+        TrainConfig(stage="decoder", steps=1, init_from=str(gen_dir), decoder_pairs=0).resolved()
+    for starts in ((), (0,), (1000,)):
+        with pytest.raises(InvalidParameterError, match="decoder_pair_starts"):
+            TrainConfig(stage="decoder", steps=1, init_from=str(gen_dir),
+                        decoder_pair_starts=starts).resolved()
+    config = TrainConfig(stage="decoder", steps=2, out=str(out), init_from=str(gen_dir),
+                         decoder_pairs=6, decoder_pair_starts=(150, 700), **common)
+    assert train_conditioned_decoder(config)["steps"] == 2
+    pairs = DecoderPairs(**torch.load(out / "cache" / "decoder-pairs.pt", weights_only=False))
+    assert pairs.latents.shape == (6, 4, 8, 8) and pairs.conditions.shape == (6, 64)
+    assert set(pairs.t.tolist()) == {150}  # one batch of drawings, from the first start
+    after = RetrievalDiffusionPipeline.from_pretrained(out)
+    assert after.autoencoder.conditioned and after.autoencoder.config.condition_dim == 64
+    old_state, new_state = before.autoencoder.state_dict(), after.autoencoder.state_dict()
+    for name, value in before.denoiser.state_dict().items():  # the denoiser is kept
+        assert torch.equal(after.denoiser.state_dict()[name], value)
+    for name, value in old_state.items():
+        if name.startswith("encoder."):  # the encoder, and so the latent, is kept
+            assert torch.equal(new_state[name], value)
+    assert any(not torch.equal(new_state[name], old_state[name]) for name in old_state
+               if name.startswith("decoder."))
+    assert after.autoencoder.config.scaling_factor == before.autoencoder.config.scaling_factor
+    logged = json.loads((out / "decoder.log.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(logged["l1"]) and np.isfinite(logged["edge"])
+    images = after(conditions(2, 64), steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 32, 32, 3)
+    config.steps, config.resume = 3, True  # resumes, and reuses the cached drawings
+    assert train_conditioned_decoder(config)["steps_this_run"] == 1
+    again = TrainConfig(stage="decoder", steps=1, out=str(tmp_path / "twice"),
+                        init_from=str(out), **common)
+    with pytest.raises(InvalidParameterError, match="conditioned already"):
+        train_conditioned_decoder(again)

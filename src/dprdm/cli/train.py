@@ -2,6 +2,7 @@
 
     dprdm train --stage autoencoder --data .dprdm-demo --out DIR --max-minutes 30
     dprdm train --stage denoiser --data .dprdm-demo --encoder demo --out DIR --max-minutes 60
+    dprdm train --stage decoder --init-from GEN_DIR --out DIR ...  # the decoder reads the condition
     dprdm train ... --resume          # continue from DIR/<stage>.state.pt
     dprdm train --data MY_PUBLIC_FOLDER --data-is-public ...   # a folder must be declared public
 
@@ -31,7 +32,9 @@ def train(
         "else 'text')."),
     out: Path = typer.Option(..., "--out", help="Output folder (the pipeline, logs, caches)."),
     stage: str = typer.Option("denoiser", "--stage",
-                              help="autoencoder (first, public images only) or denoiser."),
+                              help="autoencoder (first, public images only), denoiser, or "
+                                   "decoder (optional, last: the --init-from generator's "
+                                   "decoder learns to read the condition)."),
     encoder: str = typer.Option("demo", "--encoder",
                                 help="Encoder name for dprdm.encoders.load_encoder "
                                      "(denoiser stage)."),
@@ -103,6 +106,15 @@ def train(
         "", "--decoder-blocks", help="With --decoder-only: residual blocks per decoder level, "
         "full resolution first (e.g. 3,3,2; each at least the old count). The new blocks start "
         "as the identity, so the run starts as exactly the old autoencoder."),
+    decoder_pairs: int = typer.Option(
+        8192, "--decoder-pairs", min=1, help="Decoder stage: how many of the denoiser's own "
+        "drawings of training images (sampled back from mid noise) the decoder learns from."),
+    decoder_clean_share: float = typer.Option(
+        0.25, "--decoder-clean-share", min=0.0, max=1.0, help="Decoder stage: share of samples "
+        "that read the image's own latent instead of the denoiser's drawing."),
+    decoder_pair_starts: str = typer.Option(
+        "300,450,600,750", "--decoder-pair-starts", help="Decoder stage: comma-separated "
+        "timesteps (1-999) from which the denoiser draws the training images back."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
     seed: int = typer.Option(0, "--seed"),
     save_every_minutes: float = typer.Option(5.0, "--save-every-minutes", min=0.1),
@@ -113,18 +125,14 @@ def train(
 
     def compute() -> dict:
         from dprdm.errors import InvalidParameterError
-        from dprdm.generation.training import TrainConfig, train_autoencoder, train_denoiser
+        from dprdm.generation.training import (TrainConfig, train_autoencoder,
+                                               train_conditioned_decoder, train_denoiser)
 
         autoencoder_changes: dict = {}
         if latent_channels:
             autoencoder_changes["latent_channels"] = latent_channels
         if decoder_blocks.strip():
-            try:
-                autoencoder_changes["decoder_blocks"] = tuple(
-                    int(part) for part in decoder_blocks.split(","))
-            except ValueError:
-                raise InvalidParameterError(f"--decoder-blocks must be comma-separated counts, "
-                                            f"got {decoder_blocks!r}") from None
+            autoencoder_changes["decoder_blocks"] = _counts("--decoder-blocks", decoder_blocks)
             if not decoder_only:
                 raise InvalidParameterError("--decoder-blocks deepens the decoder of a "
                                             "--decoder-only run")
@@ -145,10 +153,26 @@ def train(
                              input_perturbation=input_perturbation,
                              pixel_loss_weight=pixel_loss_weight,
                              init_from=str(init_from) if init_from else "",
-                             decoder_only=decoder_only,
+                             decoder_only=decoder_only, decoder_pairs=decoder_pairs,
+                             decoder_clean_share=decoder_clean_share,
+                             decoder_pair_starts=_counts("--decoder-pair-starts",
+                                                         decoder_pair_starts),
                              extra={"autoencoder": autoencoder_changes}
                              if autoencoder_changes else {})
         config = config.resolved()
-        return (train_autoencoder if config.stage == "autoencoder" else train_denoiser)(config)
+        run = {"autoencoder": train_autoencoder, "denoiser": train_denoiser,
+               "decoder": train_conditioned_decoder}[config.stage]
+        return run(config)
 
     run_command(as_json, f"dprdm train --stage {stage}", compute)
+
+
+def _counts(flag: str, text: str) -> tuple[int, ...]:
+    """'3,3,2' -> (3, 3, 2); anything else is a clean error naming the flag."""
+    from dprdm.errors import InvalidParameterError
+
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InvalidParameterError(f"{flag} must be comma-separated whole numbers, got "
+                                    f"{text!r}") from None

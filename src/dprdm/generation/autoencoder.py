@@ -15,6 +15,15 @@ Trained on PUBLIC images only (``dprdm train --stage autoencoder``). Layout (no 
 
 Resolution changes are 2 x 2 stride-2 convolutions (down) and transposed convolutions (up): a
 quarter of the cost of a 3 x 3 convolution at the higher resolution, and no overlap artefacts.
+
+**A conditioned decoder** (``condition_dim`` > 0, ``dprdm train --stage decoder``): the decoder's
+residual blocks also take FiLM from the generation condition (the same vector the denoiser reads,
+L2-normalised), so the decoder can draw what the style asks for where the denoiser's latent
+carries it only faintly (thin outlines, issue 18). Its FiLM layers start at zero: a conditioned
+decoder made from an unconditioned one draws exactly what it drew. ``decode`` without a condition
+uses a learned null condition (training drops the condition to it now and then), so round trips
+and every caller that has no condition keep working. The encoder is never conditioned: the latent
+space stays the one the denoiser was trained in.
 """
 
 from __future__ import annotations
@@ -28,8 +37,8 @@ from torch import nn
 from dprdm.generation.layers import ResBlock
 
 
-def _blocks(channels: int, count: int) -> nn.Sequential:
-    return nn.Sequential(*[ResBlock(channels, norm=False) for _ in range(count)])
+def _blocks(channels: int, count: int, emb_dim: int = 0) -> nn.Sequential:
+    return nn.Sequential(*[ResBlock(channels, emb_dim=emb_dim, norm=False) for _ in range(count)])
 
 
 class Autoencoder(ModelMixin, ConfigMixin):
@@ -40,7 +49,8 @@ class Autoencoder(ModelMixin, ConfigMixin):
                  channels: tuple[int, ...] = (32, 64, 128),
                  encoder_blocks: tuple[int, ...] = (1, 1, 1),
                  decoder_blocks: tuple[int, ...] = (1, 2, 2),
-                 sample_size: int = 32, scaling_factor: float = 1.0) -> None:
+                 sample_size: int = 32, scaling_factor: float = 1.0,
+                 condition_dim: int = 0, condition_emb_dim: int = 128) -> None:
         super().__init__()
         c = list(channels)
         levels = len(c)
@@ -53,13 +63,23 @@ class Autoencoder(ModelMixin, ConfigMixin):
         enc += [nn.SiLU(), nn.Conv2d(c[-1], 2 * latent_channels, 3, padding=1)]
         self.encoder = nn.Sequential(*enc)
         # decoder: lowest resolution first, a stride-2 transposed conv between levels
+        emb_dim = condition_emb_dim if condition_dim > 0 else 0
         dec: list[nn.Module] = [nn.Conv2d(latent_channels, c[-1], 3, padding=1)]
         for i in reversed(range(levels)):
-            dec.append(_blocks(c[i], decoder_blocks[i]))
+            dec.append(_blocks(c[i], decoder_blocks[i], emb_dim))
             if i > 0:
                 dec.append(nn.ConvTranspose2d(c[i], c[i - 1], 2, stride=2))
         dec += [nn.SiLU(), nn.Conv2d(c[0], in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
+        if condition_dim > 0:  # the condition path (module docstring)
+            self.condition_embed = nn.Sequential(nn.Linear(condition_dim, emb_dim), nn.SiLU(),
+                                                 nn.Linear(emb_dim, emb_dim))
+            self.null_condition = nn.Parameter(torch.randn(condition_dim) / condition_dim ** 0.5)
+
+    @property
+    def conditioned(self) -> bool:
+        """True when the decoder reads the generation condition (``condition_dim`` > 0)."""
+        return self.config.condition_dim > 0
 
     @property
     def downsample_factor(self) -> int:
@@ -70,9 +90,28 @@ class Autoencoder(ModelMixin, ConfigMixin):
         mean, logvar = self.encoder(images).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """UNSCALED latents -> images (not clamped; clamp to [-1, 1] for display)."""
-        return self.decoder(latents)
+    def decode(self, latents: torch.Tensor, condition: torch.Tensor | None = None,
+               drop: torch.Tensor | None = None) -> torch.Tensor:
+        """UNSCALED latents -> images (not clamped; clamp to [-1, 1] for display).
+
+        A conditioned decoder reads `condition` (B, condition_dim), the null condition where
+        `drop` is True or when no condition is given; an unconditioned one ignores both."""
+        if not self.conditioned:
+            return self.decoder(latents)
+        b = latents.shape[0]
+        if condition is None:
+            condition = self.null_condition.expand(b, -1)
+        elif drop is not None:
+            condition = torch.where(drop[:, None], self.null_condition.to(condition), condition)
+        emb = F.silu(self.condition_embed(F.normalize(condition.to(latents.dtype), dim=-1)))
+        h = latents
+        for layer in self.decoder:
+            if isinstance(layer, nn.Sequential):  # one level's residual blocks
+                for block in layer:
+                    h = block(h, emb)
+            else:
+                h = layer(h)
+        return h
 
     def forward(self, images: torch.Tensor, sample: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

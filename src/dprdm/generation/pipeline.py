@@ -19,6 +19,7 @@ learned null condition: ``out = uncond + guidance * (cond - uncond)``; ``guidanc
 conditional branch only and ``guidance == 0`` the unconditional one. Split guidance
 (``content_conditions`` + ``content_guidance``, see :meth:`RetrievalDiffusionPipeline.predict`)
 gives the pull towards the prompt and the pull towards the condition scales of their own.
+A conditioned decoder (``dprdm train --stage decoder``) reads each image's condition too.
 Everything random comes from `generator`, so one seed gives the same images every time (on the
 same machine and torch build).
 
@@ -74,6 +75,10 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
             from dprdm.conditioning import check_lam
 
             public_lam = check_lam(public_lam)
+        if autoencoder.conditioned and (autoencoder.config.condition_dim
+                                        != denoiser.config.cond_dim):
+            raise InvalidParameterError("a conditioned decoder must read the denoiser's "
+                                        "condition: condition_dim != cond_dim")
         self.register_modules(autoencoder=autoencoder, denoiser=denoiser, scheduler=scheduler)
         self.register_to_config(content_guidance=content_guidance, public_lam=public_lam)
 
@@ -190,7 +195,7 @@ class RetrievalDiffusionPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(output, t, latents, generator=generator).prev_sample
                 if bar is not None:
                     bar.update()
-            images = self.autoencoder.decode(latents / scale).clamp(-1, 1)
+            images = self.autoencoder.decode(latents / scale, chunk).clamp(-1, 1)
             out.append(((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
         if bar is not None:
             bar.close()

@@ -1,4 +1,4 @@
-"""Training the generator on PUBLIC images only, in two stages (``dprdm train --stage ...``).
+"""Training the generator on PUBLIC images only, stage by stage (``dprdm train --stage ...``).
 
 1. ``autoencoder`` -- the KL-regularised :class:`~dprdm.generation.autoencoder.Autoencoder` on the
    public styles: L1 + edge L1 + a small KL, and the decoder reads the posterior sample plus
@@ -29,7 +29,12 @@
    Embeddings, latents and neighbour lists are computed once and cached under ``OUT/cache``, so a
    step costs one denoiser forward + backward.
 
-Both stages keep an EMA copy (what is saved with ``save_pretrained``), checkpoint every few minutes
+3. ``decoder`` -- optional: the decoder of a trained generator (``init_from``) learns to read
+   the generation condition too (:func:`train_conditioned_decoder`), from the denoiser's own
+   drawings of training images back to the images: what the denoiser draws only faintly (thin
+   outlines), the decoder draws where the condition's style asks for it.
+
+Every stage keeps an EMA copy (what is saved with ``save_pretrained``), checkpoint every few minutes
 (``OUT/<stage>.state.pt`` holds raw weights, EMA, optimiser and step for ``--resume``), log one JSON
 line per logging interval to ``OUT/<stage>.log.jsonl``, write a sample grid
 ``OUT/<stage>.samples.png``, and stop at ``--steps`` or ``--max-minutes``, whichever comes first.
@@ -59,7 +64,7 @@ from dprdm.errors import InvalidParameterError
 from dprdm.generation.autoencoder import Autoencoder, edge_l1, kl_divergence
 from dprdm.generation.denoiser import LatentDenoiser
 
-STAGES = ("autoencoder", "denoiser")
+STAGES = ("autoencoder", "denoiser", "decoder")
 _stderr = Console(stderr=True)
 
 
@@ -115,6 +120,10 @@ class TrainConfig:
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
     input_perturbation: float = 0.0  # extra noise on the denoiser's input only (Ning et al. 2023)
     pixel_loss_weight: float = 0.0  # > 0: L1 of the decoded x0 estimate against the target's
+    # conditioned decoder (stage "decoder"; init_from: the generator whose drawings it reads)
+    decoder_pairs: int = 8192  # the denoiser's own drawings of training images to learn from
+    decoder_clean_share: float = 0.25  # share of samples reading the image's own latent instead
+    decoder_pair_starts: tuple[int, ...] = (300, 450, 600, 750)  # timesteps drawn back from
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -124,7 +133,7 @@ class TrainConfig:
             raise InvalidParameterError("give --steps or --max-minutes (or both) to bound the run")
         config = copy.deepcopy(self)
         if config.batch_size <= 0:
-            config.batch_size = 32 if config.stage == "autoencoder" else 64
+            config.batch_size = 64 if config.stage == "denoiser" else 32
         if config.lr <= 0:
             raise InvalidParameterError(f"lr must be > 0, got {config.lr}")
         if config.decay_start < 0 or (config.decay_start > 0 and config.decay_start >= config.steps):
@@ -147,6 +156,16 @@ class TrainConfig:
         if config.decoder_only and (config.stage != "autoencoder" or not config.init_from):
             raise InvalidParameterError("decoder_only trains the decoder of an autoencoder "
                                         "given by init_from (autoencoder stage)")
+        if config.stage == "decoder" and not config.init_from:
+            raise InvalidParameterError("the decoder stage conditions the decoder of a trained "
+                                        "generator: give it with init_from")
+        if config.decoder_pairs < 1 or not 0.0 <= config.decoder_clean_share <= 1.0:
+            raise InvalidParameterError("decoder_pairs must be >= 1 and decoder_clean_share in "
+                                        "[0, 1]")
+        config.decoder_pair_starts = tuple(int(t) for t in config.decoder_pair_starts)
+        if not config.decoder_pair_starts or not all(
+                0 < t < 1000 for t in config.decoder_pair_starts):
+            raise InvalidParameterError("decoder_pair_starts must be timesteps in [1, 999]")
         if config.neighbours < max(config.k_choices):
             raise InvalidParameterError("neighbours must be >= max(k_choices)")
         for name in ("min_snr_gamma", "input_perturbation", "pixel_loss_weight"):
@@ -720,21 +739,7 @@ def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> Condi
         if bank.key == key:
             return bank
         _stderr.print("cache settings changed: recomputing the condition bank")
-    if family:
-        pixels, captions, sources = family_sources(config)
-    else:
-        images, captions, sources = [public.images], list(public.captions), list(public.sources)
-        rng = np.random.default_rng(config.seed)
-        base_sources = np.array(public.sources)
-        for name, augment in augmentations.items():
-            for copy_index in range(config.augment_copies):
-                for style in sorted(set(public.sources)):
-                    members = np.flatnonzero(base_sources == style)
-                    images.append(augment(public.images[members], rng))
-                    captions += [public.captions[i] for i in members]
-                    suffix = f"#{copy_index}" if config.augment_copies > 1 else ""
-                    sources += [f"{style}+{name}{suffix}"] * len(members)
-        pixels = np.concatenate(images)
+    pixels, captions, sources = training_images(config, public)
     _stderr.print(f"condition bank: {len(pixels)} images in {len(set(sources))} sources")
 
     encoder = load_training_encoder(config.encoder)
@@ -760,6 +765,30 @@ def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> Condi
                          torch.from_numpy(neighbours_text), sources, captions, key)
     bank.save(cache)
     return bank
+
+
+def training_images(config: TrainConfig, public: PublicImages | None = None
+                    ) -> tuple[np.ndarray, list[str], list[str]]:
+    """(pixels, captions, source names) of every denoiser training image, in the condition
+    bank's order: the procedural family (``family_size`` > 0) or the public styles plus their
+    style augmentations. `public`: the public images when already loaded (augmentation mode)."""
+    if config.family_size > 0:
+        return family_sources(config)
+    if public is None:
+        public = load_public(config.data, config.size, config.data_is_public,
+                             config.caption_column, config.public_splits)
+    images, captions, sources = [public.images], list(public.captions), list(public.sources)
+    rng = np.random.default_rng(config.seed)
+    base_sources = np.array(public.sources)
+    for name, augment in style_augmentations().items():
+        for copy_index in range(config.augment_copies):
+            for style in sorted(set(public.sources)):
+                members = np.flatnonzero(base_sources == style)
+                images.append(augment(public.images[members], rng))
+                captions += [public.captions[i] for i in members]
+                suffix = f"#{copy_index}" if config.augment_copies > 1 else ""
+                sources += [f"{style}+{name}{suffix}"] * len(members)
+    return np.concatenate(images), captions, sources
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
@@ -988,5 +1017,151 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
                 for i in range(0, len(preview), 16)]
         save_grid(np.concatenate(rows), Checkpoint(out, config.stage).samples)
         _stderr.print(f"saved denoiser at step {step}")
+
+    return run_loop(config, model, loss_fn, on_save)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 3: the conditioned decoder
+
+PAIR_BATCH = 128
+PAIR_SEED_OFFSET = 7  # the pairs draw from a stream of their own, apart from the steps'
+
+
+@dataclass
+class DecoderPairs:
+    """The denoiser's own drawings of training images (``OUT/cache/decoder-pairs.pt``).
+
+    Row i: training image ``index[i]``'s latent noised to timestep ``t[i]`` (one of
+    ``decoder_pair_starts``, in turn batch by batch), then sampled back to 0 by the generator as it generates (50 DDPM
+    steps, guidance 3, its content guidance against the caption's text embedding) under the
+    training condition ``conditions[i]``. The result keeps the image's layout but lacks what the
+    denoiser does not draw (thin lines); the conditioned decoder learns to draw it back."""
+
+    latents: torch.Tensor  # (N, C, h, w), scaled like the denoiser's
+    conditions: torch.Tensor  # (N, d)
+    index: torch.Tensor  # (N,) rows of the condition bank
+    t: torch.Tensor  # (N,)
+    key: dict[str, Any]
+
+
+@torch.no_grad()
+def sample_decoder_pairs(config: TrainConfig, pipe, bank: ConditionBank) -> DecoderPairs:
+    """:class:`DecoderPairs` for ``config.decoder_pairs`` training images drawn as the denoiser
+    draws its batches (``real_share``), cached under ``OUT/cache``."""
+    key = {"bank": bank.key, "denoiser": _fingerprint(pipe.denoiser), "n": config.decoder_pairs,
+           "starts": list(config.decoder_pair_starts), "seed": config.seed,
+           "content_guidance": pipe.config.content_guidance}
+    cache = Path(config.out) / "cache" / "decoder-pairs.pt"
+    if cache.is_file():
+        pairs = DecoderPairs(**torch.load(cache, weights_only=False))
+        if pairs.key == key:
+            return pairs
+        _stderr.print("cache settings changed: sampling the decoder pairs again")
+    restyled = is_restyled(bank.sources)
+    draw = batch_drawer(restyled, config.real_share)
+    gen = torch.Generator().manual_seed(config.seed + PAIR_SEED_OFFSET)
+    alphas = pipe.scheduler.alphas_cumprod.float()
+    content_guidance = float(pipe.config.content_guidance or 3.0)
+    parts: dict[str, list[torch.Tensor]] = {"latents": [], "conditions": [], "index": [], "t": []}
+    batches = math.ceil(config.decoder_pairs / PAIR_BATCH)
+    with _progress(batches, "sampling the denoiser's drawings") as show:
+        for b in range(batches):
+            index = draw(PAIR_BATCH, gen)
+            cond = make_conditions(bank, index, config, gen, restyled=restyled)
+            text = bank.text_embeddings[index]
+            t = config.decoder_pair_starts[b % len(config.decoder_pair_starts)]
+            z0 = bank.latent_mean[index]
+            latents = alphas[t].sqrt() * z0 + (1 - alphas[t]).sqrt() * torch.randn(
+                z0.shape, generator=gen)
+            pipe.scheduler.set_timesteps(50)
+            for step in pipe.scheduler.timesteps:
+                if step <= t:
+                    output = pipe.predict(latents, step, cond, 3.0, text, content_guidance)
+                    latents = pipe.scheduler.step(output, step, latents,
+                                                  generator=gen).prev_sample
+            for name, value in (("latents", latents), ("conditions", cond), ("index", index),
+                                ("t", torch.full((PAIR_BATCH,), t))):
+                parts[name].append(value)
+            show(b + 1, "")
+    pairs = DecoderPairs(**{name: torch.cat(value)[:config.decoder_pairs]
+                            for name, value in parts.items()}, key=key)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(asdict(pairs), cache.with_suffix(".tmp"))
+    cache.with_suffix(".tmp").replace(cache)
+    return pairs
+
+
+def conditioned_decoder_from(autoencoder: Autoencoder, condition_dim: int) -> Autoencoder:
+    """A copy of `autoencoder` whose decoder also reads a condition of `condition_dim`; it
+    decodes exactly as `autoencoder` until trained (its FiLM layers start at zero)."""
+    kept = {key: value for key, value in autoencoder.config.items() if not key.startswith("_")}
+    model = Autoencoder(**{**kept, "condition_dim": condition_dim})
+    missing, unexpected = model.load_state_dict(autoencoder.state_dict(), strict=False)
+    if unexpected or not all(".film." in k or k.startswith(("condition_embed.", "null_condition"))
+                             for k in missing):
+        raise InvalidParameterError("the autoencoder to condition holds another architecture")
+    return model
+
+
+def train_conditioned_decoder(config: TrainConfig) -> dict[str, Any]:
+    """Stage ``decoder``: the decoder of the ``init_from`` generator learns to read the
+    generation condition (:class:`~dprdm.generation.autoencoder.Autoencoder`, ``condition_dim``)
+    and to draw, from the denoiser's own drawings (:func:`sample_decoder_pairs`), the training
+    images they came from. ``decoder_clean_share`` of the samples read the image's own latent
+    instead (posterior sample), ``cond_dropout`` the null condition; loss L1 + edge L1 as the
+    autoencoder's. The encoder, the latent and the denoiser stay exactly as they were."""
+    from dprdm.generation.pipeline import RetrievalDiffusionPipeline
+
+    config = config.resolved()
+    torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    pipe = RetrievalDiffusionPipeline.from_pretrained(config.init_from)
+    if pipe.autoencoder.conditioned:
+        raise InvalidParameterError("--init-from: its decoder is conditioned already")
+    pipe.denoiser.requires_grad_(False).eval()
+    pipe.autoencoder.requires_grad_(False).eval()
+    bank = build_condition_bank(config, pipe.autoencoder)
+    pairs = sample_decoder_pairs(config, pipe, bank)
+    pixels = training_images(config)[0]
+    if len(pixels) != len(bank.sources):
+        raise InvalidParameterError("the training images do not match the condition bank")
+    torch.manual_seed(config.seed)
+    model = conditioned_decoder_from(pipe.autoencoder, pipe.cond_dim)
+    model.encoder.requires_grad_(False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _stderr.print(f"conditioned decoder: {trained / 1e6:.2f}M parameters trained on "
+                  f"{len(pairs.index)} drawings of the denoiser")
+    scale = float(pipe.autoencoder.config.scaling_factor)
+    gen = torch.Generator().manual_seed(config.seed)
+    shown = torch.arange(0, len(pairs.index), max(1, len(pairs.index) // 16))[:16]
+
+    def loss_fn(net: torch.nn.Module, step: int, rng: np.random.Generator):
+        gen.manual_seed(int(rng.integers(2**63)))
+        rows = torch.randint(0, len(pairs.index), (config.batch_size,), generator=gen)
+        index = pairs.index[rows]
+        own = bank.latent_mean[index] + bank.latent_std[index] * torch.randn(
+            bank.latent_mean[index].shape, generator=gen)
+        clean = torch.rand(len(rows), generator=gen) < config.decoder_clean_share
+        latents = torch.where(clean[:, None, None, None], own, pairs.latents[rows]) / scale
+        drop = torch.rand(len(rows), generator=gen) < config.cond_dropout
+        target = to_tensor(pixels[index.numpy()])
+        drawn = net.decode(latents, pairs.conditions[rows], drop=drop)
+        l1 = F.l1_loss(drawn, target)
+        edge = edge_l1(drawn, target)
+        return l1 + config.edge_weight * edge, {"l1": l1.item(), "edge": edge.item()}
+
+    def on_save(ema: torch.nn.Module, step: int) -> None:
+        RetrievalDiffusionPipeline(
+            autoencoder=ema, denoiser=pipe.denoiser, scheduler=pipe.scheduler,
+            content_guidance=pipe.config.content_guidance,
+            public_lam=pipe.config.public_lam).save_pretrained(out)
+        with torch.no_grad():  # rows: the target, the old decoder's drawing, the new one's
+            latents = pairs.latents[shown] / scale
+            grid = [pixels[pairs.index[shown].numpy()],
+                    to_uint8(pipe.autoencoder.decode(latents)),
+                    to_uint8(ema.decode(latents, pairs.conditions[shown]))]
+        save_grid(np.concatenate(grid), Checkpoint(out, config.stage).samples)
+        _stderr.print(f"saved the conditioned decoder at step {step}")
 
     return run_loop(config, model, loss_fn, on_save)

@@ -1033,10 +1033,11 @@ class DecoderPairs:
     """The denoiser's own drawings of training images (``OUT/cache/decoder-pairs.pt``).
 
     Row i: training image ``index[i]``'s latent noised to timestep ``t[i]`` (one of
-    ``decoder_pair_starts``, in turn batch by batch), then sampled back to 0 by the generator as it generates (50 DDPM
-    steps, guidance 3, its content guidance against the caption's text embedding) under the
-    training condition ``conditions[i]``. The result keeps the image's layout but lacks what the
-    denoiser does not draw (thin lines); the conditioned decoder learns to draw it back."""
+    ``decoder_pair_starts``, in turn batch by batch), then sampled back to 0 by the generator
+    as it generates (50 DDPM steps, guidance 3, its content guidance against the caption's text
+    embedding) under the training condition ``conditions[i]``. The result keeps the image's
+    layout but lacks what the denoiser does not draw (thin lines); the conditioned decoder
+    learns to draw it back (trained by L1, it fades them instead: docs/generator.md item 16)."""
 
     latents: torch.Tensor  # (N, C, h, w), scaled like the denoiser's
     conditions: torch.Tensor  # (N, d)

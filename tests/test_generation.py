@@ -847,6 +847,17 @@ def test_the_decoder_stage_trains_the_decoder_alone_on_the_denoisers_drawings(tm
     assert images.shape == (2, 32, 32, 3)
     config.steps, config.resume = 3, True  # resumes, and reuses the cached drawings
     assert train_conditioned_decoder(config)["steps_this_run"] == 1
+    # a recorded content guidance of 0 is used as 0 (the prompt's branch off), not as "none"
+    from dprdm.generation.training import sample_decoder_pairs
+
+    bank = ConditionBank.load(out / "cache" / "denoiser.pt")
+    drawn = {}
+    for recorded in (None, 0.0):
+        before.register_to_config(content_guidance=recorded)
+        one = TrainConfig(stage="decoder", steps=1, out=str(tmp_path / f"cg{recorded}"),
+                          init_from=str(gen_dir), decoder_pairs=4, **common).resolved()
+        drawn[recorded] = sample_decoder_pairs(one, before, bank).latents
+    assert not torch.allclose(drawn[None], drawn[0.0])
     again = TrainConfig(stage="decoder", steps=1, out=str(tmp_path / "twice"),
                         init_from=str(out), **common)
     with pytest.raises(InvalidParameterError, match="conditioned already"):

@@ -720,8 +720,11 @@ def same_source_neighbours(queries: np.ndarray, keys: np.ndarray, sources: np.nd
     return out
 
 
-def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> ConditionBank:
-    """Public images (+ augmented sources) -> latents, embeddings and neighbour lists."""
+def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder,
+                         images: tuple[np.ndarray, list[str], list[str]] | None = None
+                         ) -> ConditionBank:
+    """Public images (+ augmented sources) -> latents, embeddings and neighbour lists.
+    `images`: :func:`training_images` of `config` when the caller has them already."""
     family = config.family_size > 0
     public = None if family else load_public(config.data, config.size, config.data_is_public,
                                              config.caption_column, config.public_splits)
@@ -739,7 +742,7 @@ def build_condition_bank(config: TrainConfig, autoencoder: Autoencoder) -> Condi
         if bank.key == key:
             return bank
         _stderr.print("cache settings changed: recomputing the condition bank")
-    pixels, captions, sources = training_images(config, public)
+    pixels, captions, sources = images or training_images(config, public)
     _stderr.print(f"condition bank: {len(pixels)} images in {len(set(sources))} sources")
 
     encoder = load_training_encoder(config.encoder)
@@ -1063,7 +1066,8 @@ def sample_decoder_pairs(config: TrainConfig, pipe, bank: ConditionBank) -> Deco
     draw = batch_drawer(restyled, config.real_share)
     gen = torch.Generator().manual_seed(config.seed + PAIR_SEED_OFFSET)
     alphas = pipe.scheduler.alphas_cumprod.float()
-    content_guidance = float(pipe.config.content_guidance or 3.0)
+    recorded = pipe.config.content_guidance  # None: plain guidance, as the pipeline does
+    content_guidance = 3.0 if recorded is None else float(recorded)
     parts: dict[str, list[torch.Tensor]] = {"latents": [], "conditions": [], "index": [], "t": []}
     batches = math.ceil(config.decoder_pairs / PAIR_BATCH)
     with _progress(batches, "sampling the denoiser's drawings") as show:
@@ -1122,9 +1126,10 @@ def train_conditioned_decoder(config: TrainConfig) -> dict[str, Any]:
         raise InvalidParameterError("--init-from: its decoder is conditioned already")
     pipe.denoiser.requires_grad_(False).eval()
     pipe.autoencoder.requires_grad_(False).eval()
-    bank = build_condition_bank(config, pipe.autoencoder)
+    images = training_images(config)  # drawn once: the bank (if not cached) and the targets
+    bank = build_condition_bank(config, pipe.autoencoder, images)
     pairs = sample_decoder_pairs(config, pipe, bank)
-    pixels = training_images(config)[0]
+    pixels = images[0]
     if len(pixels) != len(bank.sources):
         raise InvalidParameterError("the training images do not match the condition bank")
     torch.manual_seed(config.seed)

@@ -530,6 +530,15 @@ def test_cli_train_passes_the_loss_settings_and_refuses_negative_ones(tmp_path, 
                                       flag, "-1"])
         assert refused.exit_code == 2 and not (tmp_path / "refused").exists()
     assert len(seen) == len(cases)
+    result = runner.invoke(app, ["--out", str(tmp_path / "out"), "--steps", "1",
+                                 "--condition-tokens", "4"])
+    assert result.exit_code == 0 and seen[-1].extra == {"denoiser": {"condition_tokens": 4}}
+    assert seen[0].extra == {}  # no tokens unless asked
+    for flags in (["--condition-tokens", "-1"], ["--stage", "autoencoder", "--condition-tokens",
+                                                  "4"]):
+        refused = runner.invoke(app, ["--out", str(tmp_path / "refused"), "--steps", "1",
+                                      *flags])
+        assert refused.exit_code == 2 and not (tmp_path / "refused").exists(), refused.output
     for name in ("input_perturbation", "pixel_loss_weight"):  # the library refuses them too
         with pytest.raises(InvalidParameterError, match=name):
             TrainConfig(steps=1, **{name: float("nan")}).resolved()
@@ -742,6 +751,42 @@ def test_a_denoiser_widened_to_a_wider_latent_predicts_the_old_channels_as_befor
         old, new = narrow(z4, t, c), wide(z8, t, c)
     torch.testing.assert_close(new[:, :4], old)
     assert torch.count_nonzero(new[:, 4:]) == 0
+
+
+def test_condition_tokens_start_at_zero_from_an_old_denoiser_then_read_each_pixels_share(
+        tmp_path):
+    from dprdm.generation.training import initialise_from
+
+    torch.manual_seed(0)
+    old = LatentDenoiser(cond_dim=12, **TINY_DENOISER)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    old.save_pretrained(tmp_path / "run" / "denoiser")
+    new = LatentDenoiser(cond_dim=12, condition_tokens=3, **TINY_DENOISER)
+    config = TrainConfig(stage="denoiser", steps=1, init_from=str(tmp_path / "run"))
+    initialise_from(new, config, "denoiser")
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    c, other = torch.randn(2, 12), torch.randn(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(new(z, t, c), old(z, t, c))  # the identity at init
+        for name, p in new.named_parameters():  # now let the cross-attention speak
+            if name.startswith("cross.") and ".out." in name:
+                p.add_(0.2 * torch.randn_like(p))
+        moved = new(z, t, c)
+        assert not torch.allclose(moved, old(z, t, c), atol=1e-4)
+        assert not torch.allclose(moved, new(z, t, other), atol=1e-4)
+        torch.testing.assert_close(new(z[:1], t[:1], c[:1]), moved[:1])  # rows do not mix
+    new.save_pretrained(tmp_path / "tokens" / "denoiser")
+    again = LatentDenoiser.from_pretrained(tmp_path / "tokens" / "denoiser")
+    assert again.config.condition_tokens == 3
+    with torch.no_grad():
+        torch.testing.assert_close(again(z, t, c), moved)
+    # a token denoiser does not go back into a plain one: that is another architecture
+    with pytest.raises(InvalidParameterError, match="another architecture"):
+        initialise_from(LatentDenoiser(cond_dim=12, **TINY_DENOISER),
+                        TrainConfig(stage="denoiser", steps=1,
+                                    init_from=str(tmp_path / "tokens")), "denoiser")
 
 
 def _perturbed(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:

@@ -91,6 +91,11 @@ def train(
         "between the frozen decoder's drawing of the denoiser's x0 estimate and of the target "
         "latent, weighted by the timestep's signal share (thin lines are few latent numbers "
         "but many pixels). Costs a decoder pass per step."),
+    condition_tokens: int = typer.Option(
+        0, "--condition-tokens", min=0, help="Denoiser: > 0 adds a third condition path, this "
+        "many tokens made from the condition that every pixel reads by cross-attention at each "
+        "level. With --init-from a denoiser without them, they start at zero (the run starts as "
+        "exactly the old denoiser)."),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="A pipeline folder (e.g. the shipped demo generator) whose "
         "weights for this stage initialise the model (fine-tuning)."),
@@ -136,6 +141,11 @@ def train(
             if not decoder_only:
                 raise InvalidParameterError("--decoder-blocks deepens the decoder of a "
                                             "--decoder-only run")
+        extra: dict = {"autoencoder": autoencoder_changes} if autoencoder_changes else {}
+        if condition_tokens:
+            if stage != "denoiser":
+                raise InvalidParameterError("--condition-tokens belongs to the denoiser stage")
+            extra["denoiser"] = {"condition_tokens": condition_tokens}
         config = TrainConfig(stage=stage, data=str(data), data_is_public=data_is_public,
                              caption_column=caption_column, out=str(out), encoder=encoder,
                              steps=steps, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
@@ -157,8 +167,7 @@ def train(
                              decoder_clean_share=decoder_clean_share,
                              decoder_pair_starts=_counts("--decoder-pair-starts",
                                                          decoder_pair_starts),
-                             extra={"autoencoder": autoencoder_changes}
-                             if autoencoder_changes else {})
+                             extra=extra)
         config = config.resolved()
         run = {"autoencoder": train_autoencoder, "denoiser": train_denoiser,
                "decoder": train_conditioned_decoder}[config.stage]

@@ -8,7 +8,11 @@ averaged and how much noise was added, not what to draw), then reaches the netwo
 * a spatial map: ``c -> MLP -> (cond_map_channels, 8, 8)`` concatenated to ``z_t`` at the input,
   so every pixel of the first convolution sees the condition (layout, colours);
 * FiLM: ``c -> MLP`` added to the timestep embedding; every residual block scales and shifts its
-  activations with it (global content and style).
+  activations with it (global content and style);
+* optionally (``condition_tokens`` > 0, issue 18's capacity lever) a third: ``c -> MLP -> T
+  tokens``, which every pixel reads by cross-attention after each level's blocks and the middle,
+  so each place in the image can take what it needs of the condition. The cross-attention
+  layers start at zero: a denoiser given tokens draws exactly what it drew without them.
 
 Classifier-free guidance needs an unconditional branch: ``null_condition`` is a learned vector
 that replaces ``c`` wherever ``drop`` is True (about 10 % of training samples).
@@ -26,7 +30,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from dprdm.generation.layers import ResBlock, SelfAttention, rms_norm
+from dprdm.generation.layers import CrossAttention, ResBlock, SelfAttention, rms_norm
 
 
 class LatentDenoiser(ModelMixin, ConfigMixin):
@@ -37,7 +41,7 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
                  channels: tuple[int, ...] = (96, 192), blocks: tuple[int, ...] = (1, 1),
                  attention: tuple[bool, ...] = (False, True), middle_blocks: int = 2,
                  emb_dim: int = 256, cond_map_channels: int = 16, heads: int = 4,
-                 normalize_condition: bool = True) -> None:
+                 normalize_condition: bool = True, condition_tokens: int = 0) -> None:
         super().__init__()
         c = list(channels)
         self.time_proj = Timesteps(c[0], flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -77,6 +81,13 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
         self.upsample = nn.ModuleList(nn.ConvTranspose2d(c[i + 1], c[i], 2, stride=2)
                                       for i in reversed(range(len(c) - 1)))
         self.conv_out = nn.Conv2d(c[0], latent_channels, 3, padding=1)
+        if condition_tokens > 0:  # the third condition path (module docstring)
+            self.cond_tokens = nn.Linear(emb_dim, condition_tokens * emb_dim)
+            places = [f"down{i}" for i in range(len(c))] + ["middle"] + [
+                f"up{i}" for i in range(len(c))]
+            widths = c + [c[-1]] + c[::-1]
+            self.cross = nn.ModuleDict({place: CrossAttention(width, emb_dim, heads)
+                                        for place, width in zip(places, widths)})
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -97,19 +108,27 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
         size = self.config.latent_size
         cond_map = self.cond_map(F.silu(cond)).reshape(b, -1, size, size)
         h = self.conv_in(torch.cat([sample, cond_map], dim=1))
+        tokens = None
+        if self.config.condition_tokens > 0:
+            tokens = rms_norm(self.cond_tokens(F.silu(cond)).reshape(
+                b, self.config.condition_tokens, -1).transpose(1, 2)).transpose(1, 2)
 
         skips = []
         for level, layers in enumerate(self.down):
-            h = self._run(layers, h, emb)
+            h = self._attend(self._run(layers, h, emb), tokens, f"down{level}")
             skips.append(h)
             if level < len(self.downsample):
                 h = self.downsample[level](h)
-        h = self._run(self.middle, h, emb)
+        h = self._attend(self._run(self.middle, h, emb), tokens, "middle")
         for level, layers in enumerate(self.up):
             if level > 0:
                 h = self.upsample[level - 1](h)
             h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._attend(h, tokens, f"up{level}")
         return self.conv_out(F.silu(rms_norm(h)))
+
+    def _attend(self, h: torch.Tensor, tokens: torch.Tensor | None, place: str) -> torch.Tensor:
+        return h if tokens is None else self.cross[place](h, tokens)
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

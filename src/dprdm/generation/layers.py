@@ -12,6 +12,7 @@ uses no normalisation, the denoiser the cheap RMS norm, and both rely on skip-in
   across pixels); the denoiser uses it in every block, the autoencoder (whose 32 x 32 maps make
   element-wise ops expensive) does without.
 * :class:`SelfAttention` -- multi-head self-attention over the pixels of a small feature map.
+* :class:`CrossAttention` -- the pixels of a feature map attend to a few condition tokens.
 """
 
 from __future__ import annotations
@@ -71,4 +72,25 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(rms_norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
         q, k, v = (t.transpose(-1, -2) for t in (q, k, v))  # (b, heads, hw, c/heads)
         y = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm multi-head attention from an (H, W) feature map's pixels (queries) to a set of
+    tokens (B, T, token_dim) (keys and values); residual, zero-init out, so the identity at init."""
+
+    def __init__(self, channels: int, token_dim: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(token_dim, 2 * channels)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.q(rms_norm(x)).reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
+        k, v = self.kv(tokens).reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, c/heads)
         return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))

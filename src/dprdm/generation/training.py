@@ -528,6 +528,9 @@ def family_augmentations(config: TrainConfig
             for recipe in style_family(config.family_size, config.family_seed)]
 
 
+ADDED_CONDITION_PATH = ("cond_tokens.", "cross.")  # a denoiser's condition tokens, if new
+
+
 def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> None:
     """Load ``config.init_from/<part>`` weights into `model` (fine-tuning), when set."""
     if not config.init_from:
@@ -539,8 +542,10 @@ def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> N
         raise InvalidParameterError(f"--init-from: {weights} not found")
     state = {k: v.float() for k, v in load_file(str(weights)).items()}
     own = model.state_dict()
-    if state.keys() != own.keys():
+    added = {k for k in own.keys() - state.keys() if k.startswith(ADDED_CONDITION_PATH)}
+    if state.keys() | added != own.keys():
         raise InvalidParameterError(f"--init-from: {weights} holds another architecture")
+    state.update({k: own[k] for k in added})  # the condition tokens: new, the identity at init
     widened = [name for name in own if state[name].shape != own[name].shape]
     if widened and part == "autoencoder":
         state = widen_latent(state, model)
@@ -550,6 +555,7 @@ def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> N
         raise InvalidParameterError(f"--init-from: {weights} differs in shape at {widened[:3]}")
     model.load_state_dict(state)
     note = f" (latent widened: {len(widened)} tensors)" if widened else ""
+    note += " (condition tokens added, starting at zero)" if added else ""
     _stderr.print(f"{part}: initialised from {weights}{note}")
 
 

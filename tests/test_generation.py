@@ -648,11 +648,17 @@ def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
     train_autoencoder(TrainConfig(stage="autoencoder", steps=1, init_from=str(tmp_path / "run"),
                                   lr=1e-12, extra={"autoencoder": TINY_AE},
                                   **{**common, "out": str(tmp_path / "tuned")}))
+    index = tmp_path / "run" / "model_index.json"  # settings chosen for the first generator
+    index.write_text(json.dumps({**json.loads(index.read_text()), "content_guidance": 4.5,
+                                 "public_lam": 0.3}))
     train_denoiser(tuned)
     saved = json.loads((tmp_path / "tuned" / "denoiser.train.json").read_text())
     assert saved["random_neighbour_share"] == 0.5  # the run's recipe is kept beside it
     assert saved["text_only_share"] == 0.5
     second = RetrievalDiffusionPipeline.from_pretrained(tmp_path / "tuned")
+    assert first.config.content_guidance is None and first.config.public_lam is None
+    # a fine-tuned generator keeps what was chosen for the one it started from
+    assert (second.config.content_guidance, second.config.public_lam) == (4.5, 0.3)
     for name, value in first.denoiser.state_dict().items():  # started from the same weights
         torch.testing.assert_close(second.denoiser.state_dict()[name], value, atol=1e-6, rtol=0)
     with pytest.raises(InvalidParameterError, match="init-from"):

@@ -559,6 +559,17 @@ def initialise_from(model: torch.nn.Module, config: TrainConfig, part: str) -> N
     _stderr.print(f"{part}: initialised from {weights}{note}")
 
 
+def recorded_generation_settings(init_from: str) -> dict[str, Any]:
+    """The content guidance and public lam an ``init_from`` generator records (chosen for it on
+    the validation domains), for a run fine-tuned from it to keep; {} without ``init_from``."""
+    if not init_from:
+        return {}
+    index = Path(init_from) / "model_index.json"
+    recorded = json.loads(index.read_text()) if index.is_file() else {}
+    return {key: recorded[key] for key in ("content_guidance", "public_lam")
+            if recorded.get(key) is not None}
+
+
 def load_autoencoder_to_keep(config: TrainConfig) -> Autoencoder:
     """``config.init_from``'s autoencoder whole (weights, scaling factor), in float32, for a
     decoder-only run: its latent space is what a denoiser was trained on. A deeper decoder
@@ -1011,9 +1022,11 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
             logged["pixel"] = pixel.item()
         return loss, logged
 
+    recorded = recorded_generation_settings(config.init_from)
+
     def on_save(ema: torch.nn.Module, step: int) -> None:
         pipe = RetrievalDiffusionPipeline(autoencoder=autoencoder, denoiser=ema,
-                                          scheduler=scheduler)
+                                          scheduler=scheduler, **recorded)
         pipe.save_pretrained(out)
         pgen = torch.Generator().manual_seed(0)
         cond = make_conditions(bank, preview, config, pgen, k=4, sigma=0.05, lam=0.5,

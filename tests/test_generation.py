@@ -738,15 +738,22 @@ def test_a_wider_latent_starts_as_the_narrower_autoencoder(tmp_path):
                                               init_from=str(tmp_path / "run")), "autoencoder")
 
 
+def _saved_plain_denoiser(run) -> LatentDenoiser:
+    """A tiny denoiser (perturbed: its zero-initialised layers would hide differences), saved as
+    the `run` folder's denoiser/ part for --init-from."""
+    torch.manual_seed(0)
+    denoiser = LatentDenoiser(cond_dim=12, **TINY_DENOISER)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    denoiser.save_pretrained(run / "denoiser")
+    return denoiser
+
+
 def test_a_denoiser_widened_to_a_wider_latent_predicts_the_old_channels_as_before(tmp_path):
     from dprdm.generation.training import initialise_from
 
-    torch.manual_seed(0)
-    narrow = LatentDenoiser(cond_dim=12, **TINY_DENOISER)
-    with torch.no_grad():
-        for p in narrow.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    narrow.save_pretrained(tmp_path / "run" / "denoiser")
+    narrow = _saved_plain_denoiser(tmp_path / "run")
     wide = LatentDenoiser(cond_dim=12, latent_channels=8, **TINY_DENOISER)
     initialise_from(wide, TrainConfig(stage="denoiser", steps=1,
                                       init_from=str(tmp_path / "run")), "denoiser")
@@ -763,12 +770,7 @@ def test_condition_tokens_start_at_zero_from_an_old_denoiser_then_read_each_pixe
         tmp_path):
     from dprdm.generation.training import initialise_from
 
-    torch.manual_seed(0)
-    old = LatentDenoiser(cond_dim=12, **TINY_DENOISER)
-    with torch.no_grad():
-        for p in old.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    old.save_pretrained(tmp_path / "run" / "denoiser")
+    old = _saved_plain_denoiser(tmp_path / "run")
     new = LatentDenoiser(cond_dim=12, condition_tokens=3, **TINY_DENOISER)
     config = TrainConfig(stage="denoiser", steps=1, init_from=str(tmp_path / "run"))
     initialise_from(new, config, "denoiser")

@@ -667,6 +667,20 @@ def test_family_mode_sources_splits_and_fine_tuning(tmp_path):
                                    extra={"denoiser": TINY_DENOISER}, **common))
 
 
+def test_recorded_generation_settings_are_read_or_refused_cleanly(tmp_path):
+    from dprdm.generation.training import recorded_generation_settings
+
+    assert recorded_generation_settings("") == {}
+    assert recorded_generation_settings(str(tmp_path)) == {}  # no model index: nothing recorded
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"content_guidance": 0.0, "public_lam": None}))
+    assert recorded_generation_settings(str(tmp_path)) == {"content_guidance": 0.0}
+    for text, says in (("{", "not valid JSON"), ("[1]", "model index")):
+        index.write_text(text)
+        with pytest.raises(InvalidParameterError, match=says):
+            recorded_generation_settings(str(tmp_path))
+
+
 def test_decoder_only_training_keeps_the_encoder_and_its_latent_scale(tmp_path, monkeypatch):
     """A decoder-only run changes the decoder alone: the encoder's weights and the scaling factor
     (the latent space a denoiser was trained on) stay bit for bit."""

@@ -565,7 +565,12 @@ def recorded_generation_settings(init_from: str) -> dict[str, Any]:
     if not init_from:
         return {}
     index = Path(init_from) / "model_index.json"
-    recorded = json.loads(index.read_text()) if index.is_file() else {}
+    try:
+        recorded = json.loads(index.read_text()) if index.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidParameterError(f"--init-from: {index} is not valid JSON ({error})") from None
+    if not isinstance(recorded, dict):
+        raise InvalidParameterError(f"--init-from: {index} is not a pipeline's model index")
     return {key: recorded[key] for key in ("content_guidance", "public_lam")
             if recorded.get(key) is not None}
 
@@ -961,6 +966,7 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
     ae_dir = Checkpoint(out, "autoencoder").model_dir
     if not (ae_dir / "config.json").is_file():
         raise InvalidParameterError(f"no autoencoder in {ae_dir}: run --stage autoencoder first")
+    recorded = recorded_generation_settings(config.init_from)  # read before anything is written
     autoencoder = Autoencoder.from_pretrained(ae_dir, low_cpu_mem_usage=False).eval()
     autoencoder.requires_grad_(False)
     bank = build_condition_bank(config, autoencoder)
@@ -1021,8 +1027,6 @@ def train_denoiser(config: TrainConfig) -> dict[str, Any]:
             loss = loss + config.pixel_loss_weight * pixel
             logged["pixel"] = pixel.item()
         return loss, logged
-
-    recorded = recorded_generation_settings(config.init_from)
 
     def on_save(ema: torch.nn.Module, step: int) -> None:
         pipe = RetrievalDiffusionPipeline(autoencoder=autoencoder, denoiser=ema,

@@ -110,8 +110,8 @@ class LatentDenoiser(ModelMixin, ConfigMixin):
         h = self.conv_in(torch.cat([sample, cond_map], dim=1))
         tokens = None
         if self.config.condition_tokens > 0:
-            tokens = rms_norm(self.cond_tokens(F.silu(cond)).reshape(
-                b, self.config.condition_tokens, -1).transpose(1, 2)).transpose(1, 2)
+            tokens = self.cond_tokens(F.silu(cond)).reshape(b, self.config.condition_tokens, -1)
+            tokens = F.rms_norm(tokens, tokens.shape[-1:], eps=1e-6)  # each token to unit RMS
 
         skips = []
         for level, layers in enumerate(self.down):
